@@ -1,0 +1,39 @@
+//! How the binaries turn an error into an exit code and a message a person can act on.
+//!
+//! Exit codes are part of the contract (SPEC.md): 0 success, 1 runtime failure,
+//! 2 bad usage or bad config/input.
+
+use std::process::ExitCode;
+
+use crate::config::ConfigError;
+
+/// Exit code for a bad config or bad input.
+pub const USAGE: u8 = 2;
+/// Exit code for a failure at run time.
+pub const RUNTIME: u8 = 1;
+
+/// Prints `err` with its whole cause chain (and a hint for the usual mistakes) to
+/// stderr as `PROGRAM: error: …`, and returns the exit code its kind calls for.
+#[must_use]
+pub fn report(program: &str, err: &anyhow::Error) -> ExitCode {
+    eprintln!("{program}: error: {err:#}");
+    if let Some(hint) = hint(err) {
+        eprintln!("{program}: hint: {hint}");
+    }
+    if err.chain().any(|e| e.is::<ConfigError>()) {
+        ExitCode::from(USAGE)
+    } else {
+        ExitCode::from(RUNTIME)
+    }
+}
+
+fn hint(err: &anyhow::Error) -> Option<&'static str> {
+    let permission = err.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+    });
+    if permission {
+        return Some("programming nftables needs root (or CAP_NET_ADMIN)");
+    }
+    None
+}

@@ -1,0 +1,48 @@
+//! An in-memory [`Firewall`] for unit tests: it keeps the tables it was given, and can
+//! be told to refuse the next change, so callers' handling of kernel refusals is tested
+//! without root.
+
+use std::collections::BTreeMap;
+
+use super::{Firewall, FirewallError};
+use crate::ruleset::Ruleset;
+
+/// Tables by name, as the kernel would hold them.
+#[derive(Debug, Default)]
+pub struct MemoryFirewall {
+    /// The tables in force.
+    pub tables: BTreeMap<String, Ruleset>,
+    /// When set, the next change is refused (and nothing changes), as a kernel would.
+    pub refuse_next: bool,
+    /// How many changes were committed, to tell a re-apply from a no-op.
+    pub commits: usize,
+}
+
+impl MemoryFirewall {
+    fn refuse(&mut self, table: &str) -> Result<(), FirewallError> {
+        if std::mem::take(&mut self.refuse_next) {
+            return Err(FirewallError::Refused {
+                table: table.to_owned(),
+                what: "the batch (refusal requested by the test)".to_owned(),
+                source: std::io::Error::from_raw_os_error(1),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Firewall for MemoryFirewall {
+    fn replace(&mut self, ruleset: &Ruleset) -> Result<(), FirewallError> {
+        self.refuse(&ruleset.table)?;
+        self.tables.insert(ruleset.table.clone(), ruleset.clone());
+        self.commits += 1;
+        Ok(())
+    }
+
+    fn remove(&mut self, table: &str) -> Result<(), FirewallError> {
+        self.refuse(table)?;
+        self.tables.remove(table);
+        self.commits += 1;
+        Ok(())
+    }
+}

@@ -1,0 +1,75 @@
+//! The one narrow door to the kernel's packet filter.
+//!
+//! Everything above this module speaks [`Ruleset`]; only [`nft`] speaks
+//! netlink, and only it may hold `unsafe`. [`memory::MemoryFirewall`] stands in
+//! for the kernel in unit tests, so policy and daemon logic are tested without root.
+
+use crate::ruleset::Ruleset;
+
+pub mod memory;
+#[cfg(feature = "daemon")]
+pub mod nft;
+
+/// What the daemon needs from a packet filter.
+pub trait Firewall {
+    /// Replaces knockgate's table with `ruleset` in one atomic transaction: either the
+    /// whole new table is in force afterwards, or the kernel refused and nothing changed.
+    fn replace(&mut self, ruleset: &Ruleset) -> Result<(), FirewallError>;
+
+    /// Deletes the table named `table`, and nothing else; a missing table is not an error.
+    fn remove(&mut self, table: &str) -> Result<(), FirewallError>;
+}
+
+/// Failures talking to the packet filter. The kernel's refusal names the message it refused.
+#[derive(Debug, thiserror::Error)]
+pub enum FirewallError {
+    /// The netlink socket could not be opened or configured (most often: not root, or
+    /// missing CAP_NET_ADMIN).
+    #[error("cannot open the nftables netlink socket")]
+    OpenSocket(#[source] std::io::Error),
+    /// The batch could not be sent.
+    #[error("cannot send the nftables batch for table {table}")]
+    SendBatch {
+        /// The table the batch was for.
+        table: String,
+        /// The socket error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel's answers could not be read.
+    #[error("cannot read the kernel's answer for table {table}")]
+    ReceiveAcks {
+        /// The table the batch was for.
+        table: String,
+        /// The socket error (a timeout if the kernel went silent).
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel refused a message; the whole batch was rolled back.
+    #[error("the kernel refused {what} (table {table}); nothing was changed")]
+    Refused {
+        /// The table the batch was for.
+        table: String,
+        /// The refused message, in nft words (`rule in chain input: tcp dport 22 …`).
+        what: String,
+        /// The kernel's errno.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The ruleset holds a name or prefix that cannot be sent (an interior NUL byte).
+    #[error("invalid ruleset for table {table}: {detail}")]
+    InvalidRuleset {
+        /// The table the ruleset is for.
+        table: String,
+        /// What cannot be sent.
+        detail: String,
+    },
+    /// The kernel answered with something that is not a netlink acknowledgement.
+    #[error("malformed netlink answer for table {table}: {detail}")]
+    BadReply {
+        /// The table the batch was for.
+        table: String,
+        /// What was wrong with it.
+        detail: String,
+    },
+}

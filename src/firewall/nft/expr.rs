@@ -1,0 +1,269 @@
+//! [`Expr`] → nftnl expressions. The safe `nftnl` API covers meta, cmp, payload,
+//! ct, bitwise and verdicts; `limit`, `log`, set lookups by name and `dynset`
+//! (the per-source meter) are built here with raw libnftnl calls.
+
+use std::ffi::{CStr, CString};
+use std::ptr::NonNull;
+
+use nftnl::expr::{
+    Bitwise, Cmp, CmpOp, Conntrack, Expression, Icmpv6HeaderField, Ipv4HeaderField,
+    Ipv6HeaderField, Meta, NetworkHeaderField, Payload, States, TcpHeaderField,
+    TransportHeaderField, UdpHeaderField, Verdict as NftVerdict,
+};
+use nftnl::nftnl_sys::{self as sys, libc};
+
+use crate::ruleset::{CtState, Expr, IpFamily, Per, Rate, Verdict};
+
+/// Room for an interface name in the `meta iifname` register (IFNAMSIZ).
+const IFNAMSIZ: usize = 16;
+
+/// Adds the nftnl expressions for `expr` to `rule`. `set_id` maps a set name to the
+/// id it was given in this batch. Errors name what cannot be sent.
+pub(super) fn add(
+    rule: &mut nftnl::Rule<'_>,
+    expr: &Expr,
+    set_id: &dyn Fn(&str) -> Option<u32>,
+) -> Result<(), String> {
+    match expr {
+        Expr::IifName(name) => {
+            rule.add_expr(&Meta::IifName);
+            rule.add_expr(&Cmp::new(CmpOp::Eq, &ifname(name)?[..]));
+        }
+        Expr::OifName(name) => {
+            rule.add_expr(&Meta::OifName);
+            rule.add_expr(&Cmp::new(CmpOp::Eq, &ifname(name)?[..]));
+        }
+        Expr::CtState(states) => {
+            let mask = states.iter().fold(States::empty(), |m, s| m | ct_bit(*s));
+            rule.add_expr(&Conntrack::State);
+            rule.add_expr(&Bitwise::new(mask.bits(), 0u32));
+            rule.add_expr(&Cmp::new(CmpOp::Neq, 0u32));
+        }
+        Expr::TcpDport(port) => {
+            l4proto(rule, libc::IPPROTO_TCP);
+            rule.add_expr(&Payload::Transport(TransportHeaderField::Tcp(
+                TcpHeaderField::Dport,
+            )));
+            rule.add_expr(&Cmp::new(CmpOp::Eq, port.to_be()));
+        }
+        Expr::UdpDport(port) => {
+            l4proto(rule, libc::IPPROTO_UDP);
+            rule.add_expr(&Payload::Transport(TransportHeaderField::Udp(
+                UdpHeaderField::Dport,
+            )));
+            rule.add_expr(&Cmp::new(CmpOp::Eq, port.to_be()));
+        }
+        Expr::SaddrInSet { family, set } => {
+            load_saddr(rule, *family);
+            let id = set_id(set).ok_or_else(|| format!("set {set} is not in this batch"))?;
+            rule.add_expr(&Lookup {
+                set: cstring(set)?,
+                id,
+            });
+        }
+        Expr::Daddr(addr) => {
+            let family = IpFamily::of(*addr);
+            nfproto(rule, family);
+            rule.add_expr(&Payload::Network(match family {
+                IpFamily::V4 => NetworkHeaderField::Ipv4(Ipv4HeaderField::Daddr),
+                IpFamily::V6 => NetworkHeaderField::Ipv6(Ipv6HeaderField::Daddr),
+            }));
+            rule.add_expr(&Cmp::new(CmpOp::Eq, *addr));
+        }
+        Expr::IcmpType(t) => icmp_type(rule, libc::IPPROTO_ICMP, *t),
+        Expr::Icmpv6Type(t) => icmp_type(rule, libc::IPPROTO_ICMPV6, *t),
+        Expr::Limit(rate) => rule.add_expr(&Limit(*rate)),
+        Expr::MeterSaddr { family, set, rate } => {
+            load_saddr(rule, *family);
+            let id = set_id(set).ok_or_else(|| format!("set {set} is not in this batch"))?;
+            rule.add_expr(&MeterUpdate {
+                set: cstring(set)?,
+                id,
+                rate: *rate,
+            });
+        }
+        Expr::Log { prefix } => rule.add_expr(&Log {
+            prefix: cstring(prefix)?,
+        }),
+        Expr::Verdict(Verdict::Accept) => rule.add_expr(&NftVerdict::Accept),
+        Expr::Verdict(Verdict::Drop) => rule.add_expr(&NftVerdict::Drop),
+    }
+    Ok(())
+}
+
+fn ct_bit(state: CtState) -> States {
+    match state {
+        CtState::Invalid => States::INVALID,
+        CtState::Established => States::ESTABLISHED,
+        CtState::Related => States::RELATED,
+        CtState::New => States::NEW,
+    }
+}
+
+fn cstring(text: &str) -> Result<CString, String> {
+    CString::new(text).map_err(|_| format!("`{}` contains a NUL byte", text.escape_debug()))
+}
+
+/// An interface name as the kernel puts it in a register: zero-padded to IFNAMSIZ.
+fn ifname(name: &str) -> Result<[u8; IFNAMSIZ], String> {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() >= IFNAMSIZ || bytes.contains(&0) {
+        return Err(format!("`{}` is not an interface name", name.escape_debug()));
+    }
+    let mut padded = [0u8; IFNAMSIZ];
+    padded[..bytes.len()].copy_from_slice(bytes);
+    Ok(padded)
+}
+
+fn nfproto(rule: &mut nftnl::Rule<'_>, family: IpFamily) {
+    let proto = match family {
+        IpFamily::V4 => libc::NFPROTO_IPV4,
+        IpFamily::V6 => libc::NFPROTO_IPV6,
+    };
+    rule.add_expr(&Meta::NfProto);
+    rule.add_expr(&Cmp::new(CmpOp::Eq, u8::try_from(proto).unwrap_or(u8::MAX)));
+}
+
+fn l4proto(rule: &mut nftnl::Rule<'_>, proto: libc::c_int) {
+    rule.add_expr(&Meta::L4Proto);
+    rule.add_expr(&Cmp::new(CmpOp::Eq, u8::try_from(proto).unwrap_or(u8::MAX)));
+}
+
+fn load_saddr(rule: &mut nftnl::Rule<'_>, family: IpFamily) {
+    nfproto(rule, family);
+    rule.add_expr(&Payload::Network(match family {
+        IpFamily::V4 => NetworkHeaderField::Ipv4(Ipv4HeaderField::Saddr),
+        IpFamily::V6 => NetworkHeaderField::Ipv6(Ipv6HeaderField::Saddr),
+    }));
+}
+
+fn icmp_type(rule: &mut nftnl::Rule<'_>, proto: libc::c_int, t: u8) {
+    l4proto(rule, proto);
+    // ICMP and ICMPv6 both keep the type in the first byte of the transport header;
+    // nftnl names that field only for ICMPv6, and the load is the same for both.
+    rule.add_expr(&Payload::Transport(TransportHeaderField::Icmpv6(
+        Icmpv6HeaderField::Type,
+    )));
+    rule.add_expr(&Cmp::new(CmpOp::Eq, t));
+}
+
+/// `lookup` of the packet field in register 1 in a named set.
+struct Lookup {
+    set: CString,
+    id: u32,
+}
+
+/// `limit rate N/unit burst B packets`.
+struct Limit(Rate);
+
+/// `log prefix "…"`.
+struct Log {
+    prefix: CString,
+}
+
+/// `update @set { <register 1> limit rate … }`: one limiter per key in a dynamic set.
+struct MeterUpdate {
+    set: CString,
+    id: u32,
+    rate: Rate,
+}
+
+impl Expression for Lookup {
+    fn to_expr(&self, _rule: &nftnl::Rule<'_>) -> NonNull<sys::nftnl_expr> {
+        let e = alloc(c"lookup");
+        set_u32(e, sys::NFTNL_EXPR_LOOKUP_SREG, reg1());
+        set_str(e, sys::NFTNL_EXPR_LOOKUP_SET, &self.set);
+        set_u32(e, sys::NFTNL_EXPR_LOOKUP_SET_ID, self.id);
+        e
+    }
+}
+
+impl Expression for Limit {
+    fn to_expr(&self, _rule: &nftnl::Rule<'_>) -> NonNull<sys::nftnl_expr> {
+        limit(self.0)
+    }
+}
+
+impl Expression for Log {
+    fn to_expr(&self, _rule: &nftnl::Rule<'_>) -> NonNull<sys::nftnl_expr> {
+        let e = alloc(c"log");
+        set_str(e, sys::NFTNL_EXPR_LOG_PREFIX, &self.prefix);
+        e
+    }
+}
+
+impl Expression for MeterUpdate {
+    fn to_expr(&self, _rule: &nftnl::Rule<'_>) -> NonNull<sys::nftnl_expr> {
+        let e = alloc(c"dynset");
+        set_u32(e, sys::NFTNL_EXPR_DYNSET_SREG_KEY, reg1());
+        set_u32(
+            e,
+            sys::NFTNL_EXPR_DYNSET_OP,
+            u32::try_from(libc::NFT_DYNSET_OP_UPDATE).unwrap_or(1),
+        );
+        set_str(e, sys::NFTNL_EXPR_DYNSET_SET_NAME, &self.set);
+        set_u32(e, sys::NFTNL_EXPR_DYNSET_SET_ID, self.id);
+        let inner = limit(self.rate);
+        // SAFETY: `e` is a live dynset expression and `inner` a live expression that no
+        // one else owns; libnftnl takes `inner` into the dynset's list and frees it with `e`.
+        unsafe {
+            sys::nftnl_expr_set(
+                e.as_ptr(),
+                attr(sys::NFTNL_EXPR_DYNSET_EXPR),
+                inner.as_ptr().cast(),
+                0,
+            );
+        }
+        e
+    }
+}
+
+fn limit(rate: Rate) -> NonNull<sys::nftnl_expr> {
+    let unit_secs: u64 = match rate.per {
+        Per::Second => 1,
+        Per::Minute => 60,
+    };
+    let e = alloc(c"limit");
+    set_u64(e, sys::NFTNL_EXPR_LIMIT_RATE, u64::from(rate.packets));
+    set_u64(e, sys::NFTNL_EXPR_LIMIT_UNIT, unit_secs);
+    set_u32(e, sys::NFTNL_EXPR_LIMIT_BURST, rate.burst);
+    set_u32(
+        e,
+        sys::NFTNL_EXPR_LIMIT_TYPE,
+        u32::try_from(libc::NFT_LIMIT_PKTS).unwrap_or(0),
+    );
+    set_u32(e, sys::NFTNL_EXPR_LIMIT_FLAGS, 0);
+    e
+}
+
+fn reg1() -> u32 {
+    u32::try_from(libc::NFT_REG_1).unwrap_or(1)
+}
+
+/// libnftnl's attribute numbers are small constants; its setters take them as u16.
+fn attr(a: u32) -> u16 {
+    u16::try_from(a).unwrap_or(u16::MAX)
+}
+
+/// A new expression of type `name`; aborts on allocation failure, as nftnl itself does.
+fn alloc(name: &CStr) -> NonNull<sys::nftnl_expr> {
+    // SAFETY: `name` is a NUL-terminated expression type name that libnftnl copies.
+    let e = unsafe { sys::nftnl_expr_alloc(name.as_ptr()) };
+    NonNull::new(e).unwrap_or_else(|| std::process::abort())
+}
+
+fn set_u32(e: NonNull<sys::nftnl_expr>, a: u32, value: u32) {
+    // SAFETY: `e` is a live expression from `alloc`; libnftnl copies the value.
+    unsafe { sys::nftnl_expr_set_u32(e.as_ptr(), attr(a), value) };
+}
+
+fn set_u64(e: NonNull<sys::nftnl_expr>, a: u32, value: u64) {
+    // SAFETY: `e` is a live expression from `alloc`; libnftnl copies the value.
+    unsafe { sys::nftnl_expr_set_u64(e.as_ptr(), attr(a), value) };
+}
+
+fn set_str(e: NonNull<sys::nftnl_expr>, a: u32, value: &CStr) {
+    // SAFETY: `e` is a live expression from `alloc`; `value` is NUL-terminated and
+    // libnftnl duplicates it (strdup) before this call returns.
+    unsafe { sys::nftnl_expr_set_str(e.as_ptr(), attr(a), value.as_ptr()) };
+}

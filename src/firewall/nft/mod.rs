@@ -1,0 +1,240 @@
+//! The nftables backend: a [`Ruleset`] becomes ONE netlink batch that replaces
+//! knockgate's table atomically.
+//!
+//! This is the only module that names libnftnl types or holds `unsafe` (each block
+//! one call, with a `// SAFETY:` comment). It never shells out to `nft`. The replace
+//! idiom is `add table; delete table; add table; …everything…` in one transaction, so
+//! the table is swapped whole whether or not it existed, and a refused message rolls
+//! the whole batch back. It uses nothing newer than Linux 6.1 (no DESTROY messages,
+//! no table owner/persist flags).
+#![allow(unsafe_code)]
+
+mod expr;
+mod socket;
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use nftnl::nftnl_sys::{self as sys, libc};
+use nftnl::set::{Set, SetKey};
+use nftnl::{Batch, Chain, ChainType, FinalizedBatch, MsgType, ProtoFamily, Table};
+
+use self::socket::{NetlinkSocket, TransactError};
+use super::{Firewall, FirewallError};
+use crate::ruleset::{ChainDef, Hook, IpFamily, Policy, Ruleset, SetDef, SetKind};
+
+/// The kernel's nftables, through one long-lived netlink socket.
+pub struct NftFirewall {
+    socket: NetlinkSocket,
+}
+
+impl NftFirewall {
+    /// Opens the netlink socket in the calling thread's network namespace.
+    pub fn open() -> Result<Self, FirewallError> {
+        let socket = NetlinkSocket::open().map_err(FirewallError::OpenSocket)?;
+        Ok(Self { socket })
+    }
+
+    fn send(&self, table: &str, batch: &LabelledBatch) -> Result<(), FirewallError> {
+        let pages: Vec<&[u8]> = batch.batch.iter().collect();
+        let seqs = batch.batch.sequence_numbers();
+        self.socket
+            .transact(&pages, seqs)
+            .map_err(|e| match e {
+                TransactError::Send(source) => FirewallError::SendBatch {
+                    table: table.to_owned(),
+                    source,
+                },
+                TransactError::Receive(source) => FirewallError::ReceiveAcks {
+                    table: table.to_owned(),
+                    source,
+                },
+                TransactError::BadReply(detail) => FirewallError::BadReply {
+                    table: table.to_owned(),
+                    detail,
+                },
+                TransactError::Refused(refusal) => FirewallError::Refused {
+                    table: table.to_owned(),
+                    what: batch.label(refusal.seq),
+                    source: std::io::Error::from_raw_os_error(refusal.errno),
+                },
+            })
+    }
+}
+
+impl Firewall for NftFirewall {
+    fn replace(&mut self, ruleset: &Ruleset) -> Result<(), FirewallError> {
+        let batch = replace_batch(ruleset).map_err(|detail| FirewallError::InvalidRuleset {
+            table: ruleset.table.clone(),
+            detail,
+        })?;
+        self.send(&ruleset.table, &batch)
+    }
+
+    fn remove(&mut self, table: &str) -> Result<(), FirewallError> {
+        let invalid = |detail| FirewallError::InvalidRuleset {
+            table: table.to_owned(),
+            detail,
+        };
+        let name = cstring(table).map_err(invalid)?;
+        let nft_table = Table::new(&name, ProtoFamily::Inet);
+        let mut builder = Builder::new();
+        // Adding first makes the delete succeed whether or not the table exists.
+        builder.add(&nft_table, MsgType::Add, format!("table inet {table} (create)"));
+        builder.add(&nft_table, MsgType::Del, format!("table inet {table} (delete)"));
+        self.send(table, &builder.finish())
+    }
+}
+
+/// A finalized batch with a description of every message, so a refusal can say
+/// which rule the kernel did not take.
+struct LabelledBatch {
+    batch: FinalizedBatch,
+    labels: Vec<String>,
+}
+
+impl LabelledBatch {
+    fn label(&self, seq: u32) -> String {
+        let seqs = self.batch.sequence_numbers();
+        let acked = usize::try_from(seqs.end - seqs.start).unwrap_or(usize::MAX);
+        // On kernels that acknowledge BEGIN/END (6.10+, nftnl decides), BEGIN takes the
+        // first sequence number; otherwise the messages start at it.
+        let first = if acked == self.labels.len() + 2 {
+            seqs.start + 1
+        } else {
+            seqs.start
+        };
+        seq.checked_sub(first)
+            .and_then(|i| usize::try_from(i).ok())
+            .and_then(|i| self.labels.get(i))
+            .cloned()
+            .unwrap_or_else(|| format!("batch message {seq}"))
+    }
+}
+
+struct Builder {
+    batch: Batch,
+    labels: Vec<String>,
+}
+
+impl Builder {
+    fn new() -> Self {
+        Self {
+            batch: Batch::new(),
+            labels: Vec::new(),
+        }
+    }
+
+    fn add<T: nftnl::NlMsg>(&mut self, msg: &T, kind: MsgType, label: String) {
+        self.batch.add(msg, kind);
+        self.labels.push(label);
+    }
+
+    fn finish(self) -> LabelledBatch {
+        LabelledBatch {
+            batch: self.batch.finalize(),
+            labels: self.labels,
+        }
+    }
+}
+
+fn cstring(text: &str) -> Result<CString, String> {
+    CString::new(text).map_err(|_| format!("`{}` contains a NUL byte", text.escape_debug()))
+}
+
+/// The whole replace transaction for `ruleset`.
+fn replace_batch(ruleset: &Ruleset) -> Result<LabelledBatch, String> {
+    let name = cstring(&ruleset.table)?;
+    let table = Table::new(&name, ProtoFamily::Inet);
+    let t = &ruleset.table;
+    let mut builder = Builder::new();
+    builder.add(&table, MsgType::Add, format!("table inet {t} (create)"));
+    builder.add(&table, MsgType::Del, format!("table inet {t} (delete)"));
+    builder.add(&table, MsgType::Add, format!("table inet {t}"));
+
+    let mut set_ids = HashMap::new();
+    for (def, id) in ruleset.sets.iter().zip(1u32..) {
+        match def.family {
+            IpFamily::V4 => add_set::<Ipv4Addr>(&mut builder, &table, def, id)?,
+            IpFamily::V6 => add_set::<Ipv6Addr>(&mut builder, &table, def, id)?,
+        }
+        set_ids.insert(def.name.as_str(), id);
+    }
+    let set_id = |name: &str| set_ids.get(name).copied();
+    for def in &ruleset.chains {
+        add_chain(&mut builder, &table, def, &set_id)?;
+    }
+    Ok(builder.finish())
+}
+
+fn add_set<K: SetKey>(
+    builder: &mut Builder,
+    table: &Table,
+    def: &SetDef,
+    id: u32,
+) -> Result<(), String> {
+    let name = cstring(&def.name)?;
+    let set = Set::<K>::new_named(&name, id, table, ProtoFamily::Inet);
+    let raw = set.as_ptr().as_ptr();
+    match def.kind {
+        SetKind::Grants => {
+            let flags = u32::try_from(libc::NFT_SET_TIMEOUT).unwrap_or(0);
+            // SAFETY: `raw` is the live set owned by `set`; libnftnl copies the value.
+            unsafe { sys::nftnl_set_set_u32(raw, attr(sys::NFTNL_SET_FLAGS), flags) };
+        }
+        SetKind::Meter { size, timeout_secs } => {
+            let flags = u32::try_from(libc::NFT_SET_TIMEOUT | libc::NFT_SET_EVAL).unwrap_or(0);
+            // SAFETY: as above.
+            unsafe { sys::nftnl_set_set_u32(raw, attr(sys::NFTNL_SET_FLAGS), flags) };
+            // SAFETY: as above.
+            unsafe { sys::nftnl_set_set_u32(raw, attr(sys::NFTNL_SET_DESC_SIZE), size) };
+            let timeout_ms = u64::from(timeout_secs) * 1000;
+            // SAFETY: as above.
+            unsafe { sys::nftnl_set_set_u64(raw, attr(sys::NFTNL_SET_TIMEOUT), timeout_ms) };
+        }
+    }
+    builder.add(&set, MsgType::Add, format!("set {}", def.name));
+    Ok(())
+}
+
+fn add_chain(
+    builder: &mut Builder,
+    table: &Table,
+    def: &ChainDef,
+    set_id: &dyn Fn(&str) -> Option<u32>,
+) -> Result<(), String> {
+    let name = cstring(&def.name)?;
+    let mut chain = Chain::new(&name, table);
+    chain.set_hook(
+        match def.hook {
+            Hook::Input => nftnl::Hook::In,
+            Hook::Output => nftnl::Hook::Out,
+            Hook::Forward => nftnl::Hook::Forward,
+        },
+        0,
+    );
+    chain.set_type(ChainType::Filter);
+    chain.set_policy(match def.policy {
+        Policy::Accept => nftnl::Policy::Accept,
+        Policy::Drop => nftnl::Policy::Drop,
+    });
+    builder.add(&chain, MsgType::Add, format!("chain {}", def.name));
+    for rule in &def.rules {
+        let mut nft_rule = nftnl::Rule::new(&chain);
+        for e in &rule.0 {
+            expr::add(&mut nft_rule, e, set_id)
+                .map_err(|detail| format!("rule `{rule}` in chain {}: {detail}", def.name))?;
+        }
+        builder.add(
+            &nft_rule,
+            MsgType::Add,
+            format!("rule in chain {}: {rule}", def.name),
+        );
+    }
+    Ok(())
+}
+
+fn attr(a: sys::nftnl_set_attr) -> u16 {
+    u16::try_from(a).unwrap_or(u16::MAX)
+}

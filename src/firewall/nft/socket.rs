@@ -1,0 +1,188 @@
+//! The netlink socket to nf_tables: send one batch with one `sendmsg`, then read
+//! exactly the acknowledgements it asked for.
+//!
+//! Facts this relies on (`shared/research/nftnl-notes.md`, G1–G4): the kernel needs
+//! BEGIN…END in one skb, so the batch's pages go out as the iovecs of a single
+//! `sendmsg`; on a refused batch the END is never acknowledged, so after the first
+//! error the rest is drained without blocking; every batch numbers from 1, so each
+//! transaction drains completely before the next. No `unsafe` here: nix does the calls.
+
+use std::collections::BTreeSet;
+use std::io::{self, IoSlice};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::socket::{
+    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, sendmsg,
+    setsockopt, socket, sockopt,
+};
+use nix::sys::time::TimeVal;
+
+/// Socket buffers big enough for a baseline with many live grants (G3: the defaults
+/// fail large batches with EMSGSIZE, and their ACKs with ENOBUFS).
+const SOCKET_BUFFER: usize = 4 << 20;
+/// Longest wait for the kernel's answer before the daemon gives up on a batch.
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+const NLMSG_HDRLEN: usize = 16;
+const NLMSG_ERROR: u16 = 2;
+
+/// A refused message: its sequence number and the kernel's errno.
+#[derive(Debug)]
+pub(super) struct Refusal {
+    pub seq: u32,
+    pub errno: i32,
+}
+
+/// Why a transaction failed.
+#[derive(Debug)]
+pub(super) enum TransactError {
+    Send(io::Error),
+    Receive(io::Error),
+    Refused(Refusal),
+    BadReply(String),
+}
+
+/// A bound `NETLINK_NETFILTER` socket.
+pub(super) struct NetlinkSocket {
+    fd: OwnedFd,
+}
+
+impl NetlinkSocket {
+    pub(super) fn open() -> io::Result<Self> {
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkNetFilter,
+        )?;
+        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0))?;
+        // The FORCE variants need CAP_NET_ADMIN, which every caller of this module has.
+        setsockopt(&fd, sockopt::SndBufForce, &SOCKET_BUFFER)?;
+        setsockopt(&fd, sockopt::RcvBufForce, &SOCKET_BUFFER)?;
+        let timeout = TimeVal::new(
+            i64::try_from(ACK_TIMEOUT.as_secs()).unwrap_or(5),
+            0,
+        );
+        setsockopt(&fd, sockopt::ReceiveTimeout, &timeout)?;
+        Ok(Self { fd })
+    }
+
+    /// Sends `pages` (one finalized batch) and waits for an ACK for every sequence
+    /// number in `expected`; returns the first refusal, after draining the rest.
+    pub(super) fn transact(
+        &self,
+        pages: &[&[u8]],
+        expected: std::ops::Range<u32>,
+    ) -> Result<(), TransactError> {
+        let iov: Vec<IoSlice<'_>> = pages.iter().map(|p| IoSlice::new(p)).collect();
+        let kernel = NetlinkAddr::new(0, 0);
+        sendmsg(self.fd.as_raw_fd(), &iov, &[], MsgFlags::empty(), Some(&kernel))
+            .map_err(|e| TransactError::Send(e.into()))?;
+
+        let mut pending: BTreeSet<u32> = expected.collect();
+        let mut refusal: Option<Refusal> = None;
+        let mut buf = vec![0u8; 256 * 1024];
+        while !pending.is_empty() {
+            let flags = if refusal.is_some() {
+                MsgFlags::MSG_DONTWAIT
+            } else {
+                MsgFlags::empty()
+            };
+            let len = match recv(self.fd.as_raw_fd(), &mut buf, flags) {
+                Ok(len) => len,
+                Err(Errno::EAGAIN) if refusal.is_some() => break,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(TransactError::Receive(e.into())),
+            };
+            for ack in parse_acks(&buf[..len]).map_err(TransactError::BadReply)? {
+                pending.remove(&ack.seq);
+                if ack.errno != 0 && refusal.is_none() {
+                    refusal = Some(ack);
+                }
+            }
+        }
+        match refusal {
+            Some(refusal) => Err(TransactError::Refused(refusal)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The acknowledgements (`NLMSG_ERROR` messages; errno 0 means success) in one datagram.
+/// Other message types are skipped. Bounded: never reads past `datagram`.
+fn parse_acks(datagram: &[u8]) -> Result<Vec<Refusal>, String> {
+    let mut acks = Vec::new();
+    let mut rest = datagram;
+    while rest.len() >= NLMSG_HDRLEN {
+        let len = u32_at(rest, 0);
+        let len = usize::try_from(len).map_err(|_| "message length overflows".to_owned())?;
+        if len < NLMSG_HDRLEN || len > rest.len() {
+            return Err(format!("message length {len} in a {}-byte datagram", rest.len()));
+        }
+        let kind = u16::from_ne_bytes([rest[4], rest[5]]);
+        let seq = u32_at(rest, 8);
+        if kind == NLMSG_ERROR {
+            if len < NLMSG_HDRLEN + 4 {
+                return Err("acknowledgement without an error code".to_owned());
+            }
+            let code = i32::from_ne_bytes([rest[16], rest[17], rest[18], rest[19]]);
+            acks.push(Refusal {
+                seq,
+                errno: code.saturating_neg(),
+            });
+        }
+        // Messages are padded to 4 bytes.
+        let advance = len.div_ceil(4) * 4;
+        rest = rest.get(advance..).unwrap_or(&[]);
+    }
+    Ok(acks)
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ack(seq: u32, code: i32) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend_from_slice(&36u32.to_ne_bytes());
+        m.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
+        m.extend_from_slice(&0u16.to_ne_bytes());
+        m.extend_from_slice(&seq.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(&code.to_ne_bytes());
+        m.extend_from_slice(&[0u8; 16]);
+        m
+    }
+
+    #[test]
+    fn parses_success_and_refusal() {
+        let mut d = ack(3, 0);
+        d.extend(ack(4, -2));
+        let acks = parse_acks(&d).unwrap();
+        assert_eq!(acks.len(), 2);
+        assert_eq!((acks[0].seq, acks[0].errno), (3, 0));
+        assert_eq!((acks[1].seq, acks[1].errno), (4, 2));
+    }
+
+    #[test]
+    fn refuses_lengths_past_the_datagram() {
+        let mut d = ack(1, 0);
+        d[0] = 200;
+        assert!(parse_acks(&d).is_err());
+        d[0] = 3;
+        assert!(parse_acks(&d).is_err());
+    }
+
+    #[test]
+    fn never_panics_on_truncated_input() {
+        let d = ack(1, 0);
+        for cut in 0..d.len() {
+            let _ = parse_acks(&d[..cut]);
+        }
+    }
+}

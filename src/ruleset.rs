@@ -1,0 +1,449 @@
+//! The firewall as plain data: one `inet` table with its sets and chains.
+//!
+//! A [`Ruleset`] is what `knockgate ruleset` prints (its `Display` is nft
+//! syntax that `nft -f` accepts) and what the nftables backend turns into one
+//! netlink batch. Building it from a config lives in [`baseline`]. This module
+//! does no I/O and never names a libnftnl type, so it can be tested without root.
+
+use std::fmt;
+use std::net::IpAddr;
+
+pub mod baseline;
+pub use baseline::baseline;
+
+/// Address family of a set key or an address match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IpFamily {
+    /// IPv4 (`ip` in nft).
+    V4,
+    /// IPv6 (`ip6` in nft).
+    V6,
+}
+
+impl IpFamily {
+    /// The nft keyword for this family's header (`ip`, `ip6`).
+    #[must_use]
+    pub fn keyword(self) -> &'static str {
+        match self {
+            Self::V4 => "ip",
+            Self::V6 => "ip6",
+        }
+    }
+
+    /// The nft set key type for this family's addresses.
+    #[must_use]
+    pub fn addr_type(self) -> &'static str {
+        match self {
+            Self::V4 => "ipv4_addr",
+            Self::V6 => "ipv6_addr",
+        }
+    }
+
+    /// The family an address belongs to.
+    #[must_use]
+    pub fn of(addr: IpAddr) -> Self {
+        match addr {
+            IpAddr::V4(_) => Self::V4,
+            IpAddr::V6(_) => Self::V6,
+        }
+    }
+}
+
+/// The whole table knockgate owns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ruleset {
+    /// Table name (family is always `inet`, for IPv4 and IPv6 alike).
+    pub table: String,
+    /// Named sets, declared before the chains that look them up.
+    pub sets: Vec<SetDef>,
+    /// Base chains.
+    pub chains: Vec<ChainDef>,
+}
+
+/// A named set of source addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetDef {
+    /// Set name, unique in the table.
+    pub name: String,
+    /// Key family.
+    pub family: IpFamily,
+    /// What the set is for, which decides its flags.
+    pub kind: SetKind,
+}
+
+/// The two kinds of set the baseline uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetKind {
+    /// Grants: elements carry their own timeout, so the kernel closes each hole on time.
+    Grants,
+    /// A per-source rate meter filled by the packet path (`update @set { … limit … }`).
+    Meter {
+        /// Most sources tracked at once.
+        size: u32,
+        /// Seconds an idle source stays in the meter.
+        timeout_secs: u32,
+    },
+}
+
+/// Which netfilter hook a base chain sits on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// Packets for this host.
+    Input,
+    /// Packets this host sends.
+    Output,
+    /// Packets routed through this host.
+    Forward,
+}
+
+/// What a base chain does with packets no rule accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Let them pass.
+    Accept,
+    /// Drop them silently.
+    Drop,
+}
+
+/// A base chain of filter type at priority `filter` (0).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainDef {
+    /// Chain name.
+    pub name: String,
+    /// Hook it is attached to.
+    pub hook: Hook,
+    /// Default verdict.
+    pub policy: Policy,
+    /// Rules, in order.
+    pub rules: Vec<Rule>,
+}
+
+/// One rule: its expressions, evaluated left to right as nft does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule(pub Vec<Expr>);
+
+/// Conntrack states a rule can match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CtState {
+    /// Packets conntrack cannot place.
+    Invalid,
+    /// Packets of a connection that has seen traffic both ways.
+    Established,
+    /// Packets related to a known connection (ICMP errors, FTP data).
+    Related,
+    /// The first packet of a connection.
+    New,
+}
+
+/// A packet rate: `packets` per `per`, after a burst of `burst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Packets per unit.
+    pub packets: u32,
+    /// The unit.
+    pub per: Per,
+    /// Packets allowed at once before the rate applies.
+    pub burst: u32,
+}
+
+/// The burst nft assumes when none is given.
+const DEFAULT_BURST: u32 = 5;
+
+/// Unit of a [`Rate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Per {
+    /// Per second.
+    Second,
+    /// Per minute.
+    Minute,
+}
+
+/// Final verdict of a rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Accept the packet.
+    Accept,
+    /// Drop the packet.
+    Drop,
+}
+
+/// One match or statement of a rule, as nft writes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expr {
+    /// `iifname "lo"`.
+    IifName(String),
+    /// `oifname "lo"`.
+    OifName(String),
+    /// `ct state established,related`: any of the states.
+    CtState(Vec<CtState>),
+    /// `tcp dport N`.
+    TcpDport(u16),
+    /// `udp dport N`.
+    UdpDport(u16),
+    /// `ip saddr @set` / `ip6 saddr @set`.
+    SaddrInSet {
+        /// Family of the set's keys.
+        family: IpFamily,
+        /// Set name.
+        set: String,
+    },
+    /// `ip daddr A` / `ip6 daddr A`.
+    Daddr(IpAddr),
+    /// `icmp type T` (ICMP for IPv4).
+    IcmpType(u8),
+    /// `icmpv6 type T`.
+    Icmpv6Type(u8),
+    /// `limit rate …`: matches while under the rate.
+    Limit(Rate),
+    /// `update @set { ip saddr limit rate … }`: matches while this source is under the rate.
+    MeterSaddr {
+        /// Family of the source address.
+        family: IpFamily,
+        /// The meter set.
+        set: String,
+        /// The per-source rate.
+        rate: Rate,
+    },
+    /// `log prefix "…"`.
+    Log {
+        /// Prefix of the kernel log line.
+        prefix: String,
+    },
+    /// `accept` / `drop`.
+    Verdict(Verdict),
+}
+
+/// ICMP (v4) type numbers and the names nft uses for them.
+pub const ICMP_TYPES: &[(u8, &str)] = &[
+    (0, "echo-reply"),
+    (3, "destination-unreachable"),
+    (8, "echo-request"),
+    (11, "time-exceeded"),
+    (12, "parameter-problem"),
+];
+
+/// ICMPv6 type numbers and the names nft uses for them.
+pub const ICMPV6_TYPES: &[(u8, &str)] = &[
+    (1, "destination-unreachable"),
+    (2, "packet-too-big"),
+    (3, "time-exceeded"),
+    (4, "parameter-problem"),
+    (128, "echo-request"),
+    (129, "echo-reply"),
+    (130, "mld-listener-query"),
+    (133, "nd-router-solicit"),
+    (134, "nd-router-advert"),
+    (135, "nd-neighbor-solicit"),
+    (136, "nd-neighbor-advert"),
+    (143, "mld2-listener-report"),
+];
+
+/// The number of a named ICMP or ICMPv6 type; panics on a name not in the table, which
+/// only the baseline's own constants can reach.
+pub(crate) fn icmp_type(table: &[(u8, &str)], name: &str) -> u8 {
+    table
+        .iter()
+        .find(|(_, n)| *n == name)
+        .map(|(t, _)| *t)
+        .unwrap_or_else(|| panic!("unknown ICMP type name {name}"))
+}
+
+fn write_icmp_type(f: &mut fmt::Formatter<'_>, table: &[(u8, &str)], t: u8) -> fmt::Result {
+    match table.iter().find(|(n, _)| *n == t) {
+        Some((_, name)) => f.write_str(name),
+        None => write!(f, "{t}"),
+    }
+}
+
+/// A duration as nft lists it: `1h30m`, `1m`, `45s`.
+fn nft_duration(secs: u32) -> String {
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    let mut out = String::new();
+    for (n, unit) in [(h, "h"), (m, "m"), (s, "s")] {
+        if n > 0 {
+            out.push_str(&format!("{n}{unit}"));
+        }
+    }
+    if out.is_empty() {
+        out.push_str("0s");
+    }
+    out
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let per = match self.per {
+            Per::Second => "second",
+            Per::Minute => "minute",
+        };
+        write!(f, "limit rate {}/{per}", self.packets)?;
+        // nft leaves out the kernel's default burst of 5 when it lists a ruleset; doing
+        // the same keeps this text identical to `nft list table`.
+        if self.burst != DEFAULT_BURST {
+            write!(f, " burst {} packets", self.burst)?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for CtState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Invalid => "invalid",
+            Self::Established => "established",
+            Self::Related => "related",
+            Self::New => "new",
+        })
+    }
+}
+
+impl fmt::Display for Expr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::IifName(name) => write!(f, "iifname \"{name}\""),
+            Self::OifName(name) => write!(f, "oifname \"{name}\""),
+            Self::CtState(states) => {
+                f.write_str("ct state ")?;
+                for (i, state) in states.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(",")?;
+                    }
+                    write!(f, "{state}")?;
+                }
+                Ok(())
+            }
+            Self::TcpDport(port) => write!(f, "tcp dport {port}"),
+            Self::UdpDport(port) => write!(f, "udp dport {port}"),
+            Self::SaddrInSet { family, set } => write!(f, "{} saddr @{set}", family.keyword()),
+            Self::Daddr(addr) => write!(f, "{} daddr {addr}", IpFamily::of(*addr).keyword()),
+            Self::IcmpType(t) => {
+                f.write_str("icmp type ")?;
+                write_icmp_type(f, ICMP_TYPES, *t)
+            }
+            Self::Icmpv6Type(t) => {
+                f.write_str("icmpv6 type ")?;
+                write_icmp_type(f, ICMPV6_TYPES, *t)
+            }
+            Self::Limit(rate) => write!(f, "{rate}"),
+            Self::MeterSaddr { family, set, rate } => {
+                write!(f, "update @{set} {{ {} saddr {rate} }}", family.keyword())
+            }
+            Self::Log { prefix } => write!(f, "log prefix \"{prefix}\""),
+            Self::Verdict(Verdict::Accept) => f.write_str("accept"),
+            Self::Verdict(Verdict::Drop) => f.write_str("drop"),
+        }
+    }
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, expr) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            write!(f, "{expr}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for SetDef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "\tset {} {{", self.name)?;
+        writeln!(f, "\t\ttype {}", self.family.addr_type())?;
+        match self.kind {
+            SetKind::Grants => writeln!(f, "\t\tflags timeout")?,
+            SetKind::Meter { size, timeout_secs } => {
+                writeln!(f, "\t\tsize {size}")?;
+                writeln!(f, "\t\tflags dynamic,timeout")?;
+                writeln!(f, "\t\ttimeout {}", nft_duration(timeout_secs))?;
+            }
+        }
+        writeln!(f, "\t}}")
+    }
+}
+
+impl fmt::Display for ChainDef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hook = match self.hook {
+            Hook::Input => "input",
+            Hook::Output => "output",
+            Hook::Forward => "forward",
+        };
+        let policy = match self.policy {
+            Policy::Accept => "accept",
+            Policy::Drop => "drop",
+        };
+        writeln!(f, "\tchain {} {{", self.name)?;
+        writeln!(
+            f,
+            "\t\ttype filter hook {hook} priority filter; policy {policy};"
+        )?;
+        for rule in &self.rules {
+            writeln!(f, "\t\t{rule}")?;
+        }
+        writeln!(f, "\t}}")
+    }
+}
+
+impl fmt::Display for Ruleset {
+    /// nft syntax that `nft -f` accepts, sets first, then chains.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "table inet {} {{", self.table)?;
+        for (i, set) in self.sets.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{set}")?;
+        }
+        for chain in &self.chains {
+            writeln!(f)?;
+            write!(f, "{chain}")?;
+        }
+        writeln!(f, "}}")
+    }
+}
+
+impl Ruleset {
+    /// The chain on `hook`, if the ruleset has one.
+    #[must_use]
+    pub fn chain(&self, hook: Hook) -> Option<&ChainDef> {
+        self.chains.iter().find(|c| c.hook == hook)
+    }
+
+    /// Number of rules over all chains, for the log line that says what was applied.
+    #[must_use]
+    pub fn rule_count(&self) -> usize {
+        self.chains.iter().map(|c| c.rules.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_like_nft() {
+        assert_eq!(nft_duration(60), "1m");
+        assert_eq!(nft_duration(5400), "1h30m");
+        assert_eq!(nft_duration(61), "1m1s");
+        assert_eq!(nft_duration(0), "0s");
+    }
+
+    #[test]
+    fn default_burst_is_left_out_like_nft_does() {
+        let rate = |burst| Rate {
+            packets: 3,
+            per: Per::Minute,
+            burst,
+        };
+        assert_eq!(rate(5).to_string(), "limit rate 3/minute");
+        assert_eq!(rate(6).to_string(), "limit rate 3/minute burst 6 packets");
+    }
+
+    #[test]
+    fn unknown_icmp_types_print_as_numbers() {
+        assert_eq!(Expr::IcmpType(42).to_string(), "icmp type 42");
+        assert_eq!(Expr::Icmpv6Type(135).to_string(), "icmpv6 type nd-neighbor-solicit");
+    }
+}

@@ -1,0 +1,253 @@
+//! Config → the baseline ruleset of a hardened web server.
+//!
+//! Each helper adds one purpose's rules and is named for it, so the order of
+//! the chains reads like the policy. Pure: the resolvers arrive already read.
+
+use std::net::IpAddr;
+
+use super::{
+    ChainDef, CtState, Expr, Hook, ICMP_TYPES, ICMPV6_TYPES, IpFamily, Per, Policy, Rate, Rule,
+    Ruleset, SetDef, SetKind, Verdict, icmp_type,
+};
+use crate::config::{Config, Forward, Outbound};
+
+/// Name of the set of IPv4 sources granted SSH.
+pub const SSH_GRANTS_V4: &str = "ssh_grants_v4";
+/// Name of the set of IPv6 sources granted SSH.
+pub const SSH_GRANTS_V6: &str = "ssh_grants_v6";
+const KNOCK_METER_V4: &str = "knock_meter_v4";
+const KNOCK_METER_V6: &str = "knock_meter_v6";
+/// Sources tracked by each knock meter; beyond it new sources are not accepted until old ones idle out.
+const KNOCK_METER_SIZE: u32 = 65_535;
+/// Seconds an idle source stays in a knock meter.
+const KNOCK_METER_TIMEOUT_SECS: u32 = 60;
+/// Burst for the kernel log rate limit.
+const LOG_BURST: u32 = 5;
+const DNS_PORT: u16 = 53;
+
+/// ICMPv6 that neighbour discovery (and MLD, which ND's multicast needs) takes in.
+const ND_IN: &[&str] = &[
+    "nd-router-advert",
+    "nd-neighbor-solicit",
+    "nd-neighbor-advert",
+    "mld-listener-query",
+];
+/// ICMPv6 that neighbour discovery sends out.
+const ND_OUT: &[&str] = &[
+    "nd-router-solicit",
+    "nd-neighbor-solicit",
+    "nd-neighbor-advert",
+    "mld2-listener-report",
+];
+/// ICMPv6 this host may send that conntrack does not always mark as related.
+const ICMPV6_OUT: &[&str] = &[
+    "echo-reply",
+    "destination-unreachable",
+    "packet-too-big",
+    "time-exceeded",
+    "parameter-problem",
+];
+const ICMP_OUT: &[&str] = &["echo-reply", "destination-unreachable"];
+
+/// The baseline for `config`, with DNS allowed to `resolvers` only.
+#[must_use]
+pub fn baseline(config: &Config, resolvers: &[IpAddr]) -> Ruleset {
+    let mut chains = vec![input_chain(config), output_chain(config, resolvers)];
+    if config.forward == Forward::Drop {
+        chains.push(forward_chain(config));
+    }
+    Ruleset {
+        table: config.table.clone(),
+        sets: sets(),
+        chains,
+    }
+}
+
+fn sets() -> Vec<SetDef> {
+    let meter = SetKind::Meter {
+        size: KNOCK_METER_SIZE,
+        timeout_secs: KNOCK_METER_TIMEOUT_SECS,
+    };
+    [
+        (SSH_GRANTS_V4, IpFamily::V4, SetKind::Grants),
+        (SSH_GRANTS_V6, IpFamily::V6, SetKind::Grants),
+        (KNOCK_METER_V4, IpFamily::V4, meter),
+        (KNOCK_METER_V6, IpFamily::V6, meter),
+    ]
+    .into_iter()
+    .map(|(name, family, kind)| SetDef {
+        name: name.to_owned(),
+        family,
+        kind,
+    })
+    .collect()
+}
+
+fn input_chain(config: &Config) -> ChainDef {
+    let mut rules = Vec::new();
+    rules.push(accept(vec![Expr::IifName("lo".into())]));
+    rules.push(drop_invalid());
+    rules.push(accept_established());
+    accept_neighbour_discovery(&mut rules, ND_IN);
+    if config.inbound.ping {
+        accept_ping(&mut rules, config.inbound.ping_rate_per_second);
+    }
+    allow_public_tcp(&mut rules, &config.inbound.tcp_ports);
+    allow_ssh_from_grants(&mut rules, config.inbound.ssh_port);
+    accept_knocks_rate_limited(&mut rules, config);
+    log_dropped(&mut rules, config, "input");
+    ChainDef {
+        name: "input".into(),
+        hook: Hook::Input,
+        policy: Policy::Drop,
+        rules,
+    }
+}
+
+fn output_chain(config: &Config, resolvers: &[IpAddr]) -> ChainDef {
+    if config.outbound == Outbound::Open {
+        return ChainDef {
+            name: "output".into(),
+            hook: Hook::Output,
+            policy: Policy::Accept,
+            rules: Vec::new(),
+        };
+    }
+    let mut rules = Vec::new();
+    rules.push(accept(vec![Expr::OifName("lo".into())]));
+    rules.push(drop_invalid());
+    rules.push(accept_established());
+    accept_neighbour_discovery(&mut rules, ND_OUT);
+    accept_icmp_replies_and_errors(&mut rules);
+    allow_dns_to_resolvers(&mut rules, resolvers);
+    log_dropped(&mut rules, config, "output");
+    ChainDef {
+        name: "output".into(),
+        hook: Hook::Output,
+        policy: Policy::Drop,
+        rules,
+    }
+}
+
+fn forward_chain(config: &Config) -> ChainDef {
+    let mut rules = Vec::new();
+    log_dropped(&mut rules, config, "forward");
+    ChainDef {
+        name: "forward".into(),
+        hook: Hook::Forward,
+        policy: Policy::Drop,
+        rules,
+    }
+}
+
+fn accept(mut exprs: Vec<Expr>) -> Rule {
+    exprs.push(Expr::Verdict(Verdict::Accept));
+    Rule(exprs)
+}
+
+fn drop_invalid() -> Rule {
+    Rule(vec![
+        Expr::CtState(vec![CtState::Invalid]),
+        Expr::Verdict(Verdict::Drop),
+    ])
+}
+
+fn accept_established() -> Rule {
+    accept(vec![Expr::CtState(vec![
+        CtState::Established,
+        CtState::Related,
+    ])])
+}
+
+fn accept_neighbour_discovery(rules: &mut Vec<Rule>, types: &[&str]) {
+    for name in types {
+        rules.push(accept(vec![Expr::Icmpv6Type(icmp_type(ICMPV6_TYPES, name))]));
+    }
+}
+
+fn accept_ping(rules: &mut Vec<Rule>, per_second: u32) {
+    let rate = Rate {
+        packets: per_second,
+        per: Per::Second,
+        burst: per_second.saturating_mul(2),
+    };
+    rules.push(accept(vec![
+        Expr::IcmpType(icmp_type(ICMP_TYPES, "echo-request")),
+        Expr::Limit(rate),
+    ]));
+    rules.push(accept(vec![
+        Expr::Icmpv6Type(icmp_type(ICMPV6_TYPES, "echo-request")),
+        Expr::Limit(rate),
+    ]));
+}
+
+fn allow_public_tcp(rules: &mut Vec<Rule>, ports: &[u16]) {
+    for &port in ports {
+        rules.push(accept(vec![Expr::TcpDport(port)]));
+    }
+}
+
+fn allow_ssh_from_grants(rules: &mut Vec<Rule>, ssh_port: u16) {
+    for (family, set) in [(IpFamily::V4, SSH_GRANTS_V4), (IpFamily::V6, SSH_GRANTS_V6)] {
+        rules.push(accept(vec![
+            Expr::TcpDport(ssh_port),
+            Expr::SaddrInSet {
+                family,
+                set: set.into(),
+            },
+        ]));
+    }
+}
+
+fn accept_knocks_rate_limited(rules: &mut Vec<Rule>, config: &Config) {
+    let rate = Rate {
+        packets: config.knock.rate_per_second,
+        per: Per::Second,
+        burst: config.knock.burst,
+    };
+    for (family, set) in [(IpFamily::V4, KNOCK_METER_V4), (IpFamily::V6, KNOCK_METER_V6)] {
+        rules.push(accept(vec![
+            Expr::UdpDport(config.knock.port),
+            Expr::MeterSaddr {
+                family,
+                set: set.into(),
+                rate,
+            },
+        ]));
+    }
+}
+
+fn accept_icmp_replies_and_errors(rules: &mut Vec<Rule>) {
+    for name in ICMP_OUT {
+        rules.push(accept(vec![Expr::IcmpType(icmp_type(ICMP_TYPES, name))]));
+    }
+    for name in ICMPV6_OUT {
+        rules.push(accept(vec![Expr::Icmpv6Type(icmp_type(ICMPV6_TYPES, name))]));
+    }
+}
+
+fn allow_dns_to_resolvers(rules: &mut Vec<Rule>, resolvers: &[IpAddr]) {
+    for &resolver in resolvers {
+        rules.push(accept(vec![Expr::Daddr(resolver), Expr::UdpDport(DNS_PORT)]));
+        rules.push(accept(vec![Expr::Daddr(resolver), Expr::TcpDport(DNS_PORT)]));
+    }
+}
+
+fn log_dropped(rules: &mut Vec<Rule>, config: &Config, chain: &str) {
+    if !config.log.dropped {
+        return;
+    }
+    rules.push(Rule(vec![
+        Expr::Limit(Rate {
+            packets: config.log.rate_per_minute,
+            per: Per::Minute,
+            burst: LOG_BURST,
+        }),
+        Expr::Log {
+            prefix: format!("{} {chain} drop: ", config.log.prefix),
+        },
+    ]));
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,173 @@
+//! Config → Ruleset, without root: the golden text pins the whole default
+//! baseline; the other tests pin what each config key changes.
+
+use super::*;
+use crate::config::{Config, Forward, OnStop, Outbound};
+
+fn resolvers() -> Vec<IpAddr> {
+    vec!["192.0.2.53".parse().unwrap(), "2001:db8::53".parse().unwrap()]
+}
+
+fn rules_text(ruleset: &Ruleset, hook: Hook) -> Vec<String> {
+    ruleset
+        .chain(hook)
+        .unwrap()
+        .rules
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+#[test]
+fn default_baseline_matches_the_golden_text() {
+    let text = baseline(&Config::default(), &resolvers()).to_string();
+    let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/default.nft");
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&golden, &text).unwrap();
+    }
+    let want = std::fs::read_to_string(&golden).unwrap();
+    assert_eq!(text, want, "rerun with UPDATE_GOLDEN=1 and review the diff");
+}
+
+#[test]
+fn default_input_opens_web_and_keeps_ssh_for_grants() {
+    let ruleset = baseline(&Config::default(), &resolvers());
+    let input = ruleset.chain(Hook::Input).unwrap();
+    assert_eq!(input.policy, Policy::Drop);
+    let rules = rules_text(&ruleset, Hook::Input);
+    assert_eq!(rules[0], "iifname \"lo\" accept");
+    assert_eq!(rules[1], "ct state invalid drop");
+    assert_eq!(rules[2], "ct state established,related accept");
+    assert!(rules.contains(&"tcp dport 80 accept".to_owned()));
+    assert!(rules.contains(&"tcp dport 443 accept".to_owned()));
+    assert!(rules.contains(&"tcp dport 22 ip saddr @ssh_grants_v4 accept".to_owned()));
+    assert!(rules.contains(&"tcp dport 22 ip6 saddr @ssh_grants_v6 accept".to_owned()));
+    // SSH never appears without a grant-set match.
+    assert!(!rules.iter().any(|r| r == "tcp dport 22 accept"));
+    assert!(rules.iter().any(|r| r.starts_with("udp dport 62201 update @knock_meter_v4")));
+    assert!(rules.iter().any(|r| r.starts_with("icmp type echo-request limit rate 10/second")));
+    assert!(rules.contains(&"icmpv6 type nd-neighbor-solicit accept".to_owned()));
+}
+
+#[test]
+fn default_output_is_locked_except_dns_to_resolvers() {
+    let ruleset = baseline(&Config::default(), &resolvers());
+    assert_eq!(ruleset.chain(Hook::Output).unwrap().policy, Policy::Drop);
+    let rules = rules_text(&ruleset, Hook::Output);
+    for want in [
+        "ip daddr 192.0.2.53 udp dport 53 accept",
+        "ip daddr 192.0.2.53 tcp dport 53 accept",
+        "ip6 daddr 2001:db8::53 udp dport 53 accept",
+        "ip6 daddr 2001:db8::53 tcp dport 53 accept",
+        "icmp type echo-reply accept",
+        "icmpv6 type nd-neighbor-advert accept",
+    ] {
+        assert!(rules.contains(&want.to_owned()), "missing {want}: {rules:#?}");
+    }
+    assert!(!rules.iter().any(|r| r.contains("dport 80") || r.contains("dport 443")));
+}
+
+#[test]
+fn no_resolvers_means_no_dns_out() {
+    let ruleset = baseline(&Config::default(), &[]);
+    assert!(!rules_text(&ruleset, Hook::Output).iter().any(|r| r.contains("dport 53")));
+}
+
+#[test]
+fn outbound_open_gives_an_accepting_output_chain() {
+    let config = Config {
+        outbound: Outbound::Open,
+        ..Config::default()
+    };
+    let output = baseline(&config, &resolvers()).chain(Hook::Output).cloned().unwrap();
+    assert_eq!(output.policy, Policy::Accept);
+    assert!(output.rules.is_empty());
+}
+
+#[test]
+fn forward_leave_creates_no_forward_chain() {
+    let config = Config {
+        forward: Forward::Leave,
+        ..Config::default()
+    };
+    let ruleset = baseline(&config, &resolvers());
+    assert!(ruleset.chain(Hook::Forward).is_none());
+    assert!(!ruleset.to_string().contains("hook forward"));
+}
+
+#[test]
+fn forward_drop_is_the_default() {
+    let ruleset = baseline(&Config::default(), &resolvers());
+    assert_eq!(ruleset.chain(Hook::Forward).unwrap().policy, Policy::Drop);
+}
+
+#[test]
+fn ports_and_knock_settings_follow_the_config() {
+    let mut config = Config::default();
+    config.inbound.tcp_ports = vec![8443];
+    config.inbound.ssh_port = 2222;
+    config.knock.port = 40000;
+    config.knock.rate_per_second = 3;
+    config.knock.burst = 7;
+    let rules = rules_text(&baseline(&config, &resolvers()), Hook::Input);
+    assert!(rules.contains(&"tcp dport 8443 accept".to_owned()));
+    assert!(!rules.iter().any(|r| r.contains("dport 80 ") || r.contains("dport 443 ")));
+    assert!(rules.contains(&"tcp dport 2222 ip saddr @ssh_grants_v4 accept".to_owned()));
+    assert!(rules.contains(
+        &"udp dport 40000 update @knock_meter_v6 { ip6 saddr limit rate 3/second burst 7 packets } accept"
+            .to_owned()
+    ));
+}
+
+#[test]
+fn ping_off_drops_echo_requests() {
+    let mut config = Config::default();
+    config.inbound.ping = false;
+    let rules = rules_text(&baseline(&config, &resolvers()), Hook::Input);
+    assert!(!rules.iter().any(|r| r.contains("echo-request")));
+    // Neighbour discovery must stay, or IPv6 stops working altogether.
+    assert!(rules.iter().any(|r| r.contains("nd-neighbor-solicit")));
+}
+
+#[test]
+fn dropped_packets_are_logged_with_prefix_and_rate() {
+    let mut config = Config::default();
+    config.log.prefix = "kg".into();
+    config.log.rate_per_minute = 3;
+    let ruleset = baseline(&config, &resolvers());
+    for (hook, chain) in [(Hook::Input, "input"), (Hook::Output, "output"), (Hook::Forward, "forward")] {
+        let last = rules_text(&ruleset, hook).pop().unwrap();
+        assert_eq!(
+            last,
+            format!("limit rate 3/minute log prefix \"kg {chain} drop: \"")
+        );
+    }
+}
+
+#[test]
+fn logging_off_adds_no_log_rules() {
+    let mut config = Config::default();
+    config.log.dropped = false;
+    assert!(!baseline(&config, &resolvers()).to_string().contains("log prefix"));
+}
+
+#[test]
+fn table_name_and_on_stop_do_not_change_the_rules() {
+    let config = Config {
+        table: "gate".into(),
+        on_stop: OnStop::Remove,
+        ..Config::default()
+    };
+    let ruleset = baseline(&config, &resolvers());
+    assert_eq!(ruleset.table, "gate");
+    assert_eq!(ruleset.chains, baseline(&Config::default(), &resolvers()).chains);
+}
+
+#[test]
+fn grant_sets_carry_the_timeout_flag() {
+    let ruleset = baseline(&Config::default(), &resolvers());
+    for name in [SSH_GRANTS_V4, SSH_GRANTS_V6] {
+        let set = ruleset.sets.iter().find(|s| s.name == name).unwrap();
+        assert_eq!(set.kind, SetKind::Grants);
+    }
+}
