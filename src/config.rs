@@ -354,7 +354,10 @@ fn validate(path: &Path, config: &Config) -> Result<(), ConfigError> {
     for (i, &port) in config.inbound.tcp_ports.iter().enumerate() {
         let key = format!("inbound.tcp_ports[{i}]");
         if port == 0 {
-            return Err(invalid(&key, "port 0 is not a port; expected 1-65535".into()));
+            return Err(invalid(
+                &key,
+                "port 0 is not a port; expected 1-65535".into(),
+            ));
         }
         if !seen.insert(port) {
             return Err(invalid(&key, format!("port {port} is listed twice")));
@@ -371,11 +374,17 @@ fn validate(path: &Path, config: &Config) -> Result<(), ConfigError> {
         ("knock.port", config.knock.port),
     ] {
         if port == 0 {
-            return Err(invalid(key, "port 0 is not a port; expected 1-65535".into()));
+            return Err(invalid(
+                key,
+                "port 0 is not a port; expected 1-65535".into(),
+            ));
         }
     }
     for (key, rate) in [
-        ("inbound.ping_rate_per_second", config.inbound.ping_rate_per_second),
+        (
+            "inbound.ping_rate_per_second",
+            config.inbound.ping_rate_per_second,
+        ),
         ("knock.rate_per_second", config.knock.rate_per_second),
         ("knock.burst", config.knock.burst),
         ("log.rate_per_minute", config.log.rate_per_minute),
@@ -393,7 +402,9 @@ fn validate(path: &Path, config: &Config) -> Result<(), ConfigError> {
     if !prefix_ok {
         return Err(invalid(
             "log.prefix",
-            format!("expected at most {MAX_LOG_PREFIX} printable ASCII characters without quotes or backslashes"),
+            format!(
+                "expected at most {MAX_LOG_PREFIX} printable ASCII characters without quotes or backslashes"
+            ),
         ));
     }
     let mut seen = HashSet::new();

@@ -133,8 +133,10 @@ mod tests {
 
     #[test]
     fn refused_start_is_an_error_and_changes_nothing() {
-        let mut fw = MemoryFirewall::default();
-        fw.refuse_next = true;
+        let fw = MemoryFirewall {
+            refuse_next: true,
+            ..MemoryFirewall::default()
+        };
         assert!(Daemon::start(fw, loaded(OnStop::Keep)).is_err());
     }
 

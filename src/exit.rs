@@ -20,7 +20,7 @@ pub fn report(program: &str, err: &anyhow::Error) -> ExitCode {
     if let Some(hint) = hint(err) {
         eprintln!("{program}: hint: {hint}");
     }
-    if err.chain().any(|e| e.is::<ConfigError>()) {
+    if err.chain().any(<dyn std::error::Error>::is::<ConfigError>) {
         ExitCode::from(USAGE)
     } else {
         ExitCode::from(RUNTIME)

@@ -213,6 +213,44 @@ pub enum Expr {
     Verdict(Verdict),
 }
 
+/// ICMP (v4) type numbers the baseline names.
+pub mod icmp {
+    /// Answer to a ping.
+    pub const ECHO_REPLY: u8 = 0;
+    /// "Port/host unreachable" and "fragmentation needed" (path MTU discovery).
+    pub const DESTINATION_UNREACHABLE: u8 = 3;
+    /// A ping.
+    pub const ECHO_REQUEST: u8 = 8;
+}
+
+/// ICMPv6 type numbers the baseline names.
+pub mod icmpv6 {
+    /// No route, port unreachable.
+    pub const DESTINATION_UNREACHABLE: u8 = 1;
+    /// Path MTU discovery; IPv6 routers never fragment, so dropping this breaks connections.
+    pub const PACKET_TOO_BIG: u8 = 2;
+    /// Hop limit reached.
+    pub const TIME_EXCEEDED: u8 = 3;
+    /// Bad header.
+    pub const PARAMETER_PROBLEM: u8 = 4;
+    /// A ping.
+    pub const ECHO_REQUEST: u8 = 128;
+    /// Answer to a ping.
+    pub const ECHO_REPLY: u8 = 129;
+    /// Multicast listener query (routers ask which groups, including solicited-node ones).
+    pub const MLD_LISTENER_QUERY: u8 = 130;
+    /// Router solicitation.
+    pub const ND_ROUTER_SOLICIT: u8 = 133;
+    /// Router advertisement (SLAAC, default route).
+    pub const ND_ROUTER_ADVERT: u8 = 134;
+    /// Neighbour solicitation: IPv6's ARP request.
+    pub const ND_NEIGHBOR_SOLICIT: u8 = 135;
+    /// Neighbour advertisement: IPv6's ARP reply.
+    pub const ND_NEIGHBOR_ADVERT: u8 = 136;
+    /// MLDv2 report: joining the solicited-node groups ND listens on.
+    pub const MLD2_LISTENER_REPORT: u8 = 143;
+}
+
 /// ICMP (v4) type numbers and the names nft uses for them.
 pub const ICMP_TYPES: &[(u8, &str)] = &[
     (0, "echo-reply"),
@@ -238,16 +276,6 @@ pub const ICMPV6_TYPES: &[(u8, &str)] = &[
     (143, "mld2-listener-report"),
 ];
 
-/// The number of a named ICMP or ICMPv6 type; panics on a name not in the table, which
-/// only the baseline's own constants can reach.
-pub(crate) fn icmp_type(table: &[(u8, &str)], name: &str) -> u8 {
-    table
-        .iter()
-        .find(|(_, n)| *n == name)
-        .map(|(t, _)| *t)
-        .unwrap_or_else(|| panic!("unknown ICMP type name {name}"))
-}
-
 fn write_icmp_type(f: &mut fmt::Formatter<'_>, table: &[(u8, &str)], t: u8) -> fmt::Result {
     match table.iter().find(|(n, _)| *n == t) {
         Some((_, name)) => f.write_str(name),
@@ -259,9 +287,10 @@ fn write_icmp_type(f: &mut fmt::Formatter<'_>, table: &[(u8, &str)], t: u8) -> f
 fn nft_duration(secs: u32) -> String {
     let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
     let mut out = String::new();
-    for (n, unit) in [(h, "h"), (m, "m"), (s, "s")] {
+    for (n, unit) in [(h, 'h'), (m, 'm'), (s, 's')] {
         if n > 0 {
-            out.push_str(&format!("{n}{unit}"));
+            out.push_str(&n.to_string());
+            out.push(unit);
         }
     }
     if out.is_empty() {
@@ -444,6 +473,9 @@ mod tests {
     #[test]
     fn unknown_icmp_types_print_as_numbers() {
         assert_eq!(Expr::IcmpType(42).to_string(), "icmp type 42");
-        assert_eq!(Expr::Icmpv6Type(135).to_string(), "icmpv6 type nd-neighbor-solicit");
+        assert_eq!(
+            Expr::Icmpv6Type(135).to_string(),
+            "icmpv6 type nd-neighbor-solicit"
+        );
     }
 }

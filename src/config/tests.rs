@@ -31,7 +31,10 @@ fn empty_file_gives_the_hardened_web_server_defaults() {
     assert_eq!(c.outbound, Outbound::Locked);
     assert_eq!(c.forward, Forward::Drop);
     assert_eq!(c.on_stop, OnStop::Keep);
-    assert_eq!(loaded.resolvers, vec!["192.0.2.53".parse::<IpAddr>().unwrap()]);
+    assert_eq!(
+        loaded.resolvers,
+        vec!["192.0.2.53".parse::<IpAddr>().unwrap()]
+    );
 }
 
 #[test]
@@ -179,7 +182,11 @@ fn unrelated_environment_is_ignored() {
 fn resolvers_default_to_resolv_conf() {
     let dir = tempfile::tempdir().unwrap();
     let resolv = dir.path().join("resolv.conf");
-    std::fs::write(&resolv, "search lab\nnameserver 10.9.0.53\nnameserver fd00::53\n").unwrap();
+    std::fs::write(
+        &resolv,
+        "search lab\nnameserver 10.9.0.53\nnameserver fd00::53\n",
+    )
+    .unwrap();
     let text = format!("[dns]\nresolv_conf = \"{}\"\n", resolv.display());
     let loaded = load_str(Path::new("k.toml"), &text, Vec::new()).unwrap();
     let want: Vec<IpAddr> = vec!["10.9.0.53".parse().unwrap(), "fd00::53".parse().unwrap()];
@@ -191,7 +198,10 @@ fn unreadable_resolv_conf_names_the_key() {
     let text = "[dns]\nresolv_conf = \"/nonexistent/resolv.conf\"\n";
     let err = load_str(Path::new("k.toml"), text, Vec::new()).unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("dns.resolvers") && msg.contains("/nonexistent/resolv.conf"), "{msg}");
+    assert!(
+        msg.contains("dns.resolvers") && msg.contains("/nonexistent/resolv.conf"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -209,5 +219,9 @@ fn example_config_is_valid_and_documents_the_defaults() {
     // Resolvers come from the host's resolv.conf in the example, so check parse + validate only.
     let config = parse(&path, &text, Vec::new()).unwrap();
     validate(&path, &config).unwrap();
-    assert_eq!(config, Config::default(), "examples/knockgate.toml states every default");
+    assert_eq!(
+        config,
+        Config::default(),
+        "examples/knockgate.toml states every default"
+    );
 }

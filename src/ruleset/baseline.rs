@@ -6,8 +6,8 @@
 use std::net::IpAddr;
 
 use super::{
-    ChainDef, CtState, Expr, Hook, ICMP_TYPES, ICMPV6_TYPES, IpFamily, Per, Policy, Rate, Rule,
-    Ruleset, SetDef, SetKind, Verdict, icmp_type,
+    ChainDef, CtState, Expr, Hook, IpFamily, Per, Policy, Rate, Rule, Ruleset, SetDef, SetKind,
+    Verdict, icmp, icmpv6,
 };
 use crate::config::{Config, Forward, Outbound};
 
@@ -26,28 +26,28 @@ const LOG_BURST: u32 = 5;
 const DNS_PORT: u16 = 53;
 
 /// ICMPv6 that neighbour discovery (and MLD, which ND's multicast needs) takes in.
-const ND_IN: &[&str] = &[
-    "nd-router-advert",
-    "nd-neighbor-solicit",
-    "nd-neighbor-advert",
-    "mld-listener-query",
+const ND_IN: &[u8] = &[
+    icmpv6::ND_ROUTER_ADVERT,
+    icmpv6::ND_NEIGHBOR_SOLICIT,
+    icmpv6::ND_NEIGHBOR_ADVERT,
+    icmpv6::MLD_LISTENER_QUERY,
 ];
 /// ICMPv6 that neighbour discovery sends out.
-const ND_OUT: &[&str] = &[
-    "nd-router-solicit",
-    "nd-neighbor-solicit",
-    "nd-neighbor-advert",
-    "mld2-listener-report",
+const ND_OUT: &[u8] = &[
+    icmpv6::ND_ROUTER_SOLICIT,
+    icmpv6::ND_NEIGHBOR_SOLICIT,
+    icmpv6::ND_NEIGHBOR_ADVERT,
+    icmpv6::MLD2_LISTENER_REPORT,
 ];
 /// ICMPv6 this host may send that conntrack does not always mark as related.
-const ICMPV6_OUT: &[&str] = &[
-    "echo-reply",
-    "destination-unreachable",
-    "packet-too-big",
-    "time-exceeded",
-    "parameter-problem",
+const ICMPV6_OUT: &[u8] = &[
+    icmpv6::ECHO_REPLY,
+    icmpv6::DESTINATION_UNREACHABLE,
+    icmpv6::PACKET_TOO_BIG,
+    icmpv6::TIME_EXCEEDED,
+    icmpv6::PARAMETER_PROBLEM,
 ];
-const ICMP_OUT: &[&str] = &["echo-reply", "destination-unreachable"];
+const ICMP_OUT: &[u8] = &[icmp::ECHO_REPLY, icmp::DESTINATION_UNREACHABLE];
 
 /// The baseline for `config`, with DNS allowed to `resolvers` only.
 #[must_use]
@@ -159,9 +159,9 @@ fn accept_established() -> Rule {
     ])])
 }
 
-fn accept_neighbour_discovery(rules: &mut Vec<Rule>, types: &[&str]) {
-    for name in types {
-        rules.push(accept(vec![Expr::Icmpv6Type(icmp_type(ICMPV6_TYPES, name))]));
+fn accept_neighbour_discovery(rules: &mut Vec<Rule>, types: &[u8]) {
+    for &t in types {
+        rules.push(accept(vec![Expr::Icmpv6Type(t)]));
     }
 }
 
@@ -172,11 +172,11 @@ fn accept_ping(rules: &mut Vec<Rule>, per_second: u32) {
         burst: per_second.saturating_mul(2),
     };
     rules.push(accept(vec![
-        Expr::IcmpType(icmp_type(ICMP_TYPES, "echo-request")),
+        Expr::IcmpType(icmp::ECHO_REQUEST),
         Expr::Limit(rate),
     ]));
     rules.push(accept(vec![
-        Expr::Icmpv6Type(icmp_type(ICMPV6_TYPES, "echo-request")),
+        Expr::Icmpv6Type(icmpv6::ECHO_REQUEST),
         Expr::Limit(rate),
     ]));
 }
@@ -205,7 +205,10 @@ fn accept_knocks_rate_limited(rules: &mut Vec<Rule>, config: &Config) {
         per: Per::Second,
         burst: config.knock.burst,
     };
-    for (family, set) in [(IpFamily::V4, KNOCK_METER_V4), (IpFamily::V6, KNOCK_METER_V6)] {
+    for (family, set) in [
+        (IpFamily::V4, KNOCK_METER_V4),
+        (IpFamily::V6, KNOCK_METER_V6),
+    ] {
         rules.push(accept(vec![
             Expr::UdpDport(config.knock.port),
             Expr::MeterSaddr {
@@ -218,18 +221,24 @@ fn accept_knocks_rate_limited(rules: &mut Vec<Rule>, config: &Config) {
 }
 
 fn accept_icmp_replies_and_errors(rules: &mut Vec<Rule>) {
-    for name in ICMP_OUT {
-        rules.push(accept(vec![Expr::IcmpType(icmp_type(ICMP_TYPES, name))]));
+    for &t in ICMP_OUT {
+        rules.push(accept(vec![Expr::IcmpType(t)]));
     }
-    for name in ICMPV6_OUT {
-        rules.push(accept(vec![Expr::Icmpv6Type(icmp_type(ICMPV6_TYPES, name))]));
+    for &t in ICMPV6_OUT {
+        rules.push(accept(vec![Expr::Icmpv6Type(t)]));
     }
 }
 
 fn allow_dns_to_resolvers(rules: &mut Vec<Rule>, resolvers: &[IpAddr]) {
     for &resolver in resolvers {
-        rules.push(accept(vec![Expr::Daddr(resolver), Expr::UdpDport(DNS_PORT)]));
-        rules.push(accept(vec![Expr::Daddr(resolver), Expr::TcpDport(DNS_PORT)]));
+        rules.push(accept(vec![
+            Expr::Daddr(resolver),
+            Expr::UdpDport(DNS_PORT),
+        ]));
+        rules.push(accept(vec![
+            Expr::Daddr(resolver),
+            Expr::TcpDport(DNS_PORT),
+        ]));
     }
 }
 

@@ -108,7 +108,10 @@ fn cstring(text: &str) -> Result<CString, String> {
 fn ifname(name: &str) -> Result<[u8; IFNAMSIZ], String> {
     let bytes = name.as_bytes();
     if bytes.is_empty() || bytes.len() >= IFNAMSIZ || bytes.contains(&0) {
-        return Err(format!("`{}` is not an interface name", name.escape_debug()));
+        return Err(format!(
+            "`{}` is not an interface name",
+            name.escape_debug()
+        ));
     }
     let mut padded = [0u8; IFNAMSIZ];
     padded[..bytes.len()].copy_from_slice(bytes);

@@ -39,27 +39,25 @@ impl NftFirewall {
     fn send(&self, table: &str, batch: &LabelledBatch) -> Result<(), FirewallError> {
         let pages: Vec<&[u8]> = batch.batch.iter().collect();
         let seqs = batch.batch.sequence_numbers();
-        self.socket
-            .transact(&pages, seqs)
-            .map_err(|e| match e {
-                TransactError::Send(source) => FirewallError::SendBatch {
-                    table: table.to_owned(),
-                    source,
-                },
-                TransactError::Receive(source) => FirewallError::ReceiveAcks {
-                    table: table.to_owned(),
-                    source,
-                },
-                TransactError::BadReply(detail) => FirewallError::BadReply {
-                    table: table.to_owned(),
-                    detail,
-                },
-                TransactError::Refused(refusal) => FirewallError::Refused {
-                    table: table.to_owned(),
-                    what: batch.label(refusal.seq),
-                    source: std::io::Error::from_raw_os_error(refusal.errno),
-                },
-            })
+        self.socket.transact(&pages, seqs).map_err(|e| match e {
+            TransactError::Send(source) => FirewallError::SendBatch {
+                table: table.to_owned(),
+                source,
+            },
+            TransactError::Receive(source) => FirewallError::ReceiveAcks {
+                table: table.to_owned(),
+                source,
+            },
+            TransactError::BadReply(detail) => FirewallError::BadReply {
+                table: table.to_owned(),
+                detail,
+            },
+            TransactError::Refused(refusal) => FirewallError::Refused {
+                table: table.to_owned(),
+                what: batch.label(refusal.seq),
+                source: std::io::Error::from_raw_os_error(refusal.errno),
+            },
+        })
     }
 }
 
@@ -81,8 +79,16 @@ impl Firewall for NftFirewall {
         let nft_table = Table::new(&name, ProtoFamily::Inet);
         let mut builder = Builder::new();
         // Adding first makes the delete succeed whether or not the table exists.
-        builder.add(&nft_table, MsgType::Add, format!("table inet {table} (create)"));
-        builder.add(&nft_table, MsgType::Del, format!("table inet {table} (delete)"));
+        builder.add(
+            &nft_table,
+            MsgType::Add,
+            format!("table inet {table} (create)"),
+        );
+        builder.add(
+            &nft_table,
+            MsgType::Del,
+            format!("table inet {table} (delete)"),
+        );
         self.send(table, &builder.finish())
     }
 }

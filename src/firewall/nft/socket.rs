@@ -60,10 +60,7 @@ impl NetlinkSocket {
         // The FORCE variants need CAP_NET_ADMIN, which every caller of this module has.
         setsockopt(&fd, sockopt::SndBufForce, &SOCKET_BUFFER)?;
         setsockopt(&fd, sockopt::RcvBufForce, &SOCKET_BUFFER)?;
-        let timeout = TimeVal::new(
-            i64::try_from(ACK_TIMEOUT.as_secs()).unwrap_or(5),
-            0,
-        );
+        let timeout = TimeVal::new(i64::try_from(ACK_TIMEOUT.as_secs()).unwrap_or(5), 0);
         setsockopt(&fd, sockopt::ReceiveTimeout, &timeout)?;
         Ok(Self { fd })
     }
@@ -77,8 +74,14 @@ impl NetlinkSocket {
     ) -> Result<(), TransactError> {
         let iov: Vec<IoSlice<'_>> = pages.iter().map(|p| IoSlice::new(p)).collect();
         let kernel = NetlinkAddr::new(0, 0);
-        sendmsg(self.fd.as_raw_fd(), &iov, &[], MsgFlags::empty(), Some(&kernel))
-            .map_err(|e| TransactError::Send(e.into()))?;
+        sendmsg(
+            self.fd.as_raw_fd(),
+            &iov,
+            &[],
+            MsgFlags::empty(),
+            Some(&kernel),
+        )
+        .map_err(|e| TransactError::Send(e.into()))?;
 
         let mut pending: BTreeSet<u32> = expected.collect();
         let mut refusal: Option<Refusal> = None;
@@ -118,7 +121,10 @@ fn parse_acks(datagram: &[u8]) -> Result<Vec<Refusal>, String> {
         let len = u32_at(rest, 0);
         let len = usize::try_from(len).map_err(|_| "message length overflows".to_owned())?;
         if len < NLMSG_HDRLEN || len > rest.len() {
-            return Err(format!("message length {len} in a {}-byte datagram", rest.len()));
+            return Err(format!(
+                "message length {len} in a {}-byte datagram",
+                rest.len()
+            ));
         }
         let kind = u16::from_ne_bytes([rest[4], rest[5]]);
         let seq = u32_at(rest, 8);

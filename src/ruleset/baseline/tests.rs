@@ -5,7 +5,10 @@ use super::*;
 use crate::config::{Config, Forward, OnStop, Outbound};
 
 fn resolvers() -> Vec<IpAddr> {
-    vec!["192.0.2.53".parse().unwrap(), "2001:db8::53".parse().unwrap()]
+    vec![
+        "192.0.2.53".parse().unwrap(),
+        "2001:db8::53".parse().unwrap(),
+    ]
 }
 
 fn rules_text(ruleset: &Ruleset, hook: Hook) -> Vec<String> {
@@ -44,8 +47,16 @@ fn default_input_opens_web_and_keeps_ssh_for_grants() {
     assert!(rules.contains(&"tcp dport 22 ip6 saddr @ssh_grants_v6 accept".to_owned()));
     // SSH never appears without a grant-set match.
     assert!(!rules.iter().any(|r| r == "tcp dport 22 accept"));
-    assert!(rules.iter().any(|r| r.starts_with("udp dport 62201 update @knock_meter_v4")));
-    assert!(rules.iter().any(|r| r.starts_with("icmp type echo-request limit rate 10/second")));
+    assert!(
+        rules
+            .iter()
+            .any(|r| r.starts_with("udp dport 62201 update @knock_meter_v4"))
+    );
+    assert!(
+        rules
+            .iter()
+            .any(|r| r.starts_with("icmp type echo-request limit rate 10/second"))
+    );
     assert!(rules.contains(&"icmpv6 type nd-neighbor-solicit accept".to_owned()));
 }
 
@@ -62,15 +73,26 @@ fn default_output_is_locked_except_dns_to_resolvers() {
         "icmp type echo-reply accept",
         "icmpv6 type nd-neighbor-advert accept",
     ] {
-        assert!(rules.contains(&want.to_owned()), "missing {want}: {rules:#?}");
+        assert!(
+            rules.contains(&want.to_owned()),
+            "missing {want}: {rules:#?}"
+        );
     }
-    assert!(!rules.iter().any(|r| r.contains("dport 80") || r.contains("dport 443")));
+    assert!(
+        !rules
+            .iter()
+            .any(|r| r.contains("dport 80") || r.contains("dport 443"))
+    );
 }
 
 #[test]
 fn no_resolvers_means_no_dns_out() {
     let ruleset = baseline(&Config::default(), &[]);
-    assert!(!rules_text(&ruleset, Hook::Output).iter().any(|r| r.contains("dport 53")));
+    assert!(
+        !rules_text(&ruleset, Hook::Output)
+            .iter()
+            .any(|r| r.contains("dport 53"))
+    );
 }
 
 #[test]
@@ -79,7 +101,10 @@ fn outbound_open_gives_an_accepting_output_chain() {
         outbound: Outbound::Open,
         ..Config::default()
     };
-    let output = baseline(&config, &resolvers()).chain(Hook::Output).cloned().unwrap();
+    let output = baseline(&config, &resolvers())
+        .chain(Hook::Output)
+        .cloned()
+        .unwrap();
     assert_eq!(output.policy, Policy::Accept);
     assert!(output.rules.is_empty());
 }
@@ -111,7 +136,11 @@ fn ports_and_knock_settings_follow_the_config() {
     config.knock.burst = 7;
     let rules = rules_text(&baseline(&config, &resolvers()), Hook::Input);
     assert!(rules.contains(&"tcp dport 8443 accept".to_owned()));
-    assert!(!rules.iter().any(|r| r.contains("dport 80 ") || r.contains("dport 443 ")));
+    assert!(
+        !rules
+            .iter()
+            .any(|r| r.contains("dport 80 ") || r.contains("dport 443 "))
+    );
     assert!(rules.contains(&"tcp dport 2222 ip saddr @ssh_grants_v4 accept".to_owned()));
     assert!(rules.contains(
         &"udp dport 40000 update @knock_meter_v6 { ip6 saddr limit rate 3/second burst 7 packets } accept"
@@ -135,7 +164,11 @@ fn dropped_packets_are_logged_with_prefix_and_rate() {
     config.log.prefix = "kg".into();
     config.log.rate_per_minute = 3;
     let ruleset = baseline(&config, &resolvers());
-    for (hook, chain) in [(Hook::Input, "input"), (Hook::Output, "output"), (Hook::Forward, "forward")] {
+    for (hook, chain) in [
+        (Hook::Input, "input"),
+        (Hook::Output, "output"),
+        (Hook::Forward, "forward"),
+    ] {
         let last = rules_text(&ruleset, hook).pop().unwrap();
         assert_eq!(
             last,
@@ -148,7 +181,11 @@ fn dropped_packets_are_logged_with_prefix_and_rate() {
 fn logging_off_adds_no_log_rules() {
     let mut config = Config::default();
     config.log.dropped = false;
-    assert!(!baseline(&config, &resolvers()).to_string().contains("log prefix"));
+    assert!(
+        !baseline(&config, &resolvers())
+            .to_string()
+            .contains("log prefix")
+    );
 }
 
 #[test]
@@ -160,7 +197,10 @@ fn table_name_and_on_stop_do_not_change_the_rules() {
     };
     let ruleset = baseline(&config, &resolvers());
     assert_eq!(ruleset.table, "gate");
-    assert_eq!(ruleset.chains, baseline(&Config::default(), &resolvers()).chains);
+    assert_eq!(
+        ruleset.chains,
+        baseline(&Config::default(), &resolvers()).chains
+    );
 }
 
 #[test]

@@ -1,0 +1,140 @@
+//! The binaries as a user runs them: exit codes and messages. No root needed.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn example() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/knockgate.toml")
+}
+
+/// Runs a binary with `resolv_conf` pointed at a file of ours, so no test depends
+/// on the host's /etc/resolv.conf.
+fn run(bin: &str, args: &[&str], dir: &tempfile::TempDir) -> Output {
+    let resolv = dir.path().join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 192.0.2.53\n").unwrap();
+    Command::new(bin)
+        .args(args)
+        .env("KNOCKGATE_DNS__RESOLV_CONF", &resolv)
+        .output()
+        .expect("run binary")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn check_accepts_the_example_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = example();
+    let out = run(
+        env!("CARGO_BIN_EXE_knockgate"),
+        &["check", "--config", cfg.to_str().unwrap()],
+        &dir,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("ok"));
+}
+
+#[test]
+fn ruleset_and_daemon_check_print_the_same_nft_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = example();
+    let cfg = cfg.to_str().unwrap();
+    let admin = run(
+        env!("CARGO_BIN_EXE_knockgate"),
+        &["ruleset", "--config", cfg],
+        &dir,
+    );
+    let daemon = run(
+        env!("CARGO_BIN_EXE_knockgated"),
+        &["--check", "--config", cfg],
+        &dir,
+    );
+    assert_eq!(admin.status.code(), Some(0), "{}", text(&admin.stderr));
+    assert_eq!(daemon.status.code(), Some(0), "{}", text(&daemon.stderr));
+    let printed = text(&admin.stdout);
+    assert!(printed.starts_with("table inet knockgate {"), "{printed}");
+    assert!(
+        printed.contains("ip daddr 192.0.2.53 udp dport 53 accept"),
+        "resolver from resolv_conf: {printed}"
+    );
+    assert_eq!(printed, text(&daemon.stdout));
+}
+
+#[test]
+fn environment_overrides_reach_the_ruleset() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = example();
+    let out = Command::new(env!("CARGO_BIN_EXE_knockgate"))
+        .args(["ruleset", "--config", cfg.to_str().unwrap()])
+        .env("KNOCKGATE_INBOUND__SSH_PORT", "2222")
+        .env("KNOCKGATE_DNS__RESOLVERS", "192.0.2.1")
+        .env("KNOCKGATE_DNS__RESOLV_CONF", dir.path().join("absent"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("tcp dport 2222 ip saddr @ssh_grants_v4 accept"));
+}
+
+#[test]
+fn bad_configs_exit_2_and_name_the_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("[inbound]\ntcp_port = [80]\n", "inbound.tcp_port"),
+        ("[inbound]\nssh_port = \"twenty-two\"\n", "inbound.ssh_port"),
+        ("[dns]\nresolvers = [\"nope\"]\n", "dns.resolvers[0]"),
+        ("[knock]\nport = 0\n", "knock.port"),
+        ("[inbound]\ntcp_ports = [80, 80]\n", "inbound.tcp_ports[1]"),
+        ("forward = \"accept\"\n", "forward"),
+        ("[inbound\n", "line 1"),
+    ];
+    for (body, key) in cases {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, body).unwrap();
+        for (bin, args) in [
+            (env!("CARGO_BIN_EXE_knockgate"), vec!["check", "--config"]),
+            (
+                env!("CARGO_BIN_EXE_knockgated"),
+                vec!["--check", "--config"],
+            ),
+        ] {
+            let mut args = args.clone();
+            args.push(path.to_str().unwrap());
+            let out = run(bin, &args, &dir);
+            let stderr = text(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{bin} {body:?}: {stderr}");
+            assert!(
+                stderr.contains(key),
+                "{bin} {body:?} must name {key}: {stderr}"
+            );
+            assert!(
+                stderr.contains(path.to_str().unwrap()),
+                "{bin} must name the file: {stderr}"
+            );
+            assert!(
+                out.stdout.is_empty(),
+                "nothing printed on stdout for a bad config"
+            );
+        }
+    }
+}
+
+#[test]
+fn missing_config_file_exits_2_and_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(
+        env!("CARGO_BIN_EXE_knockgate"),
+        &["check", "--config", "/nonexistent/k.toml"],
+        &dir,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("/nonexistent/k.toml"));
+}
+
+#[test]
+fn unknown_subcommand_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(env!("CARGO_BIN_EXE_knockgate"), &["frobnicate"], &dir);
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -1,0 +1,521 @@
+//! The lab: network namespaces joined by veth pairs, with knockgated running in
+//! the `server` one, and helpers that prove behaviour with real connections.
+//!
+//! ```text
+//!  client (eth0) ──── (eth0) server (eth1) ──── (eth0) outside
+//!  10.77.1.2            10.77.1.1   10.77.2.1        10.77.2.2   (mirror)
+//!  fd77:1::2            fd77:1::1   fd77:2::1        10.77.2.53  (resolver)
+//!                        forwarding on               fd77:2::2, fd77:2::53
+//! ```
+//!
+//! Every address lives only inside the lab's own namespaces, so labs of parallel
+//! tests use the same plan without meeting. Namespace names carry the process id
+//! and a counter; a leftover of the same name is deleted first. Nothing here
+//! touches the host namespace's network or firewall: every `ip` command is `ip -n
+//! NS` or `ip netns exec NS`, and sockets are made on threads that entered the
+//! namespace. Everything is torn down on drop, also when the test panics. Every
+//! wait is bounded.
+#![allow(dead_code)] // each test binary uses a different part of the lab
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long a connection that should fail is given before it counts as refused.
+pub const FAIL_TIMEOUT: Duration = Duration::from_millis(700);
+/// Longest wait for knockgated to apply its baseline.
+const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest an echo server lives, whatever the test does.
+const SERVER_LIFETIME: Duration = Duration::from_secs(300);
+
+static NEXT_LAB: AtomicUsize = AtomicUsize::new(0);
+
+/// The lab's hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Host {
+    /// The laptop side.
+    Client,
+    /// Runs knockgated; routes between client and outside.
+    Server,
+    /// The internet: a mirror and a DNS resolver.
+    Outside,
+}
+
+/// Addresses of the lab, per family.
+pub struct Plan {
+    pub server_from_client: IpAddr,
+    pub client: IpAddr,
+    pub server_from_outside: IpAddr,
+    pub mirror: IpAddr,
+    pub resolver: IpAddr,
+}
+
+/// The IPv4 plan.
+pub fn v4() -> Plan {
+    Plan {
+        server_from_client: "10.77.1.1".parse().unwrap(),
+        client: "10.77.1.2".parse().unwrap(),
+        server_from_outside: "10.77.2.1".parse().unwrap(),
+        mirror: "10.77.2.2".parse().unwrap(),
+        resolver: "10.77.2.53".parse().unwrap(),
+    }
+}
+
+/// The IPv6 plan.
+pub fn v6() -> Plan {
+    Plan {
+        server_from_client: "fd77:1::1".parse().unwrap(),
+        client: "fd77:1::2".parse().unwrap(),
+        server_from_outside: "fd77:2::1".parse().unwrap(),
+        mirror: "fd77:2::2".parse().unwrap(),
+        resolver: "fd77:2::53".parse().unwrap(),
+    }
+}
+
+/// Whether lab tests can run here. In CI (`CI` set) they must: no root there is a
+/// failure. Elsewhere they skip, loudly.
+pub fn lab_available(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test}: lab tests need root, and CI must run them"
+    );
+    eprintln!("\n*** SKIPPED {test}: lab tests need root (network namespaces, nftables) ***\n");
+    false
+}
+
+/// A set of namespaces, wired as in the module docs.
+pub struct Lab {
+    prefix: String,
+    dir: tempfile::TempDir,
+}
+
+impl Lab {
+    /// Builds the namespaces, links, addresses and routes.
+    pub fn new() -> Self {
+        let n = NEXT_LAB.fetch_add(1, Ordering::Relaxed);
+        let lab = Self {
+            prefix: format!("kg{}-{n}", std::process::id()),
+            dir: tempfile::tempdir().expect("tempdir"),
+        };
+        for host in [Host::Client, Host::Server, Host::Outside] {
+            let ns = lab.ns(host);
+            // A leftover of a crashed run with a reused pid must not break this one.
+            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+            ip(&["netns", "add", &ns]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            // No duplicate address detection: link-local addresses usable at once.
+            lab.exec(
+                host,
+                &[
+                    "sysctl",
+                    "-qw",
+                    "net.ipv6.conf.default.accept_dad=0",
+                    "net.ipv6.conf.all.accept_dad=0",
+                ],
+            );
+        }
+        let (client, server, outside) = (
+            lab.ns(Host::Client),
+            lab.ns(Host::Server),
+            lab.ns(Host::Outside),
+        );
+        ip(&[
+            "-n", &client, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns",
+            &server,
+        ]);
+        ip(&[
+            "-n", &server, "link", "add", "eth1", "type", "veth", "peer", "name", "eth0", "netns",
+            &outside,
+        ]);
+        let addrs: [(&str, &str, &[&str]); 4] = [
+            (&client, "eth0", &["10.77.1.2/24", "fd77:1::2/64"]),
+            (&server, "eth0", &["10.77.1.1/24", "fd77:1::1/64"]),
+            (&server, "eth1", &["10.77.2.1/24", "fd77:2::1/64"]),
+            (
+                &outside,
+                "eth0",
+                &[
+                    "10.77.2.2/24",
+                    "10.77.2.53/24",
+                    "fd77:2::2/64",
+                    "fd77:2::53/64",
+                ],
+            ),
+        ];
+        for (ns, dev, list) in addrs {
+            for addr in list {
+                ip(&["-n", ns, "addr", "add", addr, "dev", dev]);
+            }
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+        }
+        for (ns, via4, via6) in [
+            (&client, "10.77.1.1", "fd77:1::1"),
+            (&outside, "10.77.2.1", "fd77:2::1"),
+        ] {
+            ip(&["-n", ns, "route", "add", "default", "via", via4]);
+            ip(&["-n", ns, "-6", "route", "add", "default", "via", via6]);
+        }
+        for key in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+            lab.exec(Host::Server, &["sysctl", "-qw", key]);
+        }
+        lab.wait_for_carrier();
+        lab
+    }
+
+    /// Waits (bounded) until every veth reports carrier: the kernel activates a link's
+    /// queue some time after `link set up`, and drops packets until then.
+    fn wait_for_carrier(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for (host, dev) in [
+            (Host::Client, "eth0"),
+            (Host::Server, "eth0"),
+            (Host::Server, "eth1"),
+            (Host::Outside, "eth0"),
+        ] {
+            let ns = self.ns(host);
+            loop {
+                let out = Command::new("ip")
+                    .args(["-n", &ns, "-o", "link", "show", "dev", dev])
+                    .output()
+                    .expect("ip link show");
+                if String::from_utf8_lossy(&out.stdout).contains("state UP") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{dev} in {ns} never came up");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+
+    /// The namespace name of `host`.
+    pub fn ns(&self, host: Host) -> String {
+        let role = match host {
+            Host::Client => "cli",
+            Host::Server => "srv",
+            Host::Outside => "out",
+        };
+        format!("{}-{role}", self.prefix)
+    }
+
+    /// Runs a command in `host`'s namespace; panics with its output if it fails.
+    pub fn exec(&self, host: Host, args: &[&str]) -> String {
+        let out = self.try_exec(host, args);
+        assert!(
+            out.status.success(),
+            "{args:?} in {host:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs a command in `host`'s namespace and returns whatever happened.
+    pub fn try_exec(&self, host: Host, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns(host)])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ip netns exec")
+    }
+
+    /// `nft ARGS` in the server namespace.
+    pub fn nft(&self, args: &[&str]) -> String {
+        let mut all = vec!["nft"];
+        all.extend_from_slice(args);
+        self.exec(Host::Server, &all)
+    }
+
+    /// Runs `f` on a thread that has entered `host`'s network namespace, so sockets
+    /// it creates live there.
+    pub fn in_ns<T: Send>(&self, host: Host, f: impl FnOnce() -> T + Send) -> T {
+        let path = PathBuf::from("/run/netns").join(self.ns(host));
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                let file = std::fs::File::open(&path).expect("open netns");
+                nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+                f()
+            })
+            .join()
+            .expect("namespace thread panicked")
+        })
+    }
+
+    /// Writes `text` to a file in the lab's temporary directory.
+    pub fn write_file(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, text).expect("write lab file");
+        path
+    }
+
+    /// Gives `host` its own /etc/resolv.conf (`ip netns exec` bind-mounts it over /etc/resolv.conf).
+    pub fn set_resolv_conf(&self, host: Host, text: &str) {
+        let dir = self.etc_dir(host);
+        std::fs::create_dir_all(&dir).expect("create /etc/netns dir");
+        std::fs::write(dir.join("resolv.conf"), text).expect("write resolv.conf");
+    }
+
+    fn etc_dir(&self, host: Host) -> PathBuf {
+        Path::new("/etc/netns").join(self.ns(host))
+    }
+
+    /// A TCP echo server on `addr` in `host`.
+    pub fn tcp_echo(&self, host: Host, addr: SocketAddr) -> EchoServer {
+        let listener = self
+            .in_ns(host, || TcpListener::bind(addr))
+            .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        EchoServer::tcp(listener)
+    }
+
+    /// A UDP echo server on `addr` in `host`.
+    pub fn udp_echo(&self, host: Host, addr: SocketAddr) -> EchoServer {
+        let socket = self
+            .in_ns(host, || UdpSocket::bind(addr))
+            .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        EchoServer::udp(socket)
+    }
+
+    /// Whether a new TCP connection from `host` to `to` gets through and echoes.
+    pub fn tcp_works(&self, host: Host, to: SocketAddr) -> bool {
+        self.in_ns(host, || {
+            match TcpStream::connect_timeout(&to, FAIL_TIMEOUT) {
+                Ok(mut stream) => echo_round_trip(&mut stream),
+                Err(_) => false,
+            }
+        })
+    }
+
+    /// A TCP connection from `host` to `to`, for tests that keep it open.
+    pub fn tcp_connect(&self, host: Host, to: SocketAddr) -> TcpStream {
+        self.in_ns(host, || TcpStream::connect_timeout(&to, FAIL_TIMEOUT))
+            .unwrap_or_else(|e| panic!("connect {to}: {e}"))
+    }
+
+    /// Whether a UDP datagram from `host` to `to` is echoed back.
+    pub fn udp_works(&self, host: Host, to: SocketAddr) -> bool {
+        self.in_ns(host, || {
+            let any: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+                .parse()
+                .unwrap();
+            let socket = UdpSocket::bind(any).expect("bind udp");
+            socket.set_read_timeout(Some(FAIL_TIMEOUT)).unwrap();
+            socket.send_to(b"knockgate-lab", to).is_ok()
+                && matches!(socket.recv_from(&mut [0u8; 64]), Ok((13, from)) if from == to)
+        })
+    }
+
+    /// Whether one ping from `host` to `addr` is answered within a second.
+    pub fn ping(&self, host: Host, addr: IpAddr) -> bool {
+        let addr = addr.to_string();
+        self.try_exec(host, &["ping", "-n", "-q", "-c", "1", "-W", "1", &addr])
+            .status
+            .success()
+    }
+
+    /// Starts knockgated in the server namespace and waits until it has applied its
+    /// baseline; panics with its log if it exits or takes too long.
+    pub fn start_daemon(&self, config: &Path) -> Daemon {
+        let n = NEXT_LAB.fetch_add(1, Ordering::Relaxed);
+        let log = self.dir.path().join(format!("knockgated-{n}.log"));
+        let child = self.spawn_daemon(config, &log);
+        let mut daemon = Daemon { child, log };
+        let deadline = Instant::now() + DAEMON_START_TIMEOUT;
+        while !daemon.log_text().contains("baseline applied") {
+            if let Ok(Some(status)) = daemon.child.try_wait() {
+                panic!("knockgated exited with {status}:\n{}", daemon.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "knockgated did not apply its baseline:\n{}",
+                daemon.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        daemon
+    }
+
+    /// Runs knockgated to its end (for configs it must refuse); returns its output.
+    pub fn run_daemon_to_exit(&self, config: &Path) -> Output {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns(Host::Server),
+                env!("CARGO_BIN_EXE_knockgated"),
+                "--config",
+            ])
+            .arg(config)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run knockgated")
+    }
+
+    fn spawn_daemon(&self, config: &Path, log: &Path) -> Child {
+        let file = std::fs::File::create(log).expect("create daemon log");
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns(Host::Server),
+                env!("CARGO_BIN_EXE_knockgated"),
+                "--config",
+            ])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn knockgated")
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for host in [Host::Client, Host::Server, Host::Outside] {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.ns(host)])
+                .output();
+            let _ = std::fs::remove_dir_all(self.etc_dir(host));
+        }
+    }
+}
+
+/// knockgated running in the lab; killed on drop if the test did not stop it.
+pub struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// What it has logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits (bounded) for it to exit; returns its exit code.
+    pub fn terminate(mut self) -> i32 {
+        // `ip netns exec` execs the daemon, so the child's pid is knockgated's.
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "knockgated ignored SIGTERM:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Writes a line and expects it back: proof that data flows both ways.
+pub fn echo_round_trip(stream: &mut TcpStream) -> bool {
+    let msg = b"knockgate-lab\n";
+    stream.set_read_timeout(Some(FAIL_TIMEOUT)).ok();
+    let mut back = [0u8; 14];
+    stream.write_all(msg).is_ok() && stream.read_exact(&mut back).is_ok() && &back == msg
+}
+
+/// An echo server on a socket made inside a namespace, served from a plain thread.
+pub struct EchoServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EchoServer {
+    fn tcp(listener: TcpListener) -> Self {
+        listener.set_nonblocking(true).unwrap();
+        Self::serve(move |stop| {
+            let started = Instant::now();
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < SERVER_LIFETIME {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        std::thread::spawn(move || echo_tcp(stream));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        })
+    }
+
+    fn udp(socket: UdpSocket) -> Self {
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        Self::serve(move |stop| {
+            let started = Instant::now();
+            let mut buf = [0u8; 512];
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < SERVER_LIFETIME {
+                if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                    let _ = socket.send_to(&buf[..n], from);
+                }
+            }
+        })
+    }
+
+    fn serve(body: impl FnOnce(&AtomicBool) + Send + 'static) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || body(&flag));
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+fn echo_tcp(mut stream: TcpStream) {
+    stream.set_nonblocking(false).ok();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    let mut buf = [0u8; 512];
+    // Bounded by the read timeout and by the peer closing.
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 || stream.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A socket address.
+pub fn sa(ip: IpAddr, port: u16) -> SocketAddr {
+    SocketAddr::new(ip, port)
+}
