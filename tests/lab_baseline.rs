@@ -260,3 +260,63 @@ fn established_connection_survives_reapply() {
         );
     }
 }
+
+/// Sends `count` datagrams from `from` (an address of the client) to `to` as fast as
+/// it can, and returns how many the server's `receiver` got from that address.
+fn knock_burst(
+    lab: &Lab,
+    receiver: &std::net::UdpSocket,
+    from: std::net::IpAddr,
+    to: std::net::SocketAddr,
+    count: usize,
+) -> usize {
+    lab.in_ns(Host::Client, || {
+        let socket = std::net::UdpSocket::bind(sa(from, 0)).unwrap();
+        for _ in 0..count {
+            let _ = socket.send_to(b"not-a-knock", to);
+        }
+    });
+    let mut got = 0;
+    let mut buf = [0u8; 64];
+    receiver
+        .set_read_timeout(Some(std::time::Duration::from_millis(300)))
+        .unwrap();
+    // Bounded: the sender has finished, so this ends after 300 ms of silence.
+    while let Ok((_, src)) = receiver.recv_from(&mut buf) {
+        let src = match src.ip() {
+            std::net::IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+            v4 @ std::net::IpAddr::V4(_) => v4,
+        };
+        if src == from {
+            got += 1;
+        }
+    }
+    got
+}
+
+#[test]
+fn knock_port_is_rate_limited_per_source() {
+    if !lab_available("knock_port_is_rate_limited_per_source") {
+        return;
+    }
+    let lab = Lab::new();
+    let receiver = lab
+        .in_ns(Host::Server, || std::net::UdpSocket::bind("[::]:62201"))
+        .unwrap();
+    let cfg = "[knock]\nrate_per_second = 5\nburst = 10\n[dns]\nresolvers = [\"10.77.2.53\"]\n";
+    let _daemon = lab.start_daemon(&config(&lab, "k.toml", cfg));
+    for plan in [v4(), v6()] {
+        let port = sa(plan.server_from_client, 62201);
+        // One source floods: the meter lets its burst through and drops the rest.
+        let flooded = knock_burst(&lab, &receiver, plan.client, port, 200);
+        assert!(
+            (1..=30).contains(&flooded),
+            "a flooding source gets about its burst of 10 through, got {flooded} of 200"
+        );
+        // Another source of the same family is not held back by the first one's flood.
+        let other = knock_burst(&lab, &receiver, plan.client_alt, port, 3);
+        assert_eq!(other, 3, "a second source's knocks all arrive");
+    }
+}

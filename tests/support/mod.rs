@@ -3,8 +3,8 @@
 //!
 //! ```text
 //!  client (eth0) ──── (eth0) server (eth1) ──── (eth0) outside
-//!  10.77.1.2            10.77.1.1   10.77.2.1        10.77.2.2   (mirror)
-//!  fd77:1::2            fd77:1::1   fd77:2::1        10.77.2.53  (resolver)
+//!  10.77.1.2, .3        10.77.1.1   10.77.2.1        10.77.2.2   (mirror)
+//!  fd77:1::2, ::3       fd77:1::1   fd77:2::1        10.77.2.53  (resolver)
 //!                        forwarding on               fd77:2::2, fd77:2::53
 //! ```
 //!
@@ -50,6 +50,8 @@ pub enum Host {
 pub struct Plan {
     pub server_from_client: IpAddr,
     pub client: IpAddr,
+    /// A second address of the client, for "another source" tests.
+    pub client_alt: IpAddr,
     pub server_from_outside: IpAddr,
     pub mirror: IpAddr,
     pub resolver: IpAddr,
@@ -60,6 +62,7 @@ pub fn v4() -> Plan {
     Plan {
         server_from_client: "10.77.1.1".parse().unwrap(),
         client: "10.77.1.2".parse().unwrap(),
+        client_alt: "10.77.1.3".parse().unwrap(),
         server_from_outside: "10.77.2.1".parse().unwrap(),
         mirror: "10.77.2.2".parse().unwrap(),
         resolver: "10.77.2.53".parse().unwrap(),
@@ -71,6 +74,7 @@ pub fn v6() -> Plan {
     Plan {
         server_from_client: "fd77:1::1".parse().unwrap(),
         client: "fd77:1::2".parse().unwrap(),
+        client_alt: "fd77:1::3".parse().unwrap(),
         server_from_outside: "fd77:2::1".parse().unwrap(),
         mirror: "fd77:2::2".parse().unwrap(),
         resolver: "fd77:2::53".parse().unwrap(),
@@ -136,7 +140,16 @@ impl Lab {
             &outside,
         ]);
         let addrs: [(&str, &str, &[&str]); 4] = [
-            (&client, "eth0", &["10.77.1.2/24", "fd77:1::2/64"]),
+            (
+                &client,
+                "eth0",
+                &[
+                    "10.77.1.2/24",
+                    "10.77.1.3/24",
+                    "fd77:1::2/64",
+                    "fd77:1::3/64",
+                ],
+            ),
             (&server, "eth0", &["10.77.1.1/24", "fd77:1::1/64"]),
             (&server, "eth1", &["10.77.2.1/24", "fd77:2::1/64"]),
             (
