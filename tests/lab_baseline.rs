@@ -320,3 +320,32 @@ fn knock_port_is_rate_limited_per_source() {
         assert_eq!(other, 3, "a second source's knocks all arrive");
     }
 }
+
+#[test]
+fn outbound_open_lets_the_host_out() {
+    if !lab_available("outbound_open_lets_the_host_out") {
+        return;
+    }
+    let lab = Lab::new();
+    let _servers: Vec<EchoServer> = [v4(), v6()]
+        .iter()
+        .map(|p| lab.tcp_echo(Host::Outside, sa(p.mirror, 443)))
+        .collect();
+    let cfg = config(
+        &lab,
+        "open.toml",
+        "outbound = \"open\"\n[dns]\nresolvers = [\"10.77.2.53\"]\n",
+    );
+    let _daemon = lab.start_daemon(&cfg);
+    for plan in [v4(), v6()] {
+        assert!(
+            lab.tcp_works(Host::Server, sa(plan.mirror, 443)),
+            "outbound = open: new outbound connections pass"
+        );
+    }
+    assert!(
+        lab.nft(&["list", "chain", "inet", "knockgate", "output"])
+            .contains("policy accept"),
+        "the output chain accepts by policy"
+    );
+}
