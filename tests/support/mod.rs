@@ -356,37 +356,31 @@ impl Lab {
 
     /// Runs knockgated to its end (for configs it must refuse); returns its output.
     pub fn run_daemon_to_exit(&self, config: &Path) -> Output {
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.ns(Host::Server),
-                env!("CARGO_BIN_EXE_knockgated"),
-                "--config",
-            ])
-            .arg(config)
-            .stdin(Stdio::null())
+        self.daemon_command(config)
             .output()
             .expect("run knockgated")
     }
 
     fn spawn_daemon(&self, config: &Path, log: &Path) -> Child {
         let file = std::fs::File::create(log).expect("create daemon log");
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.ns(Host::Server),
-                env!("CARGO_BIN_EXE_knockgated"),
-                "--config",
-            ])
-            .arg(config)
+        self.daemon_command(config)
             .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
             .expect("spawn knockgated")
+    }
+
+    /// `ip netns exec SERVER knockgated --config CONFIG`, with no stdin.
+    fn daemon_command(&self, config: &Path) -> Command {
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &self.ns(Host::Server)])
+            .arg(env!("CARGO_BIN_EXE_knockgated"))
+            .arg("--config")
+            .arg(config)
+            .stdin(Stdio::null());
+        command
     }
 }
 
