@@ -22,5 +22,6 @@ pub mod config;
 pub mod daemon;
 pub mod exit;
 pub mod firewall;
+pub mod knock;
 pub mod logging;
 pub mod ruleset;

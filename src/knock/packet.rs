@@ -1,0 +1,198 @@
+//! The 114-byte knock datagram: layout, encoding and bounded decoding.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use super::auth::KeyId;
+
+/// Exact size of a version-1 knock.
+pub const PACKET_LEN: usize = 114;
+/// Bytes covered by the MAC (everything before it).
+pub const SIGNED_LEN: usize = 82;
+/// Length of the MAC at the end.
+pub const MAC_LEN: usize = 32;
+/// Length of the random nonce.
+pub const NONCE_LEN: usize = 16;
+
+const MAGIC: [u8; 2] = *b"KG";
+const VERSION: u8 = 1;
+const KEY_ID_MAX: usize = 32;
+
+/// What a knock asks to open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Service {
+    /// The SSH port, for one source address.
+    Ssh,
+}
+
+impl Service {
+    fn code(self) -> u8 {
+        match self {
+            Self::Ssh => 1,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<Self> {
+        match code {
+            1 => Some(Self::Ssh),
+            _ => None,
+        }
+    }
+
+    /// The name used in configs and logs.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ssh => "ssh",
+        }
+    }
+}
+
+/// The address a knock asks the grant for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AddressClaim {
+    /// Whatever address the datagram arrives from (the usual case).
+    PacketSource,
+    /// This IPv4 address (NAT setups; the key must allow it).
+    V4(Ipv4Addr),
+    /// This IPv6 address (NAT setups; the key must allow it).
+    V6(Ipv6Addr),
+}
+
+/// A decoded knock. Decoding checks only the shape; the MAC, the clock, replay and
+/// policy are checked by the caller in that order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Knock {
+    /// Which key signed it.
+    pub key_id: KeyId,
+    /// What it asks to open.
+    pub service: Service,
+    /// Unix seconds on the client's clock.
+    pub timestamp: u64,
+    /// Random per knock; the replay guard remembers it.
+    pub nonce: [u8; NONCE_LEN],
+    /// Requested grant length in seconds; 0 asks for the server's default.
+    pub ttl_secs: u32,
+    /// Which address the grant is for.
+    pub address: AddressClaim,
+}
+
+/// Why a datagram is not a well-formed knock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ShapeError {
+    /// Not exactly [`PACKET_LEN`] bytes.
+    #[error("wrong size {0}")]
+    Size(usize),
+    /// Not the knockgate magic.
+    #[error("bad magic")]
+    Magic,
+    /// A version this server does not speak.
+    #[error("unsupported version {0}")]
+    Version(u8),
+    /// A service number this server does not know.
+    #[error("unknown service {0}")]
+    Service(u8),
+    /// Address kind not 0, 4 or 6, or non-zero padding.
+    #[error("malformed address")]
+    Address,
+    /// Key id empty, too long, with bad bytes or non-zero padding.
+    #[error("malformed key id")]
+    KeyId,
+}
+
+/// The parts of a well-shaped datagram the MAC check needs.
+pub struct Decoded<'a> {
+    /// The knock's fields.
+    pub knock: Knock,
+    /// The bytes the MAC covers.
+    pub signed: &'a [u8],
+    /// The MAC the sender attached.
+    pub mac: &'a [u8],
+}
+
+impl Knock {
+    /// The 82 signed bytes of this knock (everything but the MAC).
+    #[must_use]
+    pub fn signed_bytes(&self) -> [u8; SIGNED_LEN] {
+        let mut b = [0u8; SIGNED_LEN];
+        b[0..2].copy_from_slice(&MAGIC);
+        b[2] = VERSION;
+        b[3] = self.service.code();
+        b[4..12].copy_from_slice(&self.timestamp.to_be_bytes());
+        b[12..28].copy_from_slice(&self.nonce);
+        b[28..32].copy_from_slice(&self.ttl_secs.to_be_bytes());
+        match self.address {
+            AddressClaim::PacketSource => b[32] = 0,
+            AddressClaim::V4(a) => {
+                b[32] = 4;
+                b[33..37].copy_from_slice(&a.octets());
+            }
+            AddressClaim::V6(a) => {
+                b[32] = 6;
+                b[33..49].copy_from_slice(&a.octets());
+            }
+        }
+        let id = self.key_id.as_bytes();
+        b[49] = u8::try_from(id.len()).unwrap_or(0);
+        b[50..50 + id.len()].copy_from_slice(id);
+        b
+    }
+}
+
+/// Checks the shape of `datagram` and splits it; never panics, on any input.
+pub fn decode(datagram: &[u8]) -> Result<Decoded<'_>, ShapeError> {
+    let bytes: &[u8; PACKET_LEN] = datagram
+        .try_into()
+        .map_err(|_| ShapeError::Size(datagram.len()))?;
+    if bytes[0..2] != MAGIC {
+        return Err(ShapeError::Magic);
+    }
+    if bytes[2] != VERSION {
+        return Err(ShapeError::Version(bytes[2]));
+    }
+    let service = Service::from_code(bytes[3]).ok_or(ShapeError::Service(bytes[3]))?;
+    let timestamp = u64::from_be_bytes(array(&bytes[4..12]));
+    let nonce: [u8; NONCE_LEN] = array(&bytes[12..28]);
+    let ttl_secs = u32::from_be_bytes(array(&bytes[28..32]));
+    let address = decode_address(bytes[32], &bytes[33..49])?;
+    let key_id = decode_key_id(bytes[49], &bytes[50..82])?;
+    Ok(Decoded {
+        knock: Knock {
+            key_id,
+            service,
+            timestamp,
+            nonce,
+            ttl_secs,
+            address,
+        },
+        signed: &bytes[..SIGNED_LEN],
+        mac: &bytes[SIGNED_LEN..],
+    })
+}
+
+fn decode_address(kind: u8, field: &[u8]) -> Result<AddressClaim, ShapeError> {
+    let all_zero = |b: &[u8]| b.iter().all(|&x| x == 0);
+    match kind {
+        0 if all_zero(field) => Ok(AddressClaim::PacketSource),
+        4 if all_zero(&field[4..]) => Ok(AddressClaim::V4(Ipv4Addr::from(array::<4>(&field[..4])))),
+        6 => Ok(AddressClaim::V6(Ipv6Addr::from(array::<16>(field)))),
+        _ => Err(ShapeError::Address),
+    }
+}
+
+fn decode_key_id(len: u8, field: &[u8]) -> Result<KeyId, ShapeError> {
+    let len = usize::from(len);
+    if len == 0 || len > KEY_ID_MAX || field[len..].iter().any(|&b| b != 0) {
+        return Err(ShapeError::KeyId);
+    }
+    let text = std::str::from_utf8(&field[..len]).map_err(|_| ShapeError::KeyId)?;
+    KeyId::new(text).map_err(|_| ShapeError::KeyId)
+}
+
+/// A fixed-size copy of `slice`; callers pass slices of exactly `N` bytes cut from a
+/// fixed-size array, so the zero fill never shows.
+fn array<const N: usize>(slice: &[u8]) -> [u8; N] {
+    let mut out = [0u8; N];
+    let n = slice.len().min(N);
+    out[..n].copy_from_slice(&slice[..n]);
+    out
+}

@@ -1,0 +1,209 @@
+//! Protocol tests: round trips, every shape refusal, MAC binding, replay guard, and
+//! property tests that decode never panics and that any single-bit change is caught.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use proptest::prelude::*;
+
+use super::auth::{IdError, ServerId, seal, verify};
+use super::packet::{PACKET_LEN, ShapeError, decode};
+use super::replay::{ReplayError, ReplayGuard};
+use super::*;
+
+fn secret(byte: u8) -> Secret {
+    Secret::from_hex(&format!("{byte:02x}").repeat(32)).unwrap()
+}
+
+fn server() -> ServerId {
+    ServerId::new("web1.example.org").unwrap()
+}
+
+fn knock(address: AddressClaim) -> Knock {
+    Knock {
+        key_id: KeyId::new("alice-laptop").unwrap(),
+        service: Service::Ssh,
+        timestamp: 1_790_000_000,
+        nonce: [7; 16],
+        ttl_secs: 1800,
+        address,
+    }
+}
+
+fn accepts(bytes: &[u8], secret: &Secret, server: &ServerId) -> bool {
+    decode(bytes).is_ok_and(|d| verify(secret, server, d.signed, d.mac))
+}
+
+#[test]
+fn round_trip_for_every_address_kind() {
+    for address in [
+        AddressClaim::PacketSource,
+        AddressClaim::V4(Ipv4Addr::new(198, 51, 100, 7)),
+        AddressClaim::V6("2001:db8::7".parse::<Ipv6Addr>().unwrap()),
+    ] {
+        let k = knock(address);
+        let bytes = seal(&k, &secret(1), &server());
+        assert_eq!(bytes.len(), PACKET_LEN);
+        let decoded = decode(&bytes).unwrap();
+        assert_eq!(decoded.knock, k);
+        assert!(verify(&secret(1), &server(), decoded.signed, decoded.mac));
+    }
+}
+
+#[test]
+fn wrong_key_fails_the_mac() {
+    let bytes = seal(&knock(AddressClaim::PacketSource), &secret(1), &server());
+    assert!(!accepts(&bytes, &secret(2), &server()));
+}
+
+#[test]
+fn knock_for_another_server_fails_the_mac() {
+    let bytes = seal(&knock(AddressClaim::PacketSource), &secret(1), &server());
+    let other = ServerId::new("web2.example.org").unwrap();
+    assert!(!accepts(&bytes, &secret(1), &other));
+}
+
+#[test]
+fn every_shape_error_is_reported() {
+    let good = seal(&knock(AddressClaim::PacketSource), &secret(1), &server());
+    let with = |i: usize, v: u8| {
+        let mut b = good;
+        b[i] = v;
+        b
+    };
+    assert_eq!(decode(&[]).err(), Some(ShapeError::Size(0)));
+    assert_eq!(decode(&good[..113]).err(), Some(ShapeError::Size(113)));
+    assert_eq!(decode(&[0u8; 300]).err(), Some(ShapeError::Size(300)));
+    assert_eq!(decode(&with(0, b'X')).err(), Some(ShapeError::Magic));
+    assert_eq!(decode(&with(2, 2)).err(), Some(ShapeError::Version(2)));
+    assert_eq!(decode(&with(3, 9)).err(), Some(ShapeError::Service(9)));
+    assert_eq!(decode(&with(32, 5)).err(), Some(ShapeError::Address));
+    assert_eq!(
+        decode(&with(40, 1)).err(),
+        Some(ShapeError::Address),
+        "padding of kind 0"
+    );
+    assert_eq!(decode(&with(49, 0)).err(), Some(ShapeError::KeyId));
+    assert_eq!(decode(&with(49, 33)).err(), Some(ShapeError::KeyId));
+    assert_eq!(decode(&with(50, b' ')).err(), Some(ShapeError::KeyId));
+    assert_eq!(
+        decode(&with(81, 1)).err(),
+        Some(ShapeError::KeyId),
+        "key id padding"
+    );
+}
+
+#[test]
+fn ipv4_claim_padding_must_be_zero() {
+    let mut b = seal(
+        &knock(AddressClaim::V4(Ipv4Addr::LOCALHOST)),
+        &secret(1),
+        &server(),
+    );
+    b[40] = 1;
+    assert_eq!(decode(&b).err(), Some(ShapeError::Address));
+}
+
+#[test]
+fn key_ids_follow_their_rules() {
+    assert!(KeyId::new("a").is_ok());
+    assert!(KeyId::new("alice.laptop_2-x").is_ok());
+    assert_eq!(KeyId::new(""), Err(IdError::KeyId));
+    assert_eq!(KeyId::new(&"a".repeat(33)), Err(IdError::KeyId));
+    assert_eq!(KeyId::new("alice laptop"), Err(IdError::KeyId));
+    assert_eq!(KeyId::new("ålice"), Err(IdError::KeyId));
+}
+
+#[test]
+fn secrets_round_trip_through_hex_and_refuse_junk() {
+    let s = Secret::generate().unwrap();
+    let again = Secret::from_hex(&format!("  {}\n", s.to_hex().as_str())).unwrap();
+    assert_eq!(s.to_hex(), again.to_hex());
+    assert!(Secret::from_hex("abcd").is_err());
+    assert!(Secret::from_hex(&"g".repeat(64)).is_err());
+    assert_ne!(
+        Secret::generate().unwrap().to_hex(),
+        s.to_hex(),
+        "keys are random"
+    );
+}
+
+#[test]
+fn replay_guard_refuses_a_nonce_twice() {
+    let mut guard = ReplayGuard::new(10);
+    assert_eq!(guard.admit([1; 16], 100, 50), Ok(()));
+    assert_eq!(guard.admit([1; 16], 100, 60), Err(ReplayError::Replayed));
+    assert_eq!(guard.admit([2; 16], 100, 60), Ok(()));
+}
+
+#[test]
+fn replay_guard_is_bounded_and_fails_closed() {
+    let mut guard = ReplayGuard::new(2);
+    guard.admit([1; 16], 100, 0).unwrap();
+    guard.admit([2; 16], 200, 0).unwrap();
+    assert_eq!(guard.admit([3; 16], 300, 50), Err(ReplayError::Full));
+    // Once the first nonce's time has passed, there is room again.
+    assert_eq!(guard.admit([3; 16], 300, 101), Ok(()));
+    assert_eq!(guard.len(), 2);
+}
+
+#[test]
+fn replay_guard_keeps_nonces_until_their_time() {
+    let mut guard = ReplayGuard::new(10);
+    guard.admit([1; 16], 100, 0).unwrap();
+    guard.expire(100);
+    assert_eq!(guard.admit([1; 16], 200, 100), Err(ReplayError::Replayed));
+    guard.expire(101);
+    assert!(guard.is_empty());
+}
+
+fn any_knock() -> impl Strategy<Value = Knock> {
+    let address = prop_oneof![
+        Just(AddressClaim::PacketSource),
+        any::<[u8; 4]>().prop_map(|b| AddressClaim::V4(Ipv4Addr::from(b))),
+        any::<[u8; 16]>().prop_map(|b| AddressClaim::V6(Ipv6Addr::from(b))),
+    ];
+    (
+        "[A-Za-z0-9._-]{1,32}",
+        any::<u64>(),
+        any::<[u8; 16]>(),
+        any::<u32>(),
+        address,
+    )
+        .prop_map(|(id, timestamp, nonce, ttl_secs, address)| Knock {
+            key_id: KeyId::new(&id).unwrap(),
+            service: Service::Ssh,
+            timestamp,
+            nonce,
+            ttl_secs,
+            address,
+        })
+}
+
+proptest! {
+    #[test]
+    fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+        let _ = decode(&bytes);
+    }
+
+    #[test]
+    fn decode_never_panics_on_right_sized_junk(bytes in proptest::array::uniform32(any::<u8>()), tail in proptest::collection::vec(any::<u8>(), 82..=82)) {
+        let mut datagram = tail;
+        datagram.extend_from_slice(&bytes);
+        let _ = decode(&datagram);
+    }
+
+    #[test]
+    fn encode_decode_round_trips(k in any_knock(), key in any::<u8>()) {
+        let bytes = seal(&k, &secret(key), &server());
+        let decoded = decode(&bytes).unwrap();
+        prop_assert_eq!(&decoded.knock, &k);
+        prop_assert!(verify(&secret(key), &server(), decoded.signed, decoded.mac));
+    }
+
+    #[test]
+    fn any_single_bit_flip_is_refused(k in any_knock(), bit in 0usize..PACKET_LEN * 8) {
+        let mut bytes = seal(&k, &secret(3), &server());
+        bytes[bit / 8] ^= 1 << (bit % 8);
+        prop_assert!(!accepts(&bytes, &secret(3), &server()));
+    }
+}
