@@ -120,6 +120,7 @@ mod tests {
                 ..Config::default()
             },
             resolvers: vec!["192.0.2.53".parse().unwrap()],
+            server_id: crate::knock::auth::ServerId::new("test").unwrap(),
         }
     }
 

@@ -24,4 +24,5 @@ pub mod exit;
 pub mod firewall;
 pub mod knock;
 pub mod logging;
+pub mod policy;
 pub mod ruleset;

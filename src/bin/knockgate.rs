@@ -38,7 +38,10 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let loaded = config::load(&args.config)?;
     match args.command {
         Command::Ruleset => print!("{}", baseline(&loaded.config, &loaded.resolvers)),
-        Command::Check => println!("{}: ok", loaded.path.display()),
+        Command::Check => {
+            let keys = config::load_keys(&loaded)?;
+            println!("{}: ok ({} knock keys)", loaded.path.display(), keys.len());
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -225,3 +225,119 @@ fn example_config_is_valid_and_documents_the_defaults() {
         "examples/knockgate.toml states every default"
     );
 }
+
+fn key_file(dir: &tempfile::TempDir, name: &str, mode: u32, text: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    path
+}
+
+fn keys_config(file: &Path, extra: &str) -> String {
+    format!(
+        "[[keys]]\nid = \"alice\"\nfile = \"{}\"\n{extra}",
+        file.display()
+    )
+}
+
+#[test]
+fn durations_are_read_like_humans_write_them() {
+    let loaded =
+        load_text("[knock]\nskew = \"45s\"\nmax_ttl = \"2h\"\ndefault_ttl = \"10m\"\n").unwrap();
+    assert_eq!(
+        loaded.config.knock.skew.0,
+        std::time::Duration::from_secs(45)
+    );
+    assert_eq!(
+        loaded.config.knock.max_ttl.0,
+        std::time::Duration::from_secs(7200)
+    );
+}
+
+#[test]
+fn bad_duration_names_the_key() {
+    let msg = error_text("[knock]\nskew = \"soon\"\n");
+    assert!(msg.contains("knock.skew") && msg.contains("30s"), "{msg}");
+}
+
+#[test]
+fn default_ttl_over_max_ttl_is_refused() {
+    let msg = error_text("[knock]\ndefault_ttl = \"2h\"\nmax_ttl = \"1h\"\n");
+    assert!(msg.contains("knock.default_ttl"), "{msg}");
+}
+
+#[test]
+fn server_id_defaults_to_the_host_name() {
+    let loaded = load_text("").unwrap();
+    let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
+    assert_eq!(loaded.server_id.as_str(), host);
+    let named = load_text("[knock]\nserver_id = \"web1\"\n").unwrap();
+    assert_eq!(named.server_id.as_str(), "web1");
+}
+
+#[test]
+fn key_settings_are_checked() {
+    let f = Path::new("/k");
+    for (extra, key) in [
+        ("services = [\"telnet\"]\n", "keys[0].services[0]"),
+        ("sources = [\"10.0.0.0/33\"]\n", "keys[0].sources[0]"),
+        ("max_ttl = \"0s\"\n", "keys[0].max_ttl"),
+        ("colour = \"blue\"\n", "colour"),
+    ] {
+        let msg = error_text(&keys_config(f, extra));
+        assert!(msg.contains(key), "{extra}: {msg}");
+    }
+    let msg = error_text("[[keys]]\nid = \"bad id\"\nfile = \"/k\"\n");
+    assert!(msg.contains("keys[0].id"), "{msg}");
+    let twice = format!("{}{}", keys_config(f, ""), keys_config(f, ""));
+    assert!(error_text(&twice).contains("keys[1].id"));
+}
+
+#[test]
+fn key_files_load_into_the_ring() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = key_file(&dir, "alice.key", 0o600, &format!("{}\n", "0f".repeat(32)));
+    let loaded = load_text(&keys_config(&file, "sources = [\"198.51.100.0/24\"]\n")).unwrap();
+    let ring = load_keys(&loaded).unwrap();
+    let entry = ring
+        .get(&crate::knock::KeyId::new("alice").unwrap())
+        .unwrap();
+    assert_eq!(
+        entry.sources,
+        vec!["198.51.100.0/24".parse::<ipnet::IpNet>().unwrap()]
+    );
+    assert_eq!(entry.services, vec![crate::knock::Service::Ssh]);
+}
+
+#[test]
+fn key_file_readable_by_others_is_refused_and_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = key_file(&dir, "alice.key", 0o640, &"0f".repeat(32));
+    let loaded = load_text(&keys_config(&file, "")).unwrap();
+    let msg = load_keys(&loaded).err().unwrap().to_string();
+    assert!(
+        msg.contains("keys[0].file") && msg.contains("alice.key") && msg.contains("0640"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn key_file_without_a_key_is_refused_without_printing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = key_file(&dir, "alice.key", 0o600, "secret-but-not-hex");
+    let loaded = load_text(&keys_config(&file, "")).unwrap();
+    let msg = load_keys(&loaded).err().unwrap().to_string();
+    assert!(msg.contains("64 hex digits"), "{msg}");
+    assert!(
+        !msg.contains("secret-but-not-hex"),
+        "the file's content is never printed: {msg}"
+    );
+}
+
+#[test]
+fn missing_key_file_is_named() {
+    let loaded = load_text(&keys_config(Path::new("/nonexistent/alice.key"), "")).unwrap();
+    let msg = load_keys(&loaded).err().unwrap().to_string();
+    assert!(msg.contains("/nonexistent/alice.key"), "{msg}");
+}

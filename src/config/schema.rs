@@ -1,0 +1,303 @@
+//! The config file's shape: every key, its type and its default. `mod.rs` reads and
+//! checks it; nothing here does I/O.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// What the output chain does with traffic the baseline does not name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum Outbound {
+    /// Policy drop: the host makes no connections of its own beyond DNS to the resolvers.
+    Locked,
+    /// Policy accept: outbound is not filtered at all.
+    Open,
+}
+
+/// Whether knockgate owns forwarding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum Forward {
+    /// A forward chain with policy drop.
+    Drop,
+    /// No forward chain at all, so Docker, libvirt and friends keep control of forwarding.
+    Leave,
+}
+
+/// What the daemon does with its table when it stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum OnStop {
+    /// Leave the baseline in the kernel: stopping the daemon never opens the host (fail closed).
+    Keep,
+    /// Delete knockgate's own table (and nothing else).
+    Remove,
+}
+
+/// The whole validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// Name of knockgate's own `inet` table.
+    pub table: String,
+    /// Output chain policy.
+    pub outbound: Outbound,
+    /// Forward chain policy, or no forward chain.
+    pub forward: Forward,
+    /// What happens to the table when the daemon stops.
+    pub on_stop: OnStop,
+    /// Inbound services.
+    pub inbound: Inbound,
+    /// The knock port.
+    pub knock: Knock,
+    /// Where DNS may go.
+    pub dns: Dns,
+    /// Logging of dropped packets.
+    pub log: Log,
+    /// The local admin socket.
+    pub admin: Admin,
+    /// Knock keys, each with its own policy.
+    pub keys: Vec<KeySpec>,
+}
+
+/// Inbound services and ICMP.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct Inbound {
+    /// TCP ports open to everyone (the web server).
+    pub tcp_ports: Vec<u16>,
+    /// The SSH port, open only to granted source addresses.
+    pub ssh_port: u16,
+    /// Answer ICMP/ICMPv6 echo requests.
+    pub ping: bool,
+    /// Echo requests accepted per second (all sources together).
+    pub ping_rate_per_second: u32,
+}
+
+/// The UDP port that takes knocks.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct Knock {
+    /// UDP port of the knock listener.
+    pub port: u16,
+    /// Knock datagrams accepted per second from one source address.
+    pub rate_per_second: u32,
+    /// Datagrams one source may send in a burst before the rate applies.
+    pub burst: u32,
+    /// What knocks are bound to; empty means this host's name.
+    pub server_id: String,
+    /// How far a knock's timestamp may be from the server's clock, either way.
+    pub skew: Dur,
+    /// Grant length when a knock asks for none.
+    pub default_ttl: Dur,
+    /// Longest grant any knock or admin request gets; longer requests are capped.
+    pub max_ttl: Dur,
+    /// Where the replay guard and the grant book are kept across restarts.
+    pub state_dir: PathBuf,
+    /// Banning sources that keep sending invalid knocks.
+    pub ban: Ban,
+}
+
+/// Sources that send `after` invalid knocks within `within` are dropped at the knock
+/// port for `duration` (kernel set with timeouts).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct Ban {
+    /// Whether to ban at all.
+    pub enabled: bool,
+    /// Invalid knocks tolerated from one source…
+    pub after: u32,
+    /// …within this window.
+    pub within: Dur,
+    /// How long a ban lasts.
+    pub duration: Dur,
+}
+
+/// The local admin socket (`knockgate`, `egress-window`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct Admin {
+    /// Socket path.
+    pub socket: PathBuf,
+    /// Members of this group may use the socket; root always may.
+    pub group: String,
+}
+
+/// One knock key and what it may open.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct KeySpec {
+    /// The key id sent in knocks.
+    pub id: String,
+    /// File holding the key as 64 hex digits; must not be readable by group or others.
+    pub file: PathBuf,
+    /// Services this key may open.
+    #[serde(default = "default_services")]
+    pub services: Vec<String>,
+    /// Source networks grants may be for (CIDR); default: anywhere.
+    #[serde(default = "default_sources")]
+    pub sources: Vec<String>,
+    /// Longest grant for this key (the server's `knock.max_ttl` caps it too).
+    #[serde(default)]
+    pub max_ttl: Option<Dur>,
+    /// Allow a knock to name an address other than the one it comes from (NAT).
+    #[serde(default)]
+    pub other_source: bool,
+}
+
+fn default_services() -> Vec<String> {
+    vec!["ssh".to_owned()]
+}
+
+fn default_sources() -> Vec<String> {
+    vec!["0.0.0.0/0".to_owned(), "::/0".to_owned()]
+}
+
+/// A duration written like `30s`, `10m`, `1h`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Dur(pub Duration);
+
+impl TryFrom<String> for Dur {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        humantime::parse_duration(text.trim())
+            .map(Dur)
+            .map_err(|_| {
+                format!(
+                    "found \"{}\", expected a duration like 30s, 10m or 1h",
+                    text.escape_debug()
+                )
+            })
+    }
+}
+
+/// DNS resolvers the host may query.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct Dns {
+    /// Resolver addresses; empty means "the nameservers of `resolv_conf` at start".
+    pub resolvers: Vec<String>,
+    /// The resolv.conf read when `resolvers` is empty.
+    pub resolv_conf: PathBuf,
+}
+
+/// Logging of packets the policy drops.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct Log {
+    /// Log dropped packets to the kernel log.
+    pub dropped: bool,
+    /// Prefix of the kernel log lines; the chain name is appended.
+    pub prefix: String,
+    /// Log lines per minute for each chain, at most.
+    pub rate_per_minute: u32,
+}
+
+/// `TryFrom<String>` for a config enum, so that a wrong value is reported with the
+/// key and the accepted words (`expected "locked" or "open"`).
+macro_rules! config_words {
+    ($ty:ident { $($word:literal => $variant:ident),+ $(,)? }) => {
+        impl TryFrom<String> for $ty {
+            type Error = String;
+            fn try_from(word: String) -> Result<Self, String> {
+                match word.as_str() {
+                    $($word => Ok(Self::$variant),)+
+                    _ => Err(format!(
+                        "found \"{}\", expected one of: {}",
+                        word.escape_debug(),
+                        [$(concat!("\"", $word, "\"")),+].join(", ")
+                    )),
+                }
+            }
+        }
+    };
+}
+
+config_words!(Outbound { "locked" => Locked, "open" => Open });
+config_words!(Forward { "drop" => Drop, "leave" => Leave });
+config_words!(OnStop { "keep" => Keep, "remove" => Remove });
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            table: "knockgate".to_owned(),
+            outbound: Outbound::Locked,
+            forward: Forward::Drop,
+            on_stop: OnStop::Keep,
+            inbound: Inbound::default(),
+            knock: Knock::default(),
+            dns: Dns::default(),
+            log: Log::default(),
+            admin: Admin::default(),
+            keys: Vec::new(),
+        }
+    }
+}
+
+impl Default for Inbound {
+    fn default() -> Self {
+        Self {
+            tcp_ports: vec![80, 443],
+            ssh_port: 22,
+            ping: true,
+            ping_rate_per_second: 10,
+        }
+    }
+}
+
+impl Default for Knock {
+    fn default() -> Self {
+        Self {
+            port: 62201,
+            rate_per_second: 5,
+            burst: 10,
+            server_id: String::new(),
+            skew: Dur(Duration::from_secs(30)),
+            default_ttl: Dur(Duration::from_secs(15 * 60)),
+            max_ttl: Dur(Duration::from_secs(60 * 60)),
+            state_dir: PathBuf::from("/var/lib/knockgate"),
+            ban: Ban::default(),
+        }
+    }
+}
+
+impl Default for Dns {
+    fn default() -> Self {
+        Self {
+            resolvers: Vec::new(),
+            resolv_conf: PathBuf::from("/etc/resolv.conf"),
+        }
+    }
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Self {
+            dropped: true,
+            prefix: "knockgate".to_owned(),
+            rate_per_minute: 10,
+        }
+    }
+}
+
+impl Default for Ban {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            after: 20,
+            within: Dur(Duration::from_secs(60)),
+            duration: Dur(Duration::from_secs(10 * 60)),
+        }
+    }
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from("/run/knockgate/admin.sock"),
+            group: "knockgate".to_owned(),
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! Checks that go beyond types: ranges, duplicates, addresses, names. Each error
+//! names the key path (`inbound.tcp_ports[2]`) and what was expected.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use super::{Config, ConfigError};
+use crate::knock::KeyId;
+use crate::knock::auth::ServerId;
+
+/// Longest log prefix accepted; the kernel allows 127 bytes and knockgate appends the chain name.
+const MAX_LOG_PREFIX: usize = 100;
+/// Longest table name accepted (the kernel allows 255; short names keep `nft list` readable).
+const MAX_TABLE_NAME: usize = 64;
+/// Longest clock skew accepted: a wider window keeps more nonces and helps replays.
+const MAX_SKEW: Duration = Duration::from_secs(10 * 60);
+/// Longest grant anything may ask for.
+const MAX_GRANT: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Builds errors for one config file.
+struct Checker<'a> {
+    path: &'a Path,
+}
+
+impl Checker<'_> {
+    fn invalid(&self, key: &str, expected: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_owned(),
+            key: key.to_owned(),
+            expected: expected.into(),
+        }
+    }
+
+    fn port(&self, key: &str, port: u16) -> Result<(), ConfigError> {
+        if port == 0 {
+            return Err(self.invalid(key, "port 0 is not a port; expected 1-65535"));
+        }
+        Ok(())
+    }
+
+    fn positive(&self, key: &str, n: u32) -> Result<(), ConfigError> {
+        if n == 0 {
+            return Err(self.invalid(key, "expected a number of at least 1"));
+        }
+        Ok(())
+    }
+
+    fn duration(&self, key: &str, d: Duration, max: Duration) -> Result<(), ConfigError> {
+        if d < Duration::from_secs(1) || d > max {
+            let max = humantime::format_duration(max);
+            return Err(self.invalid(key, format!("expected a duration from 1s to {max}")));
+        }
+        Ok(())
+    }
+}
+
+/// Every check of `config`, read from `path`.
+pub(super) fn validate(path: &Path, config: &Config) -> Result<(), ConfigError> {
+    let c = Checker { path };
+    table(&c, config)?;
+    inbound(&c, config)?;
+    knock(&c, config)?;
+    keys(&c, config)?;
+    log(&c, config)?;
+    dns(&c, config)?;
+    if config.admin.group.is_empty() {
+        return Err(c.invalid("admin.group", "expected a group name"));
+    }
+    Ok(())
+}
+
+fn table(c: &Checker<'_>, config: &Config) -> Result<(), ConfigError> {
+    let ok = !config.table.is_empty()
+        && config.table.len() <= MAX_TABLE_NAME
+        && config
+            .table
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !ok {
+        let expected = format!("expected 1 to {MAX_TABLE_NAME} letters, digits, `_` or `-`");
+        return Err(c.invalid("table", expected));
+    }
+    Ok(())
+}
+
+fn inbound(c: &Checker<'_>, config: &Config) -> Result<(), ConfigError> {
+    let mut seen = HashSet::new();
+    for (i, &port) in config.inbound.tcp_ports.iter().enumerate() {
+        let key = format!("inbound.tcp_ports[{i}]");
+        c.port(&key, port)?;
+        if !seen.insert(port) {
+            return Err(c.invalid(&key, format!("port {port} is listed twice")));
+        }
+        if port == config.inbound.ssh_port {
+            let why =
+                format!("port {port} is the SSH port, which opens only for grants; remove it here");
+            return Err(c.invalid(&key, why));
+        }
+    }
+    c.port("inbound.ssh_port", config.inbound.ssh_port)?;
+    c.positive(
+        "inbound.ping_rate_per_second",
+        config.inbound.ping_rate_per_second,
+    )
+}
+
+fn knock(c: &Checker<'_>, config: &Config) -> Result<(), ConfigError> {
+    let k = &config.knock;
+    c.port("knock.port", k.port)?;
+    c.positive("knock.rate_per_second", k.rate_per_second)?;
+    c.positive("knock.burst", k.burst)?;
+    if !k.server_id.is_empty() && ServerId::new(&k.server_id).is_err() {
+        return Err(c.invalid(
+            "knock.server_id",
+            "expected 1 to 255 bytes without control characters",
+        ));
+    }
+    c.duration("knock.skew", k.skew.0, MAX_SKEW)?;
+    c.duration("knock.max_ttl", k.max_ttl.0, MAX_GRANT)?;
+    c.duration("knock.default_ttl", k.default_ttl.0, k.max_ttl.0)?;
+    if k.state_dir.as_os_str().is_empty() {
+        return Err(c.invalid("knock.state_dir", "expected a directory"));
+    }
+    c.positive("knock.ban.after", k.ban.after)?;
+    c.duration("knock.ban.within", k.ban.within.0, MAX_GRANT)?;
+    c.duration("knock.ban.duration", k.ban.duration.0, MAX_GRANT)
+}
+
+fn keys(c: &Checker<'_>, config: &Config) -> Result<(), ConfigError> {
+    let mut ids = HashSet::new();
+    for (i, key) in config.keys.iter().enumerate() {
+        let at = |field: &str| format!("keys[{i}].{field}");
+        if KeyId::new(&key.id).is_err() {
+            let expected = "expected 1 to 32 letters, digits, `.`, `_` or `-`";
+            return Err(c.invalid(&at("id"), expected));
+        }
+        if !ids.insert(key.id.as_str()) {
+            return Err(c.invalid(&at("id"), format!("key id `{}` is used twice", key.id)));
+        }
+        for (j, service) in key.services.iter().enumerate() {
+            if service != "ssh" {
+                let expected = format!("unknown service `{service}`; expected \"ssh\"");
+                return Err(c.invalid(&at(&format!("services[{j}]")), expected));
+            }
+        }
+        for (j, net) in key.sources.iter().enumerate() {
+            if net.parse::<ipnet::IpNet>().is_err() && net.parse::<IpAddr>().is_err() {
+                let expected =
+                    format!("`{net}` is not an address or a network like 198.51.100.0/24");
+                return Err(c.invalid(&at(&format!("sources[{j}]")), expected));
+            }
+        }
+        if let Some(max) = key.max_ttl {
+            c.duration(&at("max_ttl"), max.0, MAX_GRANT)?;
+        }
+    }
+    Ok(())
+}
+
+fn log(c: &Checker<'_>, config: &Config) -> Result<(), ConfigError> {
+    c.positive("log.rate_per_minute", config.log.rate_per_minute)?;
+    let prefix = &config.log.prefix;
+    let ok = prefix.len() <= MAX_LOG_PREFIX
+        && prefix
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\' || b == b' ');
+    if !ok {
+        let expected = format!(
+            "expected at most {MAX_LOG_PREFIX} printable ASCII characters without quotes or backslashes"
+        );
+        return Err(c.invalid("log.prefix", expected));
+    }
+    Ok(())
+}
+
+fn dns(c: &Checker<'_>, config: &Config) -> Result<(), ConfigError> {
+    let mut seen = HashSet::new();
+    for (i, text) in config.dns.resolvers.iter().enumerate() {
+        let key = format!("dns.resolvers[{i}]");
+        let addr: IpAddr = text
+            .parse()
+            .map_err(|_| c.invalid(&key, format!("`{text}` is not an IPv4 or IPv6 address")))?;
+        if !seen.insert(addr) {
+            return Err(c.invalid(&key, format!("resolver {addr} is listed twice")));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,299 @@
+//! Who may open what, for how long: a verified knock (or an admin request) in, a
+//! decision out. Pure; the caller logs the decision.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use crate::knock::{AddressClaim, KeyId, Secret, Service};
+
+/// One key's secret and what it may do.
+pub struct KeyEntry {
+    /// The shared secret.
+    pub secret: Secret,
+    /// Services it may open.
+    pub services: Vec<Service>,
+    /// Networks a grant's address must lie in.
+    pub sources: Vec<IpNet>,
+    /// Longest grant for this key, before the server's cap.
+    pub max_ttl: Option<Duration>,
+    /// May a knock name an address other than its packet's source (NAT)?
+    pub other_source: bool,
+}
+
+/// The keys by id: one lookup per knock, never a trial of every key.
+#[derive(Default)]
+pub struct KeyRing {
+    keys: HashMap<KeyId, KeyEntry>,
+}
+
+impl KeyRing {
+    /// Adds (or replaces) the key `id`.
+    pub fn insert(&mut self, id: KeyId, entry: KeyEntry) {
+        self.keys.insert(id, entry);
+    }
+
+    /// The key named `id`.
+    #[must_use]
+    pub fn get(&self, id: &KeyId) -> Option<&KeyEntry> {
+        self.keys.get(id)
+    }
+
+    /// Number of keys.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether there are no keys (knocks can then open nothing).
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+/// Server-wide limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Grant length when none is asked for.
+    pub default_ttl: Duration,
+    /// Cap on every grant.
+    pub max_ttl: Duration,
+}
+
+/// What a knock may open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    /// The address the hole is for.
+    pub address: IpAddr,
+    /// How long it stays open.
+    pub ttl: Duration,
+    /// Whether the requested TTL was cut to a cap.
+    pub capped: bool,
+}
+
+/// Why a verified knock opens nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyRefusal {
+    /// The key may not open this service.
+    #[error("service {} not allowed for this key", .0.name())]
+    Service(Service),
+    /// The knock names another address than the one it came from, and the key does
+    /// not allow that.
+    #[error("knock is bound to {claimed}, not to its source")]
+    OtherSource {
+        /// The address in the knock.
+        claimed: IpAddr,
+    },
+    /// The address is outside the key's allowed networks.
+    #[error("address {0} outside the key's allowed sources")]
+    Source(IpAddr),
+}
+
+/// The address as the firewall sees it: IPv4-mapped IPv6 (`::ffff:a.b.c.d`, what a
+/// dual-stack socket reports) becomes plain IPv4.
+#[must_use]
+pub fn canonical(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
+        IpAddr::V4(_) => addr,
+    }
+}
+
+/// Decides what a knock verified for `key` and received from `source` may open.
+pub fn decide(
+    key: &KeyEntry,
+    service: Service,
+    claim: AddressClaim,
+    requested_ttl_secs: u32,
+    source: IpAddr,
+    limits: Limits,
+) -> Result<Grant, PolicyRefusal> {
+    if !key.services.contains(&service) {
+        return Err(PolicyRefusal::Service(service));
+    }
+    let source = canonical(source);
+    let address = match claim {
+        AddressClaim::PacketSource => source,
+        AddressClaim::V4(a) => canonical(IpAddr::V4(a)),
+        AddressClaim::V6(a) => canonical(IpAddr::V6(a)),
+    };
+    if address != source && !key.other_source {
+        return Err(PolicyRefusal::OtherSource { claimed: address });
+    }
+    if !key.sources.iter().any(|net| net.contains(&address)) {
+        return Err(PolicyRefusal::Source(address));
+    }
+    let (ttl, capped) = cap_ttl(requested_ttl_secs, key.max_ttl, limits);
+    Ok(Grant {
+        address,
+        ttl,
+        capped,
+    })
+}
+
+/// The grant length for a request of `requested_secs` (0 = default), capped by the
+/// key's and the server's maximum; capped requests are granted the cap, not refused.
+#[must_use]
+pub fn cap_ttl(requested_secs: u32, key_max: Option<Duration>, limits: Limits) -> (Duration, bool) {
+    let cap = key_max.map_or(limits.max_ttl, |k| k.min(limits.max_ttl));
+    let wanted = if requested_secs == 0 {
+        limits.default_ttl
+    } else {
+        Duration::from_secs(u64::from(requested_secs))
+    };
+    if wanted > cap {
+        (cap, requested_secs != 0)
+    } else {
+        (wanted, false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    fn key(other_source: bool, sources: &[&str]) -> KeyEntry {
+        KeyEntry {
+            secret: Secret::from_hex(&"ab".repeat(32)).unwrap(),
+            services: vec![Service::Ssh],
+            sources: sources.iter().map(|s| s.parse().unwrap()).collect(),
+            max_ttl: Some(Duration::from_secs(600)),
+            other_source,
+        }
+    }
+
+    const LIMITS: Limits = Limits {
+        default_ttl: Duration::from_secs(300),
+        max_ttl: Duration::from_secs(3600),
+    };
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn grants_the_packet_source_for_the_default_ttl() {
+        let k = key(false, &["0.0.0.0/0"]);
+        let g = decide(
+            &k,
+            Service::Ssh,
+            AddressClaim::PacketSource,
+            0,
+            ip("198.51.100.7"),
+            LIMITS,
+        );
+        assert_eq!(
+            g,
+            Ok(Grant {
+                address: ip("198.51.100.7"),
+                ttl: Duration::from_secs(300),
+                capped: false
+            })
+        );
+    }
+
+    #[test]
+    fn mapped_ipv6_sources_become_ipv4() {
+        let k = key(false, &["198.51.100.0/24"]);
+        let g = decide(
+            &k,
+            Service::Ssh,
+            AddressClaim::PacketSource,
+            60,
+            ip("::ffff:198.51.100.7"),
+            LIMITS,
+        );
+        assert_eq!(g.unwrap().address, ip("198.51.100.7"));
+    }
+
+    #[test]
+    fn ttl_over_the_key_cap_is_capped_not_refused() {
+        let k = key(false, &["::/0", "0.0.0.0/0"]);
+        let g = decide(
+            &k,
+            Service::Ssh,
+            AddressClaim::PacketSource,
+            7200,
+            ip("2001:db8::1"),
+            LIMITS,
+        )
+        .unwrap();
+        assert_eq!((g.ttl, g.capped), (Duration::from_secs(600), true));
+    }
+
+    #[test]
+    fn server_cap_applies_when_the_key_has_none() {
+        let mut k = key(false, &["0.0.0.0/0"]);
+        k.max_ttl = None;
+        let g = decide(
+            &k,
+            Service::Ssh,
+            AddressClaim::PacketSource,
+            99_999,
+            ip("192.0.2.1"),
+            LIMITS,
+        )
+        .unwrap();
+        assert_eq!(g.ttl, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn another_address_needs_the_key_to_allow_it() {
+        let claim = AddressClaim::V4(Ipv4Addr::new(203, 0, 113, 9));
+        let strict = key(false, &["0.0.0.0/0"]);
+        assert_eq!(
+            decide(&strict, Service::Ssh, claim, 60, ip("198.51.100.7"), LIMITS),
+            Err(PolicyRefusal::OtherSource {
+                claimed: ip("203.0.113.9")
+            })
+        );
+        let nat = key(true, &["0.0.0.0/0"]);
+        let g = decide(&nat, Service::Ssh, claim, 60, ip("198.51.100.7"), LIMITS).unwrap();
+        assert_eq!(g.address, ip("203.0.113.9"));
+    }
+
+    #[test]
+    fn claiming_its_own_source_is_fine_without_nat_permission() {
+        let k = key(false, &["0.0.0.0/0"]);
+        let claim = AddressClaim::V4(Ipv4Addr::new(198, 51, 100, 7));
+        assert!(decide(&k, Service::Ssh, claim, 60, ip("198.51.100.7"), LIMITS).is_ok());
+    }
+
+    #[test]
+    fn addresses_outside_the_key_networks_are_refused() {
+        let k = key(false, &["198.51.100.0/24"]);
+        assert_eq!(
+            decide(
+                &k,
+                Service::Ssh,
+                AddressClaim::PacketSource,
+                60,
+                ip("203.0.113.1"),
+                LIMITS
+            ),
+            Err(PolicyRefusal::Source(ip("203.0.113.1")))
+        );
+    }
+
+    #[test]
+    fn a_key_without_the_service_opens_nothing() {
+        let mut k = key(false, &["0.0.0.0/0"]);
+        k.services.clear();
+        assert_eq!(
+            decide(
+                &k,
+                Service::Ssh,
+                AddressClaim::PacketSource,
+                60,
+                ip("192.0.2.1"),
+                LIMITS
+            ),
+            Err(PolicyRefusal::Service(Service::Ssh))
+        );
+    }
+}
