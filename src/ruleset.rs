@@ -69,6 +69,18 @@ pub struct SetDef {
     pub family: IpFamily,
     /// What the set is for, which decides its flags.
     pub kind: SetKind,
+    /// Live contents carried across a replace (grants with their remaining time).
+    /// Not part of the printed ruleset: they are state, not configuration.
+    pub elements: Vec<Element>,
+}
+
+/// One address in a set, with the time it has left (none: it stays until removed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Element {
+    /// The address.
+    pub addr: IpAddr,
+    /// Time left before the kernel removes it.
+    pub expires_in: Option<std::time::Duration>,
 }
 
 /// The two kinds of set the baseline uses.

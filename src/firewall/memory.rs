@@ -4,8 +4,11 @@
 
 use std::collections::BTreeMap;
 
+use std::net::IpAddr;
+use std::time::Duration;
+
 use super::{Firewall, FirewallError};
-use crate::ruleset::Ruleset;
+use crate::ruleset::{Element, Ruleset, SetDef};
 
 /// Tables by name, as the kernel would hold them.
 #[derive(Debug, Default)]
@@ -19,6 +22,17 @@ pub struct MemoryFirewall {
 }
 
 impl MemoryFirewall {
+    fn set_mut(&mut self, table: &str, set: &str) -> Result<&mut SetDef, FirewallError> {
+        self.tables
+            .get_mut(table)
+            .and_then(|t| t.sets.iter_mut().find(|s| s.name == set))
+            .ok_or_else(|| FirewallError::Refused {
+                table: table.to_owned(),
+                what: format!("set {set}"),
+                source: std::io::Error::from_raw_os_error(2),
+            })
+    }
+
     fn refuse(&mut self, table: &str) -> Result<(), FirewallError> {
         if std::mem::take(&mut self.refuse_next) {
             return Err(FirewallError::Refused {
@@ -44,5 +58,41 @@ impl Firewall for MemoryFirewall {
         self.tables.remove(table);
         self.commits += 1;
         Ok(())
+    }
+
+    fn add_element(
+        &mut self,
+        table: &str,
+        set: &str,
+        addr: IpAddr,
+        ttl: Duration,
+    ) -> Result<(), FirewallError> {
+        self.refuse(table)?;
+        let set = self.set_mut(table, set)?;
+        set.elements.retain(|e| e.addr != addr);
+        set.elements.push(Element {
+            addr,
+            expires_in: Some(ttl),
+        });
+        self.commits += 1;
+        Ok(())
+    }
+
+    fn remove_element(
+        &mut self,
+        table: &str,
+        set: &str,
+        addr: IpAddr,
+    ) -> Result<(), FirewallError> {
+        self.refuse(table)?;
+        self.set_mut(table, set)?
+            .elements
+            .retain(|e| e.addr != addr);
+        self.commits += 1;
+        Ok(())
+    }
+
+    fn elements(&mut self, table: &str, set: &str) -> Result<Vec<Element>, FirewallError> {
+        Ok(self.set_mut(table, set)?.elements.clone())
     }
 }

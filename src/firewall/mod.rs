@@ -4,7 +4,10 @@
 //! netlink, and only it may hold `unsafe`. [`memory::MemoryFirewall`] stands in
 //! for the kernel in unit tests, so policy and daemon logic are tested without root.
 
-use crate::ruleset::Ruleset;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use crate::ruleset::{Element, Ruleset};
 
 pub mod memory;
 #[cfg(feature = "daemon")]
@@ -18,6 +21,23 @@ pub trait Firewall {
 
     /// Deletes the table named `table`, and nothing else; a missing table is not an error.
     fn remove(&mut self, table: &str) -> Result<(), FirewallError>;
+
+    /// Puts `addr` in set `set` for `ttl`, replacing any earlier timeout (a re-knock
+    /// extends; it never duplicates). The kernel removes it when `ttl` ends.
+    fn add_element(
+        &mut self,
+        table: &str,
+        set: &str,
+        addr: IpAddr,
+        ttl: Duration,
+    ) -> Result<(), FirewallError>;
+
+    /// Takes `addr` out of set `set` now; an absent element is not an error.
+    fn remove_element(&mut self, table: &str, set: &str, addr: IpAddr)
+    -> Result<(), FirewallError>;
+
+    /// What set `set` holds now, with each element's remaining time.
+    fn elements(&mut self, table: &str, set: &str) -> Result<Vec<Element>, FirewallError>;
 }
 
 /// Failures talking to the packet filter. The kernel's refusal names the message it refused.

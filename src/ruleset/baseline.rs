@@ -15,6 +15,10 @@ use crate::config::{Config, Forward, Outbound};
 pub const SSH_GRANTS_V4: &str = "ssh_grants_v4";
 /// Name of the set of IPv6 sources granted SSH.
 pub const SSH_GRANTS_V6: &str = "ssh_grants_v6";
+/// Name of the set of IPv4 sources banned from the knock port.
+pub const KNOCK_BAN_V4: &str = "knock_ban_v4";
+/// Name of the set of IPv6 sources banned from the knock port.
+pub const KNOCK_BAN_V6: &str = "knock_ban_v6";
 const KNOCK_METER_V4: &str = "knock_meter_v4";
 const KNOCK_METER_V6: &str = "knock_meter_v6";
 /// Sources tracked by each knock meter; beyond it new sources are not accepted until old ones idle out.
@@ -58,29 +62,34 @@ pub fn baseline(config: &Config, resolvers: &[IpAddr]) -> Ruleset {
     }
     Ruleset {
         table: config.table.clone(),
-        sets: sets(),
+        sets: sets(config),
         chains,
     }
 }
 
-fn sets() -> Vec<SetDef> {
+fn sets(config: &Config) -> Vec<SetDef> {
     let meter = SetKind::Meter {
         size: KNOCK_METER_SIZE,
         timeout_secs: KNOCK_METER_TIMEOUT_SECS,
     };
-    [
+    let mut sets = vec![
         (SSH_GRANTS_V4, IpFamily::V4, SetKind::Grants),
         (SSH_GRANTS_V6, IpFamily::V6, SetKind::Grants),
-        (KNOCK_METER_V4, IpFamily::V4, meter),
-        (KNOCK_METER_V6, IpFamily::V6, meter),
-    ]
-    .into_iter()
-    .map(|(name, family, kind)| SetDef {
-        name: name.to_owned(),
-        family,
-        kind,
-    })
-    .collect()
+    ];
+    if config.knock.ban.enabled {
+        sets.push((KNOCK_BAN_V4, IpFamily::V4, SetKind::Grants));
+        sets.push((KNOCK_BAN_V6, IpFamily::V6, SetKind::Grants));
+    }
+    sets.push((KNOCK_METER_V4, IpFamily::V4, meter));
+    sets.push((KNOCK_METER_V6, IpFamily::V6, meter));
+    sets.into_iter()
+        .map(|(name, family, kind)| SetDef {
+            name: name.to_owned(),
+            family,
+            kind,
+            elements: Vec::new(),
+        })
+        .collect()
 }
 
 fn input_chain(config: &Config) -> ChainDef {
@@ -94,6 +103,9 @@ fn input_chain(config: &Config) -> ChainDef {
     }
     allow_public_tcp(&mut rules, &config.inbound.tcp_ports);
     allow_ssh_from_grants(&mut rules, config.inbound.ssh_port);
+    if config.knock.ban.enabled {
+        drop_banned_knockers(&mut rules, config.knock.port);
+    }
     accept_knocks_rate_limited(&mut rules, config);
     log_dropped(&mut rules, config, "input");
     ChainDef {
@@ -195,6 +207,19 @@ fn allow_ssh_from_grants(rules: &mut Vec<Rule>, ssh_port: u16) {
                 family,
                 set: set.into(),
             },
+        ]));
+    }
+}
+
+fn drop_banned_knockers(rules: &mut Vec<Rule>, port: u16) {
+    for (family, set) in [(IpFamily::V4, KNOCK_BAN_V4), (IpFamily::V6, KNOCK_BAN_V6)] {
+        rules.push(Rule(vec![
+            Expr::UdpDport(port),
+            Expr::SaddrInSet {
+                family,
+                set: set.into(),
+            },
+            Expr::Verdict(Verdict::Drop),
         ]));
     }
 }

@@ -305,6 +305,22 @@ impl Lab {
         })
     }
 
+    /// Whether a new TCP connection from address `from` of `host` to `to` gets through
+    /// and echoes (the source is chosen, not left to the kernel: the client has two).
+    pub fn tcp_works_from(&self, host: Host, from: IpAddr, to: SocketAddr) -> bool {
+        self.in_ns(host, || {
+            let domain = socket2::Domain::for_address(to);
+            let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None).expect("socket");
+            socket
+                .bind(&SocketAddr::new(from, 0).into())
+                .expect("bind source");
+            match socket.connect_timeout(&to.into(), FAIL_TIMEOUT) {
+                Ok(()) => echo_round_trip(&mut socket.into()),
+                Err(_) => false,
+            }
+        })
+    }
+
     /// A TCP connection from `host` to `to`, for tests that keep it open.
     pub fn tcp_connect(&self, host: Host, to: SocketAddr) -> TcpStream {
         self.in_ns(host, || TcpStream::connect_timeout(&to, FAIL_TIMEOUT))

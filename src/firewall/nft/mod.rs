@@ -9,37 +9,43 @@
 //! no table owner/persist flags).
 #![allow(unsafe_code)]
 
+mod elements;
 mod expr;
 mod socket;
 
 use std::collections::HashMap;
 use std::ffi::CString;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
 
 use nftnl::nftnl_sys::{self as sys, libc};
 use nftnl::set::{Set, SetKey};
 use nftnl::{Batch, Chain, ChainType, FinalizedBatch, MsgType, ProtoFamily, Table};
 
+use self::elements::ElemMsg;
 use self::socket::{NetlinkSocket, TransactError};
 use super::{Firewall, FirewallError};
-use crate::ruleset::{ChainDef, Hook, IpFamily, Policy, Ruleset, SetDef, SetKind};
+use crate::ruleset::{ChainDef, Element, Hook, IpFamily, Policy, Ruleset, SetDef, SetKind};
 
 /// The kernel's nftables, through one long-lived netlink socket.
 pub struct NftFirewall {
     socket: NetlinkSocket,
+    /// Sequence number of the next dump request, so stale replies are told apart.
+    dump_seq: u32,
 }
 
 impl NftFirewall {
     /// Opens the netlink socket in the calling thread's network namespace.
     pub fn open() -> Result<Self, FirewallError> {
         let socket = NetlinkSocket::open().map_err(FirewallError::OpenSocket)?;
-        Ok(Self { socket })
+        Ok(Self {
+            socket,
+            dump_seq: 1 << 24,
+        })
     }
 
-    fn send(&self, table: &str, batch: &LabelledBatch) -> Result<(), FirewallError> {
-        let pages: Vec<&[u8]> = batch.batch.iter().collect();
-        let seqs = batch.batch.sequence_numbers();
-        self.socket.transact(&pages, seqs).map_err(|e| match e {
+    fn map_error(table: &str, batch: Option<&LabelledBatch>, e: TransactError) -> FirewallError {
+        match e {
             TransactError::Send(source) => FirewallError::SendBatch {
                 table: table.to_owned(),
                 source,
@@ -54,10 +60,59 @@ impl NftFirewall {
             },
             TransactError::Refused(refusal) => FirewallError::Refused {
                 table: table.to_owned(),
-                what: batch.label(refusal.seq),
+                what: batch.map_or_else(|| "the request".to_owned(), |b| b.label(refusal.seq)),
                 source: std::io::Error::from_raw_os_error(refusal.errno),
             },
-        })
+        }
+    }
+
+    fn send(&self, table: &str, batch: &LabelledBatch) -> Result<(), FirewallError> {
+        let pages: Vec<&[u8]> = batch.batch.iter().collect();
+        let seqs = batch.batch.sequence_numbers();
+        self.socket
+            .transact(&pages, seqs)
+            .map_err(|e| Self::map_error(table, Some(batch), e))
+    }
+
+    /// One batch on one set: `add (no EXCL)` makes the element exist, `delete` removes
+    /// it, and with a `ttl` a final `add` puts it back with the new timeout.
+    fn element_batch(
+        &self,
+        table: &str,
+        set: &str,
+        addr: IpAddr,
+        ttl: Option<Duration>,
+    ) -> Result<(), FirewallError> {
+        let invalid = |detail| FirewallError::InvalidRuleset {
+            table: table.to_owned(),
+            detail,
+        };
+        let (t, s) = (
+            cstring(table).map_err(invalid)?,
+            cstring(set).map_err(invalid)?,
+        );
+        let placeholder = ttl.unwrap_or(Duration::from_secs(1));
+        let mut ensure = ElemMsg::new(&t, &s, 0, false);
+        ensure.push(addr, Some(placeholder));
+        let mut delete = ElemMsg::new(&t, &s, 0, false);
+        delete.push(addr, None);
+        let mut builder = Builder::new();
+        builder.add(
+            &ensure,
+            MsgType::Add,
+            format!("element {addr} in set {set}"),
+        );
+        builder.add(
+            &delete,
+            MsgType::Del,
+            format!("element {addr} in set {set} (delete)"),
+        );
+        if let Some(ttl) = ttl {
+            let mut add = ElemMsg::new(&t, &s, 0, true);
+            add.push(addr, Some(ttl));
+            builder.add(&add, MsgType::Add, format!("element {addr} in set {set}"));
+        }
+        self.send(table, &builder.finish())
     }
 }
 
@@ -90,6 +145,46 @@ impl Firewall for NftFirewall {
             format!("table inet {table} (delete)"),
         );
         self.send(table, &builder.finish())
+    }
+
+    fn add_element(
+        &mut self,
+        table: &str,
+        set: &str,
+        addr: IpAddr,
+        ttl: Duration,
+    ) -> Result<(), FirewallError> {
+        self.element_batch(table, set, addr, Some(ttl))
+    }
+
+    fn remove_element(
+        &mut self,
+        table: &str,
+        set: &str,
+        addr: IpAddr,
+    ) -> Result<(), FirewallError> {
+        self.element_batch(table, set, addr, None)
+    }
+
+    fn elements(&mut self, table: &str, set: &str) -> Result<Vec<Element>, FirewallError> {
+        let invalid = |detail| FirewallError::InvalidRuleset {
+            table: table.to_owned(),
+            detail,
+        };
+        let (t, s) = (
+            cstring(table).map_err(invalid)?,
+            cstring(set).map_err(invalid)?,
+        );
+        self.dump_seq = self.dump_seq.wrapping_add(1);
+        let request = elements::dump_request(&t, &s, self.dump_seq);
+        let messages = self
+            .socket
+            .dump(&request, self.dump_seq)
+            .map_err(|e| Self::map_error(table, None, e))?;
+        Ok(messages
+            .iter()
+            .flat_map(|m| elements::parse_dump_message(m))
+            .collect())
     }
 }
 
@@ -166,6 +261,14 @@ fn replace_batch(ruleset: &Ruleset) -> Result<LabelledBatch, String> {
             IpFamily::V6 => add_set::<Ipv6Addr>(&mut builder, &table, def, id)?,
         }
         set_ids.insert(def.name.as_str(), id);
+        if !def.elements.is_empty() {
+            let mut elems = ElemMsg::new(&name, &cstring(&def.name)?, id, true);
+            for e in &def.elements {
+                elems.push(e.addr, e.expires_in);
+            }
+            let label = format!("elements of set {}", def.name);
+            builder.add(&elems, MsgType::Add, label);
+        }
     }
     let set_id = |name: &str| set_ids.get(name).copied();
     for def in &ruleset.chains {

@@ -26,6 +26,9 @@ const SOCKET_BUFFER: usize = 4 << 20;
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 const NLMSG_HDRLEN: usize = 16;
 const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+/// Most messages a dump may return before it is cut off (bounded reads).
+const MAX_DUMP_MESSAGES: usize = 1 << 20;
 
 /// A refused message: its sequence number and the kernel's errno.
 #[derive(Debug)]
@@ -110,6 +113,74 @@ impl NetlinkSocket {
             None => Ok(()),
         }
     }
+}
+
+impl NetlinkSocket {
+    /// Sends one dump request (a single message with sequence number `seq`) and returns
+    /// every reply message, each copied into 4-byte-aligned storage for libnftnl.
+    pub(super) fn dump(&self, request: &[u8], seq: u32) -> Result<Vec<Vec<u32>>, TransactError> {
+        let kernel = NetlinkAddr::new(0, 0);
+        sendmsg(
+            self.fd.as_raw_fd(),
+            &[IoSlice::new(request)],
+            &[],
+            MsgFlags::empty(),
+            Some(&kernel),
+        )
+        .map_err(|e| TransactError::Send(e.into()))?;
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let len = match recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+                Ok(len) => len,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(TransactError::Receive(e.into())),
+            };
+            let mut rest = &buf[..len];
+            while rest.len() >= NLMSG_HDRLEN {
+                let msg_len = usize::try_from(u32_at(rest, 0)).unwrap_or(usize::MAX);
+                if msg_len < NLMSG_HDRLEN || msg_len > rest.len() {
+                    return Err(TransactError::BadReply(format!(
+                        "dump message length {msg_len}"
+                    )));
+                }
+                let kind = u16::from_ne_bytes([rest[4], rest[5]]);
+                let msg_seq = u32_at(rest, 8);
+                let message = &rest[..msg_len];
+                rest = rest.get(msg_len.div_ceil(4) * 4..).unwrap_or(&[]);
+                if msg_seq != seq {
+                    continue; // a stale reply to an earlier request
+                }
+                match kind {
+                    NLMSG_DONE => return Ok(out),
+                    NLMSG_ERROR => {
+                        let acks = parse_acks(message).map_err(TransactError::BadReply)?;
+                        if let Some(refusal) = acks.into_iter().find(|a| a.errno != 0) {
+                            return Err(TransactError::Refused(refusal));
+                        }
+                    }
+                    _ => {
+                        if out.len() >= MAX_DUMP_MESSAGES {
+                            return Err(TransactError::BadReply("dump too long".to_owned()));
+                        }
+                        out.push(aligned(message));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `bytes` copied into `u32` storage, so a `nlmsghdr` can be read from its start.
+fn aligned(bytes: &[u8]) -> Vec<u32> {
+    bytes
+        .chunks(4)
+        .map(|c| {
+            let mut word = [0u8; 4];
+            word[..c.len()].copy_from_slice(c);
+            u32::from_ne_bytes(word)
+        })
+        .collect()
 }
 
 /// The acknowledgements (`NLMSG_ERROR` messages; errno 0 means success) in one datagram.

@@ -211,3 +211,26 @@ fn grant_sets_carry_the_timeout_flag() {
         assert_eq!(set.kind, SetKind::Grants);
     }
 }
+
+#[test]
+fn banned_knockers_are_dropped_before_the_meter() {
+    let rules = rules_text(&baseline(&Config::default(), &resolvers()), Hook::Input);
+    let ban = rules
+        .iter()
+        .position(|r| r == "udp dport 62201 ip saddr @knock_ban_v4 drop")
+        .expect("ban rule");
+    let meter = rules
+        .iter()
+        .position(|r| r.starts_with("udp dport 62201 update @knock_meter_v4"))
+        .unwrap();
+    assert!(ban < meter);
+    assert!(rules.contains(&"udp dport 62201 ip6 saddr @knock_ban_v6 drop".to_owned()));
+}
+
+#[test]
+fn ban_off_means_no_ban_sets_or_rules() {
+    let mut config = Config::default();
+    config.knock.ban.enabled = false;
+    let text = baseline(&config, &resolvers()).to_string();
+    assert!(!text.contains("knock_ban"), "{text}");
+}

@@ -1,0 +1,200 @@
+//! Set elements: the messages that add, refresh and delete grants, and the dump
+//! that reads a set back. nftnl's safe API always sends element adds with
+//! `NLM_F_EXCL` and cannot read elements at all, so this builds raw libnftnl sets.
+//!
+//! Refresh without kernel 6.12's re-add semantics: `add (no EXCL); delete; add` in
+//! one batch works whether or not the element exists, on 6.1 and later.
+
+use std::ffi::{CStr, c_void};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::raw::c_char;
+use std::ptr::NonNull;
+use std::time::Duration;
+
+use nftnl::nftnl_sys::{self as sys, libc};
+use nftnl::{MsgType, NlMsg, ProtoFamily};
+
+use crate::ruleset::Element;
+
+/// A raw libnftnl set holding the elements of one message; freed on drop.
+pub(super) struct ElemMsg {
+    set: NonNull<sys::nftnl_set>,
+    /// Add with `NLM_F_EXCL` (fail if present) rather than create-or-keep.
+    exclusive: bool,
+}
+
+impl ElemMsg {
+    /// An empty element list for set `set` (id `set_id` in this batch, 0 if it already
+    /// exists) in the inet table `table`.
+    pub(super) fn new(table: &CStr, set: &CStr, set_id: u32, exclusive: bool) -> Self {
+        // SAFETY: allocation has no preconditions; NULL (out of memory) aborts below.
+        let raw = unsafe { sys::nftnl_set_alloc() };
+        let raw = NonNull::new(raw).unwrap_or_else(|| std::process::abort());
+        let family = u32::try_from(libc::NFPROTO_INET).unwrap_or(1);
+        // SAFETY: `raw` is live; libnftnl copies the strings and values.
+        unsafe { sys::nftnl_set_set_str(raw.as_ptr(), attr(sys::NFTNL_SET_TABLE), table.as_ptr()) };
+        // SAFETY: as above.
+        unsafe { sys::nftnl_set_set_str(raw.as_ptr(), attr(sys::NFTNL_SET_NAME), set.as_ptr()) };
+        // SAFETY: as above.
+        unsafe { sys::nftnl_set_set_u32(raw.as_ptr(), attr(sys::NFTNL_SET_FAMILY), family) };
+        if set_id != 0 {
+            // SAFETY: as above.
+            unsafe { sys::nftnl_set_set_u32(raw.as_ptr(), attr(sys::NFTNL_SET_ID), set_id) };
+        }
+        Self {
+            set: raw,
+            exclusive,
+        }
+    }
+
+    /// Adds `addr` to the list, to expire after `timeout` (rounded up to whole ms).
+    pub(super) fn push(&mut self, addr: IpAddr, timeout: Option<Duration>) {
+        // SAFETY: allocation has no preconditions; NULL aborts below.
+        let elem = unsafe { sys::nftnl_set_elem_alloc() };
+        let elem = NonNull::new(elem).unwrap_or_else(|| std::process::abort());
+        let key: Vec<u8> = match addr {
+            IpAddr::V4(a) => a.octets().to_vec(),
+            IpAddr::V6(a) => a.octets().to_vec(),
+        };
+        let len = u32::try_from(key.len()).unwrap_or(16);
+        // SAFETY: `elem` is live; `key` is `len` readable bytes that libnftnl copies.
+        unsafe {
+            sys::nftnl_set_elem_set(
+                elem.as_ptr(),
+                attr(sys::NFTNL_SET_ELEM_KEY),
+                key.as_ptr().cast::<c_void>(),
+                len,
+            );
+        }
+        if let Some(timeout) = timeout {
+            let ms = u64::try_from(timeout.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1);
+            // SAFETY: `elem` is live; libnftnl copies the value.
+            unsafe {
+                sys::nftnl_set_elem_set_u64(elem.as_ptr(), attr(sys::NFTNL_SET_ELEM_TIMEOUT), ms);
+            }
+        }
+        // SAFETY: both are live; the set takes ownership of `elem` and frees it with itself.
+        unsafe { sys::nftnl_set_elem_add(self.set.as_ptr(), elem.as_ptr()) };
+    }
+}
+
+impl Drop for ElemMsg {
+    fn drop(&mut self) {
+        // SAFETY: `self.set` came from `nftnl_set_alloc` and is freed exactly once, here.
+        unsafe { sys::nftnl_set_free(self.set.as_ptr()) };
+    }
+}
+
+// SAFETY: `write` builds one message into the buffer nftnl's batch hands it, which is
+// at least `nft_nlmsg_maxsize()` bytes, the bound libnftnl assumes.
+unsafe impl NlMsg for ElemMsg {
+    unsafe fn write(&self, buf: *mut c_void, seq: u32, msg_type: MsgType) {
+        let (kind, flags) = match msg_type {
+            MsgType::Add if self.exclusive => (
+                libc::NFT_MSG_NEWSETELEM,
+                libc::NLM_F_CREATE | libc::NLM_F_EXCL | libc::NLM_F_ACK,
+            ),
+            MsgType::Add => (
+                libc::NFT_MSG_NEWSETELEM,
+                libc::NLM_F_CREATE | libc::NLM_F_ACK,
+            ),
+            MsgType::Del => (libc::NFT_MSG_DELSETELEM, libc::NLM_F_ACK),
+        };
+        let family = u16::try_from(ProtoFamily::Inet as i32).unwrap_or(1);
+        // SAFETY: `buf` is the batch's current message buffer (see the impl's comment).
+        let header = unsafe {
+            sys::nftnl_nlmsg_build_hdr(
+                buf.cast::<c_char>(),
+                u16::try_from(kind).unwrap_or(0),
+                family,
+                u16::try_from(flags).unwrap_or(0),
+                seq,
+            )
+        };
+        // SAFETY: `header` was just built in `buf`; `self.set` is live.
+        unsafe { sys::nftnl_set_elems_nlmsg_build_payload(header, self.set.as_ptr()) };
+    }
+}
+
+/// The GETSETELEM dump request for `set` in `table`.
+pub(super) fn dump_request(table: &CStr, set: &CStr, seq: u32) -> Vec<u8> {
+    let msg = ElemMsg::new(table, set, 0, false);
+    let size = usize::try_from(nftnl::nft_nlmsg_maxsize()).unwrap_or(65536);
+    let mut buf = vec![0u8; size];
+    let family = u16::try_from(ProtoFamily::Inet as i32).unwrap_or(1);
+    let flags = u16::try_from(libc::NLM_F_DUMP).unwrap_or(0);
+    let kind = u16::try_from(libc::NFT_MSG_GETSETELEM).unwrap_or(0);
+    // SAFETY: `buf` holds `nft_nlmsg_maxsize()` bytes, the bound libnftnl writes within.
+    let header = unsafe {
+        sys::nftnl_nlmsg_build_hdr(buf.as_mut_ptr().cast::<c_char>(), kind, family, flags, seq)
+    };
+    // SAFETY: `header` points into `buf`; `msg.set` is live.
+    unsafe { sys::nftnl_set_elems_nlmsg_build_payload(header, msg.set.as_ptr()) };
+    // SAFETY: `header` points at the header just written into `buf`.
+    let len = unsafe { (*header).nlmsg_len };
+    buf.truncate(usize::try_from(len).unwrap_or(0));
+    buf
+}
+
+/// The elements in one NEWSETELEM message of a dump. `message` is one whole netlink
+/// message copied into 4-byte-aligned storage.
+pub(super) fn parse_dump_message(message: &[u32]) -> Vec<Element> {
+    let mut out = Vec::new();
+    // SAFETY: allocation has no preconditions; NULL aborts below.
+    let set = unsafe { sys::nftnl_set_alloc() };
+    let Some(set) = NonNull::new(set) else {
+        std::process::abort()
+    };
+    let header = message.as_ptr().cast::<libc::nlmsghdr>();
+    // SAFETY: `message` is an aligned, complete netlink message from the kernel
+    // (the caller checked its length field); libnftnl only reads within nlmsg_len.
+    let parsed = unsafe { sys::nftnl_set_elems_nlmsg_parse(header, set.as_ptr()) };
+    if parsed >= 0 {
+        let data: *mut c_void = (&raw mut out).cast();
+        // SAFETY: `set` is live; `collect` only runs during this call, while `out` lives.
+        unsafe { sys::nftnl_set_elem_foreach(set.as_ptr(), Some(collect), data) };
+    }
+    // SAFETY: `set` came from `nftnl_set_alloc` and is freed once, here.
+    unsafe { sys::nftnl_set_free(set.as_ptr()) };
+    out
+}
+
+/// `nftnl_set_elem_foreach` callback: appends one element to the `Vec<Element>` in `data`.
+extern "C" fn collect(elem: *mut sys::nftnl_set_elem, data: *mut c_void) -> i32 {
+    // SAFETY: `data` is the `&mut Vec<Element>` passed by `parse_dump_message`.
+    let out = unsafe { &mut *data.cast::<Vec<Element>>() };
+    let mut len = 0u32;
+    // SAFETY: `elem` is live for the callback; libnftnl returns a pointer to `len` bytes.
+    let key = unsafe { sys::nftnl_set_elem_get(elem, attr(sys::NFTNL_SET_ELEM_KEY), &raw mut len) };
+    if key.is_null() {
+        return 0;
+    }
+    let len = usize::try_from(len).unwrap_or(0);
+    // SAFETY: libnftnl guarantees `len` readable bytes at `key` while `elem` lives.
+    let bytes = unsafe { std::slice::from_raw_parts(key.cast::<u8>(), len) };
+    let addr = match len {
+        4 => <[u8; 4]>::try_from(bytes)
+            .ok()
+            .map(|b| IpAddr::V4(Ipv4Addr::from(b))),
+        16 => <[u8; 16]>::try_from(bytes)
+            .ok()
+            .map(|b| IpAddr::V6(Ipv6Addr::from(b))),
+        _ => None,
+    };
+    // SAFETY: `elem` is live; absent attributes read as 0.
+    let expires_ms =
+        unsafe { sys::nftnl_set_elem_get_u64(elem, attr(sys::NFTNL_SET_ELEM_EXPIRATION)) };
+    if let Some(addr) = addr {
+        out.push(Element {
+            addr,
+            expires_in: (expires_ms > 0).then(|| Duration::from_millis(expires_ms)),
+        });
+    }
+    0
+}
+
+fn attr(a: u32) -> u16 {
+    u16::try_from(a).unwrap_or(u16::MAX)
+}
