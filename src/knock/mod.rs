@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod packet;
 pub mod replay;
+pub mod verify;
 
 pub use auth::{KeyId, Secret};
 pub use packet::{AddressClaim, Knock, Service};

@@ -207,3 +207,74 @@ proptest! {
         prop_assert!(!accepts(&bytes, &secret(3), &server()));
     }
 }
+
+mod authenticate {
+    use super::*;
+    use crate::knock::verify::{Refusal, authenticate};
+
+    const NOW: u64 = 1_790_000_000;
+
+    fn ring(id: &KeyId) -> Option<&'static Secret> {
+        static KEY: std::sync::OnceLock<Secret> = std::sync::OnceLock::new();
+        (id.as_str() == "alice-laptop").then(|| KEY.get_or_init(|| secret(1)))
+    }
+
+    fn sealed(timestamp: u64, key: u8, id: &str) -> [u8; PACKET_LEN] {
+        let mut k = knock(AddressClaim::PacketSource);
+        k.timestamp = timestamp;
+        k.key_id = KeyId::new(id).unwrap();
+        seal(&k, &secret(key), &server())
+    }
+
+    #[test]
+    fn an_authentic_timely_knock_passes() {
+        let k = authenticate(
+            &sealed(NOW + 5, 1, "alice-laptop"),
+            ring,
+            &server(),
+            NOW,
+            30,
+        )
+        .unwrap();
+        assert_eq!(k.timestamp, NOW + 5);
+    }
+
+    #[test]
+    fn refusals_in_check_order() {
+        let r = |bytes: &[u8]| authenticate(bytes, ring, &server(), NOW, 30).unwrap_err();
+        assert_eq!(r(&[0u8; 10]), Refusal::Shape(ShapeError::Size(10)));
+        let unknown = KeyId::new("mallory").unwrap();
+        assert_eq!(r(&sealed(NOW, 1, "mallory")), Refusal::UnknownKey(unknown));
+        let alice = KeyId::new("alice-laptop").unwrap();
+        assert_eq!(
+            r(&sealed(NOW, 2, "alice-laptop")),
+            Refusal::BadMac(alice.clone())
+        );
+        // A forged knock with a bad clock is reported as forged, not as a clock problem.
+        assert_eq!(
+            r(&sealed(NOW - 500, 2, "alice-laptop")),
+            Refusal::BadMac(alice.clone())
+        );
+        assert_eq!(
+            r(&sealed(NOW - 31, 1, "alice-laptop")),
+            Refusal::Clock {
+                key: alice.clone(),
+                skew_secs: -31
+            }
+        );
+        assert_eq!(
+            r(&sealed(NOW + 31, 1, "alice-laptop")),
+            Refusal::Clock {
+                key: alice,
+                skew_secs: 31
+            }
+        );
+    }
+
+    #[test]
+    fn the_skew_window_is_inclusive() {
+        for ts in [NOW - 30, NOW + 30] {
+            assert!(authenticate(&sealed(ts, 1, "alice-laptop"), ring, &server(), NOW, 30).is_ok());
+        }
+    }
+}

@@ -1,0 +1,336 @@
+//! The daemon's book of grants: ids, who asked, when, until when. The kernel's sets
+//! are what close holes on time; the book is for naming, listing and early revoke.
+//!
+//! One record per (service, address): a new grant for an address that has one
+//! extends it and keeps its id. At start the book is reconciled with the kernel's
+//! sets, so grants survive a restart. Pure, except `load`/`save` of its JSON file.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ruleset::Element;
+use crate::state::{StateError, write_atomically};
+
+/// One open hole.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantRecord {
+    /// Short id for `knockgate revoke`.
+    pub id: String,
+    /// What is open (`ssh`).
+    pub service: String,
+    /// For which source address.
+    pub address: IpAddr,
+    /// Who asked: `key alice-laptop`, `uid 0`, or `recovered` (found in the kernel at
+    /// start with no record).
+    pub who: String,
+    /// Unix seconds when it was granted (or last extended).
+    pub granted_at: u64,
+    /// Unix seconds when the kernel closes it.
+    pub expires_at: u64,
+}
+
+/// Whether a grant opened a new hole or extended one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Granted {
+    /// A new hole.
+    New,
+    /// An existing hole for the same address, now open longer.
+    Extended,
+}
+
+/// All grants by id.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct GrantBook {
+    records: BTreeMap<String, GrantRecord>,
+}
+
+impl GrantBook {
+    /// Records a grant of `service` for `address` until `now + ttl`; returns the record
+    /// and whether it is new. `new_id` is called only for a new hole.
+    pub fn grant(
+        &mut self,
+        service: &str,
+        address: IpAddr,
+        who: &str,
+        now: u64,
+        ttl: Duration,
+        new_id: impl FnOnce() -> String,
+    ) -> (GrantRecord, Granted) {
+        let expires_at = now.saturating_add(ttl.as_secs());
+        if let Some(existing) = self
+            .records
+            .values_mut()
+            .find(|r| r.service == service && r.address == address)
+        {
+            who.clone_into(&mut existing.who);
+            existing.granted_at = now;
+            existing.expires_at = expires_at;
+            return (existing.clone(), Granted::Extended);
+        }
+        let record = GrantRecord {
+            id: new_id(),
+            service: service.to_owned(),
+            address,
+            who: who.to_owned(),
+            granted_at: now,
+            expires_at,
+        };
+        self.records.insert(record.id.clone(), record.clone());
+        (record, Granted::New)
+    }
+
+    /// Removes the grant `id`.
+    pub fn revoke(&mut self, id: &str) -> Option<GrantRecord> {
+        self.records.remove(id)
+    }
+
+    /// Removes and returns the grants whose time is over.
+    pub fn expire(&mut self, now: u64) -> Vec<GrantRecord> {
+        let gone: Vec<String> = self
+            .records
+            .values()
+            .filter(|r| r.expires_at <= now)
+            .map(|r| r.id.clone())
+            .collect();
+        gone.iter()
+            .filter_map(|id| self.records.remove(id))
+            .collect()
+    }
+
+    /// Makes the `service` records agree with what the kernel's set holds: records
+    /// without an element are dropped; elements without a record get one marked
+    /// `recovered`; expiry times are taken from the kernel.
+    pub fn reconcile(
+        &mut self,
+        service: &str,
+        kernel: &[Element],
+        now: u64,
+        mut new_id: impl FnMut() -> String,
+    ) {
+        self.records
+            .retain(|_, r| r.service != service || kernel.iter().any(|e| e.addr == r.address));
+        for element in kernel {
+            let expires_at = element
+                .expires_in
+                .map_or(u64::MAX, |d| now.saturating_add(d.as_secs()));
+            if let Some(record) = self
+                .records
+                .values_mut()
+                .find(|r| r.service == service && r.address == element.addr)
+            {
+                record.expires_at = expires_at;
+            } else {
+                let record = GrantRecord {
+                    id: new_id(),
+                    service: service.to_owned(),
+                    address: element.addr,
+                    who: "recovered".to_owned(),
+                    granted_at: now,
+                    expires_at,
+                };
+                self.records.insert(record.id.clone(), record);
+            }
+        }
+    }
+
+    /// Every grant, by id.
+    pub fn iter(&self) -> impl Iterator<Item = &GrantRecord> {
+        self.records.values()
+    }
+
+    /// The grant `id`.
+    #[must_use]
+    pub fn get(&self, id: &str) -> Option<&GrantRecord> {
+        self.records.get(id)
+    }
+
+    /// Reads the book saved in `path`; a missing file is an empty book.
+    pub fn load(path: &Path) -> Result<Self, StateError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(source) => {
+                return Err(StateError::File {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        };
+        // A damaged book is not fatal: the kernel's sets are the truth, and
+        // `reconcile` rebuilds the records from them.
+        let records: Vec<GrantRecord> = serde_json::from_str(&text).unwrap_or_default();
+        Ok(Self {
+            records: records.into_iter().map(|r| (r.id.clone(), r)).collect(),
+        })
+    }
+
+    /// Saves the book to `path` atomically.
+    pub fn save(&self, path: &Path) -> Result<(), StateError> {
+        let records: Vec<&GrantRecord> = self.records.values().collect();
+        let text = serde_json::to_vec_pretty(&records).unwrap_or_default();
+        write_atomically(&path.with_extension("tmp"), path, &text)
+    }
+}
+
+/// A fresh random grant id: 8 hex digits.
+#[must_use]
+pub fn new_id() -> String {
+    let mut bytes = [0u8; 4];
+    // Without randomness, fall back to the clock: ids only need to be unique locally.
+    if getrandom::fill(&mut bytes).is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        bytes = nanos.to_be_bytes();
+    }
+    format!("{:08x}", u32::from_be_bytes(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn ids() -> impl FnMut() -> String {
+        let mut n = 0;
+        move || {
+            n += 1;
+            format!("g{n}")
+        }
+    }
+
+    #[test]
+    fn a_second_grant_for_the_same_address_extends_the_first() {
+        let mut book = GrantBook::default();
+        let mut id = ids();
+        let (first, kind) = book.grant(
+            "ssh",
+            ip("192.0.2.1"),
+            "key a",
+            100,
+            Duration::from_secs(60),
+            &mut id,
+        );
+        assert_eq!(kind, Granted::New);
+        let (second, kind) = book.grant(
+            "ssh",
+            ip("192.0.2.1"),
+            "key b",
+            130,
+            Duration::from_secs(60),
+            &mut id,
+        );
+        assert_eq!(kind, Granted::Extended);
+        assert_eq!(second.id, first.id);
+        assert_eq!(second.expires_at, 190);
+        assert_eq!(book.iter().count(), 1);
+    }
+
+    #[test]
+    fn expiry_and_revoke_remove_records() {
+        let mut book = GrantBook::default();
+        let mut id = ids();
+        book.grant(
+            "ssh",
+            ip("192.0.2.1"),
+            "key a",
+            100,
+            Duration::from_secs(10),
+            &mut id,
+        );
+        let (b, _) = book.grant(
+            "ssh",
+            ip("2001:db8::1"),
+            "uid 0",
+            100,
+            Duration::from_secs(100),
+            &mut id,
+        );
+        let gone = book.expire(110);
+        assert_eq!(gone.len(), 1);
+        assert_eq!(
+            book.revoke(&b.id).map(|r| r.address),
+            Some(ip("2001:db8::1"))
+        );
+        assert_eq!(book.iter().count(), 0);
+    }
+
+    #[test]
+    fn reconcile_follows_the_kernel() {
+        let mut book = GrantBook::default();
+        let mut id = ids();
+        book.grant(
+            "ssh",
+            ip("192.0.2.1"),
+            "key a",
+            100,
+            Duration::from_secs(60),
+            &mut id,
+        );
+        book.grant(
+            "ssh",
+            ip("192.0.2.2"),
+            "key a",
+            100,
+            Duration::from_secs(60),
+            &mut id,
+        );
+        let kernel = [
+            Element {
+                addr: ip("192.0.2.1"),
+                expires_in: Some(Duration::from_secs(40)),
+            },
+            Element {
+                addr: ip("192.0.2.9"),
+                expires_in: Some(Duration::from_secs(5)),
+            },
+        ];
+        book.reconcile("ssh", &kernel, 120, &mut id);
+        let mut seen: Vec<(IpAddr, String, u64)> = book
+            .iter()
+            .map(|r| (r.address, r.who.clone(), r.expires_at))
+            .collect();
+        seen.sort();
+        assert_eq!(
+            seen,
+            vec![
+                (ip("192.0.2.1"), "key a".into(), 160),
+                (ip("192.0.2.9"), "recovered".into(), 125)
+            ]
+        );
+    }
+
+    #[test]
+    fn the_book_round_trips_through_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("grants.json");
+        assert_eq!(GrantBook::load(&path).unwrap(), GrantBook::default());
+        let mut book = GrantBook::default();
+        book.grant(
+            "ssh",
+            ip("192.0.2.1"),
+            "key a",
+            100,
+            Duration::from_secs(60),
+            new_id,
+        );
+        book.save(&path).unwrap();
+        assert_eq!(GrantBook::load(&path).unwrap(), book);
+        std::fs::write(&path, "{not json").unwrap();
+        assert_eq!(GrantBook::load(&path).unwrap(), GrantBook::default());
+    }
+
+    #[test]
+    fn ids_are_short_and_differ() {
+        let (a, b) = (new_id(), new_id());
+        assert_eq!(a.len(), 8);
+        assert_ne!(a, b);
+    }
+}
