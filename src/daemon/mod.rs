@@ -4,6 +4,8 @@
 //! Generic over [`Firewall`], so the start/stop decisions are unit-tested with the
 //! in-memory firewall. Every decision is logged on the audit target.
 
+pub mod core;
+
 use std::time::Instant;
 
 use tracing::{info, warn};

@@ -1,0 +1,314 @@
+//! The daemon's decisions, with the firewall, the grant book, the replay guard and
+//! the ban counter it owns. Generic over [`Firewall`]: unit tests call
+//! [`Core::knock`] with a chosen source address and the in-memory firewall, no
+//! sockets and no root. Time is passed in.
+//!
+//! Order for a knock (docs/PROTOCOL.md): authenticate (shape, key, MAC, clock) →
+//! replay guard → policy → persist the nonce (fsync) → kernel → book.
+
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+
+use crate::firewall::{Firewall, FirewallError};
+use crate::grants::{GrantBook, GrantRecord, Granted, new_id};
+use crate::knock::auth::ServerId;
+use crate::knock::replay::{ReplayError, ReplayGuard};
+use crate::knock::verify::{Refusal, authenticate};
+use crate::knock::{KeyId, Service};
+use crate::policy::{self, KeyRing, Limits, PolicyRefusal};
+use crate::ruleset::IpFamily;
+use crate::ruleset::baseline::{KNOCK_BAN_V4, KNOCK_BAN_V6, SSH_GRANTS_V4, SSH_GRANTS_V6};
+use crate::state::ReplayLog;
+
+/// Most live nonces remembered; beyond it knocks are refused until old ones expire.
+pub const REPLAY_CAPACITY: usize = 1 << 16;
+/// Name of the grant book in the state directory.
+pub const BOOK_FILE: &str = "grants.json";
+
+/// The result of one knock datagram.
+#[derive(Debug)]
+pub enum KnockOutcome {
+    /// A hole was opened or extended.
+    Granted {
+        /// The grant as booked.
+        record: GrantRecord,
+        /// New or extended.
+        kind: Granted,
+        /// Whether the requested TTL was cut to a cap.
+        capped: bool,
+    },
+    /// Nothing was opened.
+    Refused {
+        /// Why.
+        reason: KnockRefusal,
+        /// Whether this refusal got the source banned from the knock port.
+        banned: bool,
+    },
+}
+
+/// Why a knock opened nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum KnockRefusal {
+    /// Shape, key, MAC or clock.
+    #[error(transparent)]
+    Auth(#[from] Refusal),
+    /// Replayed (or the guard is full).
+    #[error("{1} (key {0})")]
+    Replay(KeyId, ReplayError),
+    /// The key may not do this.
+    #[error("{1} (key {0})")]
+    Policy(KeyId, PolicyRefusal),
+    /// The nonce could not be made durable, so nothing was granted.
+    #[error("cannot persist the replay guard: {0}")]
+    State(String),
+    /// The kernel refused the grant.
+    #[error("cannot add the grant: {0}")]
+    Firewall(String),
+}
+
+impl KnockRefusal {
+    /// Whether the sender is to blame (counts toward a ban), rather than the server.
+    fn is_invalid(&self) -> bool {
+        matches!(self, Self::Auth(_) | Self::Replay(_, ReplayError::Replayed))
+    }
+}
+
+/// What the core needs from the config.
+pub struct Settings {
+    /// knockgate's table.
+    pub table: String,
+    /// The server id knocks are bound to.
+    pub server_id: ServerId,
+    /// Allowed clock skew.
+    pub skew: Duration,
+    /// Default and maximum grant lengths.
+    pub limits: Limits,
+    /// Ban settings, if banning is on: (invalid knocks allowed, within, ban length).
+    pub ban: Option<(u32, Duration, Duration)>,
+    /// Where the grant book is saved.
+    pub book_path: PathBuf,
+}
+
+/// The daemon's state and decisions.
+pub struct Core<F: Firewall> {
+    firewall: F,
+    settings: Settings,
+    keys: KeyRing,
+    guard: ReplayGuard,
+    replay_log: ReplayLog,
+    book: GrantBook,
+    invalid: Option<DefaultKeyedRateLimiter<IpAddr>>,
+}
+
+fn grant_set(addr: IpAddr) -> &'static str {
+    match IpFamily::of(addr) {
+        IpFamily::V4 => SSH_GRANTS_V4,
+        IpFamily::V6 => SSH_GRANTS_V6,
+    }
+}
+
+fn ban_set(addr: IpAddr) -> &'static str {
+    match IpFamily::of(addr) {
+        IpFamily::V4 => KNOCK_BAN_V4,
+        IpFamily::V6 => KNOCK_BAN_V6,
+    }
+}
+
+impl<F: Firewall> Core<F> {
+    /// A core over `firewall`, whose table is already in place with the live grants.
+    pub fn new(
+        firewall: F,
+        settings: Settings,
+        keys: KeyRing,
+        (replay_log, guard): (ReplayLog, ReplayGuard),
+        book: GrantBook,
+    ) -> Self {
+        let invalid = settings.ban.and_then(|(after, within, _)| {
+            let after = NonZeroU32::new(after)?;
+            let quota = Quota::with_period(within / after.get())?.allow_burst(after);
+            Some(RateLimiter::keyed(quota))
+        });
+        Self {
+            firewall,
+            settings,
+            keys,
+            guard,
+            replay_log,
+            book,
+            invalid,
+        }
+    }
+
+    /// Handles one datagram from `source` at Unix time `now`.
+    pub fn knock(&mut self, datagram: &[u8], source: IpAddr, now: u64) -> KnockOutcome {
+        match self.try_knock(datagram, source, now) {
+            Ok((record, kind, capped)) => KnockOutcome::Granted {
+                record,
+                kind,
+                capped,
+            },
+            Err(reason) => {
+                let banned = reason.is_invalid() && self.count_invalid(source);
+                KnockOutcome::Refused { reason, banned }
+            }
+        }
+    }
+
+    fn try_knock(
+        &mut self,
+        datagram: &[u8],
+        source: IpAddr,
+        now: u64,
+    ) -> Result<(GrantRecord, Granted, bool), KnockRefusal> {
+        let keys = &self.keys;
+        let skew = self.settings.skew.as_secs();
+        let knock = authenticate(
+            datagram,
+            |id| keys.get(id).map(|k| &k.secret),
+            &self.settings.server_id,
+            now,
+            skew,
+        )?;
+        let key_id = knock.key_id.clone();
+        let forget_after = knock.timestamp.saturating_add(skew);
+        self.guard
+            .admit(knock.nonce, forget_after, now)
+            .map_err(|e| KnockRefusal::Replay(key_id.clone(), e))?;
+        let Some(key) = self.keys.get(&key_id) else {
+            return Err(Refusal::UnknownKey(key_id).into());
+        };
+        let grant = policy::decide(
+            key,
+            knock.service,
+            knock.address,
+            knock.ttl_secs,
+            source,
+            self.settings.limits,
+        )
+        .map_err(|e| KnockRefusal::Policy(key_id.clone(), e))?;
+        // The nonce is on disk before the hole opens: a restart cannot reopen it.
+        self.replay_log
+            .append(&knock.nonce, forget_after)
+            .map_err(|e| KnockRefusal::State(format!("{e:#}")))?;
+        let _ = self.replay_log.compact(&self.guard);
+        let who = format!("key {key_id}");
+        let (record, kind) = self
+            .grant(knock.service, grant.address, &who, grant.ttl, now)
+            .map_err(|e| KnockRefusal::Firewall(format!("{e:#}")))?;
+        Ok((record, kind, grant.capped))
+    }
+
+    /// Counts an invalid knock from `source`; bans it when it crosses the limit.
+    fn count_invalid(&mut self, source: IpAddr) -> bool {
+        let (Some(limiter), Some((_, _, duration))) = (&self.invalid, self.settings.ban) else {
+            return false;
+        };
+        if limiter.check_key(&source).is_ok() {
+            return false;
+        }
+        let source = policy::canonical(source);
+        self.firewall
+            .add_element(&self.settings.table, ban_set(source), source, duration)
+            .is_ok()
+    }
+
+    /// Opens `service` for `address` for `ttl` on behalf of `who`, in the kernel first
+    /// and then in the book.
+    pub fn grant(
+        &mut self,
+        service: Service,
+        address: IpAddr,
+        who: &str,
+        ttl: Duration,
+        now: u64,
+    ) -> Result<(GrantRecord, Granted), FirewallError> {
+        let address = policy::canonical(address);
+        self.firewall
+            .add_element(&self.settings.table, grant_set(address), address, ttl)?;
+        let booked = self
+            .book
+            .grant(service.name(), address, who, now, ttl, new_id);
+        self.save_book();
+        Ok(booked)
+    }
+
+    /// An admin's request to open SSH: the server's cap applies, as for knocks.
+    pub fn open_ssh(
+        &mut self,
+        address: IpAddr,
+        ttl: Option<Duration>,
+        who: &str,
+        now: u64,
+    ) -> Result<(GrantRecord, Granted, bool), FirewallError> {
+        let limits = self.settings.limits;
+        let requested = ttl.map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX));
+        let (ttl, capped) = policy::cap_ttl(requested, None, limits);
+        let (record, kind) = self.grant(Service::Ssh, address, who, ttl, now)?;
+        Ok((record, kind, capped))
+    }
+
+    /// Closes grant `id` now; `Ok(None)` if there is no such grant.
+    pub fn revoke(&mut self, id: &str) -> Result<Option<GrantRecord>, FirewallError> {
+        let Some(record) = self.book.get(id).cloned() else {
+            return Ok(None);
+        };
+        self.firewall.remove_element(
+            &self.settings.table,
+            grant_set(record.address),
+            record.address,
+        )?;
+        self.book.revoke(id);
+        self.save_book();
+        Ok(Some(record))
+    }
+
+    /// Drops grants whose time is over from the book (the kernel closed them
+    /// already) and returns them, for the expiry log lines.
+    pub fn expire(&mut self, now: u64) -> Vec<GrantRecord> {
+        self.guard.expire(now);
+        let gone = self.book.expire(now);
+        if !gone.is_empty() {
+            self.save_book();
+        }
+        gone
+    }
+
+    /// The live grants.
+    pub fn grants(&mut self, now: u64) -> Vec<GrantRecord> {
+        self.expire(now);
+        self.book.iter().cloned().collect()
+    }
+
+    /// Number of keys that can knock.
+    #[must_use]
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Seconds until the next grant expires, for the daemon's expiry timer.
+    #[must_use]
+    pub fn next_expiry(&self, now: u64) -> Option<u64> {
+        self.book
+            .iter()
+            .map(|r| r.expires_at.saturating_sub(now))
+            .min()
+    }
+
+    /// The firewall, for the daemon's stop.
+    pub fn into_firewall(self) -> F {
+        self.firewall
+    }
+
+    fn save_book(&self) {
+        if let Err(e) = self.book.save(&self.settings.book_path) {
+            tracing::warn!(error = %format!("{e:#}"), "cannot save the grant book; grants stay in force");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

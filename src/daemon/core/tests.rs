@@ -1,0 +1,353 @@
+//! The knock handler with the in-memory firewall and a chosen source address:
+//! every refusal of the acceptance list, binding, capping, bans, replays across a
+//! restart. No sockets, no root.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use super::*;
+use crate::config::Config;
+use crate::firewall::memory::MemoryFirewall;
+use crate::knock::auth::seal;
+use crate::knock::{AddressClaim, Knock, Secret};
+use crate::policy::KeyEntry;
+use crate::ruleset::baseline;
+
+const NOW: u64 = 1_790_000_000;
+
+fn secret() -> Secret {
+    Secret::from_hex(&"5a".repeat(32)).unwrap()
+}
+
+fn server() -> ServerId {
+    ServerId::new("web1").unwrap()
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    core: Core<MemoryFirewall>,
+}
+
+fn keys() -> KeyRing {
+    let mut ring = KeyRing::default();
+    let entry = |services: Vec<Service>, other_source| KeyEntry {
+        secret: secret(),
+        services,
+        sources: vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()],
+        max_ttl: Some(Duration::from_secs(1800)),
+        other_source,
+    };
+    ring.insert(
+        KeyId::new("alice").unwrap(),
+        entry(vec![Service::Ssh], false),
+    );
+    ring.insert(KeyId::new("nat").unwrap(), entry(vec![Service::Ssh], true));
+    ring.insert(KeyId::new("no-ssh").unwrap(), entry(vec![], false));
+    ring
+}
+
+fn core_in(dir: &std::path::Path, now: u64) -> Core<MemoryFirewall> {
+    let mut fw = MemoryFirewall::default();
+    fw.replace(&baseline(&Config::default(), &[])).unwrap();
+    let settings = Settings {
+        table: "knockgate".into(),
+        server_id: server(),
+        skew: Duration::from_secs(30),
+        limits: Limits {
+            default_ttl: Duration::from_secs(900),
+            max_ttl: Duration::from_secs(3600),
+        },
+        ban: Some((3, Duration::from_secs(60), Duration::from_secs(600))),
+        book_path: dir.join(BOOK_FILE),
+    };
+    let replay = ReplayLog::open(dir, REPLAY_CAPACITY, now).unwrap();
+    Core::new(fw, settings, keys(), replay, GrantBook::default())
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let core = core_in(dir.path(), NOW);
+    Fixture { dir, core }
+}
+
+fn knock_bytes(key: &str, ts: u64, ttl: u32, address: AddressClaim, nonce: u8) -> Vec<u8> {
+    let k = Knock {
+        key_id: KeyId::new(key).unwrap(),
+        service: Service::Ssh,
+        timestamp: ts,
+        nonce: [nonce; 16],
+        ttl_secs: ttl,
+        address,
+    };
+    seal(&k, &secret(), &server()).to_vec()
+}
+
+fn elements(core: &mut Core<MemoryFirewall>, set: &str) -> Vec<IpAddr> {
+    core.firewall
+        .elements("knockgate", set)
+        .unwrap()
+        .iter()
+        .map(|e| e.addr)
+        .collect()
+}
+
+fn refusal(outcome: KnockOutcome) -> KnockRefusal {
+    match outcome {
+        KnockOutcome::Refused { reason, .. } => reason,
+        KnockOutcome::Granted { record, .. } => panic!("granted {record:?}"),
+    }
+}
+
+#[test]
+fn a_valid_knock_opens_ssh_for_its_source_only() {
+    let mut f = fixture();
+    let outcome = f.core.knock(
+        &knock_bytes("alice", NOW, 0, AddressClaim::PacketSource, 1),
+        ip("198.51.100.7"),
+        NOW,
+    );
+    let KnockOutcome::Granted {
+        record,
+        kind,
+        capped,
+    } = outcome
+    else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(
+        (record.address, kind, capped),
+        (ip("198.51.100.7"), Granted::New, false)
+    );
+    assert_eq!(record.expires_at, NOW + 900, "default ttl");
+    assert_eq!(record.who, "key alice");
+    assert_eq!(
+        elements(&mut f.core, SSH_GRANTS_V4),
+        vec![ip("198.51.100.7")]
+    );
+    assert!(elements(&mut f.core, SSH_GRANTS_V6).is_empty());
+}
+
+#[test]
+fn ipv6_and_mapped_sources_land_in_the_right_set() {
+    let mut f = fixture();
+    f.core.knock(
+        &knock_bytes("alice", NOW, 60, AddressClaim::PacketSource, 1),
+        ip("2001:db8::7"),
+        NOW,
+    );
+    f.core.knock(
+        &knock_bytes("alice", NOW, 60, AddressClaim::PacketSource, 2),
+        ip("::ffff:192.0.2.9"),
+        NOW,
+    );
+    assert_eq!(
+        elements(&mut f.core, SSH_GRANTS_V6),
+        vec![ip("2001:db8::7")]
+    );
+    assert_eq!(elements(&mut f.core, SSH_GRANTS_V4), vec![ip("192.0.2.9")]);
+}
+
+#[test]
+fn a_replay_opens_nothing_also_after_a_restart() {
+    let mut f = fixture();
+    let bytes = knock_bytes("alice", NOW, 60, AddressClaim::PacketSource, 1);
+    assert!(matches!(
+        f.core.knock(&bytes, ip("198.51.100.7"), NOW),
+        KnockOutcome::Granted { .. }
+    ));
+    let r = refusal(f.core.knock(&bytes, ip("198.51.100.7"), NOW + 1));
+    assert!(
+        matches!(r, KnockRefusal::Replay(_, ReplayError::Replayed)),
+        "{r}"
+    );
+    // A new daemon on the same state directory still knows the nonce.
+    let mut restarted = core_in(f.dir.path(), NOW + 2);
+    let r = refusal(restarted.knock(&bytes, ip("198.51.100.7"), NOW + 2));
+    assert!(
+        matches!(r, KnockRefusal::Replay(_, ReplayError::Replayed)),
+        "{r}"
+    );
+}
+
+#[test]
+fn stale_forged_unknown_and_malformed_knocks_open_nothing() {
+    let mut f = fixture();
+    let src = ip("198.51.100.7");
+    let stale = knock_bytes("alice", NOW - 120, 60, AddressClaim::PacketSource, 1);
+    assert!(matches!(
+        refusal(f.core.knock(&stale, src, NOW)),
+        KnockRefusal::Auth(Refusal::Clock {
+            skew_secs: -120,
+            ..
+        })
+    ));
+    let mut forged = knock_bytes("alice", NOW, 60, AddressClaim::PacketSource, 2);
+    forged[100] ^= 1;
+    assert!(matches!(
+        refusal(f.core.knock(&forged, src, NOW)),
+        KnockRefusal::Auth(Refusal::BadMac(_))
+    ));
+    let unknown = knock_bytes("mallory", NOW, 60, AddressClaim::PacketSource, 3);
+    assert!(matches!(
+        refusal(f.core.knock(&unknown, src, NOW)),
+        KnockRefusal::Auth(Refusal::UnknownKey(_))
+    ));
+    assert!(matches!(
+        refusal(f.core.knock(b"hello", src, NOW)),
+        KnockRefusal::Auth(Refusal::Shape(_))
+    ));
+    assert!(elements(&mut f.core, SSH_GRANTS_V4).is_empty());
+}
+
+#[test]
+fn a_key_without_ssh_opens_nothing() {
+    let mut f = fixture();
+    let bytes = knock_bytes("no-ssh", NOW, 60, AddressClaim::PacketSource, 1);
+    let r = refusal(f.core.knock(&bytes, ip("198.51.100.7"), NOW));
+    assert!(
+        matches!(r, KnockRefusal::Policy(_, PolicyRefusal::Service(_))),
+        "{r}"
+    );
+}
+
+#[test]
+fn a_ttl_over_the_cap_is_capped() {
+    let mut f = fixture();
+    let bytes = knock_bytes("alice", NOW, 86_400, AddressClaim::PacketSource, 1);
+    let KnockOutcome::Granted { record, capped, .. } =
+        f.core.knock(&bytes, ip("198.51.100.7"), NOW)
+    else {
+        panic!()
+    };
+    assert!(capped);
+    assert_eq!(
+        record.expires_at,
+        NOW + 1800,
+        "the key's cap (under the server's)"
+    );
+}
+
+#[test]
+fn a_knock_bound_to_another_address_is_refused_unless_the_key_allows_nat() {
+    let mut f = fixture();
+    let claim = AddressClaim::V4(Ipv4Addr::new(198, 51, 100, 7));
+    let r = refusal(f.core.knock(
+        &knock_bytes("alice", NOW, 60, claim, 1),
+        ip("203.0.113.66"),
+        NOW,
+    ));
+    assert!(
+        matches!(
+            r,
+            KnockRefusal::Policy(_, PolicyRefusal::OtherSource { .. })
+        ),
+        "{r}"
+    );
+    let ok = f.core.knock(
+        &knock_bytes("nat", NOW, 60, claim, 2),
+        ip("203.0.113.66"),
+        NOW,
+    );
+    let KnockOutcome::Granted { record, .. } = ok else {
+        panic!("{ok:?}")
+    };
+    assert_eq!(record.address, ip("198.51.100.7"));
+}
+
+#[test]
+fn a_re_knock_extends_the_same_grant() {
+    let mut f = fixture();
+    let src = ip("198.51.100.7");
+    let first = f.core.knock(
+        &knock_bytes("alice", NOW, 60, AddressClaim::PacketSource, 1),
+        src,
+        NOW,
+    );
+    let second = f.core.knock(
+        &knock_bytes("alice", NOW + 10, 600, AddressClaim::PacketSource, 2),
+        src,
+        NOW + 10,
+    );
+    let (
+        KnockOutcome::Granted { record: a, .. },
+        KnockOutcome::Granted {
+            record: b, kind, ..
+        },
+    ) = (first, second)
+    else {
+        panic!()
+    };
+    assert_eq!(
+        (a.id, kind, b.expires_at),
+        (b.id.clone(), Granted::Extended, NOW + 610)
+    );
+    assert_eq!(f.core.grants(NOW + 10).len(), 1);
+    assert_eq!(elements(&mut f.core, SSH_GRANTS_V4).len(), 1);
+}
+
+#[test]
+fn repeated_invalid_knocks_ban_the_source() {
+    let mut f = fixture();
+    let src = ip("203.0.113.66");
+    let banned: Vec<bool> = (0..5)
+        .map(|_| {
+            matches!(
+                f.core.knock(b"junk", src, NOW),
+                KnockOutcome::Refused { banned: true, .. }
+            )
+        })
+        .collect();
+    assert_eq!(
+        banned,
+        vec![false, false, false, true, true],
+        "3 allowed per minute"
+    );
+    assert_eq!(elements(&mut f.core, KNOCK_BAN_V4), vec![src]);
+    // Another source is not affected.
+    assert!(matches!(
+        f.core.knock(b"junk", ip("198.51.100.7"), NOW),
+        KnockOutcome::Refused { banned: false, .. }
+    ));
+}
+
+#[test]
+fn admin_open_revoke_and_expiry() {
+    let mut f = fixture();
+    let (record, _, capped) = f
+        .core
+        .open_ssh(
+            ip("2001:db8::9"),
+            Some(Duration::from_secs(7200)),
+            "uid 0",
+            NOW,
+        )
+        .unwrap();
+    assert!(capped, "the server's max_ttl caps admins too");
+    assert_eq!(record.expires_at, NOW + 3600);
+    assert_eq!(
+        elements(&mut f.core, SSH_GRANTS_V6),
+        vec![ip("2001:db8::9")]
+    );
+    assert_eq!(
+        f.core.revoke(&record.id).unwrap().map(|r| r.address),
+        Some(ip("2001:db8::9"))
+    );
+    assert!(elements(&mut f.core, SSH_GRANTS_V6).is_empty());
+    assert!(f.core.revoke(&record.id).unwrap().is_none());
+
+    let (short, _, _) = f
+        .core
+        .open_ssh(ip("192.0.2.1"), Some(Duration::from_secs(5)), "uid 0", NOW)
+        .unwrap();
+    assert_eq!(f.core.next_expiry(NOW), Some(5));
+    let gone = f.core.expire(NOW + 5);
+    assert_eq!(
+        gone.iter().map(|r| &r.id).collect::<Vec<_>>(),
+        vec![&short.id]
+    );
+    assert!(f.core.grants(NOW + 5).is_empty());
+}
