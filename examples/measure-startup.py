@@ -13,6 +13,7 @@ import os, statistics, subprocess, sys, tempfile, time
 daemon = sys.argv[1] if len(sys.argv) > 1 else "target/release/knockgated"
 runs = int(sys.argv[2]) if len(sys.argv) > 2 else 20
 ns = f"kgbench-{os.getpid()}"
+state_dir = tempfile.mkdtemp(prefix="kgbench-state-")
 example = os.path.join(os.path.dirname(os.path.abspath(__file__)), "knockgate.toml")
 
 
@@ -22,7 +23,8 @@ def pct(xs, p):
 
 
 def spawn():
-    env = dict(os.environ, KNOCKGATE_DNS__RESOLVERS="192.0.2.53", RUST_LOG="info")
+    env = dict(os.environ, KNOCKGATE_DNS__RESOLVERS="192.0.2.53", RUST_LOG="info",
+               KNOCKGATE_KNOCK__STATE_DIR=state_dir)
     return subprocess.Popen(["ip", "netns", "exec", ns, daemon, "--config", example],
                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, text=True)
 

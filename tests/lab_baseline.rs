@@ -305,8 +305,17 @@ fn knock_port_is_rate_limited_per_source() {
     let receiver = lab
         .in_ns(Host::Server, || std::net::UdpSocket::bind("[::]:62201"))
         .unwrap();
-    let cfg = "[knock]\nrate_per_second = 5\nburst = 10\n[dns]\nresolvers = [\"10.77.2.53\"]\n";
-    let _daemon = lab.start_daemon(&config(&lab, "k.toml", cfg));
+    // The baseline alone, applied through the library: the kernel's meter is under
+    // test here, and knockgated would hold the knock port this test listens on.
+    let mut config = knockgate::config::Config::default();
+    config.knock.rate_per_second = 5;
+    config.knock.burst = 10;
+    let ruleset = knockgate::ruleset::baseline(&config, &[]);
+    lab.in_ns(Host::Server, || {
+        use knockgate::firewall::Firewall;
+        knockgate::firewall::nft::NftFirewall::open()?.replace(&ruleset)
+    })
+    .unwrap();
     for plan in [v4(), v6()] {
         let port = sa(plan.server_from_client, 62201);
         // One source floods: the meter lets its burst through and drops the rest.

@@ -3,11 +3,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Parser;
 use knockgate::config;
-use knockgate::daemon::{Daemon, wait_for_stop_signal};
-use knockgate::firewall::nft::NftFirewall;
 use knockgate::ruleset::baseline;
 
 /// knockgate daemon: a locked-down nftables baseline with short-lived holes.
@@ -37,10 +34,7 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
         print!("{}", baseline(&loaded.config, &loaded.resolvers));
         return Ok(ExitCode::SUCCESS);
     }
-    let firewall = NftFirewall::open()?;
-    let daemon = Daemon::start(firewall, loaded).context("cannot apply the baseline")?;
-    let signal = wait_for_stop_signal().context("cannot wait for signals")?;
-    tracing::info!(signal, "stop requested");
-    daemon.stop().context("cannot stop cleanly")?;
+    let keys = config::load_keys(&loaded)?;
+    knockgate::daemon::run(loaded, keys)?;
     Ok(ExitCode::SUCCESS)
 }

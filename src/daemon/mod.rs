@@ -5,55 +5,108 @@
 //! in-memory firewall. Every decision is logged on the audit target.
 
 pub mod core;
+mod listener;
+mod run;
 
-use std::time::Instant;
+pub use run::run;
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
+use self::core::{BOOK_FILE, Core, REPLAY_CAPACITY, Settings};
 use crate::config::{Loaded, OnStop};
 use crate::firewall::{Firewall, FirewallError};
+use crate::grants::{GrantBook, new_id};
 use crate::logging::AUDIT;
-use crate::ruleset::{Hook, Ruleset, baseline};
+use crate::policy::{KeyRing, Limits};
+use crate::ruleset::baseline::{KNOCK_BAN_V4, KNOCK_BAN_V6, SSH_GRANTS_V4, SSH_GRANTS_V6};
+use crate::ruleset::{Element, Hook, Ruleset, baseline};
+use crate::state::{ReplayLog, StateError};
 
-/// A running daemon: the firewall it owns and the ruleset it applied.
+/// Why the daemon could not start; nothing in the kernel changed unless the
+/// baseline was applied (then it stays: fail closed).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The state directory is unusable (checked before the kernel is touched).
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The kernel refused the baseline.
+    #[error("cannot apply the baseline")]
+    Firewall(#[from] FirewallError),
+}
+
+/// The sets whose contents (grants, bans) survive a re-apply.
+const LIVE_SETS: [&str; 4] = [SSH_GRANTS_V4, SSH_GRANTS_V6, KNOCK_BAN_V4, KNOCK_BAN_V6];
+
+/// A running daemon: its core and the ruleset it applied.
 pub struct Daemon<F: Firewall> {
-    firewall: F,
+    core: Core<F>,
     loaded: Loaded,
     ruleset: Ruleset,
 }
 
 impl<F: Firewall> Daemon<F> {
-    /// Applies the baseline built from `loaded` in one transaction; on a refusal nothing
-    /// changed in the kernel and the error says which message was refused.
-    pub fn start(mut firewall: F, loaded: Loaded) -> Result<Self, FirewallError> {
-        let ruleset = baseline(&loaded.config, &loaded.resolvers);
+    /// Opens the state directory, then applies the baseline built from `loaded` in one
+    /// transaction, carrying the grants and bans the kernel holds with their remaining
+    /// time, and reconciles the grant book with them. `now` is Unix seconds.
+    pub fn start(
+        mut firewall: F,
+        loaded: Loaded,
+        keys: KeyRing,
+        now: u64,
+    ) -> Result<Self, StartError> {
+        let state_dir = loaded.config.knock.state_dir.clone();
+        let replay = ReplayLog::open(&state_dir, REPLAY_CAPACITY, now)?;
+        let mut ruleset = baseline(&loaded.config, &loaded.resolvers);
+        for set in &mut ruleset.sets {
+            if LIVE_SETS.contains(&set.name.as_str()) {
+                // A first start finds no table: nothing to carry.
+                set.elements = firewall
+                    .elements(&ruleset.table, &set.name)
+                    .unwrap_or_default();
+            }
+        }
         let started = Instant::now();
         firewall.replace(&ruleset)?;
-        info!(
-            target: AUDIT,
-            event = "apply",
-            table = %ruleset.table,
-            config = %loaded.path.display(),
-            rules = ruleset.rule_count(),
-            tcp_ports = ?loaded.config.inbound.tcp_ports,
-            ssh_port = loaded.config.inbound.ssh_port,
-            knock_port = loaded.config.knock.port,
-            resolvers = ?loaded.resolvers,
-            outbound = ?loaded.config.outbound,
-            forward_chain = ruleset.chain(Hook::Forward).is_some(),
-            apply_us = started.elapsed().as_micros(),
-            "baseline applied"
-        );
-        if loaded.resolvers.is_empty() && loaded.config.outbound == crate::config::Outbound::Locked
-        {
-            warn!(
-                target: AUDIT,
-                resolv_conf = %loaded.config.dns.resolv_conf.display(),
-                "no DNS resolvers configured or found: this host cannot resolve names"
-            );
+        log_applied(&loaded, &ruleset, started.elapsed());
+        let book_path = state_dir.join(BOOK_FILE);
+        let mut book = GrantBook::load(&book_path).unwrap_or_else(|e| {
+            warn!(error = %format!("{e:#}"), "cannot read the grant book; rebuilding it from the kernel");
+            GrantBook::default()
+        });
+        let live: Vec<Element> = ruleset
+            .sets
+            .iter()
+            .filter(|s| s.name == SSH_GRANTS_V4 || s.name == SSH_GRANTS_V6)
+            .flat_map(|s| s.elements.iter().copied())
+            .collect();
+        book.reconcile("ssh", &live, now, new_id);
+        for record in book.iter() {
+            info!(target: AUDIT, event = "recover", id = %record.id, address = %record.address,
+                who = %record.who, expires_at = record.expires_at, "grant still open from before the start");
         }
+        let _ = book.save(&book_path);
+        let knock = &loaded.config.knock;
+        let settings = Settings {
+            table: ruleset.table.clone(),
+            server_id: loaded.server_id.clone(),
+            skew: knock.skew.0,
+            limits: Limits {
+                default_ttl: knock.default_ttl.0,
+                max_ttl: knock.max_ttl.0,
+            },
+            ban: knock.ban.enabled.then_some((
+                knock.ban.after,
+                knock.ban.within.0,
+                knock.ban.duration.0,
+            )),
+            book_path,
+        };
+        let core = Core::new(firewall, settings, keys, replay, book);
         Ok(Self {
-            firewall,
+            core,
             loaded,
             ruleset,
         })
@@ -65,10 +118,23 @@ impl<F: Firewall> Daemon<F> {
         &self.ruleset
     }
 
-    /// Stops: leaves the baseline in place unless `on_stop = "remove"`, in which case
-    /// exactly knockgate's table (and no other) is deleted.
-    pub fn stop(mut self) -> Result<F, FirewallError> {
-        let table = &self.ruleset.table;
+    /// The daemon's decisions.
+    pub fn core(&mut self) -> &mut Core<F> {
+        &mut self.core
+    }
+
+    /// The config it runs with.
+    #[must_use]
+    pub fn loaded(&self) -> &Loaded {
+        &self.loaded
+    }
+
+    /// Stops: leaves the baseline (and the grants, which end on time in the kernel) in
+    /// place unless `on_stop = "remove"`, in which case exactly knockgate's table (and
+    /// no other) is deleted.
+    pub fn stop(self) -> Result<F, FirewallError> {
+        let table = self.ruleset.table.clone();
+        let mut firewall = self.core.into_firewall();
         match self.loaded.config.on_stop {
             OnStop::Keep => info!(
                 target: AUDIT,
@@ -77,7 +143,7 @@ impl<F: Firewall> Daemon<F> {
                 "stopping; baseline stays in force (on_stop = keep)"
             ),
             OnStop::Remove => {
-                self.firewall.remove(table)?;
+                firewall.remove(&table)?;
                 info!(
                     target: AUDIT,
                     event = "remove",
@@ -86,24 +152,49 @@ impl<F: Firewall> Daemon<F> {
                 );
             }
         }
-        Ok(self.firewall)
+        Ok(firewall)
     }
 }
 
-/// Waits for SIGTERM or SIGINT; returns the signal's name.
-pub fn wait_for_stop_signal() -> std::io::Result<&'static str> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()?;
-    runtime.block_on(async {
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        tokio::select! {
-            _ = term.recv() => Ok("SIGTERM"),
-            _ = int.recv() => Ok("SIGINT"),
-        }
-    })
+fn log_applied(loaded: &Loaded, ruleset: &Ruleset, took: Duration) {
+    let carried: usize = ruleset.sets.iter().map(|s| s.elements.len()).sum();
+    info!(
+        target: AUDIT,
+        event = "apply",
+        table = %ruleset.table,
+        config = %loaded.path.display(),
+        rules = ruleset.rule_count(),
+        tcp_ports = ?loaded.config.inbound.tcp_ports,
+        ssh_port = loaded.config.inbound.ssh_port,
+        knock_port = loaded.config.knock.port,
+        resolvers = ?loaded.resolvers,
+        outbound = ?loaded.config.outbound,
+        forward_chain = ruleset.chain(Hook::Forward).is_some(),
+        carried_elements = carried,
+        apply_us = took.as_micros(),
+        "baseline applied"
+    );
+    if loaded.resolvers.is_empty() && loaded.config.outbound == crate::config::Outbound::Locked {
+        warn!(
+            target: AUDIT,
+            resolv_conf = %loaded.config.dns.resolv_conf.display(),
+            "no DNS resolvers configured or found: this host cannot resolve names"
+        );
+    }
+}
+
+/// The current Unix time in seconds.
+#[must_use]
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The address a listener reports, as the firewall sees it.
+#[must_use]
+pub fn source_of(addr: std::net::SocketAddr) -> IpAddr {
+    crate::policy::canonical(addr.ip())
 }
 
 #[cfg(test)]
@@ -114,44 +205,110 @@ mod tests {
     use crate::config::Config;
     use crate::firewall::memory::MemoryFirewall;
 
-    fn loaded(on_stop: OnStop) -> Loaded {
+    const NOW: u64 = 1_790_000_000;
+
+    fn loaded(on_stop: OnStop, state: &std::path::Path) -> Loaded {
+        let mut config = Config {
+            on_stop,
+            ..Config::default()
+        };
+        config.knock.state_dir = state.to_owned();
         Loaded {
             path: PathBuf::from("test.toml"),
-            config: Config {
-                on_stop,
-                ..Config::default()
-            },
+            config,
             resolvers: vec!["192.0.2.53".parse().unwrap()],
             server_id: crate::knock::auth::ServerId::new("test").unwrap(),
         }
     }
 
+    fn start(
+        fw: MemoryFirewall,
+        on_stop: OnStop,
+        dir: &tempfile::TempDir,
+    ) -> Result<Daemon<MemoryFirewall>, StartError> {
+        Daemon::start(fw, loaded(on_stop, dir.path()), KeyRing::default(), NOW)
+    }
+
     #[test]
     fn start_applies_the_baseline() {
-        let daemon = Daemon::start(MemoryFirewall::default(), loaded(OnStop::Keep)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let daemon = start(MemoryFirewall::default(), OnStop::Keep, &dir).unwrap();
         let want = baseline(&Config::default(), &["192.0.2.53".parse().unwrap()]);
         assert_eq!(daemon.ruleset(), &want);
-        assert_eq!(daemon.firewall.tables.get("knockgate"), Some(&want));
+        let fw = daemon.stop().unwrap();
+        assert_eq!(fw.tables.get("knockgate"), Some(&want));
     }
 
     #[test]
     fn refused_start_is_an_error_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
         let fw = MemoryFirewall {
             refuse_next: true,
             ..MemoryFirewall::default()
         };
-        assert!(Daemon::start(fw, loaded(OnStop::Keep)).is_err());
+        assert!(matches!(
+            start(fw, OnStop::Keep, &dir),
+            Err(StartError::Firewall(_))
+        ));
+    }
+
+    #[test]
+    fn an_unusable_state_directory_stops_the_start_before_the_kernel_is_touched() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("not-a-dir");
+        std::fs::write(&file, "").unwrap();
+        let mut fw = MemoryFirewall::default();
+        let result = Daemon::start(
+            &mut fw,
+            loaded(OnStop::Keep, &file),
+            KeyRing::default(),
+            NOW,
+        );
+        assert!(matches!(result, Err(StartError::State(_))));
+        assert_eq!(fw.commits, 0);
+    }
+
+    #[test]
+    fn grants_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut daemon = start(MemoryFirewall::default(), OnStop::Keep, &dir).unwrap();
+        let addr: IpAddr = "198.51.100.7".parse().unwrap();
+        let (record, _, _) = daemon
+            .core()
+            .open_ssh(addr, Some(Duration::from_secs(600)), "uid 0", NOW)
+            .unwrap();
+        let fw = daemon.stop().unwrap();
+        let mut again = start(fw, OnStop::Keep, &dir).unwrap();
+        let grants = again.core().grants(NOW + 1);
+        assert_eq!(grants.len(), 1);
+        assert_eq!(
+            (grants[0].id.as_str(), grants[0].address),
+            (record.id.as_str(), addr)
+        );
+        let fw = again.stop().unwrap();
+        let set = fw.tables["knockgate"]
+            .sets
+            .iter()
+            .find(|s| s.name == SSH_GRANTS_V4)
+            .unwrap();
+        assert_eq!(
+            set.elements.len(),
+            1,
+            "the element was carried across the replace"
+        );
     }
 
     #[test]
     fn stop_keeps_the_baseline_by_default() {
-        let daemon = Daemon::start(MemoryFirewall::default(), loaded(OnStop::Keep)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let daemon = start(MemoryFirewall::default(), OnStop::Keep, &dir).unwrap();
         let fw = daemon.stop().unwrap();
         assert!(fw.tables.contains_key("knockgate"));
     }
 
     #[test]
     fn stop_with_remove_deletes_only_our_table() {
+        let dir = tempfile::tempdir().unwrap();
         let mut fw = MemoryFirewall::default();
         let other = Ruleset {
             table: "other".into(),
@@ -159,7 +316,7 @@ mod tests {
             chains: Vec::new(),
         };
         fw.replace(&other).unwrap();
-        let daemon = Daemon::start(fw, loaded(OnStop::Remove)).unwrap();
+        let daemon = start(fw, OnStop::Remove, &dir).unwrap();
         let fw = daemon.stop().unwrap();
         assert!(!fw.tables.contains_key("knockgate"));
         assert_eq!(fw.tables.get("other"), Some(&other));

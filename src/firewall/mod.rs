@@ -93,3 +93,36 @@ pub enum FirewallError {
         detail: String,
     },
 }
+
+impl<F: Firewall + ?Sized> Firewall for &mut F {
+    fn replace(&mut self, ruleset: &Ruleset) -> Result<(), FirewallError> {
+        (**self).replace(ruleset)
+    }
+
+    fn remove(&mut self, table: &str) -> Result<(), FirewallError> {
+        (**self).remove(table)
+    }
+
+    fn add_element(
+        &mut self,
+        table: &str,
+        set: &str,
+        addr: IpAddr,
+        ttl: Duration,
+    ) -> Result<(), FirewallError> {
+        (**self).add_element(table, set, addr, ttl)
+    }
+
+    fn remove_element(
+        &mut self,
+        table: &str,
+        set: &str,
+        addr: IpAddr,
+    ) -> Result<(), FirewallError> {
+        (**self).remove_element(table, set, addr)
+    }
+
+    fn elements(&mut self, table: &str, set: &str) -> Result<Vec<Element>, FirewallError> {
+        (**self).elements(table, set)
+    }
+}

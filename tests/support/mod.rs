@@ -395,6 +395,8 @@ impl Lab {
             .arg(env!("CARGO_BIN_EXE_knockgated"))
             .arg("--config")
             .arg(config)
+            // Each lab keeps its own replay log and grant book.
+            .env("KNOCKGATE_KNOCK__STATE_DIR", self.dir.path().join("state"))
             .stdin(Stdio::null());
         command
     }
