@@ -20,11 +20,25 @@ pub fn report(program: &str, err: &anyhow::Error) -> ExitCode {
     if let Some(hint) = hint(err) {
         eprintln!("{program}: hint: {hint}");
     }
-    if err.chain().any(<dyn std::error::Error>::is::<ConfigError>) {
+    if err.chain().any(is_usage) {
         ExitCode::from(USAGE)
     } else {
         ExitCode::from(RUNTIME)
     }
+}
+
+/// Errors that mean "the input is wrong" (exit 2) rather than "it failed" (exit 1).
+fn is_usage(e: &(dyn std::error::Error + 'static)) -> bool {
+    use crate::client::ClientError;
+    use crate::client::config::ClientConfigError;
+    e.is::<ConfigError>()
+        || e.is::<ClientConfigError>()
+        || e.is::<crate::keyfile::KeyFileError>()
+        || e.is::<crate::knock::auth::IdError>()
+        || matches!(
+            e.downcast_ref::<ClientError>(),
+            Some(ClientError::Invalid(_) | ClientError::KeyFile(_))
+        )
 }
 
 fn hint(err: &anyhow::Error) -> Option<&'static str> {

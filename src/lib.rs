@@ -17,12 +17,14 @@
 //! the one narrow [`firewall::Firewall`] door; [`daemon`] wires them together.
 //! The binaries are thin: parse arguments, call this library, map to an exit code.
 
+pub mod client;
 pub mod config;
 #[cfg(feature = "daemon")]
 pub mod daemon;
 pub mod exit;
 pub mod firewall;
 pub mod grants;
+pub mod keyfile;
 pub mod knock;
 pub mod logging;
 pub mod policy;

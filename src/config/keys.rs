@@ -2,16 +2,12 @@
 //! its owner only; anything else is refused, naming the file and the config key.
 //! The key itself never appears in an error or a log line.
 
-use std::io::Read;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use super::{ConfigError, KeySpec, Loaded};
-use crate::knock::{KeyId, Secret, Service};
+use crate::keyfile::{self, KeyFileError};
+use crate::knock::{KeyId, Service};
 use crate::policy::{KeyEntry, KeyRing};
-
-/// Longest key file read (64 hex digits plus whitespace); a larger file is not a key.
-const MAX_KEY_FILE: u64 = 256;
 
 /// Reads every `[[keys]]` file of `loaded`.
 pub fn load_keys(loaded: &Loaded) -> Result<KeyRing, ConfigError> {
@@ -27,30 +23,25 @@ pub fn load_keys(loaded: &Loaded) -> Result<KeyRing, ConfigError> {
 }
 
 fn load_key(config: &Path, key: &str, spec: &KeySpec) -> Result<KeyEntry, ConfigError> {
-    let read_error = |source| ConfigError::ReadKeyFile {
-        path: config.to_owned(),
-        key: key.to_owned(),
-        file: spec.file.clone(),
-        source,
-    };
-    let file = std::fs::File::open(&spec.file).map_err(read_error)?;
-    let mode = file.metadata().map_err(read_error)?.mode() & 0o7777;
-    if mode & 0o077 != 0 {
-        return Err(ConfigError::KeyFileMode {
-            path: config.to_owned(),
-            key: key.to_owned(),
-            file: spec.file.clone(),
-            mode,
-        });
-    }
-    let mut text = zeroize::Zeroizing::new(String::new());
-    file.take(MAX_KEY_FILE)
-        .read_to_string(&mut text)
-        .map_err(read_error)?;
-    let secret = Secret::from_hex(&text).map_err(|_| ConfigError::KeyFileContent {
-        path: config.to_owned(),
-        key: key.to_owned(),
-        file: spec.file.clone(),
+    let secret = keyfile::read(&spec.file).map_err(|e| {
+        let (path, key, file) = (config.to_owned(), key.to_owned(), spec.file.clone());
+        match e {
+            KeyFileError::Mode { mode, .. } => ConfigError::KeyFileMode {
+                path,
+                key,
+                file,
+                mode,
+            },
+            KeyFileError::Content { .. } => ConfigError::KeyFileContent { path, key, file },
+            KeyFileError::Read { source, .. } | KeyFileError::Create { source, .. } => {
+                ConfigError::ReadKeyFile {
+                    path,
+                    key,
+                    file,
+                    source,
+                }
+            }
+        }
     })?;
     Ok(KeyEntry {
         secret,

@@ -1,0 +1,276 @@
+//! The laptop side: build and send knocks, wait for the port to open, relay for
+//! ssh's `ProxyCommand`. Needs no firewall library: `knock` builds without the
+//! `daemon` feature.
+
+pub mod config;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
+use std::time::{Duration, Instant};
+
+use crate::keyfile::KeyFileError;
+use crate::knock::auth::{ServerId, seal};
+use crate::knock::{AddressClaim, KeyId, Knock, Secret, Service};
+
+/// Most addresses one name is knocked on (A and AAAA records).
+const MAX_ADDRESSES: usize = 4;
+/// How long one connection attempt of `--wait` may take.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// Why a knock could not be sent or did not open the port.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server name does not resolve.
+    #[error("cannot resolve {host}")]
+    Resolve {
+        /// The name.
+        host: String,
+        /// The resolver's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The name resolved to nothing.
+    #[error("{host} has no addresses")]
+    NoAddress {
+        /// The name.
+        host: String,
+    },
+    /// The datagram could not be sent.
+    #[error("cannot send the knock to {addr}")]
+    Send {
+        /// Where to.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// No randomness for the nonce.
+    #[error("cannot get random bytes for the nonce: {0}")]
+    Random(String),
+    /// The key file is unusable.
+    #[error(transparent)]
+    KeyFile(#[from] KeyFileError),
+    /// A key id, server id or source address in the config or flags is wrong.
+    #[error("{0}")]
+    Invalid(String),
+    /// The port did not open.
+    #[error(
+        "port {port} did not open within {} s after the knock (wrong key, server id or clock? the server's log says which)",
+        .waited.as_secs()
+    )]
+    NotOpened {
+        /// The port polled.
+        port: u16,
+        /// How long it was polled.
+        waited: Duration,
+    },
+}
+
+/// Everything needed to knock on one server.
+pub struct Target {
+    /// The name or address as the user wrote it.
+    pub host: String,
+    /// Knock port.
+    pub port: u16,
+    /// The server's id.
+    pub server_id: ServerId,
+    /// The key's id.
+    pub key_id: KeyId,
+    /// The key.
+    pub secret: Secret,
+    /// Requested grant length; `None` asks for the server's default.
+    pub ttl: Option<Duration>,
+    /// Which address the grant is for.
+    pub claim: AddressClaim,
+}
+
+/// Parses `--source`: `packet` (or nothing) for the packet's source, else an address.
+pub fn parse_claim(text: Option<&str>) -> Result<AddressClaim, ClientError> {
+    match text {
+        None | Some("packet") => Ok(AddressClaim::PacketSource),
+        Some(text) => match text.parse::<IpAddr>() {
+            Ok(IpAddr::V4(a)) => Ok(AddressClaim::V4(a)),
+            Ok(IpAddr::V6(a)) => Ok(AddressClaim::V6(a)),
+            Err(_) => Err(ClientError::Invalid(format!(
+                "source `{text}` is neither `packet` nor an IP address"
+            ))),
+        },
+    }
+}
+
+/// The addresses `host` (a name, an address, or `[v6]`) resolves to, at most four.
+pub fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, ClientError> {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let mut found: Vec<SocketAddr> = (bare, port)
+        .to_socket_addrs()
+        .map_err(|source| ClientError::Resolve {
+            host: host.to_owned(),
+            source,
+        })?
+        .collect();
+    found.dedup();
+    found.truncate(MAX_ADDRESSES);
+    if found.is_empty() {
+        return Err(ClientError::NoAddress {
+            host: host.to_owned(),
+        });
+    }
+    Ok(found)
+}
+
+/// Sends one knock, each with a fresh nonce, to every address of the target; returns
+/// the addresses knocked. Nothing ever answers, so success means "sent".
+pub fn send(target: &Target) -> Result<Vec<SocketAddr>, ClientError> {
+    let addrs = resolve(&target.host, target.port)?;
+    let ttl_secs = target
+        .ttl
+        .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX).max(1));
+    let timestamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    for &addr in &addrs {
+        let mut nonce = [0u8; 16];
+        getrandom::fill(&mut nonce).map_err(|e| ClientError::Random(e.to_string()))?;
+        let knock = Knock {
+            key_id: target.key_id.clone(),
+            service: Service::Ssh,
+            timestamp,
+            nonce,
+            ttl_secs,
+            address: target.claim,
+        };
+        let datagram = seal(&knock, &target.secret, &target.server_id);
+        let any: SocketAddr = if addr.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let send_error = |source| ClientError::Send { addr, source };
+        let socket = UdpSocket::bind(any).map_err(send_error)?;
+        socket.send_to(&datagram, addr).map_err(send_error)?;
+    }
+    Ok(addrs)
+}
+
+/// Polls `port` on `addrs` until one accepts a TCP connection or `timeout` passes;
+/// returns the open connection.
+pub fn wait_open(
+    addrs: &[SocketAddr],
+    port: u16,
+    timeout: Duration,
+) -> Result<TcpStream, ClientError> {
+    let started = Instant::now();
+    loop {
+        for addr in addrs {
+            let target = SocketAddr::new(addr.ip(), port);
+            if let Ok(stream) = TcpStream::connect_timeout(&target, PROBE_TIMEOUT) {
+                return Ok(stream);
+            }
+        }
+        if started.elapsed() >= timeout {
+            return Err(ClientError::NotOpened {
+                port,
+                waited: started.elapsed(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Relays stdin → `stream` and `stream` → stdout until both sides are done (ssh's
+/// `ProxyCommand`).
+pub fn relay(stream: &TcpStream) -> std::io::Result<()> {
+    let mut upstream = stream.try_clone()?;
+    let writer = std::thread::spawn(move || {
+        let result = copy_all(&mut std::io::stdin().lock(), &mut upstream);
+        let _ = upstream.shutdown(Shutdown::Write);
+        result
+    });
+    let mut downstream = stream.try_clone()?;
+    let read = copy_all(&mut downstream, &mut std::io::stdout().lock());
+    // When the server closes, stdin may never end; the writer thread ends with the process.
+    if writer.is_finished() {
+        writer.join().unwrap_or(Ok(()))?;
+    }
+    read
+}
+
+fn copy_all(from: &mut impl Read, to: &mut impl Write) -> std::io::Result<()> {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return to.flush(),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buf[..n])?;
+        to.flush()?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claims_parse() {
+        assert_eq!(parse_claim(None).unwrap(), AddressClaim::PacketSource);
+        assert_eq!(
+            parse_claim(Some("packet")).unwrap(),
+            AddressClaim::PacketSource
+        );
+        assert!(matches!(
+            parse_claim(Some("2001:db8::1")).unwrap(),
+            AddressClaim::V6(_)
+        ));
+        assert!(parse_claim(Some("laptop")).is_err());
+    }
+
+    #[test]
+    fn literal_addresses_resolve_without_dns() {
+        assert_eq!(
+            resolve("192.0.2.1", 62201).unwrap(),
+            vec!["192.0.2.1:62201".parse().unwrap()]
+        );
+        assert_eq!(
+            resolve("[2001:db8::1]", 1).unwrap(),
+            vec!["[2001:db8::1]:1".parse().unwrap()]
+        );
+    }
+
+    #[test]
+    fn a_knock_reaches_a_local_socket_and_verifies() {
+        let receiver = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = receiver.local_addr().unwrap().port();
+        let target = Target {
+            host: "127.0.0.1".into(),
+            port,
+            server_id: ServerId::new("web1").unwrap(),
+            key_id: KeyId::new("alice").unwrap(),
+            secret: Secret::from_hex(&"11".repeat(32)).unwrap(),
+            ttl: Some(Duration::from_secs(600)),
+            claim: AddressClaim::PacketSource,
+        };
+        send(&target).unwrap();
+        let mut buf = [0u8; 512];
+        receiver
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let (n, _) = receiver.recv_from(&mut buf).unwrap();
+        let secret = Secret::from_hex(&"11".repeat(32)).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let knock = crate::knock::verify::authenticate(
+            &buf[..n],
+            |_| Some(&secret),
+            &target.server_id,
+            now,
+            30,
+        )
+        .unwrap();
+        assert_eq!(knock.ttl_secs, 600);
+    }
+}
