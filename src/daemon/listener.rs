@@ -3,10 +3,10 @@
 //! one line each up to a rate, then counted and summarised.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::num::NonZeroU32;
 
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tracing::{info, warn};
 
 use super::core::{KnockOutcome, KnockRefusal};
@@ -17,8 +17,13 @@ use crate::logging::AUDIT;
 
 /// Receive buffer for the knock socket, so bursts queue rather than drop.
 const RECV_BUFFER: usize = 4 << 20;
-/// Refusal lines per second logged one by one; the rest are counted.
-const REFUSAL_LINES_PER_SECOND: u32 = 20;
+/// Refusal lines one source may cause in a burst, then one per `PER_SOURCE_PERIOD`;
+/// the rest are counted. So every misbehaving address shows up in the log for
+/// fail2ban, and no single one can fill it.
+const PER_SOURCE_BURST: u32 = 10;
+const PER_SOURCE_PERIOD: std::time::Duration = std::time::Duration::from_secs(6);
+/// Refusal lines per second over all sources (spoofed floods have many sources).
+const ALL_SOURCES_PER_SECOND: u32 = 50;
 
 /// Binds the knock socket on every address, IPv4 and IPv6, port `port`.
 pub(super) fn bind(port: u16) -> std::io::Result<tokio::net::UdpSocket> {
@@ -51,15 +56,20 @@ fn reason_name(reason: &KnockRefusal) -> &'static str {
 /// Logs knock outcomes without letting a flood flood the log.
 pub(super) struct KnockLog {
     lines: DefaultDirectRateLimiter,
+    per_source: Option<DefaultKeyedRateLimiter<IpAddr>>,
     refused: BTreeMap<&'static str, u64>,
     unlogged: u64,
 }
 
 impl KnockLog {
     pub(super) fn new() -> Self {
-        let per_second = NonZeroU32::new(REFUSAL_LINES_PER_SECOND).unwrap_or(NonZeroU32::MIN);
+        let all = NonZeroU32::new(ALL_SOURCES_PER_SECOND).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(PER_SOURCE_BURST).unwrap_or(NonZeroU32::MIN);
+        let per_source =
+            Quota::with_period(PER_SOURCE_PERIOD).map(|q| RateLimiter::keyed(q.allow_burst(burst)));
         Self {
-            lines: RateLimiter::direct(Quota::per_second(per_second)),
+            lines: RateLimiter::direct(Quota::per_second(all)),
+            per_source,
             refused: BTreeMap::new(),
             unlogged: 0,
         }
@@ -67,7 +77,7 @@ impl KnockLog {
 
     /// One line per grant; refusals one line each while under the rate, with the
     /// source and the reason (never the key or the packet).
-    pub(super) fn outcome(&mut self, outcome: &KnockOutcome, source: SocketAddr) {
+    pub(super) fn outcome(&mut self, outcome: &KnockOutcome, source: IpAddr) {
         match outcome {
             KnockOutcome::Granted {
                 record,
@@ -79,7 +89,7 @@ impl KnockLog {
                 id = %record.id,
                 service = %record.service,
                 address = %record.address,
-                source = %source.ip(),
+                source = %source,
                 who = %record.who,
                 expires_at = record.expires_at,
                 ttl_secs = record.expires_at.saturating_sub(record.granted_at),
@@ -90,14 +100,18 @@ impl KnockLog {
             KnockOutcome::Refused { reason, banned } => {
                 let name = reason_name(reason);
                 *self.refused.entry(name).or_default() += 1;
-                if self.lines.check().is_ok() {
-                    warn!(target: AUDIT, event = "refuse", source = %source.ip(), reason = name,
+                let source_ok = self
+                    .per_source
+                    .as_ref()
+                    .is_none_or(|l| l.check_key(&source).is_ok());
+                if source_ok && self.lines.check().is_ok() {
+                    warn!(target: AUDIT, event = "refuse", source = %source, reason = name,
                         detail = %reason, "knock refused");
                 } else {
                     self.unlogged += 1;
                 }
                 if *banned {
-                    warn!(target: AUDIT, event = "ban", source = %source.ip(),
+                    warn!(target: AUDIT, event = "ban", source = %source,
                         "source banned from the knock port after repeated invalid knocks");
                 }
             }
@@ -125,5 +139,8 @@ impl KnockLog {
         );
         self.refused.clear();
         self.unlogged = 0;
+        if let Some(limiter) = &self.per_source {
+            limiter.retain_recent();
+        }
     }
 }

@@ -55,8 +55,9 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
         tokio::select! {
             received = socket.recv_from(&mut buf) => {
                 let Ok((len, from)) = received else { continue };
-                let outcome = daemon.core().knock(&buf[..len], source_of(from), unix_now());
-                log.outcome(&outcome, from);
+                let source = source_of(from);
+                let outcome = daemon.core().knock(&buf[..len], source, unix_now());
+                log.outcome(&outcome, source);
             }
             () = tokio::time::sleep(next_expiry) => {
                 for record in daemon.core().expire(unix_now()) {

@@ -165,7 +165,17 @@ impl Lab {
         ];
         for (ns, dev, list) in addrs {
             for addr in list {
-                ip(&["-n", ns, "addr", "add", addr, "dev", dev]);
+                // The client's second address is deprecated, so the kernel never picks
+                // it as a source by itself: tests that want it bind to it.
+                let deprecated = *addr == "10.77.1.3/24" || *addr == "fd77:1::3/64";
+                let lifetime: &[&str] = if deprecated {
+                    &["preferred_lft", "0"]
+                } else {
+                    &[]
+                };
+                let mut args = vec!["-n", ns, "addr", "add", addr, "dev", dev];
+                args.extend_from_slice(lifetime);
+                ip(&args);
             }
             ip(&["-n", ns, "link", "set", dev, "up"]);
         }
@@ -321,6 +331,21 @@ impl Lab {
         })
     }
 
+    /// Sends each of `datagrams` from address `from` of `host` to `to`.
+    pub fn udp_send(&self, host: Host, from: IpAddr, to: SocketAddr, datagrams: &[Vec<u8>]) {
+        self.in_ns(host, || {
+            let socket = UdpSocket::bind(SocketAddr::new(from, 0)).expect("bind udp");
+            for d in datagrams {
+                let _ = socket.send_to(d, to);
+            }
+        });
+    }
+
+    /// The lab's temporary directory (configs, keys, logs, state).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// A TCP connection from `host` to `to`, for tests that keep it open.
     pub fn tcp_connect(&self, host: Host, to: SocketAddr) -> TcpStream {
         self.in_ns(host, || TcpStream::connect_timeout(&to, FAIL_TIMEOUT))
@@ -423,6 +448,17 @@ impl Daemon {
     /// What it has logged so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether the daemon is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Kills it with SIGKILL (no chance to clean up) and reaps it.
+    pub fn kill_9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Sends SIGTERM and waits (bounded) for it to exit; returns its exit code.

@@ -1,0 +1,534 @@
+//! Knocks end to end in the lab: the `knock` binary from the client namespace,
+//! knockgated in the server namespace, the outside namespace as the intruder.
+//! Root; CI runs these.
+
+mod support;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use knockgate::knock::auth::{ServerId, seal};
+use knockgate::knock::{AddressClaim, KeyId, Knock, Secret, Service};
+use support::{Daemon, Host, Lab, Plan, lab_available, sa, v4, v6};
+
+const SERVER_ID: &str = "lab-server";
+const KEY_HEX: &str = "8d1f6a0c4b2e9f7a3c5d8e1b0a6f4c2d9e7b5a3c1f0e8d6b4a2c0e9f7d5b3a1c";
+
+struct Knocking {
+    lab: Lab,
+    key_file: PathBuf,
+    config: PathBuf,
+}
+
+fn write_key(lab: &Lab, name: &str, hex: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = lab.write_file(name, hex);
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+/// A lab with a key `alice` (ssh), a key `no-ssh` (no services), and a config.
+fn knocking(extra: &str) -> Knocking {
+    let lab = Lab::new();
+    let key_file = write_key(&lab, "alice.key", KEY_HEX);
+    let other = write_key(&lab, "no-ssh.key", &"42".repeat(32));
+    let text = format!(
+        "[knock]\nserver_id = \"{SERVER_ID}\"\n{extra}\n[dns]\nresolvers = [\"10.77.2.53\"]\n\n\
+         [[keys]]\nid = \"alice\"\nfile = \"{}\"\n\n[[keys]]\nid = \"no-ssh\"\nfile = \"{}\"\nservices = []\n",
+        key_file.display(),
+        other.display()
+    );
+    let config = lab.write_file("knockgate.toml", &text);
+    Knocking {
+        lab,
+        key_file,
+        config,
+    }
+}
+
+impl Knocking {
+    fn start(&self) -> Daemon {
+        self.lab.start_daemon(&self.config)
+    }
+
+    /// Runs the `knock` binary in the client namespace.
+    fn knock(&self, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.lab.ns(Host::Client),
+                env!("CARGO_BIN_EXE_knock"),
+            ])
+            .args(args)
+            .output()
+            .expect("run knock")
+    }
+
+    fn knock_server(&self, server: IpAddr, extra: &[&str]) -> Output {
+        let server = SocketAddr::new(server, 62201).to_string();
+        let key = self.key_file.to_str().unwrap();
+        let mut args = vec![
+            "--server",
+            &server,
+            "--key-id",
+            "alice",
+            "--key-file",
+            key,
+            "--server-id",
+            SERVER_ID,
+        ];
+        args.extend_from_slice(extra);
+        self.knock(&args)
+    }
+
+    fn ssh_open_for(&self, host: Host, from: IpAddr, plan: &Plan) -> bool {
+        self.lab
+            .tcp_works_from(host, from, sa(plan.server_from_client_or_outside(host), 22))
+    }
+}
+
+trait ServerAddr {
+    fn server_from_client_or_outside(&self, host: Host) -> IpAddr;
+}
+
+impl ServerAddr for Plan {
+    fn server_from_client_or_outside(&self, host: Host) -> IpAddr {
+        if host == Host::Outside {
+            self.server_from_outside
+        } else {
+            self.server_from_client
+        }
+    }
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A knock built in the test, as an attacker or a replaying capture would have it.
+fn crafted(
+    key_hex: &str,
+    key_id: &str,
+    timestamp: u64,
+    nonce: u8,
+    ttl: u32,
+    claim: AddressClaim,
+) -> Vec<u8> {
+    let knock = Knock {
+        key_id: KeyId::new(key_id).unwrap(),
+        service: Service::Ssh,
+        timestamp,
+        nonce: [nonce; 16],
+        ttl_secs: ttl,
+        address: claim,
+    };
+    let secret = Secret::from_hex(key_hex).unwrap();
+    seal(&knock, &secret, &ServerId::new(SERVER_ID).unwrap()).to_vec()
+}
+
+fn knock_port(plan: &Plan, host: Host) -> SocketAddr {
+    sa(plan.server_from_client_or_outside(host), 62201)
+}
+
+/// Waits (bounded) until `check` holds; returns whether it did.
+fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + within;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() > end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_knock_opens_ssh_for_the_laptop_only_and_the_kernel_closes_it() {
+    if !lab_available("a_knock_opens_ssh_for_the_laptop_only_and_the_kernel_closes_it") {
+        return;
+    }
+    let k = knocking("");
+    let _ssh = k.lab.tcp_echo(Host::Server, "[::]:22".parse().unwrap());
+    let daemon = k.start();
+    for plan in [v4(), v6()] {
+        assert!(
+            !k.ssh_open_for(Host::Client, plan.client, &plan),
+            "closed before the knock"
+        );
+        let out = k.knock_server(plan.server_from_client, &["--ttl", "3s", "--wait"]);
+        assert!(
+            out.status.success(),
+            "knock --wait: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let granted = Instant::now();
+        assert!(
+            k.ssh_open_for(Host::Client, plan.client, &plan),
+            "open for the laptop"
+        );
+        assert!(
+            !k.ssh_open_for(Host::Client, plan.client_alt, &plan),
+            "not for another address of it"
+        );
+        assert!(
+            !k.ssh_open_for(Host::Outside, plan.mirror, &plan),
+            "not for the intruder"
+        );
+        std::thread::sleep(
+            (granted + Duration::from_millis(3300)).saturating_duration_since(Instant::now()),
+        );
+        assert!(
+            !k.ssh_open_for(Host::Client, plan.client, &plan),
+            "closed after the TTL"
+        );
+    }
+    let log = daemon.log_text();
+    assert!(
+        log.contains("knock accepted") && log.contains("who=key alice"),
+        "{log}"
+    );
+    assert!(
+        log.contains("grant ended") || log.contains("event=\"expire\""),
+        "expiry is logged: {log}"
+    );
+}
+
+#[test]
+fn a_captured_knock_opens_once_also_across_a_restart() {
+    if !lab_available("a_captured_knock_opens_once_also_across_a_restart") {
+        return;
+    }
+    let k = knocking("[knock.ban]\nenabled = false\n");
+    let _ssh = k.lab.tcp_echo(Host::Server, "[::]:22".parse().unwrap());
+    let daemon = k.start();
+    let four = v4();
+    let to_v4 = knock_port(&four, Host::Client);
+    // A capture: the first copy opens (for 1 s), the replay does not.
+    let capture = vec![crafted(
+        KEY_HEX,
+        "alice",
+        now(),
+        1,
+        1,
+        AddressClaim::PacketSource,
+    )];
+    k.lab.udp_send(Host::Client, four.client, to_v4, &capture);
+    let open = || k.ssh_open_for(Host::Client, four.client, &four);
+    assert!(
+        eventually(Duration::from_secs(2), open),
+        "the first copy opens"
+    );
+    assert!(
+        eventually(Duration::from_secs(3), || !open()),
+        "and closes after 1 s"
+    );
+    k.lab.udp_send(Host::Client, four.client, to_v4, &capture);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!open(), "a replay opens nothing");
+    // After a restart the capture is still a replay.
+    assert_eq!(daemon.terminate(), 0);
+    let daemon = k.start();
+    k.lab.udp_send(Host::Client, four.client, to_v4, &capture);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!open(), "a replay after a restart opens nothing");
+    let log = daemon.log_text();
+    assert!(
+        log.contains("reason=\"replay\"") && log.contains("source=10.77.1.2"),
+        "{log}"
+    );
+}
+
+#[test]
+fn forged_stale_foreign_and_malformed_knocks_open_nothing() {
+    if !lab_available("forged_stale_foreign_and_malformed_knocks_open_nothing") {
+        return;
+    }
+    let k = knocking("[knock.ban]\nenabled = false\n");
+    let _ssh = k.lab.tcp_echo(Host::Server, "[::]:22".parse().unwrap());
+    let mut daemon = k.start();
+    let (four, six) = (v4(), v6());
+    let to_v4 = knock_port(&four, Host::Client);
+    let t = now();
+    let refused: Vec<Vec<u8>> = vec![
+        crafted(KEY_HEX, "alice", t - 600, 2, 60, AddressClaim::PacketSource), // stale
+        crafted(
+            &"13".repeat(32),
+            "alice",
+            t,
+            3,
+            60,
+            AddressClaim::PacketSource,
+        ), // wrong key
+        crafted(KEY_HEX, "mallory", t, 4, 60, AddressClaim::PacketSource),     // unknown id
+        crafted(
+            &"42".repeat(32),
+            "no-ssh",
+            t,
+            5,
+            60,
+            AddressClaim::PacketSource,
+        ), // no ssh
+    ];
+    k.lab.udp_send(Host::Client, four.client, to_v4, &refused);
+    let mut corpus = malformed_corpus(&crafted(
+        KEY_HEX,
+        "alice",
+        t,
+        6,
+        60,
+        AddressClaim::PacketSource,
+    ));
+    k.lab.udp_send(Host::Client, four.client, to_v4, &corpus);
+    corpus.truncate(40);
+    k.lab.udp_send(
+        Host::Client,
+        six.client,
+        knock_port(&six, Host::Client),
+        &corpus,
+    );
+    // A knock for the laptop's address, sent by the intruder.
+    let IpAddr::V4(laptop) = four.client else {
+        unreachable!()
+    };
+    let bound = crafted(KEY_HEX, "alice", t, 7, 60, AddressClaim::V4(laptop));
+    k.lab.udp_send(
+        Host::Outside,
+        four.mirror,
+        knock_port(&four, Host::Outside),
+        &[bound],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    for plan in [&four, &six] {
+        assert!(
+            !k.ssh_open_for(Host::Client, plan.client, plan),
+            "nothing opened for the laptop"
+        );
+        assert!(
+            !k.ssh_open_for(Host::Outside, plan.mirror, plan),
+            "nothing opened for the intruder"
+        );
+    }
+    assert!(
+        daemon.is_running(),
+        "knockgated survives the corpus:\n{}",
+        daemon.log_text()
+    );
+    let log = daemon.log_text();
+    for reason in ["clock", "bad-mac", "unknown-key", "policy", "malformed"] {
+        assert!(
+            log.contains(&format!("reason=\"{reason}\"")),
+            "{reason} is logged: {log}"
+        );
+    }
+    assert!(
+        log.contains("source=10.77.2.2"),
+        "the intruder's address is logged"
+    );
+    assert!(
+        !log.to_lowercase().contains(KEY_HEX),
+        "the key is never logged"
+    );
+}
+
+/// Empty, truncated, oversized, random and bit-flipped versions of a valid knock.
+fn malformed_corpus(valid: &[u8]) -> Vec<Vec<u8>> {
+    let mut corpus = vec![
+        Vec::new(),
+        valid[..1].to_vec(),
+        valid[..113].to_vec(),
+        vec![0u8; 1400],
+    ];
+    let mut long = valid.to_vec();
+    long.push(0);
+    corpus.push(long);
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    for len in [16usize, 114, 114, 300] {
+        corpus.push(
+            (0..len)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    seed.to_le_bytes()[0]
+                })
+                .collect(),
+        );
+    }
+    for bit in (0..valid.len() * 8).step_by(7) {
+        let mut flipped = valid.to_vec();
+        flipped[bit / 8] ^= 1 << (bit % 8);
+        corpus.push(flipped);
+    }
+    corpus
+}
+
+#[test]
+fn nothing_ever_answers_a_knock() {
+    if !lab_available("nothing_ever_answers_a_knock") {
+        return;
+    }
+    let k = knocking("");
+    let _daemon = k.start();
+    for plan in [v4(), v6()] {
+        let port = knock_port(&plan, Host::Client);
+        let valid = crafted(KEY_HEX, "alice", now(), 9, 5, AddressClaim::PacketSource);
+        let datagrams = vec![valid, b"junk".to_vec(), vec![0u8; 114]];
+        let heard = k.lab.in_ns(Host::Client, move || {
+            use socket2::{Domain, Protocol, Socket, Type};
+            let (domain, proto) = if port.is_ipv4() {
+                (Domain::IPV4, Protocol::ICMPV4)
+            } else {
+                (Domain::IPV6, Protocol::ICMPV6)
+            };
+            let icmp = Socket::new(domain, Type::RAW, Some(proto)).expect("raw icmp socket");
+            icmp.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            // recvfrom on a raw socket through std's safe wrapper.
+            let icmp = std::net::UdpSocket::from(icmp);
+            let udp = std::net::UdpSocket::bind(SocketAddr::new(plan.client, 0)).unwrap();
+            udp.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            for d in &datagrams {
+                udp.send_to(d, port).unwrap();
+            }
+            let udp_reply = udp.recv_from(&mut [0u8; 512]).is_ok();
+            // Only ICMP errors count: neighbour discovery chatter is not an answer.
+            let mut icmp_errors_from_server = 0;
+            let mut buf = [0u8; 1500];
+            let end = Instant::now() + Duration::from_millis(500);
+            while Instant::now() < end {
+                let Ok((n, from)) = icmp.recv_from(&mut buf) else {
+                    continue;
+                };
+                let bytes = &buf[..n];
+                let icmp_type = if port.is_ipv4() {
+                    let header = usize::from(bytes.first().map_or(0, |b| b & 0x0f)) * 4;
+                    bytes.get(header).copied()
+                } else {
+                    bytes.first().copied()
+                };
+                let is_error = matches!(
+                    (port.is_ipv4(), icmp_type),
+                    (true, Some(3 | 11 | 12)) | (false, Some(1..=4))
+                );
+                if is_error && from.ip() == port.ip() {
+                    icmp_errors_from_server += 1;
+                }
+            }
+            let icmp_from_server = icmp_errors_from_server;
+            (udp_reply, icmp_from_server)
+        });
+        assert_eq!(
+            heard,
+            (false, 0),
+            "no UDP reply and no ICMP from the server"
+        );
+    }
+}
+
+#[test]
+fn a_junk_flood_does_not_stop_a_valid_knock() {
+    if !lab_available("a_junk_flood_does_not_stop_a_valid_knock") {
+        return;
+    }
+    // The nft meter lets ~5 junk datagrams a second through to the daemon; ban after 5.
+    let k = knocking("[knock.ban]\nafter = 5\n");
+    let _ssh = k.lab.tcp_echo(Host::Server, "[::]:22".parse().unwrap());
+    let daemon = k.start();
+    let four = v4();
+    let target = knock_port(&four, Host::Outside);
+    let flood = std::thread::scope(|s| {
+        let flooder = s.spawn(|| {
+            let started = Instant::now();
+            let junk: Vec<Vec<u8>> = (0u8..100).map(|i| vec![i; 114]).collect();
+            for _ in 0..1000 {
+                k.lab.udp_send(Host::Outside, four.mirror, target, &junk);
+                if started.elapsed() > Duration::from_secs(20) {
+                    break;
+                }
+            }
+            started.elapsed()
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        let out = k.knock_server(four.server_from_client, &["--wait", "--timeout", "5s"]);
+        assert!(
+            out.status.success(),
+            "valid knock during the flood: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        flooder.join().unwrap()
+    });
+    eprintln!("flood of 100,000 datagrams took {flood:?}");
+    assert!(k.ssh_open_for(Host::Client, four.client, &four));
+    let log = daemon.log_text();
+    assert!(
+        log.contains("event=\"ban\"") && log.contains("source=10.77.2.2"),
+        "the flooder is banned: {log}"
+    );
+}
+
+#[test]
+fn kill_9_of_the_daemon_still_ends_the_grant_on_time() {
+    if !lab_available("kill_9_of_the_daemon_still_ends_the_grant_on_time") {
+        return;
+    }
+    let k = knocking("");
+    let _ssh = k.lab.tcp_echo(Host::Server, "[::]:22".parse().unwrap());
+    let daemon = k.start();
+    let six = v6();
+    let out = k.knock_server(six.server_from_client, &["--ttl", "2s", "--wait"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let granted = Instant::now();
+    daemon.kill_9();
+    assert!(
+        k.ssh_open_for(Host::Client, six.client, &six),
+        "still open right after kill -9"
+    );
+    std::thread::sleep(
+        (granted + Duration::from_millis(2300)).saturating_duration_since(Instant::now()),
+    );
+    assert!(
+        !k.ssh_open_for(Host::Client, six.client, &six),
+        "closed on time with no daemon"
+    );
+}
+
+#[test]
+fn knock_reads_named_hosts_from_its_config() {
+    if !lab_available("knock_reads_named_hosts_from_its_config") {
+        return;
+    }
+    let k = knocking("");
+    let _ssh = k.lab.tcp_echo(Host::Server, "[::]:22".parse().unwrap());
+    let _daemon = k.start();
+    let client_config = k.lab.write_file(
+        "knock.toml",
+        &format!(
+            "[hosts.lab]\naddress = \"fd77:1::1\"\nkey_id = \"alice\"\nkey_file = \"{}\"\nserver_id = \"{SERVER_ID}\"\nttl = \"1m\"\n",
+            k.key_file.display()
+        ),
+    );
+    let out = k.knock(&["--config", client_config.to_str().unwrap(), "lab", "--wait"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let six = v6();
+    assert!(k.ssh_open_for(Host::Client, six.client, &six));
+    let out = k.knock(&["--config", client_config.to_str().unwrap(), "nosuch"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no host `nosuch`"));
+}
