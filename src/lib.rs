@@ -17,6 +17,7 @@
 //! the one narrow [`firewall::Firewall`] door; [`daemon`] wires them together.
 //! The binaries are thin: parse arguments, call this library, map to an exit code.
 
+pub mod admin;
 pub mod client;
 pub mod config;
 #[cfg(feature = "daemon")]

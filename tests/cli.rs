@@ -138,3 +138,95 @@ fn unknown_subcommand_is_a_usage_error() {
     let out = run(env!("CARGO_BIN_EXE_knockgate"), &["frobnicate"], &dir);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn keygen_writes_a_private_key_and_prints_both_configs() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = example();
+    let out = run(
+        env!("CARGO_BIN_EXE_knockgate"),
+        &[
+            "keygen",
+            "alice-laptop",
+            "--dir",
+            dir.path().to_str().unwrap(),
+            "--address",
+            "web1.example.org",
+            "--config",
+            cfg.to_str().unwrap(),
+        ],
+        &dir,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let key = dir.path().join("alice-laptop.key");
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let printed = text(&out.stdout);
+    assert!(
+        printed.contains("[[keys]]\nid = \"alice-laptop\""),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("[hosts.web1]") && printed.contains("server_id = "),
+        "{printed}"
+    );
+    let secret = std::fs::read_to_string(&key).unwrap();
+    assert!(!printed.contains(secret.trim()), "the key is not printed");
+    // A second keygen never overwrites the key.
+    let again = run(
+        env!("CARGO_BIN_EXE_knockgate"),
+        &[
+            "keygen",
+            "alice-laptop",
+            "--dir",
+            dir.path().to_str().unwrap(),
+        ],
+        &dir,
+    );
+    assert_ne!(again.status.code(), Some(0));
+    assert_eq!(std::fs::read_to_string(&key).unwrap(), secret);
+}
+
+#[test]
+fn knock_without_a_target_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(
+        env!("CARGO_BIN_EXE_knock"),
+        &["--config", "/nonexistent/knock.toml", "web"],
+        &dir,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("/nonexistent/knock.toml"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn knock_refuses_a_group_readable_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k.key");
+    std::fs::write(&key, "ab".repeat(32)).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let out = run(
+        env!("CARGO_BIN_EXE_knock"),
+        &[
+            "--server",
+            "192.0.2.1",
+            "--key-id",
+            "a",
+            "--key-file",
+            key.to_str().unwrap(),
+        ],
+        &dir,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("chmod 600"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -1,29 +1,78 @@
 //! knockgate: the local admin's command line.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use knockgate::admin::client::{DEFAULT_SOCKET, call};
+use knockgate::admin::{Request, Response};
 use knockgate::config;
+use knockgate::grants::GrantRecord;
 use knockgate::ruleset::baseline;
 
 /// knockgate admin CLI.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
-    /// Config file.
+    /// Config file (ruleset, check, keygen).
     #[arg(long, global = true, default_value = config::DEFAULT_PATH)]
     config: PathBuf,
+    /// The daemon's admin socket.
+    #[arg(long, global = true, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// The daemon's state in brief.
+    Status,
+    /// List the open grants.
+    Grants {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Open a service for one source address.
+    Open {
+        #[command(subcommand)]
+        service: OpenService,
+    },
+    /// Close a grant now.
+    Revoke {
+        /// The grant's id (see `knockgate grants`).
+        id: String,
+    },
+    /// Create a knock key: writes DIR/ID.key (mode 0600) and prints the config to add.
+    Keygen {
+        /// Key id, like alice-laptop.
+        id: String,
+        /// Where to write the key file.
+        #[arg(long, default_value = "/etc/knockgate/keys")]
+        dir: PathBuf,
+        /// The name or address laptops reach this server by.
+        #[arg(long)]
+        address: Option<String>,
+    },
     /// Print the nft ruleset the config produces (changes nothing).
     Ruleset,
-    /// Validate the config; exit 2 with the file and key at fault if it is bad.
+    /// Validate the config and its key files; exit 2 naming the file and key at fault.
     Check,
+}
+
+#[derive(Subcommand)]
+enum OpenService {
+    /// Open SSH for one address.
+    Ssh {
+        /// The source address.
+        #[arg(long)]
+        from: std::net::IpAddr,
+        /// How long, like 30m [default: the server's default; capped at its maximum].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -35,13 +84,159 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> anyhow::Result<ExitCode> {
-    let loaded = config::load(&args.config)?;
-    match args.command {
-        Command::Ruleset => print!("{}", baseline(&loaded.config, &loaded.resolvers)),
+    let request = match &args.command {
+        Command::Status => Request::Status,
+        Command::Grants { .. } => Request::Grants,
+        Command::Open {
+            service: OpenService::Ssh { from, ttl },
+        } => Request::OpenSsh {
+            from: *from,
+            ttl_secs: ttl.map(|d| d.as_secs()),
+        },
+        Command::Revoke { id } => Request::Revoke { id: id.clone() },
+        Command::Keygen { id, dir, address } => {
+            return keygen(&args.config, id, dir, address.as_deref());
+        }
+        Command::Ruleset => {
+            let loaded = config::load(&args.config)?;
+            print!("{}", baseline(&loaded.config, &loaded.resolvers));
+            return Ok(ExitCode::SUCCESS);
+        }
         Command::Check => {
+            let loaded = config::load(&args.config)?;
             let keys = config::load_keys(&loaded)?;
             println!("{}: ok ({} knock keys)", loaded.path.display(), keys.len());
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    let json = matches!(args.command, Command::Grants { json: true });
+    Ok(show(&call(&args.socket, &request)?, json))
+}
+
+fn show(response: &Response, json: bool) -> ExitCode {
+    match response {
+        Response::Status {
+            table,
+            server_id,
+            knock_port,
+            keys,
+            grants,
+        } => println!(
+            "knockgated running: table inet {table}, knock port {knock_port}/udp, server id {server_id}, {keys} keys, {grants} open grants"
+        ),
+        Response::Grants { grants } if json => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(grants).unwrap_or_default()
+            );
+        }
+        Response::Grants { grants } => print_grants(grants),
+        Response::Opened {
+            grant,
+            extended,
+            capped,
+        } => {
+            let verb = if *extended { "extended" } else { "opened" };
+            let cap = if *capped {
+                " (capped at the server's max_ttl)"
+            } else {
+                ""
+            };
+            println!(
+                "{verb} {} for {} until {}{cap}: id {}",
+                grant.service,
+                grant.address,
+                when(grant.expires_at),
+                grant.id
+            );
+        }
+        Response::Revoked { grant } => {
+            println!(
+                "revoked {}: {} for {}",
+                grant.id, grant.service, grant.address
+            );
+        }
+        Response::Error { code, message } => {
+            eprintln!("knockgate: {code}: {message}");
+            return ExitCode::from(if code == "bad_request" { 2 } else { 1 });
         }
     }
+    ExitCode::SUCCESS
+}
+
+fn print_grants(grants: &[GrantRecord]) {
+    if grants.is_empty() {
+        println!("no open grants");
+        return;
+    }
+    println!(
+        "{:<10} {:<8} {:<40} {:<20} EXPIRES",
+        "ID", "SERVICE", "ADDRESS", "WHO"
+    );
+    for g in grants {
+        println!(
+            "{:<10} {:<8} {:<40} {:<20} {}",
+            g.id,
+            g.service,
+            g.address,
+            g.who,
+            when(g.expires_at)
+        );
+    }
+}
+
+/// A Unix time as "in 14m 3s".
+fn when(unix: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!(
+        "in {}",
+        humantime::format_duration(Duration::from_secs(unix.saturating_sub(now)))
+    )
+}
+
+fn keygen(
+    config_path: &Path,
+    id: &str,
+    dir: &Path,
+    address: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    use knockgate::knock::{KeyId, Secret};
+    KeyId::new(id)?;
+    let server_id = match config::load(config_path) {
+        Ok(loaded) => loaded.server_id.as_str().to_owned(),
+        Err(_) => nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_default(),
+    };
+    std::fs::create_dir_all(dir)?;
+    let file = dir.join(format!("{id}.key"));
+    let secret = Secret::generate().map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    knockgate::keyfile::create(&file, &secret)?;
+    let address = address.unwrap_or(&server_id);
+    println!("wrote {} (mode 0600)\n", file.display());
+    println!(
+        "# 1. On this server, add to {} and restart knockgated:",
+        config_path.display()
+    );
+    println!(
+        "[[keys]]\nid = \"{id}\"\nfile = \"{}\"\nservices = [\"ssh\"]\n",
+        file.display()
+    );
+    println!(
+        "# 2. Copy {} to the laptop as ~/.config/knock/{id}.key (chmod 600),",
+        file.display()
+    );
+    println!("#    and add to ~/.config/knock/config.toml:");
+    println!(
+        "[hosts.{}]\naddress = \"{address}\"\nkey_id = \"{id}\"\nkey_file = \"~/.config/knock/{id}.key\"\nserver_id = \"{server_id}\"\n",
+        address.split('.').next().unwrap_or(address)
+    );
+    println!(
+        "# 3. Then: knock {} --wait && ssh {address}",
+        address.split('.').next().unwrap_or(address)
+    );
     Ok(ExitCode::SUCCESS)
 }

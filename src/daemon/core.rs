@@ -303,6 +303,11 @@ impl<F: Firewall> Core<F> {
         self.firewall
     }
 
+    /// The firewall, for the daemon's stop.
+    pub fn firewall_mut(&mut self) -> &mut F {
+        &mut self.firewall
+    }
+
     fn save_book(&self) {
         if let Err(e) = self.book.save(&self.settings.book_path) {
             tracing::warn!(error = %format!("{e:#}"), "cannot save the grant book; grants stay in force");

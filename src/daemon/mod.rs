@@ -132,9 +132,8 @@ impl<F: Firewall> Daemon<F> {
     /// Stops: leaves the baseline (and the grants, which end on time in the kernel) in
     /// place unless `on_stop = "remove"`, in which case exactly knockgate's table (and
     /// no other) is deleted.
-    pub fn stop(self) -> Result<F, FirewallError> {
+    pub fn shutdown(&mut self) -> Result<(), FirewallError> {
         let table = self.ruleset.table.clone();
-        let mut firewall = self.core.into_firewall();
         match self.loaded.config.on_stop {
             OnStop::Keep => info!(
                 target: AUDIT,
@@ -143,7 +142,7 @@ impl<F: Firewall> Daemon<F> {
                 "stopping; baseline stays in force (on_stop = keep)"
             ),
             OnStop::Remove => {
-                firewall.remove(&table)?;
+                self.core.firewall_mut().remove(&table)?;
                 info!(
                     target: AUDIT,
                     event = "remove",
@@ -152,7 +151,13 @@ impl<F: Firewall> Daemon<F> {
                 );
             }
         }
-        Ok(firewall)
+        Ok(())
+    }
+
+    /// [`Daemon::shutdown`], then hands the firewall back (tests reuse it).
+    pub fn stop(mut self) -> Result<F, FirewallError> {
+        self.shutdown()?;
+        Ok(self.core.into_firewall())
     }
 }
 

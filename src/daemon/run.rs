@@ -1,6 +1,9 @@
-//! Wiring: the knock socket, the expiry timer and the signals around one [`Daemon`]
-//! on a single-threaded runtime, so every kernel change is serialised.
+//! Wiring: the knock socket, the admin socket, the expiry timer and the signals
+//! around one [`Daemon`] on a single-threaded runtime, so every kernel change is
+//! serialised (the daemon is borrowed for one synchronous step at a time).
 
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -8,6 +11,8 @@ use tracing::info;
 
 use super::listener::{self, KnockLog};
 use super::{Daemon, source_of, unix_now};
+use crate::admin::server as admin;
+use crate::admin::{Request, Response};
 use crate::config::Loaded;
 use crate::firewall::nft::NftFirewall;
 use crate::logging::AUDIT;
@@ -20,30 +25,47 @@ const IDLE_EXPIRY_CHECK: Duration = Duration::from_secs(3600);
 /// Largest datagram read; anything longer than a knock is refused anyway.
 const RECV_LEN: usize = 512;
 
+type Shared = Rc<RefCell<Daemon<NftFirewall>>>;
+
 /// Runs knockgated until SIGTERM or SIGINT.
 pub fn run(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
-    runtime.block_on(serve(loaded, keys))
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, serve(loaded, keys))
 }
 
 async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let port = loaded.config.knock.port;
+    let admin_path = loaded.config.admin.socket.clone();
+    let group = loaded.config.admin.group.clone();
     let firewall = NftFirewall::open()?;
     let socket = listener::bind(port).with_context(|| format!("cannot bind udp port {port}"))?;
+    let admin_socket = admin::bind(&admin_path, &group)
+        .with_context(|| format!("cannot create the admin socket {}", admin_path.display()))?;
     let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    let mut daemon = Daemon::start(firewall, loaded, keys, unix_now())?;
-    info!(target: AUDIT, event = "listen", port, keys = daemon.core().key_count(),
-        server_id = %daemon.loaded().server_id.as_str(), "listening for knocks");
+    let daemon: Shared = Rc::new(RefCell::new(Daemon::start(
+        firewall,
+        loaded,
+        keys,
+        unix_now(),
+    )?));
+    {
+        let mut d = daemon.borrow_mut();
+        let keys = d.core().key_count();
+        info!(target: AUDIT, event = "listen", port, keys, admin_socket = %admin_path.display(),
+            server_id = %d.loaded().server_id.as_str(), "listening for knocks and admin requests");
+    }
 
     let mut log = KnockLog::new();
     let mut buf = [0u8; RECV_LEN];
     let signal = loop {
         let next_expiry = daemon
+            .borrow_mut()
             .core()
             .next_expiry(unix_now())
             .map_or(IDLE_EXPIRY_CHECK, Duration::from_secs);
@@ -56,11 +78,19 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
             received = socket.recv_from(&mut buf) => {
                 let Ok((len, from)) = received else { continue };
                 let source = source_of(from);
-                let outcome = daemon.core().knock(&buf[..len], source, unix_now());
+                let outcome = daemon.borrow_mut().core().knock(&buf[..len], source, unix_now());
                 log.outcome(&outcome, source);
             }
+            accepted = admin_socket.accept() => {
+                if let Ok((stream, _)) = accepted {
+                    let (daemon, group) = (Rc::clone(&daemon), group.clone());
+                    tokio::task::spawn_local(async move {
+                        admin::serve(stream, &group, |request, peer| answer(&daemon, request, peer)).await;
+                    });
+                }
+            }
             () = tokio::time::sleep(next_expiry) => {
-                for record in daemon.core().expire(unix_now()) {
+                for record in daemon.borrow_mut().core().expire(unix_now()) {
                     info!(target: AUDIT, event = "expire", id = %record.id, service = %record.service,
                         address = %record.address, who = %record.who, "grant ended");
                 }
@@ -72,6 +102,25 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
     };
     log.summarise();
     info!(signal, "stop requested");
-    daemon.stop().context("cannot stop cleanly")?;
+    let _ = std::fs::remove_file(&admin_path);
+    daemon
+        .borrow_mut()
+        .shutdown()
+        .context("cannot stop cleanly")?;
     Ok(())
+}
+
+fn answer(daemon: &Shared, request: Request, peer: admin::Peer) -> Response {
+    let mut d = daemon.borrow_mut();
+    let table = d.ruleset().table.clone();
+    let server_id = d.loaded().server_id.as_str().to_owned();
+    let knock_port = d.loaded().config.knock.port;
+    let status = |core: &mut super::core::Core<NftFirewall>| Response::Status {
+        table,
+        server_id,
+        knock_port,
+        keys: core.key_count(),
+        grants: core.grants(unix_now()).len(),
+    };
+    admin::dispatch(d.core(), status, request, peer, unix_now())
 }

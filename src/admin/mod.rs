@@ -1,0 +1,114 @@
+//! The local admin protocol: one JSON request line, one JSON response line, over
+//! a Unix socket whose peer the daemon checks with SO_PEERCRED (root, or a member of
+//! the admin group). Used by `knockgate` now and by `egress-window` later.
+
+pub mod client;
+#[cfg(feature = "daemon")]
+pub mod server;
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::grants::GrantRecord;
+
+/// Longest request line the daemon reads.
+pub const MAX_REQUEST: usize = 64 * 1024;
+
+/// What an admin asks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// The daemon's state in brief.
+    Status,
+    /// Every live grant.
+    Grants,
+    /// Open SSH for `from` for `ttl_secs` (the server's default if absent; capped).
+    OpenSsh {
+        /// Source address the hole is for.
+        from: IpAddr,
+        /// Requested length in seconds.
+        ttl_secs: Option<u64>,
+    },
+    /// Close grant `id` now.
+    Revoke {
+        /// The grant's id.
+        id: String,
+    },
+}
+
+/// What the daemon answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    /// Answer to `status`.
+    Status {
+        /// knockgate's table.
+        table: String,
+        /// The id knocks must be bound to.
+        server_id: String,
+        /// The knock port.
+        knock_port: u16,
+        /// Keys that can knock.
+        keys: usize,
+        /// Live grants.
+        grants: usize,
+    },
+    /// Answer to `grants`.
+    Grants {
+        /// Every live grant.
+        grants: Vec<GrantRecord>,
+    },
+    /// A grant was opened or extended.
+    Opened {
+        /// The grant.
+        grant: GrantRecord,
+        /// Whether it extended an existing grant for the same address.
+        extended: bool,
+        /// Whether the requested TTL was cut to the server's cap.
+        capped: bool,
+    },
+    /// A grant was closed.
+    Revoked {
+        /// The grant that was closed.
+        grant: GrantRecord,
+    },
+    /// The request was refused or failed.
+    Error {
+        /// `forbidden`, `not_found`, `bad_request` or `failed`.
+        code: String,
+        /// What went wrong, for a person.
+        message: String,
+    },
+}
+
+impl Response {
+    /// An error response.
+    #[must_use]
+    pub fn error(code: &str, message: impl Into<String>) -> Self {
+        Self::Error {
+            code: code.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_one_json_line_each() {
+        let r = Request::OpenSsh {
+            from: "198.51.100.7".parse().unwrap(),
+            ttl_secs: Some(1800),
+        };
+        let line = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            line,
+            r#"{"op":"open_ssh","from":"198.51.100.7","ttl_secs":1800}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), r);
+        assert!(serde_json::from_str::<Request>(r#"{"op":"format_disk"}"#).is_err());
+    }
+}

@@ -1,0 +1,198 @@
+//! The admin socket's daemon side: who may talk (SO_PEERCRED: root, or a member of
+//! the admin group) and what each request does to the core. Every request and every
+//! refusal is logged with the peer's uid and pid.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use nix::unistd::{Gid, Group, Uid, User, getgrouplist};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tracing::{info, warn};
+
+use super::{MAX_REQUEST, Request, Response};
+use crate::daemon::core::Core;
+use crate::firewall::Firewall;
+use crate::grants::Granted;
+use crate::logging::AUDIT;
+
+/// Longest a client may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Binds the admin socket at `path` (mode 0660, group `group` when it exists),
+/// replacing a stale socket file left by a crash.
+pub fn bind(path: &Path, group: &str) -> std::io::Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if meta.file_type().is_socket() {
+            std::fs::remove_file(path)?;
+        }
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    if let Ok(Some(g)) = Group::from_name(group) {
+        nix::unistd::chown(path, None, Some(g.gid)).map_err(std::io::Error::from)?;
+    }
+    Ok(listener)
+}
+
+/// The peer of one admin connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    /// Its user id.
+    pub uid: u32,
+    /// Its primary group id.
+    pub gid: u32,
+    /// Its process id, for the log.
+    pub pid: Option<i32>,
+}
+
+/// Whether `peer` may use the socket: root always; others only as members of `group`.
+pub fn authorize(peer: Peer, group: &str) -> Result<(), String> {
+    if peer.uid == 0 {
+        return Ok(());
+    }
+    let Ok(Some(admin)) = Group::from_name(group) else {
+        return Err(format!(
+            "uid {} is not root, and the admin group `{group}` does not exist",
+            peer.uid
+        ));
+    };
+    if Gid::from_raw(peer.gid) == admin.gid {
+        return Ok(());
+    }
+    let user = User::from_uid(Uid::from_raw(peer.uid)).ok().flatten();
+    let member = user.as_ref().is_some_and(|u| {
+        std::ffi::CString::new(u.name.as_str())
+            .ok()
+            .and_then(|name| getgrouplist(&name, u.gid).ok())
+            .is_some_and(|groups| groups.contains(&admin.gid))
+    });
+    if member {
+        return Ok(());
+    }
+    let name = user.map_or_else(|| "?".to_owned(), |u| u.name);
+    Err(format!(
+        "uid {} ({name}) is not root and not in the admin group `{group}`",
+        peer.uid
+    ))
+}
+
+/// Reads one request from `stream`, answers it with `handle`, and closes.
+pub async fn serve(
+    stream: tokio::net::UnixStream,
+    group: &str,
+    handle: impl FnOnce(Request, Peer) -> Response,
+) {
+    let Ok(cred) = stream.peer_cred() else { return };
+    let peer = Peer {
+        uid: cred.uid(),
+        gid: cred.gid(),
+        pid: cred.pid(),
+    };
+    let (read, mut write) = stream.into_split();
+    let response = if let Err(why) = authorize(peer, group) {
+        warn!(target: AUDIT, event = "admin-refuse", uid = peer.uid, pid = ?peer.pid, reason = %why,
+            "admin request refused");
+        Response::error("forbidden", why)
+    } else {
+        let limit = u64::try_from(MAX_REQUEST).unwrap_or(u64::MAX);
+        let mut line = String::new();
+        let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, limit));
+        match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await {
+            Ok(Ok(n)) if n > 0 => match serde_json::from_str::<Request>(&line) {
+                Ok(request) => handle(request, peer),
+                Err(e) => Response::error("bad_request", format!("not a request: {e}")),
+            },
+            _ => Response::error("bad_request", "no request line"),
+        }
+    };
+    let mut text = serde_json::to_string(&response).unwrap_or_default();
+    text.push('\n');
+    let _ = write.write_all(text.as_bytes()).await;
+}
+
+/// What `request` from `peer` does to `core` at Unix time `now`.
+pub fn dispatch<F: Firewall>(
+    core: &mut Core<F>,
+    status: impl FnOnce(&mut Core<F>) -> Response,
+    request: Request,
+    peer: Peer,
+    now: u64,
+) -> Response {
+    let who = format!("uid {}", peer.uid);
+    match request {
+        Request::Status => status(core),
+        Request::Grants => Response::Grants {
+            grants: core.grants(now),
+        },
+        Request::OpenSsh { from, ttl_secs } => {
+            let ttl = ttl_secs.map(Duration::from_secs);
+            match core.open_ssh(from, ttl, &who, now) {
+                Ok((grant, kind, capped)) => {
+                    info!(target: AUDIT, event = "grant", id = %grant.id, service = %grant.service,
+                        address = %grant.address, who = %grant.who, pid = ?peer.pid,
+                        expires_at = grant.expires_at, extended = kind == Granted::Extended, capped,
+                        "admin opened a grant");
+                    Response::Opened {
+                        grant,
+                        extended: kind == Granted::Extended,
+                        capped,
+                    }
+                }
+                Err(e) => Response::error("failed", format!("{e:#}")),
+            }
+        }
+        Request::Revoke { id } => match core.revoke(&id) {
+            Ok(Some(grant)) => {
+                info!(target: AUDIT, event = "revoke", id = %grant.id, service = %grant.service,
+                    address = %grant.address, by = %who, pid = ?peer.pid, "grant revoked");
+                Response::Revoked { grant }
+            }
+            Ok(None) => Response::error("not_found", format!("no grant with id {id}")),
+            Err(e) => Response::error("failed", format!("{e:#}")),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_is_always_allowed() {
+        let root = Peer {
+            uid: 0,
+            gid: 0,
+            pid: None,
+        };
+        assert!(authorize(root, "no-such-group-here").is_ok());
+    }
+
+    #[test]
+    fn others_need_the_group() {
+        let nobody = Peer {
+            uid: 65534,
+            gid: 65534,
+            pid: None,
+        };
+        let why = authorize(nobody, "no-such-group-here").unwrap_err();
+        assert!(
+            why.contains("65534") && why.contains("no-such-group-here"),
+            "{why}"
+        );
+        // "root" exists on every Linux system; nobody is not in it.
+        let why = authorize(nobody, "root").unwrap_err();
+        assert!(why.contains("not in the admin group `root`"), "{why}");
+        // A primary group match is enough.
+        let in_group = Peer {
+            uid: 65534,
+            gid: 0,
+            pid: None,
+        };
+        assert!(authorize(in_group, "root").is_ok());
+    }
+}

@@ -1,0 +1,156 @@
+//! The local admin socket in the lab: status, open, list, revoke, grants across a
+//! restart, and refusal of users outside the admin group (root; CI runs these).
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use support::{Host, Lab, lab_available, sa, v4, v6};
+
+fn admin(socket: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_knockgate"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("run knockgate")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn setup(lab: &Lab) -> (PathBuf, PathBuf) {
+    let socket = lab.dir().join("admin.sock");
+    let config = lab.write_file(
+        "k.toml",
+        &format!(
+            "[knock]\nmax_ttl = \"2h\"\n[admin]\nsocket = \"{}\"\n[dns]\nresolvers = [\"10.77.2.53\"]\n",
+            socket.display()
+        ),
+    );
+    (socket, config)
+}
+
+#[test]
+fn an_admin_opens_lists_and_revokes_grants() {
+    if !lab_available("an_admin_opens_lists_and_revokes_grants") {
+        return;
+    }
+    let lab = Lab::new();
+    let _ssh = lab.tcp_echo(Host::Server, "[::]:22".parse().unwrap());
+    let (socket, config) = setup(&lab);
+    let daemon = lab.start_daemon(&config);
+    let out = admin(&socket, &["status"]);
+    assert!(
+        out.status.success() && text(&out).contains("knockgated running"),
+        "{}",
+        text(&out)
+    );
+
+    let (four, six) = (v4(), v6());
+    let from = four.client.to_string();
+    let out = admin(&socket, &["open", "ssh", "--from", &from, "--ttl", "30m"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("opened ssh for 10.77.1.2"),
+        "{}",
+        text(&out)
+    );
+    let ssh = sa(four.server_from_client, 22);
+    assert!(
+        lab.tcp_works_from(Host::Client, four.client, ssh),
+        "open for the named address"
+    );
+    assert!(
+        !lab.tcp_works_from(Host::Client, four.client_alt, ssh),
+        "and no other"
+    );
+
+    let out = admin(
+        &socket,
+        &[
+            "open",
+            "ssh",
+            "--from",
+            &six.client.to_string(),
+            "--ttl",
+            "48h",
+        ],
+    );
+    assert!(text(&out).contains("capped"), "{}", text(&out));
+
+    let out = admin(&socket, &["grants", "--json"]);
+    let grants: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(grants.len(), 2);
+    let id = grants
+        .iter()
+        .find(|g| g["address"] == "10.77.1.2")
+        .and_then(|g| g["id"].as_str())
+        .unwrap()
+        .to_owned();
+    assert!(grants.iter().all(|g| g["who"] == "uid 0"));
+    assert!(text(&admin(&socket, &["grants"])).contains(&id));
+
+    // The grants outlive a restart of the daemon.
+    assert_eq!(daemon.terminate(), 0);
+    let _daemon = lab.start_daemon(&config);
+    assert!(
+        text(&admin(&socket, &["grants"])).contains(&id),
+        "listed after a restart"
+    );
+    assert!(
+        lab.tcp_works_from(Host::Client, four.client, ssh),
+        "still open after a restart"
+    );
+
+    let out = admin(&socket, &["revoke", &id]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        !lab.tcp_works_from(Host::Client, four.client, ssh),
+        "closed at once by revoke"
+    );
+    let out = admin(&socket, &["revoke", &id]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("no grant with id"), "{}", text(&out));
+}
+
+#[test]
+fn users_outside_the_admin_group_are_refused_clearly() {
+    if !lab_available("users_outside_the_admin_group_are_refused_clearly") {
+        return;
+    }
+    let lab = Lab::new();
+    let (socket, config) = setup(&lab);
+    let _daemon = lab.start_daemon(&config);
+    // The lab's temporary directory is private to root; let nobody reach the socket's
+    // directory so the socket's own permissions and the daemon decide.
+    std::fs::set_permissions(lab.dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_knockgate"))
+        .arg("--socket")
+        .arg(&socket)
+        .args(["open", "ssh", "--from", "10.77.1.2"])
+        .output()
+        .expect("run setpriv");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let said = text(&out);
+    assert!(
+        said.contains("only root and members of the admin group")
+            || said.contains("not in the admin group"),
+        "{said}"
+    );
+    let out = admin(&socket, &["grants", "--json"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "[]",
+        "nothing was opened"
+    );
+}
