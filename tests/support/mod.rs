@@ -346,6 +346,13 @@ impl Lab {
         self.dir.path()
     }
 
+    /// Whether something in `host` accepts TCP connections on `addr` (no echo needed).
+    pub fn tcp_listening(&self, host: Host, addr: SocketAddr) -> bool {
+        self.in_ns(host, || {
+            TcpStream::connect_timeout(&addr, FAIL_TIMEOUT).is_ok()
+        })
+    }
+
     /// A TCP connection from `host` to `to`, for tests that keep it open.
     pub fn tcp_connect(&self, host: Host, to: SocketAddr) -> TcpStream {
         self.in_ns(host, || TcpStream::connect_timeout(&to, FAIL_TIMEOUT))
