@@ -1,0 +1,199 @@
+//! Knock benchmarks (not tests: they print figures and assert nothing about time).
+//!
+//!     cargo bench --bench knock            # as root for the lab part
+//!
+//! 1. Rejection rate of the knock handler on one core, in process, for junk of
+//!    three kinds (malformed, unknown key id, well-formed with a bad MAC — the
+//!    costliest, one HMAC each).
+//! 2. Knock → open latency in the lab: from sending a knock in the client namespace
+//!    to the first TCP connect to port 22 that succeeds (polled every 1 ms), with
+//!    knockgated in the server namespace. Median and p99 over many runs.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::hint::black_box;
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use knockgate::config::Config;
+use knockgate::daemon::core::{Core, REPLAY_CAPACITY, Settings};
+use knockgate::firewall::Firewall;
+use knockgate::firewall::memory::MemoryFirewall;
+use knockgate::grants::GrantBook;
+use knockgate::knock::auth::{ServerId, seal};
+use knockgate::knock::{AddressClaim, KeyId, Knock, Secret, Service};
+use knockgate::policy::{KeyEntry, KeyRing, Limits};
+use knockgate::state::ReplayLog;
+use support::{Host, Lab, sa, v4};
+
+const KEY_HEX: &str = "6c1e9a4f2b7d0c5e8a3f6b1d4e9c2a7f0b5d8e3a6c1f4b9e2d7a0c5f8b3e6d1a";
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn knock(key_hex: &str, key_id: &str, nonce: [u8; 16]) -> Vec<u8> {
+    let k = Knock {
+        key_id: KeyId::new(key_id).unwrap(),
+        service: Service::Ssh,
+        timestamp: unix_now(),
+        nonce,
+        ttl_secs: 60,
+        address: AddressClaim::PacketSource,
+    };
+    seal(
+        &k,
+        &Secret::from_hex(key_hex).unwrap(),
+        &ServerId::new("bench").unwrap(),
+    )
+    .to_vec()
+}
+
+fn rejection_rates() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut fw = MemoryFirewall::default();
+    fw.replace(&knockgate::ruleset::baseline(&Config::default(), &[]))
+        .unwrap();
+    let mut keys = KeyRing::default();
+    keys.insert(
+        KeyId::new("alice").unwrap(),
+        KeyEntry {
+            secret: Secret::from_hex(KEY_HEX).unwrap(),
+            services: vec![Service::Ssh],
+            sources: vec!["0.0.0.0/0".parse().unwrap()],
+            max_ttl: None,
+            other_source: false,
+        },
+    );
+    let settings = Settings {
+        table: "knockgate".into(),
+        server_id: ServerId::new("bench").unwrap(),
+        skew: Duration::from_secs(30),
+        limits: Limits {
+            default_ttl: Duration::from_secs(60),
+            max_ttl: Duration::from_secs(3600),
+        },
+        ban: None,
+        book_path: dir.path().join("grants.json"),
+    };
+    let replay = ReplayLog::open(dir.path(), REPLAY_CAPACITY, unix_now()).unwrap();
+    let mut core = Core::new(fw, settings, keys, replay, GrantBook::default());
+    let source: IpAddr = "203.0.113.9".parse().unwrap();
+    let now = unix_now();
+    let kinds = [
+        ("malformed (random 114 bytes)", vec![0x5au8; 114]),
+        ("unknown key id", knock(KEY_HEX, "mallory", [1; 16])),
+        (
+            "bad MAC (one HMAC-SHA256 each)",
+            knock(&"00".repeat(32), "alice", [2; 16]),
+        ),
+    ];
+    println!("## Junk rejected by the knock handler, one core, in process\n");
+    println!("| junk | datagrams/s | ns each |\n|---|---:|---:|");
+    for (name, datagram) in kinds {
+        let n = 1_000_000u32;
+        let started = Instant::now();
+        for _ in 0..n {
+            black_box(core.knock(black_box(&datagram), source, now));
+        }
+        let took = started.elapsed();
+        let per = took / n;
+        let rate = f64::from(n) / took.as_secs_f64();
+        println!("| {name} | {rate:.0} | {} |", per.as_nanos());
+    }
+}
+
+/// The `p`-th percentile (0–100) of sorted samples, by nearest rank.
+fn percentile(sorted: &[Duration], p: usize) -> Duration {
+    let last = sorted.len().saturating_sub(1);
+    sorted[(p * last).div_ceil(100).min(last)]
+}
+
+fn knock_to_open() {
+    if !nix::unistd::geteuid().is_root() {
+        println!("\n(knock → open skipped: the lab needs root)");
+        return;
+    }
+    let lab = Lab::new();
+    let _ssh = lab.tcp_echo(Host::Server, "[::]:22".parse().unwrap());
+    let key = lab.write_file("alice.key", KEY_HEX);
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let socket = lab.dir().join("admin.sock");
+    let config = lab.write_file(
+        "k.toml",
+        &format!(
+            "[knock]\nserver_id = \"bench\"\nrate_per_second = 1000\nburst = 1000\n[knock.ban]\nenabled = false\n[admin]\nsocket = \"{}\"\n\
+             [dns]\nresolvers = [\"10.77.2.53\"]\n[[keys]]\nid = \"alice\"\nfile = \"{}\"\n",
+            socket.display(),
+            key.display()
+        ),
+    );
+    let daemon = lab.start_daemon(&config);
+    let plan = v4();
+    let (to_knock, to_ssh) = (
+        sa(plan.server_from_client, 62201),
+        sa(plan.server_from_client, 22),
+    );
+    let runs = 200u8;
+    let mut samples = Vec::new();
+    for i in 0..runs {
+        let mut nonce = [0u8; 16];
+        nonce[0] = i;
+        nonce[1] = 0xbe;
+        let datagram = knock(KEY_HEX, "alice", nonce);
+        let took = lab.in_ns(Host::Client, || {
+            let udp = std::net::UdpSocket::bind(SocketAddr::new(plan.client, 0)).unwrap();
+            let started = Instant::now();
+            udp.send_to(&datagram, to_knock).unwrap();
+            loop {
+                if TcpStream::connect_timeout(&to_ssh, Duration::from_millis(1)).is_ok() {
+                    return Some(started.elapsed());
+                }
+                if started.elapsed() > Duration::from_secs(2) {
+                    return None;
+                }
+            }
+        });
+        let Some(took) = took else {
+            panic!(
+                "run {i}: the knock did not open the port:\n{}",
+                daemon.log_text()
+            )
+        };
+        samples.push(took);
+        // Close it again for the next run.
+        let grants =
+            knockgate::admin::client::call(&socket, &knockgate::admin::Request::Grants).unwrap();
+        if let knockgate::admin::Response::Grants { grants } = grants {
+            for g in grants {
+                knockgate::admin::client::call(
+                    &socket,
+                    &knockgate::admin::Request::Revoke { id: g.id },
+                )
+                .unwrap();
+            }
+        }
+    }
+    samples.sort();
+    println!("\n## Knock → open in the lab (IPv4, {runs} runs, connect polled every 1 ms)\n");
+    println!("| median | p90 | p99 | max |\n|---:|---:|---:|---:|");
+    println!(
+        "| {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms |",
+        ms(percentile(&samples, 50)),
+        ms(percentile(&samples, 90)),
+        ms(percentile(&samples, 99)),
+        ms(*samples.last().unwrap())
+    );
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn main() {
+    rejection_rates();
+    knock_to_open();
+}
