@@ -133,37 +133,25 @@ fn plain_ssh_works_through_knock_proxy() {
         !direct.status.success(),
         "ssh without a knock must not connect"
     );
-    for host in ["lab4", "lab6"] {
-        let proxy = format!(
-            "ProxyCommand={} proxy %h %p --config {}",
+    // The contrib snippet's shape: `web4` is an ssh alias whose HostName is the
+    // entry's address (ssh's %h is the HostName); `lab6` is the entry's own name.
+    let ssh_config = lab.write_file(
+        "ssh_config",
+        &format!(
+            "Host web4\n    HostName 10.77.1.1\nHost lab6\n    HostName lab6\nHost *\n    User root\n    \
+             IdentityFile {}\n    BatchMode yes\n    StrictHostKeyChecking no\n    \
+             UserKnownHostsFile /dev/null\n    ConnectTimeout 10\n    \
+             ProxyCommand {} proxy %h %p --config {}\n",
+            lab.dir().join("user_key").display(),
             env!("CARGO_BIN_EXE_knock"),
             client_config.display()
-        );
+        ),
+    );
+    for host in ["web4", "lab6"] {
         let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &lab.ns(Host::Client),
-                "ssh",
-                "-F",
-                "/dev/null",
-                "-i",
-            ])
-            .arg(lab.dir().join("user_key"))
-            .args([
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "ConnectTimeout=10",
-                "-o",
-                &proxy,
-            ])
-            .arg(format!("root@{host}"))
-            .arg("echo hello-through-knockgate")
+            .args(["netns", "exec", &lab.ns(Host::Client), "ssh", "-F"])
+            .arg(&ssh_config)
+            .args([host, "echo hello-through-knockgate"])
             .stdin(Stdio::null())
             .output()
             .expect("run ssh");

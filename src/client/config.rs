@@ -143,10 +143,16 @@ pub fn parse(path: &Path, text: &str) -> Result<ClientConfig, ClientConfigError>
 }
 
 impl ClientConfig {
-    /// The entry for `host`, or an error listing the known names.
+    /// The entry named `host`, or else the one whose `address` is `host` (ssh's `%h`
+    /// is the `HostName`, not the alias), or an error listing the known names.
     pub fn host(&self, path: &Path, host: &str) -> Result<&HostEntry, ClientConfigError> {
         self.hosts
             .get(host)
+            .or_else(|| {
+                self.hosts
+                    .values()
+                    .find(|e| e.address.eq_ignore_ascii_case(host))
+            })
             .ok_or_else(|| ClientConfigError::NoSuchHost {
                 path: path.to_owned(),
                 host: host.to_owned(),
@@ -171,6 +177,14 @@ mod tests {
         assert_eq!((h.port, h.ssh_port), (62201, 22));
         assert!(h.ttl.is_none() && h.server_id.is_none());
         assert_eq!(expand_home(&h.key_file), home().join("k"));
+    }
+
+    #[test]
+    fn a_host_is_found_by_its_address_too() {
+        let text =
+            "[hosts.web]\naddress = \"web1.example.org\"\nkey_id = \"a\"\nkey_file = \"k\"\n";
+        let c = parse(Path::new("c.toml"), text).unwrap();
+        assert!(c.host(Path::new("c.toml"), "web1.example.org").is_ok());
     }
 
     #[test]
