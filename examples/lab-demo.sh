@@ -88,7 +88,7 @@ cfg="$work/knockgate.toml"
 cp examples/knockgate.toml "$cfg"
 echo
 echo "== starting knockgated with examples/knockgate.toml"
-KNOCKGATE_KNOCK__STATE_DIR="$work/state" ip netns exec "$server" "$daemon" --config "$cfg" 2>"$work/daemon.log" & dpid=$!; pids+=("$dpid")
+KNOCKGATE_KNOCK__STATE_DIR="$work/state" KNOCKGATE_ADMIN__SOCKET="$work/admin.sock" ip netns exec "$server" "$daemon" --config "$cfg" 2>"$work/daemon.log" & dpid=$!; pids+=("$dpid")
 for _ in $(seq 100); do grep -q "baseline applied" "$work/daemon.log" && break; sleep 0.05; done
 sed 's/^/  log: /' "$work/daemon.log"
 echo

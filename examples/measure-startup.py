@@ -24,7 +24,8 @@ def pct(xs, p):
 
 def spawn():
     env = dict(os.environ, KNOCKGATE_DNS__RESOLVERS="192.0.2.53", RUST_LOG="info",
-               KNOCKGATE_KNOCK__STATE_DIR=state_dir)
+               KNOCKGATE_KNOCK__STATE_DIR=state_dir,
+               KNOCKGATE_ADMIN__SOCKET=os.path.join(state_dir, "admin.sock"))
     return subprocess.Popen(["ip", "netns", "exec", ns, daemon, "--config", example],
                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, text=True)
 
