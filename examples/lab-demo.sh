@@ -64,16 +64,17 @@ serve "$server" 22 80 443 8080
 serve "$internet" 80 443 53
 sleep 1
 
+unexpected=0
 check() { # check NS WHAT IP PORT EXPECT
   local ns=$1 what=$2 ip=$3 port=$4 expect=$5 got
   if ip netns exec "$ns" timeout 1 bash -c "exec 3<>/dev/tcp/$ip/$port && head -c5 <&3" >/dev/null 2>&1; then got=open; else got=closed; fi
-  local mark="ok"; [ "$got" = "$expect" ] || mark="UNEXPECTED"
+  local mark="ok"; [ "$got" = "$expect" ] || { mark="UNEXPECTED"; unexpected=$((unexpected + 1)); }
   printf '  %-44s %-7s (%s)\n' "$what" "$got" "$mark"
 }
 probe_all() {
   check "$laptop" "laptop  -> server:80   (web)" 10.77.1.1 80 "$1"
   check "$laptop" "laptop  -> server:443  (web)" 10.77.1.1 443 "$1"
-  check "$laptop" "laptop  -> server:22   (ssh, no grant)" 10.77.1.1 22 "$2"
+  check "$laptop" "laptop  -> server:22   (ssh)" 10.77.1.1 22 "${3:-$2}"
   check "$laptop" "laptop  -> server:8080 (anything else)" 10.77.1.1 8080 "$2"
   check "$server" "server  -> internet:443 (new outbound)" 10.77.2.2 443 "$2"
   check "$server" "server  -> resolver:53 (DNS over TCP)" 10.77.2.53 53 open
@@ -86,6 +87,11 @@ probe_all open open
 
 cfg="$work/knockgate.toml"
 cp examples/knockgate.toml "$cfg"
+bin=$(dirname "$daemon")
+# A knock key for the laptop, as `knockgate keygen` makes it.
+"$bin/knockgate" keygen demo-laptop --dir "$work/keys" --config "$cfg" >/dev/null
+printf '\n[[keys]]\nid = "demo-laptop"\nfile = "%s"\n' "$work/keys/demo-laptop.key" >> "$cfg"
+export KNOCKGATE_KNOCK__SERVER_ID=demo
 echo
 echo "== starting knockgated with examples/knockgate.toml"
 KNOCKGATE_KNOCK__STATE_DIR="$work/state" KNOCKGATE_ADMIN__SOCKET="$work/admin.sock" ip netns exec "$server" "$daemon" --config "$cfg" 2>"$work/daemon.log" & dpid=$!; pids+=("$dpid")
@@ -96,9 +102,24 @@ echo "== with the baseline: web in, nothing else; DNS out to the resolver only"
 probe_all open closed
 if ip netns exec "$laptop" ping -c1 -W1 10.77.1.1 >/dev/null; then echo "  laptop  -> server ping                       answered"; fi
 echo
-echo "== knockgated stopped with SIGTERM: the baseline stays (fail closed)"
+echo "== the laptop knocks (one UDP datagram, never answered) and SSH opens for it alone"
+ip netns exec "$laptop" "$bin/knock" --server 10.77.1.1 --key-id demo-laptop \
+  --key-file "$work/keys/demo-laptop.key" --server-id demo --ttl 1m --wait 2>&1 | sed 's/^/  /'
+check "$laptop" "laptop  -> server:22   (ssh, after the knock)" 10.77.1.1 22 open
+check "$internet" "internet -> server:22  (ssh, someone else)" 10.77.2.1 22 closed
+"$bin/knockgate" --socket "$work/admin.sock" grants | sed 's/^/  /'
+grep 'knock accepted' "$work/daemon.log" | sed 's/^/  log: /'
+
+echo
+echo "== knockgated stopped with SIGTERM: the baseline stays (fail closed), and the"
+echo "   laptop's grant stays until its TTL ends — the kernel times it, not the daemon"
 kill -TERM "$dpid"; wait "$dpid" || true
-probe_all open closed
+probe_all open closed open
 echo
 echo "== the table it left (nft list table inet knockgate, first lines)"
 ip netns exec "$server" nft list table inet knockgate | sed -n '1,5p;/chain input/,/^\t}/p' | sed 's/^/  /'
+
+if [ "$unexpected" -ne 0 ]; then
+  echo "lab-demo: $unexpected unexpected results" >&2
+  exit 1
+fi
