@@ -512,7 +512,7 @@ fn knock_reads_named_hosts_from_its_config() {
     }
     let k = knocking("");
     let _ssh = k.lab.tcp_echo(Host::Server, "[::]:22".parse().unwrap());
-    let _daemon = k.start();
+    let daemon = k.start();
     let client_config = k.lab.write_file(
         "knock.toml",
         &format!(
@@ -528,6 +528,27 @@ fn knock_reads_named_hosts_from_its_config() {
     );
     let six = v6();
     assert!(k.ssh_open_for(Host::Client, six.client, &six));
+    // A TTL over the server's cap (1 h by default) is capped, not refused.
+    let out = k.knock(&[
+        "--config",
+        client_config.to_str().unwrap(),
+        "lab",
+        "--ttl",
+        "48h",
+        "--wait",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The port was open already, so --wait returned at once: give the daemon a moment.
+    let capped = |log: String| log.contains("capped=true") && log.contains("ttl_secs=3600");
+    assert!(
+        eventually(Duration::from_secs(2), || capped(daemon.log_text())),
+        "capped to max_ttl: {}",
+        daemon.log_text()
+    );
     let out = k.knock(&["--config", client_config.to_str().unwrap(), "nosuch"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no host `nosuch`"));

@@ -430,7 +430,10 @@ impl Lab {
             // Each lab keeps its own replay log and grant book.
             .env("KNOCKGATE_KNOCK__STATE_DIR", self.dir.path().join("state"))
             // …and its own admin socket, never the host's /run/knockgate.
-            .env("KNOCKGATE_ADMIN__SOCKET", self.dir.path().join("admin.sock"))
+            .env(
+                "KNOCKGATE_ADMIN__SOCKET",
+                self.dir.path().join("admin.sock"),
+            )
             .stdin(Stdio::null());
         command
     }
