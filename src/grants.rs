@@ -111,23 +111,24 @@ impl GrantBook {
         now: u64,
         mut new_id: impl FnMut() -> String,
     ) {
-        self.records
-            .retain(|_, r| r.service != service || kernel.iter().any(|e| e.addr == r.address));
-        for element in kernel {
+        self.records.retain(|_, r| {
+            r.service != service || kernel.iter().any(|e| e.addr() == Some(r.address))
+        });
+        for (element, address) in kernel.iter().filter_map(|e| Some((e, e.addr()?))) {
             let expires_at = element
                 .expires_in
                 .map_or(u64::MAX, |d| now.saturating_add(d.as_secs()));
             if let Some(record) = self
                 .records
                 .values_mut()
-                .find(|r| r.service == service && r.address == element.addr)
+                .find(|r| r.service == service && r.address == address)
             {
                 record.expires_at = expires_at;
             } else {
                 let record = GrantRecord {
                     id: new_id(),
                     service: service.to_owned(),
-                    address: element.addr,
+                    address,
                     who: "recovered".to_owned(),
                     granted_at: now,
                     expires_at,
@@ -284,11 +285,11 @@ mod tests {
         );
         let kernel = [
             Element {
-                addr: ip("192.0.2.1"),
+                key: ip("192.0.2.1").into(),
                 expires_in: Some(Duration::from_secs(40)),
             },
             Element {
-                addr: ip("192.0.2.9"),
+                key: ip("192.0.2.9").into(),
                 expires_in: Some(Duration::from_secs(5)),
             },
         ];

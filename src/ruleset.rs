@@ -60,13 +60,36 @@ pub struct Ruleset {
     pub chains: Vec<ChainDef>,
 }
 
-/// A named set of source addresses.
+/// What a set's elements are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetKeyType {
+    /// Addresses of one family.
+    Addr(IpFamily),
+    /// cgroup v2 ids (the cgroup directory's inode number), for `socket cgroupv2`.
+    Cgroup,
+    /// IP protocol numbers (`inet_proto`), used as an on/off switch per protocol.
+    Proto,
+}
+
+impl SetKeyType {
+    /// The nft name of the key type.
+    #[must_use]
+    pub fn nft_type(self) -> &'static str {
+        match self {
+            Self::Addr(family) => family.addr_type(),
+            Self::Cgroup => "cgroupsv2",
+            Self::Proto => "inet_proto",
+        }
+    }
+}
+
+/// A named set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SetDef {
     /// Set name, unique in the table.
     pub name: String,
-    /// Key family.
-    pub family: IpFamily,
+    /// What its elements are.
+    pub key: SetKeyType,
     /// What the set is for, which decides its flags.
     pub kind: SetKind,
     /// Live contents carried across a replace (grants with their remaining time).
@@ -74,13 +97,51 @@ pub struct SetDef {
     pub elements: Vec<Element>,
 }
 
-/// One address in a set, with the time it has left (none: it stays until removed).
+/// One set element's key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ElementKey {
+    /// An address.
+    Addr(IpAddr),
+    /// A cgroup v2 id.
+    Cgroup(u64),
+    /// An IP protocol number.
+    Proto(u8),
+}
+
+impl From<IpAddr> for ElementKey {
+    fn from(addr: IpAddr) -> Self {
+        Self::Addr(addr)
+    }
+}
+
+impl fmt::Display for ElementKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Addr(a) => write!(f, "{a}"),
+            Self::Cgroup(id) => write!(f, "cgroup {id}"),
+            Self::Proto(p) => write!(f, "protocol {p}"),
+        }
+    }
+}
+
+/// One set element, with the time it has left (none: it stays until removed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Element {
-    /// The address.
-    pub addr: IpAddr,
+    /// Its key.
+    pub key: ElementKey,
     /// Time left before the kernel removes it.
     pub expires_in: Option<std::time::Duration>,
+}
+
+impl Element {
+    /// The address, for elements of address sets.
+    #[must_use]
+    pub fn addr(&self) -> Option<IpAddr> {
+        match self.key {
+            ElementKey::Addr(a) => Some(a),
+            ElementKey::Cgroup(_) | ElementKey::Proto(_) => None,
+        }
+    }
 }
 
 /// The two kinds of set the baseline uses.
@@ -391,7 +452,7 @@ impl fmt::Display for Rule {
 impl fmt::Display for SetDef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "\tset {} {{", self.name)?;
-        writeln!(f, "\t\ttype {}", self.family.addr_type())?;
+        writeln!(f, "\t\ttype {}", self.key.nft_type())?;
         match self.kind {
             SetKind::Grants => writeln!(f, "\t\tflags timeout")?,
             SetKind::Meter { size, timeout_secs } => {

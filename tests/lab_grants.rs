@@ -49,7 +49,7 @@ fn grants_open_extend_list_and_close() {
         );
 
         with_fw(&lab, |fw| {
-            fw.add_element("knockgate", set, client, Duration::from_secs(30))
+            fw.add_element("knockgate", set, client.into(), Duration::from_secs(30))
         })
         .unwrap();
         assert!(
@@ -63,7 +63,7 @@ fn grants_open_extend_list_and_close() {
 
         // A second grant for the same source extends it, without a duplicate.
         with_fw(&lab, |fw| {
-            fw.add_element("knockgate", set, client, Duration::from_secs(600))
+            fw.add_element("knockgate", set, client.into(), Duration::from_secs(600))
         })
         .unwrap();
         let listed = with_fw(&lab, |fw| fw.elements("knockgate", set)).unwrap();
@@ -74,13 +74,13 @@ fn grants_open_extend_list_and_close() {
             "extended: {left:?}"
         );
 
-        with_fw(&lab, |fw| fw.remove_element("knockgate", set, client)).unwrap();
+        with_fw(&lab, |fw| fw.remove_element("knockgate", set, client.into())).unwrap();
         assert!(
             !lab.tcp_works_from(Host::Client, client, ssh),
             "closed after the revoke"
         );
         // Removing again is not an error.
-        with_fw(&lab, |fw| fw.remove_element("knockgate", set, client)).unwrap();
+        with_fw(&lab, |fw| fw.remove_element("knockgate", set, client.into())).unwrap();
         assert!(
             with_fw(&lab, |fw| fw.elements("knockgate", set))
                 .unwrap()
@@ -105,7 +105,7 @@ fn the_kernel_closes_a_grant_on_time() {
     let granted = Instant::now();
     for plan in [v4(), v6()] {
         with_fw(&lab, |fw| {
-            fw.add_element("knockgate", grant_set(plan.client), plan.client, ttl)
+            fw.add_element("knockgate", grant_set(plan.client), plan.client.into(), ttl)
         })
         .unwrap();
     }
@@ -140,7 +140,7 @@ fn a_replace_carries_live_grants_with_their_remaining_time() {
         fw.add_element(
             "knockgate",
             SSH_GRANTS_V4,
-            four.client,
+            four.client.into(),
             Duration::from_secs(300),
         )
     })
@@ -155,7 +155,7 @@ fn a_replace_carries_live_grants_with_their_remaining_time() {
     with_fw(&lab, |fw| fw.replace(&ruleset)).unwrap();
     let after: Vec<Element> = with_fw(&lab, |fw| fw.elements("knockgate", SSH_GRANTS_V4)).unwrap();
     assert_eq!(after.len(), 1);
-    assert_eq!(after[0].addr, four.client);
+    assert_eq!(after[0].addr(), Some(four.client));
     let left = after[0].expires_in.unwrap();
     assert!(
         left <= Duration::from_secs(300) && left > Duration::from_secs(250),

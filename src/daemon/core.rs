@@ -212,7 +212,12 @@ impl<F: Firewall> Core<F> {
         }
         let source = policy::canonical(source);
         self.firewall
-            .add_element(&self.settings.table, ban_set(source), source, duration)
+            .add_element(
+                &self.settings.table,
+                ban_set(source),
+                source.into(),
+                duration,
+            )
             .is_ok()
     }
 
@@ -227,8 +232,12 @@ impl<F: Firewall> Core<F> {
         now: u64,
     ) -> Result<(GrantRecord, Granted), FirewallError> {
         let address = policy::canonical(address);
-        self.firewall
-            .add_element(&self.settings.table, grant_set(address), address, ttl)?;
+        self.firewall.add_element(
+            &self.settings.table,
+            grant_set(address),
+            address.into(),
+            ttl,
+        )?;
         let booked = self
             .book
             .grant(service.name(), address, who, now, ttl, new_id);
@@ -259,7 +268,7 @@ impl<F: Firewall> Core<F> {
         self.firewall.remove_element(
             &self.settings.table,
             grant_set(record.address),
-            record.address,
+            record.address.into(),
         )?;
         self.book.revoke(id);
         self.save_book();

@@ -4,11 +4,10 @@
 
 use std::collections::BTreeMap;
 
-use std::net::IpAddr;
 use std::time::Duration;
 
 use super::{Firewall, FirewallError};
-use crate::ruleset::{Element, Ruleset, SetDef};
+use crate::ruleset::{Element, ElementKey, Ruleset, SetDef};
 
 /// Tables by name, as the kernel would hold them.
 #[derive(Debug, Default)]
@@ -64,14 +63,14 @@ impl Firewall for MemoryFirewall {
         &mut self,
         table: &str,
         set: &str,
-        addr: IpAddr,
+        key: ElementKey,
         ttl: Duration,
     ) -> Result<(), FirewallError> {
         self.refuse(table)?;
         let set = self.set_mut(table, set)?;
-        set.elements.retain(|e| e.addr != addr);
+        set.elements.retain(|e| e.key != key);
         set.elements.push(Element {
-            addr,
+            key,
             expires_in: Some(ttl),
         });
         self.commits += 1;
@@ -82,12 +81,10 @@ impl Firewall for MemoryFirewall {
         &mut self,
         table: &str,
         set: &str,
-        addr: IpAddr,
+        key: ElementKey,
     ) -> Result<(), FirewallError> {
         self.refuse(table)?;
-        self.set_mut(table, set)?
-            .elements
-            .retain(|e| e.addr != addr);
+        self.set_mut(table, set)?.elements.retain(|e| e.key != key);
         self.commits += 1;
         Ok(())
     }

@@ -4,10 +4,9 @@
 //! netlink, and only it may hold `unsafe`. [`memory::MemoryFirewall`] stands in
 //! for the kernel in unit tests, so policy and daemon logic are tested without root.
 
-use std::net::IpAddr;
 use std::time::Duration;
 
-use crate::ruleset::{Element, Ruleset};
+use crate::ruleset::{Element, ElementKey, Ruleset};
 
 pub mod memory;
 #[cfg(feature = "daemon")]
@@ -22,19 +21,23 @@ pub trait Firewall {
     /// Deletes the table named `table`, and nothing else; a missing table is not an error.
     fn remove(&mut self, table: &str) -> Result<(), FirewallError>;
 
-    /// Puts `addr` in set `set` for `ttl`, replacing any earlier timeout (a re-knock
+    /// Puts `key` in set `set` for `ttl`, replacing any earlier timeout (a re-knock
     /// extends; it never duplicates). The kernel removes it when `ttl` ends.
     fn add_element(
         &mut self,
         table: &str,
         set: &str,
-        addr: IpAddr,
+        key: ElementKey,
         ttl: Duration,
     ) -> Result<(), FirewallError>;
 
-    /// Takes `addr` out of set `set` now; an absent element is not an error.
-    fn remove_element(&mut self, table: &str, set: &str, addr: IpAddr)
-    -> Result<(), FirewallError>;
+    /// Takes `key` out of set `set` now; an absent element is not an error.
+    fn remove_element(
+        &mut self,
+        table: &str,
+        set: &str,
+        key: ElementKey,
+    ) -> Result<(), FirewallError>;
 
     /// What set `set` holds now, with each element's remaining time.
     fn elements(&mut self, table: &str, set: &str) -> Result<Vec<Element>, FirewallError>;
@@ -107,19 +110,19 @@ impl<F: Firewall + ?Sized> Firewall for &mut F {
         &mut self,
         table: &str,
         set: &str,
-        addr: IpAddr,
+        key: ElementKey,
         ttl: Duration,
     ) -> Result<(), FirewallError> {
-        (**self).add_element(table, set, addr, ttl)
+        (**self).add_element(table, set, key, ttl)
     }
 
     fn remove_element(
         &mut self,
         table: &str,
         set: &str,
-        addr: IpAddr,
+        key: ElementKey,
     ) -> Result<(), FirewallError> {
-        (**self).remove_element(table, set, addr)
+        (**self).remove_element(table, set, key)
     }
 
     fn elements(&mut self, table: &str, set: &str) -> Result<Vec<Element>, FirewallError> {

@@ -6,8 +6,8 @@
 use std::net::IpAddr;
 
 use super::{
-    ChainDef, CtState, Expr, Hook, IpFamily, Per, Policy, Rate, Rule, Ruleset, SetDef, SetKind,
-    Verdict, icmp, icmpv6,
+    ChainDef, CtState, Expr, Hook, IpFamily, Per, Policy, Rate, Rule, Ruleset, SetDef, SetKeyType,
+    SetKind, Verdict, icmp, icmpv6,
 };
 use crate::config::{Config, Forward, Outbound};
 
@@ -85,7 +85,7 @@ fn sets(config: &Config) -> Vec<SetDef> {
     sets.into_iter()
         .map(|(name, family, kind)| SetDef {
             name: name.to_owned(),
-            family,
+            key: SetKeyType::Addr(family),
             kind,
             elements: Vec::new(),
         })

@@ -91,7 +91,7 @@ fn elements(core: &mut Core<MemoryFirewall>, set: &str) -> Vec<IpAddr> {
         .elements("knockgate", set)
         .unwrap()
         .iter()
-        .map(|e| e.addr)
+        .filter_map(crate::ruleset::Element::addr)
         .collect()
 }
 

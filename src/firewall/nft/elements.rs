@@ -14,7 +14,7 @@ use std::time::Duration;
 use nftnl::nftnl_sys::{self as sys, libc};
 use nftnl::{MsgType, NlMsg, ProtoFamily};
 
-use crate::ruleset::Element;
+use crate::ruleset::{Element, ElementKey};
 
 /// A raw libnftnl set holding the elements of one message; freed on drop.
 pub(super) struct ElemMsg {
@@ -47,14 +47,17 @@ impl ElemMsg {
         }
     }
 
-    /// Adds `addr` to the list, to expire after `timeout` (rounded up to whole ms).
-    pub(super) fn push(&mut self, addr: IpAddr, timeout: Option<Duration>) {
+    /// Adds `key` to the list, to expire after `timeout` (rounded up to whole ms).
+    pub(super) fn push(&mut self, key: ElementKey, timeout: Option<Duration>) {
         // SAFETY: allocation has no preconditions; NULL aborts below.
         let elem = unsafe { sys::nftnl_set_elem_alloc() };
         let elem = NonNull::new(elem).unwrap_or_else(|| std::process::abort());
-        let key: Vec<u8> = match addr {
-            IpAddr::V4(a) => a.octets().to_vec(),
-            IpAddr::V6(a) => a.octets().to_vec(),
+        let key: Vec<u8> = match key {
+            ElementKey::Addr(IpAddr::V4(a)) => a.octets().to_vec(),
+            ElementKey::Addr(IpAddr::V6(a)) => a.octets().to_vec(),
+            // cgroup ids are compared in host byte order (the socket expression loads them so).
+            ElementKey::Cgroup(id) => id.to_ne_bytes().to_vec(),
+            ElementKey::Proto(p) => vec![p],
         };
         let len = u32::try_from(key.len()).unwrap_or(16);
         // SAFETY: `elem` is live; `key` is `len` readable bytes that libnftnl copies.
@@ -167,28 +170,34 @@ extern "C" fn collect(elem: *mut sys::nftnl_set_elem, data: *mut c_void) -> i32 
     let out = unsafe { &mut *data.cast::<Vec<Element>>() };
     let mut len = 0u32;
     // SAFETY: `elem` is live for the callback; libnftnl returns a pointer to `len` bytes.
-    let key = unsafe { sys::nftnl_set_elem_get(elem, attr(sys::NFTNL_SET_ELEM_KEY), &raw mut len) };
-    if key.is_null() {
+    let raw = unsafe { sys::nftnl_set_elem_get(elem, attr(sys::NFTNL_SET_ELEM_KEY), &raw mut len) };
+    if raw.is_null() {
         return 0;
     }
     let len = usize::try_from(len).unwrap_or(0);
     // SAFETY: libnftnl guarantees `len` readable bytes at `key` while `elem` lives.
-    let bytes = unsafe { std::slice::from_raw_parts(key.cast::<u8>(), len) };
-    let addr = match len {
+    let bytes = unsafe { std::slice::from_raw_parts(raw.cast::<u8>(), len) };
+    // The key length tells the set's type apart: knockgate's sets hold addresses
+    // (4, 16 bytes), cgroup ids (8) or protocol numbers (1).
+    let key = match len {
         4 => <[u8; 4]>::try_from(bytes)
             .ok()
-            .map(|b| IpAddr::V4(Ipv4Addr::from(b))),
+            .map(|b| ElementKey::Addr(IpAddr::V4(Ipv4Addr::from(b)))),
         16 => <[u8; 16]>::try_from(bytes)
             .ok()
-            .map(|b| IpAddr::V6(Ipv6Addr::from(b))),
+            .map(|b| ElementKey::Addr(IpAddr::V6(Ipv6Addr::from(b)))),
+        8 => <[u8; 8]>::try_from(bytes)
+            .ok()
+            .map(|b| ElementKey::Cgroup(u64::from_ne_bytes(b))),
+        1 => bytes.first().map(|&p| ElementKey::Proto(p)),
         _ => None,
     };
     // SAFETY: `elem` is live; absent attributes read as 0.
     let expires_ms =
         unsafe { sys::nftnl_set_elem_get_u64(elem, attr(sys::NFTNL_SET_ELEM_EXPIRATION)) };
-    if let Some(addr) = addr {
+    if let Some(key) = key {
         out.push(Element {
-            addr,
+            key,
             expires_in: (expires_ms > 0).then(|| Duration::from_millis(expires_ms)),
         });
     }

@@ -15,7 +15,7 @@ mod socket;
 
 use std::collections::HashMap;
 use std::ffi::CString;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use nftnl::nftnl_sys::{self as sys, libc};
@@ -25,7 +25,9 @@ use nftnl::{Batch, Chain, ChainType, FinalizedBatch, MsgType, ProtoFamily, Table
 use self::elements::ElemMsg;
 use self::socket::{NetlinkSocket, TransactError};
 use super::{Firewall, FirewallError};
-use crate::ruleset::{ChainDef, Element, Hook, IpFamily, Policy, Ruleset, SetDef, SetKind};
+use crate::ruleset::{
+    ChainDef, Element, ElementKey, Hook, IpFamily, Policy, Ruleset, SetDef, SetKeyType, SetKind,
+};
 
 /// The kernel's nftables, through one long-lived netlink socket.
 pub struct NftFirewall {
@@ -80,7 +82,7 @@ impl NftFirewall {
         &self,
         table: &str,
         set: &str,
-        addr: IpAddr,
+        key: ElementKey,
         ttl: Option<Duration>,
     ) -> Result<(), FirewallError> {
         let invalid = |detail| FirewallError::InvalidRuleset {
@@ -93,24 +95,20 @@ impl NftFirewall {
         );
         let placeholder = ttl.unwrap_or(Duration::from_secs(1));
         let mut ensure = ElemMsg::new(&t, &s, 0, false);
-        ensure.push(addr, Some(placeholder));
+        ensure.push(key, Some(placeholder));
         let mut delete = ElemMsg::new(&t, &s, 0, false);
-        delete.push(addr, None);
+        delete.push(key, None);
         let mut builder = Builder::new();
-        builder.add(
-            &ensure,
-            MsgType::Add,
-            format!("element {addr} in set {set}"),
-        );
+        builder.add(&ensure, MsgType::Add, format!("element {key} in set {set}"));
         builder.add(
             &delete,
             MsgType::Del,
-            format!("element {addr} in set {set} (delete)"),
+            format!("element {key} in set {set} (delete)"),
         );
         if let Some(ttl) = ttl {
             let mut add = ElemMsg::new(&t, &s, 0, true);
-            add.push(addr, Some(ttl));
-            builder.add(&add, MsgType::Add, format!("element {addr} in set {set}"));
+            add.push(key, Some(ttl));
+            builder.add(&add, MsgType::Add, format!("element {key} in set {set}"));
         }
         self.send(table, &builder.finish())
     }
@@ -151,19 +149,19 @@ impl Firewall for NftFirewall {
         &mut self,
         table: &str,
         set: &str,
-        addr: IpAddr,
+        key: ElementKey,
         ttl: Duration,
     ) -> Result<(), FirewallError> {
-        self.element_batch(table, set, addr, Some(ttl))
+        self.element_batch(table, set, key, Some(ttl))
     }
 
     fn remove_element(
         &mut self,
         table: &str,
         set: &str,
-        addr: IpAddr,
+        key: ElementKey,
     ) -> Result<(), FirewallError> {
-        self.element_batch(table, set, addr, None)
+        self.element_batch(table, set, key, None)
     }
 
     fn elements(&mut self, table: &str, set: &str) -> Result<Vec<Element>, FirewallError> {
@@ -256,15 +254,17 @@ fn replace_batch(ruleset: &Ruleset) -> Result<LabelledBatch, String> {
 
     let mut set_ids = HashMap::new();
     for (def, id) in ruleset.sets.iter().zip(1u32..) {
-        match def.family {
-            IpFamily::V4 => add_set::<Ipv4Addr>(&mut builder, &table, def, id)?,
-            IpFamily::V6 => add_set::<Ipv6Addr>(&mut builder, &table, def, id)?,
+        match def.key {
+            SetKeyType::Addr(IpFamily::V4) => add_set::<Ipv4Addr>(&mut builder, &table, def, id)?,
+            SetKeyType::Addr(IpFamily::V6) => add_set::<Ipv6Addr>(&mut builder, &table, def, id)?,
+            SetKeyType::Cgroup => add_set::<CgroupId>(&mut builder, &table, def, id)?,
+            SetKeyType::Proto => add_set::<InetProto>(&mut builder, &table, def, id)?,
         }
         set_ids.insert(def.name.as_str(), id);
         if !def.elements.is_empty() {
             let mut elems = ElemMsg::new(&name, &cstring(&def.name)?, id, true);
             for e in &def.elements {
-                elems.push(e.addr, e.expires_in);
+                elems.push(e.key, e.expires_in);
             }
             let label = format!("elements of set {}", def.name);
             builder.add(&elems, MsgType::Add, label);
@@ -275,6 +275,30 @@ fn replace_batch(ruleset: &Ruleset) -> Result<LabelledBatch, String> {
         add_chain(&mut builder, &table, def, &set_id)?;
     }
     Ok(builder.finish())
+}
+
+/// Key type of cgroup-id sets: nft's `cgroupsv2`, 8 bytes in host order.
+struct CgroupId;
+
+impl SetKey for CgroupId {
+    const TYPE: u32 = 46;
+    const LEN: u32 = 8;
+
+    fn data(&self) -> Box<[u8]> {
+        Box::new([0; 8])
+    }
+}
+
+/// Key type of protocol sets: nft's `inet_proto`, one byte.
+struct InetProto;
+
+impl SetKey for InetProto {
+    const TYPE: u32 = 12;
+    const LEN: u32 = 1;
+
+    fn data(&self) -> Box<[u8]> {
+        Box::new([0])
+    }
 }
 
 fn add_set<K: SetKey>(
