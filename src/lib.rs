@@ -18,6 +18,7 @@
 //! The binaries are thin: parse arguments, call this library, map to an exit code.
 
 pub mod admin;
+pub mod cgroup;
 pub mod client;
 pub mod config;
 #[cfg(feature = "daemon")]

@@ -277,6 +277,20 @@ pub enum Expr {
         /// The per-source rate.
         rate: Rate,
     },
+    /// `socket cgroupv2 level L @set`: the sending socket's cgroup, at depth `level`
+    /// below the cgroup2 root, is in the set (so a cgroup and all its children match).
+    SocketCgroupInSet {
+        /// Depth of the ancestor compared (1 = a direct child of the root).
+        level: u32,
+        /// Set of cgroup ids.
+        set: String,
+    },
+    /// `meta l4proto @set`: the packet's transport protocol is in the set (an on/off
+    /// switch with a timeout).
+    L4ProtoInSet {
+        /// Set of protocol numbers.
+        set: String,
+    },
     /// `log prefix "…"`.
     Log {
         /// Prefix of the kernel log line.
@@ -430,6 +444,10 @@ impl fmt::Display for Expr {
             Self::MeterSaddr { family, set, rate } => {
                 write!(f, "update @{set} {{ {} saddr {rate} }}", family.keyword())
             }
+            Self::SocketCgroupInSet { level, set } => {
+                write!(f, "socket cgroupv2 level {level} @{set}")
+            }
+            Self::L4ProtoInSet { set } => write!(f, "meta l4proto @{set}"),
             Self::Log { prefix } => write!(f, "log prefix \"{prefix}\""),
             Self::Verdict(Verdict::Accept) => f.write_str("accept"),
             Self::Verdict(Verdict::Drop) => f.write_str("drop"),

@@ -74,13 +74,19 @@ fn grants_open_extend_list_and_close() {
             "extended: {left:?}"
         );
 
-        with_fw(&lab, |fw| fw.remove_element("knockgate", set, client.into())).unwrap();
+        with_fw(&lab, |fw| {
+            fw.remove_element("knockgate", set, client.into())
+        })
+        .unwrap();
         assert!(
             !lab.tcp_works_from(Host::Client, client, ssh),
             "closed after the revoke"
         );
         // Removing again is not an error.
-        with_fw(&lab, |fw| fw.remove_element("knockgate", set, client.into())).unwrap();
+        with_fw(&lab, |fw| {
+            fw.remove_element("knockgate", set, client.into())
+        })
+        .unwrap();
         assert!(
             with_fw(&lab, |fw| fw.elements("knockgate", set))
                 .unwrap()

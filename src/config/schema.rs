@@ -56,6 +56,8 @@ pub struct Config {
     pub dns: Dns,
     /// Logging of dropped packets.
     pub log: Log,
+    /// Egress windows (`egress-window`).
+    pub egress: Egress,
     /// The local admin socket.
     pub admin: Admin,
     /// Knock keys, each with its own policy.
@@ -113,6 +115,25 @@ pub struct Ban {
     pub within: Dur,
     /// How long a ban lasts.
     pub duration: Dur,
+}
+
+/// What an egress window lets out.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct Egress {
+    /// TCP ports a window opens outbound (HTTP, HTTPS).
+    pub ports: Vec<u16>,
+    /// Longest window; longer requests are capped.
+    pub max_ttl: Dur,
+}
+
+impl Default for Egress {
+    fn default() -> Self {
+        Self {
+            ports: vec![80, 443],
+            max_ttl: Dur(Duration::from_secs(60 * 60)),
+        }
+    }
 }
 
 /// The local admin socket (`knockgate`, `egress-window`).
@@ -230,6 +251,7 @@ impl Default for Config {
             knock: Knock::default(),
             dns: Dns::default(),
             log: Log::default(),
+            egress: Egress::default(),
             admin: Admin::default(),
             keys: Vec::new(),
         }

@@ -65,6 +65,7 @@ pub(super) fn validate(path: &Path, config: &Config) -> Result<(), ConfigError> 
     keys(&c, config)?;
     log(&c, config)?;
     dns(&c, config)?;
+    egress(&c, config)?;
     if config.admin.group.is_empty() {
         return Err(c.invalid("admin.group", "expected a group name"));
     }
@@ -173,6 +174,18 @@ fn log(c: &Checker<'_>, config: &Config) -> Result<(), ConfigError> {
         return Err(c.invalid("log.prefix", expected));
     }
     Ok(())
+}
+
+fn egress(c: &Checker<'_>, config: &Config) -> Result<(), ConfigError> {
+    let mut seen = HashSet::new();
+    for (i, &port) in config.egress.ports.iter().enumerate() {
+        let key = format!("egress.ports[{i}]");
+        c.port(&key, port)?;
+        if !seen.insert(port) {
+            return Err(c.invalid(&key, format!("port {port} is listed twice")));
+        }
+    }
+    c.duration("egress.max_ttl", config.egress.max_ttl.0, MAX_GRANT)
 }
 
 fn dns(c: &Checker<'_>, config: &Config) -> Result<(), ConfigError> {

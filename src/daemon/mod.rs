@@ -21,7 +21,9 @@ use crate::firewall::{Firewall, FirewallError};
 use crate::grants::{GrantBook, new_id};
 use crate::logging::AUDIT;
 use crate::policy::{KeyRing, Limits};
-use crate::ruleset::baseline::{KNOCK_BAN_V4, KNOCK_BAN_V6, SSH_GRANTS_V4, SSH_GRANTS_V6};
+use crate::ruleset::baseline::{
+    EGRESS_CGROUPS, EGRESS_HOST, KNOCK_BAN_V4, KNOCK_BAN_V6, SSH_GRANTS_V4, SSH_GRANTS_V6,
+};
 use crate::ruleset::{Element, Hook, Ruleset, baseline};
 use crate::state::{ReplayLog, StateError};
 
@@ -37,8 +39,15 @@ pub enum StartError {
     Firewall(#[from] FirewallError),
 }
 
-/// The sets whose contents (grants, bans) survive a re-apply.
-const LIVE_SETS: [&str; 4] = [SSH_GRANTS_V4, SSH_GRANTS_V6, KNOCK_BAN_V4, KNOCK_BAN_V6];
+/// The sets whose contents (grants, bans, egress windows) survive a re-apply.
+const LIVE_SETS: [&str; 6] = [
+    SSH_GRANTS_V4,
+    SSH_GRANTS_V6,
+    KNOCK_BAN_V4,
+    KNOCK_BAN_V6,
+    EGRESS_CGROUPS,
+    EGRESS_HOST,
+];
 
 /// A running daemon: its core and the ruleset it applied.
 pub struct Daemon<F: Firewall> {

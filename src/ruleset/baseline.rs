@@ -19,6 +19,13 @@ pub const SSH_GRANTS_V6: &str = "ssh_grants_v6";
 pub const KNOCK_BAN_V4: &str = "knock_ban_v4";
 /// Name of the set of IPv6 sources banned from the knock port.
 pub const KNOCK_BAN_V6: &str = "knock_ban_v6";
+/// Name of the set of cgroup ids whose sockets may open egress connections.
+pub const EGRESS_CGROUPS: &str = "egress_cgroups";
+/// Name of the host-wide egress switch: holds `tcp` while a host-wide window is open.
+pub const EGRESS_HOST: &str = "egress_host";
+/// Deepest cgroup an egress window may live in (1 = a child of the cgroup2 root;
+/// a systemd scope sits at 2 or 3).
+pub const MAX_EGRESS_CGROUP_LEVEL: u32 = 4;
 const KNOCK_METER_V4: &str = "knock_meter_v4";
 const KNOCK_METER_V6: &str = "knock_meter_v6";
 /// Sources tracked by each knock meter; beyond it new sources are not accepted until old ones idle out.
@@ -82,14 +89,24 @@ fn sets(config: &Config) -> Vec<SetDef> {
     }
     sets.push((KNOCK_METER_V4, IpFamily::V4, meter));
     sets.push((KNOCK_METER_V6, IpFamily::V6, meter));
-    sets.into_iter()
-        .map(|(name, family, kind)| SetDef {
-            name: name.to_owned(),
-            key: SetKeyType::Addr(family),
-            kind,
-            elements: Vec::new(),
-        })
-        .collect()
+    let mut defs: Vec<SetDef> = sets
+        .into_iter()
+        .map(|(name, family, kind)| set(name, SetKeyType::Addr(family), kind))
+        .collect();
+    if config.outbound == Outbound::Locked {
+        defs.push(set(EGRESS_CGROUPS, SetKeyType::Cgroup, SetKind::Grants));
+        defs.push(set(EGRESS_HOST, SetKeyType::Proto, SetKind::Grants));
+    }
+    defs
+}
+
+fn set(name: &str, key: SetKeyType, kind: SetKind) -> SetDef {
+    SetDef {
+        name: name.to_owned(),
+        key,
+        kind,
+        elements: Vec::new(),
+    }
 }
 
 fn input_chain(config: &Config) -> ChainDef {
@@ -132,6 +149,7 @@ fn output_chain(config: &Config, resolvers: &[IpAddr]) -> ChainDef {
     accept_neighbour_discovery(&mut rules, ND_OUT);
     accept_icmp_replies_and_errors(&mut rules);
     allow_dns_to_resolvers(&mut rules, resolvers);
+    allow_egress_windows(&mut rules, &config.egress.ports);
     log_dropped(&mut rules, config, "output");
     ChainDef {
         name: "output".into(),
@@ -263,6 +281,28 @@ fn allow_dns_to_resolvers(rules: &mut Vec<Rule>, resolvers: &[IpAddr]) {
         rules.push(accept(vec![
             Expr::Daddr(resolver),
             Expr::TcpDport(DNS_PORT),
+        ]));
+    }
+}
+
+/// New outbound TCP to the egress ports from sockets in a window's cgroup (or any
+/// deeper one), and from anywhere while the host-wide switch holds `tcp`.
+fn allow_egress_windows(rules: &mut Vec<Rule>, ports: &[u16]) {
+    for &port in ports {
+        for level in 1..=MAX_EGRESS_CGROUP_LEVEL {
+            rules.push(accept(vec![
+                Expr::TcpDport(port),
+                Expr::SocketCgroupInSet {
+                    level,
+                    set: EGRESS_CGROUPS.into(),
+                },
+            ]));
+        }
+        rules.push(accept(vec![
+            Expr::TcpDport(port),
+            Expr::L4ProtoInSet {
+                set: EGRESS_HOST.into(),
+            },
         ]));
     }
 }

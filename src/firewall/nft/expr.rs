@@ -7,7 +7,7 @@ use std::ptr::NonNull;
 
 use nftnl::expr::{
     Bitwise, Cmp, CmpOp, Conntrack, Expression, Icmpv6HeaderField, Ipv4HeaderField,
-    Ipv6HeaderField, Meta, NetworkHeaderField, Payload, States, TcpHeaderField,
+    Ipv6HeaderField, Meta, NetworkHeaderField, Payload, Socket, SocketKey, States, TcpHeaderField,
     TransportHeaderField, UdpHeaderField, Verdict as NftVerdict,
 };
 use nftnl::nftnl_sys::{self as sys, libc};
@@ -80,6 +80,22 @@ pub(super) fn add(
                 set: cstring(set)?,
                 id,
                 rate: *rate,
+            });
+        }
+        Expr::SocketCgroupInSet { level, set } => {
+            rule.add_expr(&Socket::new(SocketKey::CgroupV2, *level));
+            let id = set_id(set).ok_or_else(|| format!("set {set} is not in this batch"))?;
+            rule.add_expr(&Lookup {
+                set: cstring(set)?,
+                id,
+            });
+        }
+        Expr::L4ProtoInSet { set } => {
+            rule.add_expr(&Meta::L4Proto);
+            let id = set_id(set).ok_or_else(|| format!("set {set} is not in this batch"))?;
+            rule.add_expr(&Lookup {
+                set: cstring(set)?,
+                id,
             });
         }
         Expr::Log { prefix } => rule.add_expr(&Log {

@@ -78,10 +78,13 @@ fn default_output_is_locked_except_dns_to_resolvers() {
             "missing {want}: {rules:#?}"
         );
     }
+    // Web ports go out only through an egress window's set.
     assert!(
-        !rules
+        rules
             .iter()
-            .any(|r| r.contains("dport 80") || r.contains("dport 443"))
+            .filter(|r| r.contains("dport 80") || r.contains("dport 443"))
+            .all(|r| r.contains("@egress_")),
+        "{rules:#?}"
     );
 }
 
@@ -225,6 +228,39 @@ fn banned_knockers_are_dropped_before_the_meter() {
         .unwrap();
     assert!(ban < meter);
     assert!(rules.contains(&"udp dport 62201 ip6 saddr @knock_ban_v6 drop".to_owned()));
+}
+
+#[test]
+fn egress_windows_open_only_the_egress_ports_from_their_sets() {
+    let ruleset = baseline(&Config::default(), &resolvers());
+    let rules = rules_text(&ruleset, Hook::Output);
+    for port in [80, 443] {
+        for level in 1..=4 {
+            let want =
+                format!("tcp dport {port} socket cgroupv2 level {level} @egress_cgroups accept");
+            assert!(rules.contains(&want), "missing {want}");
+        }
+        assert!(rules.contains(&format!(
+            "tcp dport {port} meta l4proto @egress_host accept"
+        )));
+    }
+    // Nothing but those ports, and nothing without a window set.
+    assert!(!rules.iter().any(|r| r.starts_with("tcp dport 80 accept")));
+    let sets: Vec<&str> = ruleset.sets.iter().map(|s| s.name.as_str()).collect();
+    assert!(sets.contains(&"egress_cgroups") && sets.contains(&"egress_host"));
+}
+
+#[test]
+fn egress_ports_follow_the_config() {
+    let mut config = Config::default();
+    config.egress.ports = vec![8443];
+    let rules = rules_text(&baseline(&config, &resolvers()), Hook::Output);
+    assert!(
+        rules
+            .iter()
+            .any(|r| r.starts_with("tcp dport 8443 socket cgroupv2"))
+    );
+    assert!(!rules.iter().any(|r| r.contains("dport 443 ")));
 }
 
 #[test]
