@@ -54,11 +54,7 @@ fn load_key(config: &Path, key: &str, spec: &KeySpec) -> Result<KeyEntry, Config
         sources: spec
             .sources
             .iter()
-            .filter_map(|s| {
-                s.parse::<ipnet::IpNet>()
-                    .ok()
-                    .or_else(|| s.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
-            })
+            .filter_map(|s| super::parse_network(s))
             .collect(),
         max_ttl: spec.max_ttl.map(|d| d.0),
         other_source: spec.other_source,

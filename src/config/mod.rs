@@ -231,6 +231,14 @@ fn resolvers(path: &Path, config: &Config) -> Result<Vec<IpAddr>, ConfigError> {
     Ok(nameservers(&text))
 }
 
+/// A `sources` entry: a network (`198.51.100.0/24`) or a single address.
+#[must_use]
+pub fn parse_network(text: &str) -> Option<ipnet::IpNet> {
+    text.parse::<ipnet::IpNet>()
+        .ok()
+        .or_else(|| text.parse::<IpAddr>().ok().map(ipnet::IpNet::from))
+}
+
 /// The `nameserver` addresses of a resolv.conf, in order, without duplicates; lines
 /// that do not parse are skipped, as the C resolver skips them.
 #[must_use]

@@ -147,7 +147,7 @@ fn keys(c: &Checker<'_>, config: &Config) -> Result<(), ConfigError> {
             }
         }
         for (j, net) in key.sources.iter().enumerate() {
-            if net.parse::<ipnet::IpNet>().is_err() && net.parse::<IpAddr>().is_err() {
+            if super::parse_network(net).is_none() {
                 let expected =
                     format!("`{net}` is not an address or a network like 198.51.100.0/24");
                 return Err(c.invalid(&at(&format!("sources[{j}]")), expected));

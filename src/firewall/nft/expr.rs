@@ -55,11 +55,7 @@ pub(super) fn add(
         }
         Expr::SaddrInSet { family, set } => {
             load_saddr(rule, *family);
-            let id = set_id(set).ok_or_else(|| format!("set {set} is not in this batch"))?;
-            rule.add_expr(&Lookup {
-                set: cstring(set)?,
-                id,
-            });
+            rule.add_expr(&Lookup::new(set, set_id)?);
         }
         Expr::Daddr(addr) => {
             let family = IpFamily::of(*addr);
@@ -75,28 +71,20 @@ pub(super) fn add(
         Expr::Limit(rate) => rule.add_expr(&Limit(*rate)),
         Expr::MeterSaddr { family, set, rate } => {
             load_saddr(rule, *family);
-            let id = set_id(set).ok_or_else(|| format!("set {set} is not in this batch"))?;
+            let Lookup { set, id } = Lookup::new(set, set_id)?;
             rule.add_expr(&MeterUpdate {
-                set: cstring(set)?,
+                set,
                 id,
                 rate: *rate,
             });
         }
         Expr::SocketCgroupInSet { level, set } => {
             rule.add_expr(&Socket::new(SocketKey::CgroupV2, *level));
-            let id = set_id(set).ok_or_else(|| format!("set {set} is not in this batch"))?;
-            rule.add_expr(&Lookup {
-                set: cstring(set)?,
-                id,
-            });
+            rule.add_expr(&Lookup::new(set, set_id)?);
         }
         Expr::L4ProtoInSet { set } => {
             rule.add_expr(&Meta::L4Proto);
-            let id = set_id(set).ok_or_else(|| format!("set {set} is not in this batch"))?;
-            rule.add_expr(&Lookup {
-                set: cstring(set)?,
-                id,
-            });
+            rule.add_expr(&Lookup::new(set, set_id)?);
         }
         Expr::Log { prefix } => rule.add_expr(&Log {
             prefix: cstring(prefix)?,
@@ -170,6 +158,17 @@ fn icmp_type(rule: &mut nftnl::Rule<'_>, proto: libc::c_int, t: u8) {
 struct Lookup {
     set: CString,
     id: u32,
+}
+
+impl Lookup {
+    /// A lookup in the set named `set`, which must be in this batch.
+    fn new(set: &str, set_id: &dyn Fn(&str) -> Option<u32>) -> Result<Self, String> {
+        let id = set_id(set).ok_or_else(|| format!("set {set} is not in this batch"))?;
+        Ok(Self {
+            set: cstring(set)?,
+            id,
+        })
+    }
 }
 
 /// `limit rate N/unit burst B packets`.
