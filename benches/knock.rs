@@ -78,6 +78,7 @@ fn rejection_rates() {
         },
         ban: None,
         book_path: dir.path().join("grants.json"),
+        egress_max_ttl: Duration::from_secs(3600),
     };
     let replay = ReplayLog::open(dir.path(), REPLAY_CAPACITY, unix_now()).unwrap();
     let mut core = Core::new(fw, settings, keys, replay, GrantBook::default());
@@ -167,7 +168,7 @@ fn knock_to_open() {
         // Close it again for the next run.
         let grants =
             knockgate::admin::client::call(&socket, &knockgate::admin::Request::Grants).unwrap();
-        if let knockgate::admin::Response::Grants { grants } = grants {
+        if let knockgate::admin::Response::Grants { grants, .. } = grants {
             for g in grants {
                 knockgate::admin::client::call(
                     &socket,

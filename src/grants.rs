@@ -33,6 +33,42 @@ pub struct GrantRecord {
     pub expires_at: u64,
 }
 
+/// What an egress window opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WindowScope {
+    /// The sockets of one cgroup (a command and its children).
+    Cgroup(u64),
+    /// The whole host.
+    Host,
+}
+
+impl std::fmt::Display for WindowScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cgroup(id) => write!(f, "cgroup {id}"),
+            Self::Host => f.write_str("host-wide"),
+        }
+    }
+}
+
+/// One open egress window.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowRecord {
+    /// Short id for `knockgate revoke`.
+    pub id: String,
+    /// What it opens.
+    pub scope: WindowScope,
+    /// Who asked: `uid 0`, or `recovered`.
+    pub who: String,
+    /// The command it was opened for, as the requester described it.
+    pub command: String,
+    /// Unix seconds when it opened.
+    pub granted_at: u64,
+    /// Unix seconds when the kernel closes it.
+    pub expires_at: u64,
+}
+
 /// Whether a grant opened a new hole or extended one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Granted {
@@ -46,6 +82,15 @@ pub enum Granted {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct GrantBook {
     records: BTreeMap<String, GrantRecord>,
+    windows: BTreeMap<String, WindowRecord>,
+}
+
+/// The book as saved.
+#[derive(Serialize, Deserialize, Default)]
+struct Saved {
+    grants: Vec<GrantRecord>,
+    #[serde(default)]
+    windows: Vec<WindowRecord>,
 }
 
 impl GrantBook {
@@ -138,6 +183,66 @@ impl GrantBook {
         }
     }
 
+    /// Makes the windows agree with the kernel's egress sets (`elements` of both):
+    /// windows whose element is gone are dropped, expiry times come from the kernel,
+    /// and elements with no window get a `recovered` one so they can be listed and
+    /// revoked.
+    pub fn reconcile_windows(
+        &mut self,
+        elements: &[(WindowScope, Option<Duration>)],
+        now: u64,
+        mut new_id: impl FnMut() -> String,
+    ) {
+        self.windows
+            .retain(|_, w| elements.iter().any(|(scope, _)| *scope == w.scope));
+        for &(scope, expires_in) in elements {
+            let expires_at = expires_in.map_or(u64::MAX, |d| now.saturating_add(d.as_secs()));
+            let mut found = false;
+            for w in self.windows.values_mut().filter(|w| w.scope == scope) {
+                w.expires_at = expires_at;
+                found = true;
+            }
+            if !found {
+                self.open_window(WindowRecord {
+                    id: new_id(),
+                    scope,
+                    who: "recovered".to_owned(),
+                    command: String::new(),
+                    granted_at: now,
+                    expires_at,
+                });
+            }
+        }
+    }
+
+    /// Books a new egress window.
+    pub fn open_window(&mut self, window: WindowRecord) {
+        self.windows.insert(window.id.clone(), window);
+    }
+
+    /// Removes the window `id`.
+    pub fn close_window(&mut self, id: &str) -> Option<WindowRecord> {
+        self.windows.remove(id)
+    }
+
+    /// Removes and returns the windows whose time is over.
+    pub fn expire_windows(&mut self, now: u64) -> Vec<WindowRecord> {
+        let gone: Vec<String> = self
+            .windows
+            .values()
+            .filter(|w| w.expires_at <= now)
+            .map(|w| w.id.clone())
+            .collect();
+        gone.iter()
+            .filter_map(|id| self.windows.remove(id))
+            .collect()
+    }
+
+    /// Every egress window, by id.
+    pub fn windows(&self) -> impl Iterator<Item = &WindowRecord> {
+        self.windows.values()
+    }
+
     /// Every grant, by id.
     pub fn iter(&self) -> impl Iterator<Item = &GrantRecord> {
         self.records.values()
@@ -163,16 +268,28 @@ impl GrantBook {
         };
         // A damaged book is not fatal: the kernel's sets are the truth, and
         // `reconcile` rebuilds the records from them.
-        let records: Vec<GrantRecord> = serde_json::from_str(&text).unwrap_or_default();
+        let saved: Saved = serde_json::from_str(&text).unwrap_or_default();
         Ok(Self {
-            records: records.into_iter().map(|r| (r.id.clone(), r)).collect(),
+            records: saved
+                .grants
+                .into_iter()
+                .map(|r| (r.id.clone(), r))
+                .collect(),
+            windows: saved
+                .windows
+                .into_iter()
+                .map(|w| (w.id.clone(), w))
+                .collect(),
         })
     }
 
     /// Saves the book to `path` atomically.
     pub fn save(&self, path: &Path) -> Result<(), StateError> {
-        let records: Vec<&GrantRecord> = self.records.values().collect();
-        let text = serde_json::to_vec_pretty(&records).unwrap_or_default();
+        let saved = Saved {
+            grants: self.records.values().cloned().collect(),
+            windows: self.windows.values().cloned().collect(),
+        };
+        let text = serde_json::to_vec_pretty(&saved).unwrap_or_default();
         write_atomically(&path.with_extension("tmp"), path, &text)
     }
 }

@@ -10,7 +10,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::grants::GrantRecord;
+use crate::grants::{GrantRecord, WindowRecord, WindowScope};
 
 /// Longest request line the daemon reads.
 pub const MAX_REQUEST: usize = 64 * 1024;
@@ -30,7 +30,17 @@ pub enum Request {
         /// Requested length in seconds.
         ttl_secs: Option<u64>,
     },
-    /// Close grant `id` now.
+    /// Open an egress window for `scope` for `ttl_secs` (capped). The window lives as
+    /// long as this connection: the daemon closes it when the requester hangs up.
+    OpenEgress {
+        /// A cgroup (a command and its children) or the whole host.
+        scope: WindowScope,
+        /// Requested length in seconds.
+        ttl_secs: u64,
+        /// The command it is for, for the log and `knockgate grants`.
+        command: String,
+    },
+    /// Close grant or window `id` now.
     Revoke {
         /// The grant's id.
         id: String,
@@ -58,6 +68,21 @@ pub enum Response {
     Grants {
         /// Every live grant.
         grants: Vec<GrantRecord>,
+        /// Every open egress window.
+        #[serde(default)]
+        windows: Vec<WindowRecord>,
+    },
+    /// An egress window was opened; it closes when the requesting connection does.
+    WindowOpened {
+        /// The window.
+        window: WindowRecord,
+        /// Whether the requested length was cut to `egress.max_ttl`.
+        capped: bool,
+    },
+    /// An egress window was closed.
+    WindowClosed {
+        /// The window that was closed.
+        window: WindowRecord,
     },
     /// A grant was opened or extended.
     Opened {

@@ -81,11 +81,16 @@ pub fn authorize(peer: Peer, group: &str) -> Result<(), String> {
     ))
 }
 
-/// Reads one request from `stream`, answers it with `handle`, and closes.
+/// What to do when a held connection ends (an egress window's requester hung up).
+pub type OnClose = Box<dyn FnOnce()>;
+
+/// Reads one request from `stream` and answers it with `handle`. If `handle` returns
+/// an [`OnClose`], the connection is held until the peer closes it (or dies), and
+/// then the action runs.
 pub async fn serve(
     stream: tokio::net::UnixStream,
     group: &str,
-    handle: impl FnOnce(Request, Peer) -> Response,
+    handle: impl FnOnce(Request, Peer) -> (Response, Option<OnClose>),
 ) {
     let Ok(cred) = stream.peer_cred() else { return };
     let peer = Peer {
@@ -94,25 +99,40 @@ pub async fn serve(
         pid: cred.pid(),
     };
     let (read, mut write) = stream.into_split();
-    let response = if let Err(why) = authorize(peer, group) {
+    let limit = u64::try_from(MAX_REQUEST).unwrap_or(u64::MAX);
+    let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, limit));
+    let (response, on_close) = if let Err(why) = authorize(peer, group) {
         warn!(target: AUDIT, event = "admin-refuse", uid = peer.uid, pid = ?peer.pid, reason = %why,
             "admin request refused");
-        Response::error("forbidden", why)
+        (Response::error("forbidden", why), None)
     } else {
-        let limit = u64::try_from(MAX_REQUEST).unwrap_or(u64::MAX);
         let mut line = String::new();
-        let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, limit));
         match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await {
             Ok(Ok(n)) if n > 0 => match serde_json::from_str::<Request>(&line) {
                 Ok(request) => handle(request, peer),
-                Err(e) => Response::error("bad_request", format!("not a request: {e}")),
+                Err(e) => (
+                    Response::error("bad_request", format!("not a request: {e}")),
+                    None,
+                ),
             },
-            _ => Response::error("bad_request", "no request line"),
+            _ => (Response::error("bad_request", "no request line"), None),
         }
     };
     let mut text = serde_json::to_string(&response).unwrap_or_default();
     text.push('\n');
     let _ = write.write_all(text.as_bytes()).await;
+    if let Some(on_close) = on_close {
+        // Held: anything the peer sends is ignored; end of stream or an error (the
+        // peer died) ends the hold.
+        let mut sink = [0u8; 64];
+        let mut inner = reader.into_inner();
+        while let Ok(n) = tokio::io::AsyncReadExt::read(&mut inner, &mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+        on_close();
+    }
 }
 
 /// What `request` from `peer` does to `core` at Unix time `now`.
@@ -128,6 +148,20 @@ pub fn dispatch<F: Firewall>(
         Request::Status => status(core),
         Request::Grants => Response::Grants {
             grants: core.grants(now),
+            windows: core.windows(now),
+        },
+        Request::OpenEgress {
+            scope,
+            ttl_secs,
+            command,
+        } => match core.open_window(scope, Duration::from_secs(ttl_secs), &who, &command, now) {
+            Ok((window, capped)) => {
+                info!(target: AUDIT, event = "egress-open", id = %window.id, scope = %window.scope,
+                    who = %window.who, pid = ?peer.pid, command = %window.command,
+                    expires_at = window.expires_at, capped, "egress window opened");
+                Response::WindowOpened { window, capped }
+            }
+            Err(e) => Response::error("failed", format!("{e:#}")),
         },
         Request::OpenSsh { from, ttl_secs } => {
             let ttl = ttl_secs.map(Duration::from_secs);
@@ -152,7 +186,17 @@ pub fn dispatch<F: Firewall>(
                     address = %grant.address, by = %who, pid = ?peer.pid, "grant revoked");
                 Response::Revoked { grant }
             }
-            Ok(None) => Response::error("not_found", format!("no grant with id {id}")),
+            Ok(None) => match core.close_window(&id) {
+                Ok(Some(window)) => {
+                    info!(target: AUDIT, event = "egress-close", id = %window.id, scope = %window.scope,
+                        by = %who, pid = ?peer.pid, "egress window revoked");
+                    Response::WindowClosed { window }
+                }
+                Ok(None) => {
+                    Response::error("not_found", format!("no grant or window with id {id}"))
+                }
+                Err(e) => Response::error("failed", format!("{e:#}")),
+            },
             Err(e) => Response::error("failed", format!("{e:#}")),
         },
     }

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use knockgate::admin::client::{DEFAULT_SOCKET, call};
 use knockgate::admin::{Request, Response};
 use knockgate::config;
-use knockgate::grants::GrantRecord;
+use knockgate::grants::{GrantRecord, WindowRecord};
 use knockgate::ruleset::baseline;
 
 /// knockgate admin CLI.
@@ -124,13 +124,33 @@ fn show(response: &Response, json: bool) -> ExitCode {
         } => println!(
             "knockgated running: table inet {table}, knock port {knock_port}/udp, server id {server_id}, {keys} keys, {grants} open grants"
         ),
-        Response::Grants { grants } if json => {
+        Response::Grants { grants, windows } if json => {
+            let both = serde_json::json!({ "grants": grants, "windows": windows });
             println!(
                 "{}",
-                serde_json::to_string_pretty(grants).unwrap_or_default()
+                serde_json::to_string_pretty(&both).unwrap_or_default()
             );
         }
-        Response::Grants { grants } => print_grants(grants),
+        Response::Grants { grants, windows } => {
+            print_grants(grants);
+            print_windows(windows);
+        }
+        Response::WindowOpened { window, capped } => {
+            let cap = if *capped {
+                " (capped at egress.max_ttl)"
+            } else {
+                ""
+            };
+            println!(
+                "opened egress window {} for {} until {}{cap}",
+                window.id,
+                window.scope,
+                when(window.expires_at)
+            );
+        }
+        Response::WindowClosed { window } => {
+            println!("closed egress window {} ({})", window.id, window.scope);
+        }
         Response::Opened {
             grant,
             extended,
@@ -181,6 +201,26 @@ fn print_grants(grants: &[GrantRecord]) {
             g.address,
             g.who,
             when(g.expires_at)
+        );
+    }
+}
+
+fn print_windows(windows: &[WindowRecord]) {
+    if windows.is_empty() {
+        return;
+    }
+    println!(
+        "\n{:<10} {:<22} {:<10} {:<14} COMMAND",
+        "WINDOW", "SCOPE", "WHO", "EXPIRES"
+    );
+    for w in windows {
+        println!(
+            "{:<10} {:<22} {:<10} {:<14} {}",
+            w.id,
+            w.scope.to_string(),
+            w.who,
+            when(w.expires_at),
+            w.command
         );
     }
 }

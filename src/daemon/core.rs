@@ -14,14 +14,16 @@ use std::time::Duration;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use crate::firewall::{Firewall, FirewallError};
-use crate::grants::{GrantBook, GrantRecord, Granted, new_id};
+use crate::grants::{GrantBook, GrantRecord, Granted, WindowRecord, WindowScope, new_id};
 use crate::knock::auth::ServerId;
 use crate::knock::replay::{ReplayError, ReplayGuard};
 use crate::knock::verify::{Refusal, authenticate};
 use crate::knock::{KeyId, Service};
 use crate::policy::{self, KeyRing, Limits, PolicyRefusal};
-use crate::ruleset::IpFamily;
-use crate::ruleset::baseline::{KNOCK_BAN_V4, KNOCK_BAN_V6, SSH_GRANTS_V4, SSH_GRANTS_V6};
+use crate::ruleset::baseline::{
+    EGRESS_CGROUPS, EGRESS_HOST, KNOCK_BAN_V4, KNOCK_BAN_V6, SSH_GRANTS_V4, SSH_GRANTS_V6,
+};
+use crate::ruleset::{ElementKey, IpFamily};
 use crate::state::ReplayLog;
 
 /// Most live nonces remembered; beyond it knocks are refused until old ones expire.
@@ -91,6 +93,8 @@ pub struct Settings {
     pub ban: Option<(u32, Duration, Duration)>,
     /// Where the grant book is saved.
     pub book_path: PathBuf,
+    /// Longest egress window.
+    pub egress_max_ttl: Duration,
 }
 
 /// The daemon's state and decisions.
@@ -110,6 +114,17 @@ fn grant_set(addr: IpAddr) -> &'static str {
         IpFamily::V6 => SSH_GRANTS_V6,
     }
 }
+
+/// The set and element that hold a window of `scope`.
+fn window_element(scope: WindowScope) -> (&'static str, ElementKey) {
+    match scope {
+        WindowScope::Cgroup(id) => (EGRESS_CGROUPS, ElementKey::Cgroup(id)),
+        WindowScope::Host => (EGRESS_HOST, ElementKey::Proto(TCP)),
+    }
+}
+
+/// IP protocol number of TCP, the element of the host-wide switch.
+const TCP: u8 = 6;
 
 fn ban_set(addr: IpAddr) -> &'static str {
     match IpFamily::of(addr) {
@@ -260,6 +275,62 @@ impl<F: Firewall> Core<F> {
         Ok((record, kind, capped))
     }
 
+    /// Opens an egress window for `scope` for `ttl` (capped at `egress.max_ttl`) on
+    /// behalf of `who`, running `command`.
+    pub fn open_window(
+        &mut self,
+        scope: WindowScope,
+        ttl: Duration,
+        who: &str,
+        command: &str,
+        now: u64,
+    ) -> Result<(WindowRecord, bool), FirewallError> {
+        let capped = ttl > self.settings.egress_max_ttl;
+        let ttl = ttl
+            .min(self.settings.egress_max_ttl)
+            .max(Duration::from_secs(1));
+        let (set, key) = window_element(scope);
+        self.firewall
+            .add_element(&self.settings.table, set, key, ttl)?;
+        let window = WindowRecord {
+            id: new_id(),
+            scope,
+            who: who.to_owned(),
+            command: command.to_owned(),
+            granted_at: now,
+            expires_at: now.saturating_add(ttl.as_secs()),
+        };
+        self.book.open_window(window.clone());
+        self.save_book();
+        Ok((window, capped))
+    }
+
+    /// Closes window `id` now; `Ok(None)` if there is no such window. The host-wide
+    /// switch stays on while another host-wide window is open.
+    pub fn close_window(&mut self, id: &str) -> Result<Option<WindowRecord>, FirewallError> {
+        let Some(window) = self.book.windows().find(|w| w.id == id).cloned() else {
+            return Ok(None);
+        };
+        let shared = self
+            .book
+            .windows()
+            .any(|w| w.id != id && w.scope == window.scope);
+        if !shared {
+            let (set, key) = window_element(window.scope);
+            self.firewall
+                .remove_element(&self.settings.table, set, key)?;
+        }
+        self.book.close_window(id);
+        self.save_book();
+        Ok(Some(window))
+    }
+
+    /// The open egress windows.
+    pub fn windows(&mut self, now: u64) -> Vec<WindowRecord> {
+        self.expire(now);
+        self.book.windows().cloned().collect()
+    }
+
     /// Closes grant `id` now; `Ok(None)` if there is no such grant.
     pub fn revoke(&mut self, id: &str) -> Result<Option<GrantRecord>, FirewallError> {
         let Some(record) = self.book.get(id).cloned() else {
@@ -280,7 +351,8 @@ impl<F: Firewall> Core<F> {
     pub fn expire(&mut self, now: u64) -> Vec<GrantRecord> {
         self.guard.expire(now);
         let gone = self.book.expire(now);
-        if !gone.is_empty() {
+        let windows_gone = self.book.expire_windows(now);
+        if !gone.is_empty() || !windows_gone.is_empty() {
             self.save_book();
         }
         gone
@@ -303,7 +375,9 @@ impl<F: Firewall> Core<F> {
     pub fn next_expiry(&self, now: u64) -> Option<u64> {
         self.book
             .iter()
-            .map(|r| r.expires_at.saturating_sub(now))
+            .map(|r| r.expires_at)
+            .chain(self.book.windows().map(|w| w.expires_at))
+            .map(|at| at.saturating_sub(now))
             .min()
     }
 

@@ -18,13 +18,13 @@ use tracing::{info, warn};
 use self::core::{BOOK_FILE, Core, REPLAY_CAPACITY, Settings};
 use crate::config::{Loaded, OnStop};
 use crate::firewall::{Firewall, FirewallError};
-use crate::grants::{GrantBook, new_id};
+use crate::grants::{GrantBook, WindowScope, new_id};
 use crate::logging::AUDIT;
 use crate::policy::{KeyRing, Limits};
 use crate::ruleset::baseline::{
     EGRESS_CGROUPS, EGRESS_HOST, KNOCK_BAN_V4, KNOCK_BAN_V6, SSH_GRANTS_V4, SSH_GRANTS_V6,
 };
-use crate::ruleset::{Element, Hook, Ruleset, baseline};
+use crate::ruleset::{Element, ElementKey, Hook, Ruleset, baseline};
 use crate::state::{ReplayLog, StateError};
 
 /// Why the daemon could not start; nothing in the kernel changed unless the
@@ -92,6 +92,18 @@ impl<F: Firewall> Daemon<F> {
             .flat_map(|s| s.elements.iter().copied())
             .collect();
         book.reconcile("ssh", &live, now, new_id);
+        let windows: Vec<(WindowScope, Option<Duration>)> = ruleset
+            .sets
+            .iter()
+            .filter(|s| s.name == EGRESS_CGROUPS || s.name == EGRESS_HOST)
+            .flat_map(|s| s.elements.iter())
+            .filter_map(|e| match e.key {
+                ElementKey::Cgroup(id) => Some((WindowScope::Cgroup(id), e.expires_in)),
+                ElementKey::Proto(_) => Some((WindowScope::Host, e.expires_in)),
+                ElementKey::Addr(_) => None,
+            })
+            .collect();
+        book.reconcile_windows(&windows, now, new_id);
         for record in book.iter() {
             info!(target: AUDIT, event = "recover", id = %record.id, address = %record.address,
                 who = %record.who, expires_at = record.expires_at, "grant still open from before the start");
@@ -112,6 +124,7 @@ impl<F: Firewall> Daemon<F> {
                 knock.ban.duration.0,
             )),
             book_path,
+            egress_max_ttl: loaded.config.egress.max_ttl.0,
         };
         let core = Core::new(firewall, settings, keys, replay, book);
         Ok(Self {

@@ -110,7 +110,30 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn answer(daemon: &Shared, request: Request, peer: admin::Peer) -> Response {
+fn answer(
+    daemon: &Shared,
+    request: Request,
+    peer: admin::Peer,
+) -> (Response, Option<admin::OnClose>) {
+    let response = respond(daemon, request, peer);
+    let on_close = match &response {
+        Response::WindowOpened { window, .. } => {
+            let (daemon, id) = (Rc::clone(daemon), window.id.clone());
+            let close: admin::OnClose = Box::new(move || {
+                // Already closed by revoke or expiry: nothing to do.
+                if let Ok(Some(window)) = daemon.borrow_mut().core().close_window(&id) {
+                    info!(target: AUDIT, event = "egress-close", id = %window.id, scope = %window.scope,
+                        who = %window.who, "egress window closed: its requester is gone");
+                }
+            });
+            Some(close)
+        }
+        _ => None,
+    };
+    (response, on_close)
+}
+
+fn respond(daemon: &Shared, request: Request, peer: admin::Peer) -> Response {
     let mut d = daemon.borrow_mut();
     let table = d.ruleset().table.clone();
     let server_id = d.loaded().server_id.as_str().to_owned();

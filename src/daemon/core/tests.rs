@@ -63,6 +63,7 @@ fn core_in(dir: &std::path::Path, now: u64) -> Core<MemoryFirewall> {
         },
         ban: Some((3, Duration::from_secs(60), Duration::from_secs(600))),
         book_path: dir.join(BOOK_FILE),
+        egress_max_ttl: Duration::from_secs(600),
     };
     let replay = ReplayLog::open(dir, REPLAY_CAPACITY, now).unwrap();
     Core::new(fw, settings, keys(), replay, GrantBook::default())
@@ -350,4 +351,68 @@ fn admin_open_revoke_and_expiry() {
         vec![&short.id]
     );
     assert!(f.core.grants(NOW + 5).is_empty());
+}
+
+#[test]
+fn egress_windows_open_close_and_share_the_host_switch() {
+    use crate::ruleset::ElementKey;
+    let mut f = fixture();
+    let (cg, capped) = f
+        .core
+        .open_window(
+            WindowScope::Cgroup(4242),
+            Duration::from_secs(3600),
+            "uid 0",
+            "apt upgrade",
+            NOW,
+        )
+        .unwrap();
+    assert!(capped, "egress.max_ttl caps windows");
+    assert_eq!(cg.expires_at, NOW + 600);
+    let keys = |core: &mut Core<MemoryFirewall>, set| -> Vec<ElementKey> {
+        core.firewall
+            .elements("knockgate", set)
+            .unwrap()
+            .iter()
+            .map(|e| e.key)
+            .collect()
+    };
+    assert_eq!(
+        keys(&mut f.core, EGRESS_CGROUPS),
+        vec![ElementKey::Cgroup(4242)]
+    );
+    let (h1, _) = f
+        .core
+        .open_window(
+            WindowScope::Host,
+            Duration::from_secs(60),
+            "uid 0",
+            "a",
+            NOW,
+        )
+        .unwrap();
+    let (h2, _) = f
+        .core
+        .open_window(
+            WindowScope::Host,
+            Duration::from_secs(60),
+            "uid 0",
+            "b",
+            NOW,
+        )
+        .unwrap();
+    assert_eq!(f.core.windows(NOW).len(), 3);
+    f.core.close_window(&h1.id).unwrap();
+    assert_eq!(
+        keys(&mut f.core, EGRESS_HOST),
+        vec![ElementKey::Proto(6)],
+        "still on for the other host window"
+    );
+    f.core.close_window(&h2.id).unwrap();
+    assert!(keys(&mut f.core, EGRESS_HOST).is_empty());
+    // Revoke by id reaches windows too.
+    assert!(f.core.revoke(&cg.id).unwrap().is_none(), "not a grant");
+    assert!(f.core.close_window(&cg.id).unwrap().is_some());
+    assert!(keys(&mut f.core, EGRESS_CGROUPS).is_empty());
+    assert!(f.core.close_window(&cg.id).unwrap().is_none());
 }
