@@ -23,6 +23,7 @@ pub mod client;
 pub mod config;
 #[cfg(feature = "daemon")]
 pub mod daemon;
+pub mod egress;
 pub mod exit;
 pub mod firewall;
 pub mod grants;

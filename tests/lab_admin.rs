@@ -119,7 +119,11 @@ fn an_admin_opens_lists_and_revokes_grants() {
     );
     let out = admin(&socket, &["revoke", &id]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out).contains("no grant or window with id"), "{}", text(&out));
+    assert!(
+        text(&out).contains("no grant or window with id"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]

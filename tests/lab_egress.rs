@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -147,4 +148,270 @@ fn the_host_wide_switch_lets_everyone_out_until_it_ends() {
     );
     std::thread::sleep(Duration::from_millis(1300));
     assert!(!lab.tcp_works(Host::Server, mirror), "and nobody after it");
+}
+
+/// A lab with knockgated in the server namespace and echo servers on the mirror.
+struct Windows {
+    lab: Lab,
+    socket: std::path::PathBuf,
+    _mirrors: Vec<support::EchoServer>,
+}
+
+fn windows() -> (Windows, support::Daemon) {
+    let lab = Lab::new();
+    let mirrors = [80, 443]
+        .map(|port| lab.tcp_echo(Host::Outside, sa(v4().mirror, port)))
+        .into();
+    let config = lab.write_file(
+        "k.toml",
+        "[egress]\nmax_ttl = \"10m\"\n[dns]\nresolvers = [\"10.77.2.53\"]\n",
+    );
+    let daemon = lab.start_daemon(&config);
+    let socket = lab.dir().join("admin.sock");
+    (
+        Windows {
+            lab,
+            socket,
+            _mirrors: mirrors,
+        },
+        daemon,
+    )
+}
+
+/// A shell line that connects to the mirror's port 80 and fails if it cannot.
+fn probe_mirror() -> String {
+    format!("timeout 1 bash -c 'exec 3<>/dev/tcp/{}/80'", v4().mirror)
+}
+
+impl Windows {
+    /// `egress-window ARGS` in the server namespace (nsenter keeps the host's cgroup mount).
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.lab.ns(Host::Server)))
+            .arg(env!("CARGO_BIN_EXE_egress-window"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args);
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        self.command(args).output().expect("run egress-window")
+    }
+
+    fn outside_gets_out(&self) -> bool {
+        connects_from(&self.lab, None, sa(v4().mirror, 80))
+    }
+
+    fn open_windows(&self) -> usize {
+        let out = Command::new(env!("CARGO_BIN_EXE_knockgate"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(["grants", "--json"])
+            .output()
+            .unwrap();
+        let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        listed["windows"].as_array().map_or(0, Vec::len)
+    }
+}
+
+#[test]
+fn egress_window_lets_its_command_out_and_nobody_else() {
+    if !lab_available("egress_window_lets_its_command_out_and_nobody_else") {
+        return;
+    }
+    let (w, _daemon) = windows();
+    let probe = probe_mirror();
+    assert!(!w.outside_gets_out(), "no egress without a window");
+    // The command gets out (and so does its child); meanwhile a process outside the
+    // window does not.
+    let mut running = w
+        .command(&[
+            "10s",
+            "--",
+            "bash",
+            "-c",
+            &format!("{probe} && bash -c \"{probe}\" && sleep 1 && {probe}"),
+        ])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(
+        !w.outside_gets_out(),
+        "a second process outside the window stays in"
+    );
+    let status = running.wait().unwrap();
+    assert!(status.success(), "the command and its child got out");
+    assert_eq!(
+        w.open_windows(),
+        0,
+        "the window closed when the command exited"
+    );
+    let code = w.run(&["5s", "--", "bash", "-c", "exit 7"]).status.code();
+    assert_eq!(code, Some(7), "egress-window exits with the command's code");
+}
+
+#[test]
+fn a_command_that_outlives_its_window_loses_new_connections() {
+    if !lab_available("a_command_that_outlives_its_window_loses_new_connections") {
+        return;
+    }
+    let (w, _daemon) = windows();
+    let probe = probe_mirror();
+    let out = w.run(&[
+        "1s",
+        "--",
+        "bash",
+        "-c",
+        &format!("{probe} && sleep 2 && {probe}"),
+    ]);
+    assert!(
+        !out.status.success(),
+        "the second connection, after 1 s, fails"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("window ended after 1s"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn host_wide_windows_open_for_all_and_close_when_the_command_ends() {
+    if !lab_available("host_wide_windows_open_for_all_and_close_when_the_command_ends") {
+        return;
+    }
+    let (w, _daemon) = windows();
+    let mut running = w
+        .command(&["--host-wide", "30s", "--", "sleep", "1.5"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        w.outside_gets_out(),
+        "any process gets out during a host-wide window"
+    );
+    assert!(running.wait().unwrap().success());
+    assert!(
+        !w.outside_gets_out(),
+        "nobody after it — at once, not at 30 s"
+    );
+}
+
+#[test]
+fn kill_9_of_egress_window_closes_the_window_within_a_second() {
+    if !lab_available("kill_9_of_egress_window_closes_the_window_within_a_second") {
+        return;
+    }
+    let (w, _daemon) = windows();
+    let mut running = w.command(&["60s", "--", "sleep", "20"]).spawn().unwrap();
+    // nsenter execs egress-window, so this is its pid (and its cgroup's name).
+    let pid = running.id();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(w.open_windows(), 1);
+    running.kill().unwrap();
+    running.wait().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(w.open_windows(), 0, "closed within a second of kill -9");
+    let set = w
+        .lab
+        .nft(&["list", "set", "inet", "knockgate", "egress_cgroups"]);
+    assert!(!set.contains("elements"), "and gone from the kernel: {set}");
+    // Clean up what a killed egress-window leaves: its command and its empty cgroup.
+    let _ = Command::new("pkill").args(["-f", "^sleep 20$"]).status();
+    std::thread::sleep(Duration::from_millis(100));
+    let root = cgroup2_root().unwrap();
+    let _ = std::fs::remove_dir(root.join(format!("knockgate-egress-{pid}")));
+}
+
+#[test]
+fn kill_9_of_the_daemon_still_ends_the_window_at_its_duration() {
+    if !lab_available("kill_9_of_the_daemon_still_ends_the_window_at_its_duration") {
+        return;
+    }
+    let (w, daemon) = windows();
+    let mut running = w
+        .command(&["--host-wide", "2s", "--", "sleep", "4"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    daemon.kill_9();
+    assert!(w.outside_gets_out(), "open while the window lasts");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !w.outside_gets_out(),
+        "closed by the kernel at DURATION with no daemon"
+    );
+    let _ = running.wait();
+}
+
+#[test]
+fn ctrl_c_reaches_the_command_and_the_exit_code_says_so() {
+    if !lab_available("ctrl_c_reaches_the_command_and_the_exit_code_says_so") {
+        return;
+    }
+    let (w, _daemon) = windows();
+    // A terminal's Ctrl-C goes to the whole foreground process group: setsid makes
+    // one, led by egress-window, that the test can signal the same way.
+    let mut c = Command::new("setsid");
+    c.arg("--wait")
+        .arg("nsenter")
+        .arg(format!("--net=/run/netns/{}", w.lab.ns(Host::Server)))
+        .arg(env!("CARGO_BIN_EXE_egress-window"))
+        .arg("--socket")
+        .arg(&w.socket)
+        .args(["--host-wide", "30s", "--", "sleep", "30"]);
+    let mut running = c.spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let pgid = pgid_of_sleep();
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pgid),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = running.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "128 + SIGINT");
+    assert!(!w.outside_gets_out(), "and the window is closed");
+}
+
+/// The process group of the `sleep 30` started by the Ctrl-C test.
+fn pgid_of_sleep() -> i32 {
+    let out = Command::new("pgrep")
+        .args(["-f", "-n", "^sleep 30$"])
+        .output()
+        .unwrap();
+    let pid: i32 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("sleep is running");
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = stat.rsplit_once(')').unwrap().1;
+    after.split_whitespace().nth(2).unwrap().parse().unwrap()
+}
+
+#[test]
+fn users_outside_the_admin_group_get_no_window_and_their_command_does_not_run() {
+    if !lab_available("users_outside_the_admin_group_get_no_window_and_their_command_does_not_run")
+    {
+        return;
+    }
+    let (w, _daemon) = windows();
+    std::fs::set_permissions(w.lab.dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let marker = w.lab.dir().join("ran");
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_egress-window"))
+        .arg("--socket")
+        .arg(&w.socket)
+        .args(["--host-wide", "5s", "--", "touch"])
+        .arg(&marker)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("only root and members of the admin group"),
+        "{said}"
+    );
+    assert!(!marker.exists(), "the command did not run");
 }

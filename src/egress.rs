@@ -1,0 +1,194 @@
+//! `egress-window`: ask knockgated for an egress window, run one command inside it,
+//! and close the window when the command ends.
+//!
+//! Command scope: the command and all its descendants run in a fresh cgroup v2
+//! made under the cgroup2 root (this process moves into it before starting the
+//! command, and out again after); the daemon only needs the cgroup's id. The window
+//! lives as long as the admin connection: if this process dies, the daemon closes
+//! it; if the daemon dies, the kernel's timeout does.
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::admin::client::{AdminError, call};
+use crate::admin::{Request, Response};
+use crate::cgroup::{WindowCgroup, cgroup2_root};
+use crate::grants::WindowScope;
+
+/// What to run, where, for how long.
+pub struct Plan {
+    /// The admin socket.
+    pub socket: PathBuf,
+    /// The whole host instead of the command's cgroup.
+    pub host_wide: bool,
+    /// How long the window may stay open.
+    pub duration: Duration,
+    /// The command and its arguments.
+    pub command: Vec<OsString>,
+}
+
+/// Why the window was not opened; the command did not run.
+#[derive(Debug, thiserror::Error)]
+pub enum EgressError {
+    /// knockgated said no.
+    #[error("knockgated refused the window: {message}")]
+    Refused {
+        /// Its words.
+        message: String,
+    },
+}
+
+/// Opens the window, runs the command, closes the window; returns the command's
+/// exit code (128+N when a signal ended it).
+pub fn run(plan: &Plan) -> anyhow::Result<ExitCode> {
+    let cgroup = if plan.host_wide {
+        None
+    } else {
+        let root = cgroup2_root()?;
+        let name = format!("knockgate-egress-{}", std::process::id());
+        Some((WindowCgroup::create(&root, &name)?, root))
+    };
+    let scope = cgroup
+        .as_ref()
+        .map_or(WindowScope::Host, |(cg, _)| WindowScope::Cgroup(cg.id()));
+    let described = describe(&plan.command);
+    let (hold, window_id) = open(&plan.socket, scope, plan.duration, &described)?;
+    let original = own_cgroup();
+    if let Some((cg, _)) = &cgroup {
+        cg.add_process(std::process::id())?;
+    }
+    let status = run_command(plan);
+    // Close at once (not at DURATION) and wait for the daemon to confirm, so a
+    // connection made right after this returns is already refused.
+    let _ = call(&plan.socket, &Request::Revoke { id: window_id });
+    drop(hold);
+    // Leave the window's cgroup, so it can be removed (on drop) once the command's
+    // processes are gone.
+    if let (Some((_, root)), Some(original)) = (&cgroup, original) {
+        let back = root
+            .join(original.trim_start_matches('/'))
+            .join("cgroup.procs");
+        let _ = std::fs::write(back, std::process::id().to_string());
+    }
+    drop(cgroup);
+    status
+}
+
+/// The command line for the log and `knockgate grants`.
+fn describe(command: &[OsString]) -> String {
+    let words: Vec<String> = command
+        .iter()
+        .map(|w| w.to_string_lossy().into_owned())
+        .collect();
+    words.join(" ")
+}
+
+/// This process's cgroup v2 path (`0::/path` in /proc/self/cgroup).
+fn own_cgroup() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(ToOwned::to_owned)
+}
+
+/// Asks for the window and keeps the connection that holds it.
+fn open(
+    socket: &Path,
+    scope: WindowScope,
+    duration: Duration,
+    command: &str,
+) -> anyhow::Result<(UnixStream, String)> {
+    let request = Request::OpenEgress {
+        scope,
+        ttl_secs: duration.as_secs().max(1),
+        command: command.to_owned(),
+    };
+    let stream = UnixStream::connect(socket).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::PermissionDenied {
+            AdminError::Forbidden {
+                path: socket.to_owned(),
+            }
+        } else {
+            AdminError::Connect {
+                path: socket.to_owned(),
+                source,
+            }
+        }
+    })?;
+    let mut line = serde_json::to_string(&request)?;
+    line.push('\n');
+    (&stream)
+        .write_all(line.as_bytes())
+        .context("cannot send the request to knockgated")?;
+    let mut answer = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut answer)
+        .context("knockgated closed the connection")?;
+    match serde_json::from_str::<Response>(&answer) {
+        Ok(Response::WindowOpened { window, capped }) => {
+            if capped {
+                eprintln!("egress-window: window capped at the server's egress.max_ttl");
+            }
+            Ok((stream, window.id))
+        }
+        Ok(Response::Error { message, .. }) => Err(EgressError::Refused { message }.into()),
+        _ => Err(AdminError::Protocol(answer).into()),
+    }
+}
+
+/// Runs the command; forwards SIGTERM and SIGHUP to it (SIGINT and SIGQUIT reach it
+/// from the terminal directly); warns once when the window's time is over.
+fn run_command(plan: &Plan) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (program, args) = plan.command.split_first().context("no command given")?;
+        let mut child = tokio::process::Command::new(program)
+            .args(args)
+            .spawn()
+            .with_context(|| format!("cannot run {}", program.to_string_lossy()))?;
+        let pid = child.id().and_then(|p| i32::try_from(p).ok());
+        let mut term = signal(SignalKind::terminate())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut quit = signal(SignalKind::quit())?;
+        let deadline = tokio::time::sleep(plan.duration);
+        tokio::pin!(deadline);
+        let mut warned = false;
+        let forward = |sig: nix::sys::signal::Signal| {
+            if let Some(pid) = pid {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+            }
+        };
+        let status = loop {
+            tokio::select! {
+                status = child.wait() => break status?,
+                () = &mut deadline, if !warned => {
+                    warned = true;
+                    eprintln!(
+                        "egress-window: the window ended after {}; the command still runs, but its new connections will fail",
+                        humantime::format_duration(plan.duration)
+                    );
+                }
+                _ = term.recv() => forward(nix::sys::signal::Signal::SIGTERM),
+                _ = hup.recv() => forward(nix::sys::signal::Signal::SIGHUP),
+                _ = int.recv() => {}
+                _ = quit.recv() => {}
+            }
+        };
+        let code = status
+            .code()
+            .or_else(|| status.signal().map(|s| 128 + s))
+            .unwrap_or(1);
+        Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+    })
+}
