@@ -415,3 +415,117 @@ fn users_outside_the_admin_group_get_no_window_and_their_command_does_not_run() 
     );
     assert!(!marker.exists(), "the command did not run");
 }
+
+/// A child process killed on drop (dnsmasq, the HTTP server).
+struct Service(std::process::Child);
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The mirror: a real HTTP server (Python's) on 10.77.2.2:80 serving "mirror-ok",
+/// and a real resolver (dnsmasq) on 10.77.2.53 answering mirror.lab and other.lab.
+fn mirror_and_resolver(lab: &Lab) -> (Service, Service) {
+    let root = lab.dir().join("www");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("index.html"), "mirror-ok\n").unwrap();
+    let http = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.ns(Host::Outside),
+            "python3",
+            "-m",
+            "http.server",
+            "80",
+            "--bind",
+            "10.77.2.2",
+            "--directory",
+        ])
+        .arg(&root)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("python3 http.server");
+    let dns = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.ns(Host::Outside),
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+        ])
+        .args([
+            "--bind-interfaces",
+            "--listen-address=10.77.2.53",
+            "--pid-file=",
+            "--user=root",
+        ])
+        .args([
+            "--address=/mirror.lab/10.77.2.2",
+            "--address=/other.lab/10.77.2.53",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("dnsmasq (install dnsmasq-base)");
+    let (http, dns) = (Service(http), Service(dns));
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while !(lab.tcp_listening(Host::Outside, "10.77.2.2:80".parse().unwrap())
+        && lab.tcp_listening(Host::Outside, "10.77.2.53:53".parse().unwrap()))
+    {
+        assert!(
+            std::time::Instant::now() < end,
+            "mirror or resolver did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (http, dns)
+}
+
+/// `egress-window ARGS` in the server namespace through `ip netns exec` (so the
+/// namespace's resolv.conf applies), with cgroup2 mounted in that mount namespace.
+fn egress_window_by_name(lab: &Lab, socket: &Path, args: &[&str]) -> std::process::Output {
+    Command::new("ip")
+        .args(["netns", "exec", &lab.ns(Host::Server), "sh", "-c"])
+        .arg("mount -t cgroup2 none /sys/fs/cgroup && exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_egress-window"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("run egress-window")
+}
+
+#[test]
+fn curl_by_name_works_in_a_window_and_not_outside_it() {
+    if !lab_available("curl_by_name_works_in_a_window_and_not_outside_it") {
+        return;
+    }
+    let lab = Lab::new();
+    let _services = mirror_and_resolver(&lab);
+    lab.set_resolv_conf(Host::Server, "nameserver 10.77.2.53\n");
+    // Resolvers from the server's resolv.conf, as on a default install.
+    let _daemon = lab.start_daemon(&lab.write_file("k.toml", ""));
+    let socket = lab.dir().join("admin.sock");
+    let curl = ["curl", "-sf", "--max-time", "3", "http://mirror.lab/"];
+    let outside = lab.try_exec(Host::Server, &curl);
+    assert!(!outside.status.success(), "curl outside a window fails");
+    let mut args = vec!["5s", "--"];
+    args.extend_from_slice(&curl);
+    let inside = egress_window_by_name(&lab, &socket, &args);
+    assert!(
+        inside.status.success() && String::from_utf8_lossy(&inside.stdout).contains("mirror-ok"),
+        "curl by name inside the window: {}",
+        String::from_utf8_lossy(&inside.stderr)
+    );
+    assert!(
+        !lab.try_exec(Host::Server, &curl).status.success(),
+        "and fails again after it"
+    );
+}
