@@ -9,6 +9,7 @@
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -28,6 +29,8 @@ pub struct Plan {
     pub socket: PathBuf,
     /// The whole host instead of the command's cgroup.
     pub host_wide: bool,
+    /// Names (or addresses) the window is restricted to; resolved when it opens.
+    pub to: Vec<String>,
     /// How long the window may stay open.
     pub duration: Duration,
     /// The command and its arguments.
@@ -37,6 +40,18 @@ pub struct Plan {
 /// Why the window was not opened; the command did not run.
 #[derive(Debug, thiserror::Error)]
 pub enum EgressError {
+    /// `--to` names that do not resolve.
+    #[error("cannot resolve --to {name}")]
+    Resolve {
+        /// The name.
+        name: String,
+        /// The resolver's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `--to` and `--host-wide` together.
+    #[error("--to restricts a command's window; it cannot be combined with --host-wide")]
+    ToWithHostWide,
     /// knockgated said no.
     #[error("knockgated refused the window: {message}")]
     Refused {
@@ -48,6 +63,10 @@ pub enum EgressError {
 /// Opens the window, runs the command, closes the window; returns the command's
 /// exit code (128+N when a signal ended it).
 pub fn run(plan: &Plan) -> anyhow::Result<ExitCode> {
+    if plan.host_wide && !plan.to.is_empty() {
+        return Err(EgressError::ToWithHostWide.into());
+    }
+    let to = resolve_all(&plan.to)?;
     let cgroup = if plan.host_wide {
         None
     } else {
@@ -59,7 +78,7 @@ pub fn run(plan: &Plan) -> anyhow::Result<ExitCode> {
         .as_ref()
         .map_or(WindowScope::Host, |(cg, _)| WindowScope::Cgroup(cg.id()));
     let described = describe(&plan.command);
-    let (hold, window_id) = open(&plan.socket, scope, plan.duration, &described)?;
+    let (hold, window_id) = open(&plan.socket, scope, &to, plan.duration, &described)?;
     let original = own_cgroup();
     if let Some((cg, _)) = &cgroup {
         cg.add_process(std::process::id())?;
@@ -79,6 +98,25 @@ pub fn run(plan: &Plan) -> anyhow::Result<ExitCode> {
     }
     drop(cgroup);
     status
+}
+
+/// Every IPv4 and IPv6 address of each name (DNS goes to the resolvers, which the
+/// baseline allows).
+fn resolve_all(names: &[String]) -> Result<Vec<IpAddr>, EgressError> {
+    let mut out = Vec::new();
+    for name in names {
+        let resolve = |source| EgressError::Resolve {
+            name: name.clone(),
+            source,
+        };
+        let found = (name.as_str(), 0).to_socket_addrs().map_err(resolve)?;
+        for addr in found.map(|a| a.ip()) {
+            if !out.contains(&addr) {
+                out.push(addr);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The command line for the log and `knockgate grants`.
@@ -102,6 +140,7 @@ fn own_cgroup() -> Option<String> {
 fn open(
     socket: &Path,
     scope: WindowScope,
+    to: &[IpAddr],
     duration: Duration,
     command: &str,
 ) -> anyhow::Result<(UnixStream, String)> {
@@ -109,6 +148,7 @@ fn open(
         scope,
         ttl_secs: duration.as_secs().max(1),
         command: command.to_owned(),
+        to: to.to_vec(),
     };
     let stream = UnixStream::connect(socket).map_err(|source| {
         if source.kind() == std::io::ErrorKind::PermissionDenied {

@@ -36,6 +36,10 @@ fn is_usage(e: &(dyn std::error::Error + 'static)) -> bool {
         || e.is::<crate::keyfile::KeyFileError>()
         || e.is::<crate::knock::auth::IdError>()
         || matches!(
+            e.downcast_ref(),
+            Some(crate::egress::EgressError::ToWithHostWide)
+        )
+        || matches!(
             e.downcast_ref::<ClientError>(),
             Some(ClientError::Invalid(_) | ClientError::KeyFile(_))
         )

@@ -63,6 +63,9 @@ pub struct WindowRecord {
     pub who: String,
     /// The command it was opened for, as the requester described it.
     pub command: String,
+    /// Destinations it is restricted to (`--to`); empty means any.
+    #[serde(default)]
+    pub to: Vec<IpAddr>,
     /// Unix seconds when it opened.
     pub granted_at: u64,
     /// Unix seconds when the kernel closes it.
@@ -208,6 +211,7 @@ impl GrantBook {
                     scope,
                     who: "recovered".to_owned(),
                     command: String::new(),
+                    to: Vec::new(),
                     granted_at: now,
                     expires_at,
                 });

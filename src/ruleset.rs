@@ -69,6 +69,9 @@ pub enum SetKeyType {
     Cgroup,
     /// IP protocol numbers (`inet_proto`), used as an on/off switch per protocol.
     Proto,
+    /// A cgroup id and a destination address (`cgroupsv2 . ipv4_addr`), for windows
+    /// restricted to some destinations.
+    CgroupAddr(IpFamily),
 }
 
 impl SetKeyType {
@@ -79,6 +82,8 @@ impl SetKeyType {
             Self::Addr(family) => family.addr_type(),
             Self::Cgroup => "cgroupsv2",
             Self::Proto => "inet_proto",
+            Self::CgroupAddr(IpFamily::V4) => "cgroupsv2 . ipv4_addr",
+            Self::CgroupAddr(IpFamily::V6) => "cgroupsv2 . ipv6_addr",
         }
     }
 }
@@ -106,6 +111,8 @@ pub enum ElementKey {
     Cgroup(u64),
     /// An IP protocol number.
     Proto(u8),
+    /// A cgroup id and a destination address.
+    CgroupAddr(u64, IpAddr),
 }
 
 impl From<IpAddr> for ElementKey {
@@ -120,6 +127,7 @@ impl fmt::Display for ElementKey {
             Self::Addr(a) => write!(f, "{a}"),
             Self::Cgroup(id) => write!(f, "cgroup {id}"),
             Self::Proto(p) => write!(f, "protocol {p}"),
+            Self::CgroupAddr(id, a) => write!(f, "cgroup {id} to {a}"),
         }
     }
 }
@@ -139,7 +147,7 @@ impl Element {
     pub fn addr(&self) -> Option<IpAddr> {
         match self.key {
             ElementKey::Addr(a) => Some(a),
-            ElementKey::Cgroup(_) | ElementKey::Proto(_) => None,
+            ElementKey::Cgroup(_) | ElementKey::Proto(_) | ElementKey::CgroupAddr(..) => None,
         }
     }
 }
@@ -283,6 +291,16 @@ pub enum Expr {
         /// Depth of the ancestor compared (1 = a direct child of the root).
         level: u32,
         /// Set of cgroup ids.
+        set: String,
+    },
+    /// `socket cgroupv2 level L . ip daddr @set`: the pair (the socket's cgroup at
+    /// depth `level`, the destination address) is in the set.
+    SocketCgroupDaddrInSet {
+        /// Depth of the ancestor compared.
+        level: u32,
+        /// Family of the destination.
+        family: IpFamily,
+        /// Set of (cgroup id, address) pairs.
         set: String,
     },
     /// `meta l4proto @set`: the packet's transport protocol is in the set (an on/off
@@ -447,6 +465,11 @@ impl fmt::Display for Expr {
             Self::SocketCgroupInSet { level, set } => {
                 write!(f, "socket cgroupv2 level {level} @{set}")
             }
+            Self::SocketCgroupDaddrInSet { level, family, set } => write!(
+                f,
+                "socket cgroupv2 level {level} . {} daddr @{set}",
+                family.keyword()
+            ),
             Self::L4ProtoInSet { set } => write!(f, "meta l4proto @{set}"),
             Self::Log { prefix } => write!(f, "log prefix \"{prefix}\""),
             Self::Verdict(Verdict::Accept) => f.write_str("accept"),

@@ -529,3 +529,44 @@ fn curl_by_name_works_in_a_window_and_not_outside_it() {
         "and fails again after it"
     );
 }
+
+#[test]
+fn to_restricts_a_window_to_the_named_destinations() {
+    if !lab_available("to_restricts_a_window_to_the_named_destinations") {
+        return;
+    }
+    let lab = Lab::new();
+    let _services = mirror_and_resolver(&lab);
+    // Another lab host: the resolver's address also serves port 80.
+    let _other = lab.tcp_echo(Host::Outside, "10.77.2.53:80".parse().unwrap());
+    lab.set_resolv_conf(Host::Server, "nameserver 10.77.2.53\n");
+    let _daemon = lab.start_daemon(&lab.write_file("k.toml", ""));
+    let socket = lab.dir().join("admin.sock");
+    let probe = |host: &str| format!("timeout 1 bash -c 'exec 3<>/dev/tcp/{host}/80'");
+    let script = format!("{} && ! {}", probe("10.77.2.2"), probe("10.77.2.53"));
+    let out = egress_window_by_name(
+        &lab,
+        &socket,
+        &["--to", "mirror.lab", "5s", "--", "bash", "-c", &script],
+    );
+    assert!(
+        out.status.success(),
+        "the mirror is reachable, the other host is not: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Without --to, the same window reaches both (the control for the refusal above).
+    let both = format!("{} && {}", probe("10.77.2.2"), probe("10.77.2.53"));
+    let out = egress_window_by_name(&lab, &socket, &["5s", "--", "bash", "-c", &both]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // --to and --host-wide together is a usage error, and nothing runs.
+    let out = egress_window_by_name(
+        &lab,
+        &socket,
+        &["--host-wide", "--to", "mirror.lab", "5s", "--", "true"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+}

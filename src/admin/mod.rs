@@ -39,6 +39,9 @@ pub enum Request {
         ttl_secs: u64,
         /// The command it is for, for the log and `knockgate grants`.
         command: String,
+        /// Destinations to restrict a command-scoped window to; empty means any.
+        #[serde(default)]
+        to: Vec<IpAddr>,
     },
     /// Close grant or window `id` now.
     Revoke {

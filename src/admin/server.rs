@@ -13,7 +13,7 @@ use tracing::{info, warn};
 use super::{MAX_REQUEST, Request, Response};
 use crate::daemon::core::Core;
 use crate::firewall::Firewall;
-use crate::grants::Granted;
+use crate::grants::{Granted, WindowScope};
 use crate::logging::AUDIT;
 
 /// Longest a client may take to send its request.
@@ -151,13 +151,29 @@ pub fn dispatch<F: Firewall>(
             windows: core.windows(now),
         },
         Request::OpenEgress {
+            scope: WindowScope::Host,
+            ref to,
+            ..
+        } if !to.is_empty() => Response::error(
+            "bad_request",
+            "a host-wide window cannot be restricted to destinations; use one or the other",
+        ),
+        Request::OpenEgress {
             scope,
             ttl_secs,
             command,
-        } => match core.open_window(scope, Duration::from_secs(ttl_secs), &who, &command, now) {
+            to,
+        } => match core.open_window(
+            scope,
+            &to,
+            Duration::from_secs(ttl_secs),
+            &who,
+            &command,
+            now,
+        ) {
             Ok((window, capped)) => {
                 info!(target: AUDIT, event = "egress-open", id = %window.id, scope = %window.scope,
-                    who = %window.who, pid = ?peer.pid, command = %window.command,
+                    to = ?window.to, who = %window.who, pid = ?peer.pid, command = %window.command,
                     expires_at = window.expires_at, capped, "egress window opened");
                 Response::WindowOpened { window, capped }
             }

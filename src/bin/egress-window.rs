@@ -18,6 +18,9 @@ struct Args {
     /// Open egress for every process on the host, not just COMMAND.
     #[arg(long)]
     host_wide: bool,
+    /// Only to these destinations (names resolved when the window opens, IPv4 and IPv6).
+    #[arg(long, value_delimiter = ',', value_name = "NAME")]
+    to: Vec<String>,
     /// The daemon's admin socket.
     #[arg(long, default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
@@ -34,6 +37,7 @@ fn main() -> ExitCode {
     let plan = Plan {
         socket: args.socket,
         host_wide: args.host_wide,
+        to: args.to,
         duration: args.duration,
         command: args.command,
     };

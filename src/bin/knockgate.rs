@@ -217,7 +217,12 @@ fn print_windows(windows: &[WindowRecord]) {
         println!(
             "{:<10} {:<22} {:<10} {:<14} {}",
             w.id,
-            w.scope.to_string(),
+            if w.to.is_empty() {
+                w.scope.to_string()
+            } else {
+                let to: Vec<String> = w.to.iter().map(ToString::to_string).collect();
+                format!("{} to {}", w.scope, to.join(","))
+            },
             w.who,
             when(w.expires_at),
             w.command

@@ -21,7 +21,8 @@ use crate::knock::verify::{Refusal, authenticate};
 use crate::knock::{KeyId, Service};
 use crate::policy::{self, KeyRing, Limits, PolicyRefusal};
 use crate::ruleset::baseline::{
-    EGRESS_CGROUPS, EGRESS_HOST, KNOCK_BAN_V4, KNOCK_BAN_V6, SSH_GRANTS_V4, SSH_GRANTS_V6,
+    EGRESS_CGROUPS, EGRESS_HOST, EGRESS_TO_V4, EGRESS_TO_V6, KNOCK_BAN_V4, KNOCK_BAN_V6,
+    SSH_GRANTS_V4, SSH_GRANTS_V6,
 };
 use crate::ruleset::{ElementKey, IpFamily};
 use crate::state::ReplayLog;
@@ -116,10 +117,21 @@ fn grant_set(addr: IpAddr) -> &'static str {
 }
 
 /// The set and element that hold a window of `scope`.
-fn window_element(scope: WindowScope) -> (&'static str, ElementKey) {
+fn window_elements(scope: WindowScope, to: &[IpAddr]) -> Vec<(&'static str, ElementKey)> {
     match scope {
-        WindowScope::Cgroup(id) => (EGRESS_CGROUPS, ElementKey::Cgroup(id)),
-        WindowScope::Host => (EGRESS_HOST, ElementKey::Proto(TCP)),
+        WindowScope::Cgroup(id) if to.is_empty() => vec![(EGRESS_CGROUPS, ElementKey::Cgroup(id))],
+        WindowScope::Cgroup(id) => to
+            .iter()
+            .map(|&addr| {
+                let addr = policy::canonical(addr);
+                let set = match IpFamily::of(addr) {
+                    IpFamily::V4 => EGRESS_TO_V4,
+                    IpFamily::V6 => EGRESS_TO_V6,
+                };
+                (set, ElementKey::CgroupAddr(id, addr))
+            })
+            .collect(),
+        WindowScope::Host => vec![(EGRESS_HOST, ElementKey::Proto(TCP))],
     }
 }
 
@@ -280,6 +292,7 @@ impl<F: Firewall> Core<F> {
     pub fn open_window(
         &mut self,
         scope: WindowScope,
+        to: &[IpAddr],
         ttl: Duration,
         who: &str,
         command: &str,
@@ -289,14 +302,16 @@ impl<F: Firewall> Core<F> {
         let ttl = ttl
             .min(self.settings.egress_max_ttl)
             .max(Duration::from_secs(1));
-        let (set, key) = window_element(scope);
-        self.firewall
-            .add_element(&self.settings.table, set, key, ttl)?;
+        for (set, key) in window_elements(scope, to) {
+            self.firewall
+                .add_element(&self.settings.table, set, key, ttl)?;
+        }
         let window = WindowRecord {
             id: new_id(),
             scope,
             who: who.to_owned(),
             command: command.to_owned(),
+            to: to.iter().map(|&a| policy::canonical(a)).collect(),
             granted_at: now,
             expires_at: now.saturating_add(ttl.as_secs()),
         };
@@ -316,9 +331,10 @@ impl<F: Firewall> Core<F> {
             .windows()
             .any(|w| w.id != id && w.scope == window.scope);
         if !shared {
-            let (set, key) = window_element(window.scope);
-            self.firewall
-                .remove_element(&self.settings.table, set, key)?;
+            for (set, key) in window_elements(window.scope, &window.to) {
+                self.firewall
+                    .remove_element(&self.settings.table, set, key)?;
+            }
         }
         self.book.close_window(id);
         self.save_book();

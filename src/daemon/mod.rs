@@ -22,7 +22,8 @@ use crate::grants::{GrantBook, WindowScope, new_id};
 use crate::logging::AUDIT;
 use crate::policy::{KeyRing, Limits};
 use crate::ruleset::baseline::{
-    EGRESS_CGROUPS, EGRESS_HOST, KNOCK_BAN_V4, KNOCK_BAN_V6, SSH_GRANTS_V4, SSH_GRANTS_V6,
+    EGRESS_CGROUPS, EGRESS_HOST, EGRESS_TO_V4, EGRESS_TO_V6, KNOCK_BAN_V4, KNOCK_BAN_V6,
+    SSH_GRANTS_V4, SSH_GRANTS_V6,
 };
 use crate::ruleset::{Element, ElementKey, Hook, Ruleset, baseline};
 use crate::state::{ReplayLog, StateError};
@@ -40,7 +41,9 @@ pub enum StartError {
 }
 
 /// The sets whose contents (grants, bans, egress windows) survive a re-apply.
-const LIVE_SETS: [&str; 6] = [
+const LIVE_SETS: [&str; 8] = [
+    EGRESS_TO_V4,
+    EGRESS_TO_V6,
     SSH_GRANTS_V4,
     SSH_GRANTS_V6,
     KNOCK_BAN_V4,
@@ -95,10 +98,14 @@ impl<F: Firewall> Daemon<F> {
         let windows: Vec<(WindowScope, Option<Duration>)> = ruleset
             .sets
             .iter()
-            .filter(|s| s.name == EGRESS_CGROUPS || s.name == EGRESS_HOST)
+            .filter(|s| {
+                [EGRESS_CGROUPS, EGRESS_HOST, EGRESS_TO_V4, EGRESS_TO_V6].contains(&s.name.as_str())
+            })
             .flat_map(|s| s.elements.iter())
             .filter_map(|e| match e.key {
-                ElementKey::Cgroup(id) => Some((WindowScope::Cgroup(id), e.expires_in)),
+                ElementKey::Cgroup(id) | ElementKey::CgroupAddr(id, _) => {
+                    Some((WindowScope::Cgroup(id), e.expires_in))
+                }
                 ElementKey::Proto(_) => Some((WindowScope::Host, e.expires_in)),
                 ElementKey::Addr(_) => None,
             })

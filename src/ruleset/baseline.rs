@@ -21,6 +21,10 @@ pub const KNOCK_BAN_V4: &str = "knock_ban_v4";
 pub const KNOCK_BAN_V6: &str = "knock_ban_v6";
 /// Name of the set of cgroup ids whose sockets may open egress connections.
 pub const EGRESS_CGROUPS: &str = "egress_cgroups";
+/// Name of the set of (cgroup id, IPv4 destination) pairs of `--to` windows.
+pub const EGRESS_TO_V4: &str = "egress_to_v4";
+/// Name of the set of (cgroup id, IPv6 destination) pairs of `--to` windows.
+pub const EGRESS_TO_V6: &str = "egress_to_v6";
 /// Name of the host-wide egress switch: holds `tcp` while a host-wide window is open.
 pub const EGRESS_HOST: &str = "egress_host";
 /// Deepest cgroup an egress window may live in (1 = a child of the cgroup2 root;
@@ -96,6 +100,16 @@ fn sets(config: &Config) -> Vec<SetDef> {
     if config.outbound == Outbound::Locked {
         defs.push(set(EGRESS_CGROUPS, SetKeyType::Cgroup, SetKind::Grants));
         defs.push(set(EGRESS_HOST, SetKeyType::Proto, SetKind::Grants));
+        defs.push(set(
+            EGRESS_TO_V4,
+            SetKeyType::CgroupAddr(IpFamily::V4),
+            SetKind::Grants,
+        ));
+        defs.push(set(
+            EGRESS_TO_V6,
+            SetKeyType::CgroupAddr(IpFamily::V6),
+            SetKind::Grants,
+        ));
     }
     defs
 }
@@ -297,6 +311,16 @@ fn allow_egress_windows(rules: &mut Vec<Rule>, ports: &[u16]) {
                     set: EGRESS_CGROUPS.into(),
                 },
             ]));
+            for (family, set) in [(IpFamily::V4, EGRESS_TO_V4), (IpFamily::V6, EGRESS_TO_V6)] {
+                rules.push(accept(vec![
+                    Expr::TcpDport(port),
+                    Expr::SocketCgroupDaddrInSet {
+                        level,
+                        family,
+                        set: set.into(),
+                    },
+                ]));
+            }
         }
         rules.push(accept(vec![
             Expr::TcpDport(port),

@@ -361,6 +361,7 @@ fn egress_windows_open_close_and_share_the_host_switch() {
         .core
         .open_window(
             WindowScope::Cgroup(4242),
+            &[],
             Duration::from_secs(3600),
             "uid 0",
             "apt upgrade",
@@ -385,6 +386,7 @@ fn egress_windows_open_close_and_share_the_host_switch() {
         .core
         .open_window(
             WindowScope::Host,
+            &[],
             Duration::from_secs(60),
             "uid 0",
             "a",
@@ -395,6 +397,7 @@ fn egress_windows_open_close_and_share_the_host_switch() {
         .core
         .open_window(
             WindowScope::Host,
+            &[],
             Duration::from_secs(60),
             "uid 0",
             "b",
@@ -415,4 +418,53 @@ fn egress_windows_open_close_and_share_the_host_switch() {
     assert!(f.core.close_window(&cg.id).unwrap().is_some());
     assert!(keys(&mut f.core, EGRESS_CGROUPS).is_empty());
     assert!(f.core.close_window(&cg.id).unwrap().is_none());
+}
+
+#[test]
+fn a_window_restricted_to_destinations_holds_cgroup_address_pairs() {
+    use crate::ruleset::ElementKey;
+    let mut f = fixture();
+    let to = [
+        ip("192.0.2.80"),
+        ip("2001:db8::80"),
+        ip("::ffff:192.0.2.81"),
+    ];
+    let (w, _) = f
+        .core
+        .open_window(
+            WindowScope::Cgroup(7),
+            &to,
+            Duration::from_secs(60),
+            "uid 0",
+            "apt",
+            NOW,
+        )
+        .unwrap();
+    let keys = |core: &mut Core<MemoryFirewall>, set| -> Vec<ElementKey> {
+        core.firewall
+            .elements("knockgate", set)
+            .unwrap()
+            .iter()
+            .map(|e| e.key)
+            .collect()
+    };
+    assert_eq!(
+        keys(&mut f.core, EGRESS_TO_V4),
+        vec![
+            ElementKey::CgroupAddr(7, ip("192.0.2.80")),
+            ElementKey::CgroupAddr(7, ip("192.0.2.81"))
+        ]
+    );
+    assert_eq!(
+        keys(&mut f.core, EGRESS_TO_V6),
+        vec![ElementKey::CgroupAddr(7, ip("2001:db8::80"))]
+    );
+    assert!(
+        keys(&mut f.core, EGRESS_CGROUPS).is_empty(),
+        "not open to everywhere"
+    );
+    f.core.close_window(&w.id).unwrap();
+    assert!(
+        keys(&mut f.core, EGRESS_TO_V4).is_empty() && keys(&mut f.core, EGRESS_TO_V6).is_empty()
+    );
 }

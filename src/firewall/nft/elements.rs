@@ -58,6 +58,13 @@ impl ElemMsg {
             // cgroup ids are compared in host byte order (the socket expression loads them so).
             ElementKey::Cgroup(id) => id.to_ne_bytes().to_vec(),
             ElementKey::Proto(p) => vec![p],
+            // Concatenations: each field in its own 4-byte-aligned register slots.
+            ElementKey::CgroupAddr(id, IpAddr::V4(a)) => {
+                [&id.to_ne_bytes()[..], &a.octets()].concat()
+            }
+            ElementKey::CgroupAddr(id, IpAddr::V6(a)) => {
+                [&id.to_ne_bytes()[..], &a.octets()].concat()
+            }
         };
         let len = u32::try_from(key.len()).unwrap_or(16);
         // SAFETY: `elem` is live; `key` is `len` readable bytes that libnftnl copies.
@@ -178,7 +185,8 @@ extern "C" fn collect(elem: *mut sys::nftnl_set_elem, data: *mut c_void) -> i32 
     // SAFETY: libnftnl guarantees `len` readable bytes at `key` while `elem` lives.
     let bytes = unsafe { std::slice::from_raw_parts(raw.cast::<u8>(), len) };
     // The key length tells the set's type apart: knockgate's sets hold addresses
-    // (4, 16 bytes), cgroup ids (8) or protocol numbers (1).
+    // (4, 16 bytes), cgroup ids (8), protocol numbers (1) or cgroup-address pairs
+    // (12, 24).
     let key = match len {
         4 => <[u8; 4]>::try_from(bytes)
             .ok()
@@ -189,6 +197,7 @@ extern "C" fn collect(elem: *mut sys::nftnl_set_elem, data: *mut c_void) -> i32 
         8 => <[u8; 8]>::try_from(bytes)
             .ok()
             .map(|b| ElementKey::Cgroup(u64::from_ne_bytes(b))),
+        12 | 24 => cgroup_addr(bytes),
         1 => bytes.first().map(|&p| ElementKey::Proto(p)),
         _ => None,
     };
@@ -202,6 +211,17 @@ extern "C" fn collect(elem: *mut sys::nftnl_set_elem, data: *mut c_void) -> i32 
         });
     }
     0
+}
+
+/// A `cgroupsv2 . ipv4_addr` (12 bytes) or `cgroupsv2 . ipv6_addr` (24 bytes) key.
+fn cgroup_addr(bytes: &[u8]) -> Option<ElementKey> {
+    let id = u64::from_ne_bytes(<[u8; 8]>::try_from(bytes.get(..8)?).ok()?);
+    let addr = match bytes.len() {
+        12 => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(&bytes[8..]).ok()?)),
+        24 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&bytes[8..]).ok()?)),
+        _ => return None,
+    };
+    Some(ElementKey::CgroupAddr(id, addr))
 }
 
 fn attr(a: u32) -> u16 {

@@ -82,6 +82,22 @@ pub(super) fn add(
             rule.add_expr(&Socket::new(SocketKey::CgroupV2, *level));
             rule.add_expr(&Lookup::new(set, set_id)?);
         }
+        Expr::SocketCgroupDaddrInSet { level, family, set } => {
+            // The concatenation: cgroup id into the 32-bit registers 0–1, the
+            // destination right after it, then one lookup of both.
+            nfproto(rule, *family);
+            rule.add_expr(&Socket::new(SocketKey::CgroupV2, *level));
+            let (offset, len) = match family {
+                IpFamily::V4 => (16, 4),
+                IpFamily::V6 => (24, 16),
+            };
+            rule.add_expr(&NetworkPayload {
+                offset,
+                len,
+                dreg: reg32_02(),
+            });
+            rule.add_expr(&Lookup::new(set, set_id)?);
+        }
         Expr::L4ProtoInSet { set } => {
             rule.add_expr(&Meta::L4Proto);
             rule.add_expr(&Lookup::new(set, set_id)?);
@@ -173,6 +189,34 @@ impl Lookup {
 
 /// `limit rate N/unit burst B packets`.
 struct Limit(Rate);
+
+/// A network-header load into a register of our choosing (nftnl's payload
+/// expression always loads into register 1).
+struct NetworkPayload {
+    offset: u32,
+    len: u32,
+    dreg: u32,
+}
+
+impl Expression for NetworkPayload {
+    fn to_expr(&self, _rule: &nftnl::Rule<'_>) -> NonNull<sys::nftnl_expr> {
+        let e = alloc(c"payload");
+        set_u32(
+            e,
+            sys::NFTNL_EXPR_PAYLOAD_BASE,
+            u32::try_from(libc::NFT_PAYLOAD_NETWORK_HEADER).unwrap_or(1),
+        );
+        set_u32(e, sys::NFTNL_EXPR_PAYLOAD_OFFSET, self.offset);
+        set_u32(e, sys::NFTNL_EXPR_PAYLOAD_LEN, self.len);
+        set_u32(e, sys::NFTNL_EXPR_PAYLOAD_DREG, self.dreg);
+        e
+    }
+}
+
+/// The 32-bit register right after an 8-byte value loaded into register 1.
+fn reg32_02() -> u32 {
+    u32::try_from(libc::NFT_REG32_02).unwrap_or(10)
+}
 
 /// `log prefix "…"`.
 struct Log {

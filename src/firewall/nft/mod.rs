@@ -259,6 +259,12 @@ fn replace_batch(ruleset: &Ruleset) -> Result<LabelledBatch, String> {
             SetKeyType::Addr(IpFamily::V6) => add_set::<Ipv6Addr>(&mut builder, &table, def, id)?,
             SetKeyType::Cgroup => add_set::<CgroupId>(&mut builder, &table, def, id)?,
             SetKeyType::Proto => add_set::<InetProto>(&mut builder, &table, def, id)?,
+            SetKeyType::CgroupAddr(IpFamily::V4) => {
+                add_set::<CgroupV4>(&mut builder, &table, def, id)?;
+            }
+            SetKeyType::CgroupAddr(IpFamily::V6) => {
+                add_set::<CgroupV6>(&mut builder, &table, def, id)?;
+            }
         }
         set_ids.insert(def.name.as_str(), id);
         if !def.elements.is_empty() {
@@ -298,6 +304,33 @@ impl SetKey for InetProto {
 
     fn data(&self) -> Box<[u8]> {
         Box::new([0])
+    }
+}
+
+/// nft's concatenated key types: `(first << 6) | second` (nft's TYPE_BITS is 6).
+const CGROUPSV2_TYPE: u32 = 46;
+
+/// Key type `cgroupsv2 . ipv4_addr`: 8 + 4 bytes.
+struct CgroupV4;
+
+impl SetKey for CgroupV4 {
+    const TYPE: u32 = (CGROUPSV2_TYPE << 6) | 7;
+    const LEN: u32 = 12;
+
+    fn data(&self) -> Box<[u8]> {
+        Box::new([0; 12])
+    }
+}
+
+/// Key type `cgroupsv2 . ipv6_addr`: 8 + 16 bytes.
+struct CgroupV6;
+
+impl SetKey for CgroupV6 {
+    const TYPE: u32 = (CGROUPSV2_TYPE << 6) | 8;
+    const LEN: u32 = 24;
+
+    fn data(&self) -> Box<[u8]> {
+        Box::new([0; 24])
     }
 }
 
