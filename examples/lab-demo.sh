@@ -111,6 +111,14 @@ check "$internet" "internet -> server:22  (ssh, someone else)" 10.77.2.1 22 clos
 grep 'knock accepted' "$work/daemon.log" | sed 's/^/  log: /'
 
 echo
+echo "== egress-window: outbound HTTPS for one command (and its children), nobody else"
+probe443="timeout 1 bash -c 'exec 3<>/dev/tcp/10.77.2.2/443'"
+nsenter --net="/run/netns/$server" "$bin/egress-window" --socket "$work/admin.sock" 10s -- \
+  bash -c "$probe443 && echo '  inside the window: server -> internet:443        open    (ok)'" \
+  || { echo "  inside the window: server -> internet:443        closed  (UNEXPECTED)"; unexpected=$((unexpected + 1)); }
+check "$server" "server  -> internet:443 (after the window)" 10.77.2.2 443 closed
+
+echo
 echo "== knockgated stopped with SIGTERM: the baseline stays (fail closed), and the"
 echo "   laptop's grant stays until its TTL ends — the kernel times it, not the daemon"
 kill -TERM "$dpid"; wait "$dpid" || true
