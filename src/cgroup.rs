@@ -74,12 +74,23 @@ pub fn cgroup2_root() -> Result<PathBuf, CgroupError> {
     cgroup2_mount(&mountinfo).ok_or(CgroupError::NoCgroup2)
 }
 
-/// A cgroup made for one egress window; removed on drop (once its processes are gone).
+/// A cgroup for one egress window: one egress-window made (removed on drop, once
+/// its processes are gone), or the systemd scope it runs in (left to systemd).
 #[derive(Debug)]
 pub struct WindowCgroup {
     path: PathBuf,
     id: u64,
     level: u32,
+    owned: bool,
+}
+
+/// This process's cgroup v2 path in a `/proc/self/cgroup` text (the `0::` line).
+#[must_use]
+pub fn own_cgroup_path(proc_self_cgroup: &str) -> Option<String> {
+    proc_self_cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(ToOwned::to_owned)
 }
 
 impl WindowCgroup {
@@ -92,12 +103,33 @@ impl WindowCgroup {
         };
         std::fs::create_dir(&path).map_err(io)?;
         let id = std::fs::metadata(&path).map_err(io)?.ino();
-        let level = u32::try_from(
-            path.strip_prefix(root)
-                .map_or(1, |p| p.components().count()),
-        )
-        .unwrap_or(1);
-        Ok(Self { path, id, level })
+        let level = u32::try_from(Path::new(name).components().count()).unwrap_or(u32::MAX);
+        Ok(Self {
+            path,
+            id,
+            level,
+            owned: true,
+        })
+    }
+
+    /// The existing cgroup `relative` (like `/system.slice/x.scope`) below `root`,
+    /// which someone else (systemd) made and removes.
+    pub fn existing(root: &Path, relative: &str) -> Result<Self, CgroupError> {
+        let relative = relative.trim_start_matches('/');
+        let path = root.join(relative);
+        let id = std::fs::metadata(&path)
+            .map_err(|source| CgroupError::Io {
+                path: path.clone(),
+                source,
+            })?
+            .ino();
+        let level = u32::try_from(Path::new(relative).components().count()).unwrap_or(u32::MAX);
+        Ok(Self {
+            path,
+            id,
+            level,
+            owned: false,
+        })
     }
 
     /// The cgroup id the kernel's `socket cgroupv2` compares.
@@ -131,7 +163,9 @@ impl WindowCgroup {
 impl Drop for WindowCgroup {
     fn drop(&mut self) {
         // Fails while processes remain; the kernel then keeps the cgroup, empty of rules.
-        let _ = std::fs::remove_dir(&self.path);
+        if self.owned {
+            let _ = std::fs::remove_dir(&self.path);
+        }
     }
 }
 
@@ -171,6 +205,35 @@ mod tests {
     fn escaped_mount_points_are_decoded() {
         let line = "1 2 0:3 / /mnt/my\\040cgroup rw - cgroup2 cgroup2 rw\n";
         assert_eq!(cgroup2_mount(line), Some(PathBuf::from("/mnt/my cgroup")));
+    }
+
+    #[test]
+    fn own_cgroup_is_the_unified_line() {
+        let text = "9:name=systemd:/\n4:memory:/x\n0::/system.slice/knockgate-egress-7.scope\n";
+        assert_eq!(
+            own_cgroup_path(text).as_deref(),
+            Some("/system.slice/knockgate-egress-7.scope")
+        );
+        assert_eq!(own_cgroup_path("4:memory:/x\n"), None);
+    }
+
+    #[test]
+    fn an_existing_scope_is_used_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("system.slice/x.scope")).unwrap();
+        let cg = WindowCgroup::existing(dir.path(), "/system.slice/x.scope").unwrap();
+        assert_eq!(cg.level(), 2);
+        assert_eq!(
+            cg.id(),
+            std::fs::metadata(dir.path().join("system.slice/x.scope"))
+                .unwrap()
+                .ino()
+        );
+        drop(cg);
+        assert!(
+            dir.path().join("system.slice/x.scope").exists(),
+            "systemd removes its scope, not us"
+        );
     }
 
     #[test]

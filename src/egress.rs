@@ -20,8 +20,9 @@ use anyhow::Context;
 
 use crate::admin::client::{AdminError, call};
 use crate::admin::{Request, Response};
-use crate::cgroup::{WindowCgroup, cgroup2_root};
+use crate::cgroup::{WindowCgroup, cgroup2_root, own_cgroup_path};
 use crate::grants::WindowScope;
+use crate::ruleset::baseline::MAX_EGRESS_CGROUP_LEVEL;
 
 /// What to run, where, for how long.
 pub struct Plan {
@@ -49,6 +50,16 @@ pub enum EgressError {
         #[source]
         source: std::io::Error,
     },
+    /// The window's cgroup is deeper than the baseline's rules look.
+    #[error(
+        "cgroup {path} is {level} levels deep; egress windows match cgroups up to 4 levels below the root"
+    )]
+    TooDeep {
+        /// The cgroup.
+        path: PathBuf,
+        /// Its depth.
+        level: u32,
+    },
     /// `--to` and `--host-wide` together.
     #[error("--to restricts a command's window; it cannot be combined with --host-wide")]
     ToWithHostWide,
@@ -67,20 +78,27 @@ pub fn run(plan: &Plan) -> anyhow::Result<ExitCode> {
         return Err(EgressError::ToWithHostWide.into());
     }
     let to = resolve_all(&plan.to)?;
+    let in_scope = std::env::var_os(IN_SCOPE_ENV).is_some();
+    if !plan.host_wide && !in_scope && systemd_manages_cgroups() {
+        // The well-behaved way on a systemd host: run again inside a transient scope.
+        // exec only returns on failure; then make our own cgroup as below.
+        let err = rerun_in_scope();
+        eprintln!("egress-window: cannot run in a systemd scope ({err}); making its own cgroup");
+    }
     let cgroup = if plan.host_wide {
         None
     } else {
-        let root = cgroup2_root()?;
-        let name = format!("knockgate-egress-{}", std::process::id());
-        Some((WindowCgroup::create(&root, &name)?, root))
+        Some(window_cgroup(in_scope)?)
     };
+    // Inside a systemd scope the cgroup is already ours; otherwise move in.
+    let move_in = !in_scope;
     let scope = cgroup
         .as_ref()
         .map_or(WindowScope::Host, |(cg, _)| WindowScope::Cgroup(cg.id()));
     let described = describe(&plan.command);
     let (hold, window_id) = open(&plan.socket, scope, &to, plan.duration, &described)?;
     let original = own_cgroup();
-    if let Some((cg, _)) = &cgroup {
+    if let (Some((cg, _)), true) = (&cgroup, move_in) {
         cg.add_process(std::process::id())?;
     }
     let status = run_command(plan);
@@ -90,7 +108,7 @@ pub fn run(plan: &Plan) -> anyhow::Result<ExitCode> {
     drop(hold);
     // Leave the window's cgroup, so it can be removed (on drop) once the command's
     // processes are gone.
-    if let (Some((_, root)), Some(original)) = (&cgroup, original) {
+    if let (Some((_, root)), Some(original), true) = (&cgroup, original, move_in) {
         let back = root
             .join(original.trim_start_matches('/'))
             .join("cgroup.procs");
@@ -130,10 +148,48 @@ fn describe(command: &[OsString]) -> String {
 
 /// This process's cgroup v2 path (`0::/path` in /proc/self/cgroup).
 fn own_cgroup() -> Option<String> {
-    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .map(ToOwned::to_owned)
+    own_cgroup_path(&std::fs::read_to_string("/proc/self/cgroup").ok()?)
+}
+
+/// The window's cgroup: the systemd scope this process runs in, or a new one made
+/// under the cgroup2 root; with the root it lives under.
+fn window_cgroup(in_scope: bool) -> anyhow::Result<(WindowCgroup, PathBuf)> {
+    let root = cgroup2_root()?;
+    let cg = match own_cgroup().filter(|_| in_scope) {
+        Some(scope) => WindowCgroup::existing(&root, &scope)?,
+        None => WindowCgroup::create(&root, &format!("knockgate-egress-{}", std::process::id()))?,
+    };
+    if cg.level() > MAX_EGRESS_CGROUP_LEVEL {
+        let (path, level) = (cg.path().to_owned(), cg.level());
+        return Err(EgressError::TooDeep { path, level }.into());
+    }
+    Ok((cg, root))
+}
+
+/// Set when egress-window runs itself again inside a systemd transient scope.
+const IN_SCOPE_ENV: &str = "KNOCKGATE_EGRESS_IN_SCOPE";
+
+/// Whether systemd is PID 1 and owns the cgroup tree (sd_booted's test).
+fn systemd_manages_cgroups() -> bool {
+    Path::new("/run/systemd/system").is_dir()
+}
+
+/// Replaces this process with `systemd-run --scope … -- <this program> <same args>`;
+/// returns only if that cannot be started.
+fn rerun_in_scope() -> std::io::Error {
+    use std::os::unix::process::CommandExt;
+    let me = match std::env::current_exe() {
+        Ok(me) => me,
+        Err(e) => return e,
+    };
+    std::process::Command::new("systemd-run")
+        .args(["--scope", "--quiet", "--collect"])
+        .arg(format!("--unit=knockgate-egress-{}", std::process::id()))
+        .arg("--")
+        .arg(me)
+        .args(std::env::args_os().skip(1))
+        .env(IN_SCOPE_ENV, "1")
+        .exec()
 }
 
 /// Asks for the window and keeps the connection that holds it.

@@ -570,3 +570,33 @@ fn to_restricts_a_window_to_the_named_destinations() {
     );
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn inside_a_systemd_style_scope_the_window_is_the_scope() {
+    if !lab_available("inside_a_systemd_style_scope_the_window_is_the_scope") {
+        return;
+    }
+    // What systemd-run --scope leaves egress-window in: a cgroup someone else made.
+    // (The lab has no systemd as PID 1, so the re-run itself is not exercised.)
+    let (w, _daemon) = windows();
+    let root = cgroup2_root().unwrap();
+    let scope = root.join(format!("knockgate-test-scope-{}", w.lab.ns(Host::Server)));
+    std::fs::create_dir(&scope).unwrap();
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && KNOCKGATE_EGRESS_IN_SCOPE=1 exec nsenter --net=/run/netns/{} {} --socket {} 5s -- bash -c \"{}\"",
+        scope.display(),
+        w.lab.ns(Host::Server),
+        env!("CARGO_BIN_EXE_egress-window"),
+        w.socket.display(),
+        probe_mirror()
+    );
+    let out = Command::new("sh").args(["-c", &script]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "the scope got out: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(scope.exists(), "the scope is left for its owner to remove");
+    assert_eq!(w.open_windows(), 0, "the window is closed");
+    std::fs::remove_dir(&scope).unwrap();
+}
