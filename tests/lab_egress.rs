@@ -600,3 +600,50 @@ fn inside_a_systemd_style_scope_the_window_is_the_scope() {
     assert_eq!(w.open_windows(), 0, "the window is closed");
     std::fs::remove_dir(&scope).unwrap();
 }
+
+#[test]
+fn windows_are_listed_and_can_be_revoked_early() {
+    if !lab_available("windows_are_listed_and_can_be_revoked_early") {
+        return;
+    }
+    let (w, _daemon) = windows();
+    let mut running = w
+        .command(&["--host-wide", "60s", "--", "sleep", "3"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let out = Command::new(env!("CARGO_BIN_EXE_knockgate"))
+        .arg("--socket")
+        .arg(&w.socket)
+        .arg("grants")
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("host-wide") && table.contains("uid 0") && table.contains("sleep 3"),
+        "{table}"
+    );
+    let id = table
+        .lines()
+        .find(|l| l.contains("host-wide"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    assert!(w.outside_gets_out());
+    let out = Command::new(env!("CARGO_BIN_EXE_knockgate"))
+        .arg("--socket")
+        .arg(&w.socket)
+        .args(["revoke", &id])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!w.outside_gets_out(), "revoked before its command ended");
+    assert!(
+        running.wait().unwrap().success(),
+        "the command itself runs on"
+    );
+}
