@@ -202,7 +202,7 @@ pub fn dispatch<F: Firewall>(
                     address = %grant.address, by = %who, pid = ?peer.pid, "grant revoked");
                 Response::Revoked { grant }
             }
-            Ok(None) => match core.close_window(&id) {
+            Ok(None) => match core.close_window(&id, now) {
                 Ok(Some(window)) => {
                     info!(target: AUDIT, event = "egress-close", id = %window.id, scope = %window.scope,
                         by = %who, pid = ?peer.pid, "egress window revoked");

@@ -302,9 +302,12 @@ impl<F: Firewall> Core<F> {
         let ttl = ttl
             .min(self.settings.egress_max_ttl)
             .max(Duration::from_secs(1));
+        // Host-wide windows share one switch: it must last as long as the longest.
+        let shared = self.remaining_of_others(scope, "", now);
         for (set, key) in window_elements(scope, to) {
+            let kernel_ttl = shared.map_or(ttl, |other| other.max(ttl));
             self.firewall
-                .add_element(&self.settings.table, set, key, ttl)?;
+                .add_element(&self.settings.table, set, key, kernel_ttl)?;
         }
         let window = WindowRecord {
             id: new_id(),
@@ -322,23 +325,38 @@ impl<F: Firewall> Core<F> {
 
     /// Closes window `id` now; `Ok(None)` if there is no such window. The host-wide
     /// switch stays on while another host-wide window is open.
-    pub fn close_window(&mut self, id: &str) -> Result<Option<WindowRecord>, FirewallError> {
+    pub fn close_window(
+        &mut self,
+        id: &str,
+        now: u64,
+    ) -> Result<Option<WindowRecord>, FirewallError> {
         let Some(window) = self.book.windows().find(|w| w.id == id).cloned() else {
             return Ok(None);
         };
-        let shared = self
-            .book
-            .windows()
-            .any(|w| w.id != id && w.scope == window.scope);
-        if !shared {
-            for (set, key) in window_elements(window.scope, &window.to) {
-                self.firewall
-                    .remove_element(&self.settings.table, set, key)?;
+        for (set, key) in window_elements(window.scope, &window.to) {
+            match self.remaining_of_others(window.scope, id, now) {
+                // Another window shares the element: it keeps it, for its own time only.
+                Some(left) => self
+                    .firewall
+                    .add_element(&self.settings.table, set, key, left)?,
+                None => self
+                    .firewall
+                    .remove_element(&self.settings.table, set, key)?,
             }
         }
         self.book.close_window(id);
         self.save_book();
         Ok(Some(window))
+    }
+
+    /// The longest time left of the other open windows with the same `scope` (only
+    /// host-wide windows ever share one), if any.
+    fn remaining_of_others(&self, scope: WindowScope, id: &str, now: u64) -> Option<Duration> {
+        self.book
+            .windows()
+            .filter(|w| w.id != id && w.scope == scope && w.expires_at > now)
+            .map(|w| Duration::from_secs(w.expires_at - now))
+            .max()
     }
 
     /// The open egress windows.

@@ -121,7 +121,7 @@ fn answer(
             let (daemon, id) = (Rc::clone(daemon), window.id.clone());
             let close: admin::OnClose = Box::new(move || {
                 // Already closed by revoke or expiry: nothing to do.
-                if let Ok(Some(window)) = daemon.borrow_mut().core().close_window(&id) {
+                if let Ok(Some(window)) = daemon.borrow_mut().core().close_window(&id, unix_now()) {
                     info!(target: AUDIT, event = "egress-close", id = %window.id, scope = %window.scope,
                         who = %window.who, "egress window closed: its requester is gone");
                 }

@@ -405,19 +405,19 @@ fn egress_windows_open_close_and_share_the_host_switch() {
         )
         .unwrap();
     assert_eq!(f.core.windows(NOW).len(), 3);
-    f.core.close_window(&h1.id).unwrap();
+    f.core.close_window(&h1.id, NOW).unwrap();
     assert_eq!(
         keys(&mut f.core, EGRESS_HOST),
         vec![ElementKey::Proto(6)],
         "still on for the other host window"
     );
-    f.core.close_window(&h2.id).unwrap();
+    f.core.close_window(&h2.id, NOW).unwrap();
     assert!(keys(&mut f.core, EGRESS_HOST).is_empty());
     // Revoke by id reaches windows too.
     assert!(f.core.revoke(&cg.id).unwrap().is_none(), "not a grant");
-    assert!(f.core.close_window(&cg.id).unwrap().is_some());
+    assert!(f.core.close_window(&cg.id, NOW).unwrap().is_some());
     assert!(keys(&mut f.core, EGRESS_CGROUPS).is_empty());
-    assert!(f.core.close_window(&cg.id).unwrap().is_none());
+    assert!(f.core.close_window(&cg.id, NOW).unwrap().is_none());
 }
 
 #[test]
@@ -463,8 +463,50 @@ fn a_window_restricted_to_destinations_holds_cgroup_address_pairs() {
         keys(&mut f.core, EGRESS_CGROUPS).is_empty(),
         "not open to everywhere"
     );
-    f.core.close_window(&w.id).unwrap();
+    f.core.close_window(&w.id, NOW).unwrap();
     assert!(
         keys(&mut f.core, EGRESS_TO_V4).is_empty() && keys(&mut f.core, EGRESS_TO_V6).is_empty()
+    );
+}
+
+#[test]
+fn shared_host_switch_lasts_as_long_as_the_longest_window_only() {
+    let mut f = fixture();
+    let now = NOW;
+    let left = |core: &mut Core<MemoryFirewall>| {
+        core.firewall.elements("knockgate", EGRESS_HOST).unwrap()[0]
+            .expires_in
+            .unwrap()
+    };
+    let (long, _) = f
+        .core
+        .open_window(
+            WindowScope::Host,
+            &[],
+            Duration::from_secs(300),
+            "uid 0",
+            "a",
+            now,
+        )
+        .unwrap();
+    f.core
+        .open_window(
+            WindowScope::Host,
+            &[],
+            Duration::from_secs(5),
+            "uid 0",
+            "b",
+            now,
+        )
+        .unwrap();
+    assert_eq!(
+        left(&mut f.core),
+        Duration::from_secs(300),
+        "a short window does not cut a long one"
+    );
+    f.core.close_window(&long.id, NOW).unwrap();
+    assert!(
+        left(&mut f.core) <= Duration::from_secs(5),
+        "nor does a closed long one extend a short one"
     );
 }
