@@ -203,3 +203,26 @@ fn on_stop_remove_removes_exactly_its_own_table() {
     let _ssh = lab.tcp_echo(Host::Server, "[::]:22".parse().unwrap());
     assert!(lab.tcp_works(Host::Client, sa(v6().server_from_client, 22)));
 }
+
+#[test]
+fn readiness_is_signalled_only_after_the_baseline_is_in_the_kernel() {
+    if !lab_available("readiness_is_signalled_only_after_the_baseline_is_in_the_kernel") {
+        return;
+    }
+    let lab = Lab::new();
+    // A stand-in for systemd's notify socket.
+    let notify_path = lab.dir().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(std::time::Duration::from_secs(15)))
+        .unwrap();
+    let config = lab.write_file("k.toml", DNS);
+    let _daemon = lab.start_daemon_with_env(&config, &[("NOTIFY_SOCKET", &notify_path)]);
+    let mut buf = [0u8; 512];
+    let n = notify.recv(&mut buf).expect("a notification");
+    let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(message.contains("READY=1"), "{message}");
+    // At the moment it said ready, the table was there.
+    let listed = lab.nft(&["list", "table", "inet", "knockgate"]);
+    assert!(listed.contains("chain input"), "{listed}");
+}

@@ -61,6 +61,14 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
             server_id = %d.loaded().server_id.as_str(), "listening for knocks and admin requests");
     }
 
+    // Ready only now: the baseline is in the kernel and both sockets listen.
+    if let Err(e) = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status("baseline applied; listening"),
+    ]) {
+        tracing::warn!(error = %e, "cannot tell the service manager we are ready");
+    }
+    let watchdog = sd_notify::watchdog_enabled().map(|period| period / 2);
     let mut log = KnockLog::new();
     let mut buf = [0u8; RECV_LEN];
     let signal = loop {
@@ -96,12 +104,16 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
                 }
             }
             () = tokio::time::sleep(summary) => log.summarise(),
+            () = tokio::time::sleep(watchdog.unwrap_or(IDLE_EXPIRY_CHECK)), if watchdog.is_some() => {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
         }
     };
     log.summarise();
     info!(signal, "stop requested");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let _ = std::fs::remove_file(&admin_path);
     daemon
         .borrow_mut()

@@ -383,9 +383,14 @@ impl Lab {
     /// Starts knockgated in the server namespace and waits until it has applied its
     /// baseline; panics with its log if it exits or takes too long.
     pub fn start_daemon(&self, config: &Path) -> Daemon {
+        self.start_daemon_with_env(config, &[])
+    }
+
+    /// [`Lab::start_daemon`] with extra environment variables.
+    pub fn start_daemon_with_env(&self, config: &Path, env: &[(&str, &Path)]) -> Daemon {
         let n = NEXT_LAB.fetch_add(1, Ordering::Relaxed);
         let log = self.dir.path().join(format!("knockgated-{n}.log"));
-        let child = self.spawn_daemon(config, &log);
+        let child = self.spawn_daemon(config, &log, env);
         let mut daemon = Daemon { child, log };
         let deadline = Instant::now() + DAEMON_START_TIMEOUT;
         while !daemon.log_text().contains("baseline applied") {
@@ -409,9 +414,13 @@ impl Lab {
             .expect("run knockgated")
     }
 
-    fn spawn_daemon(&self, config: &Path, log: &Path) -> Child {
+    fn spawn_daemon(&self, config: &Path, log: &Path, env: &[(&str, &Path)]) -> Child {
         let file = std::fs::File::create(log).expect("create daemon log");
-        self.daemon_command(config)
+        let mut command = self.daemon_command(config);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        command
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(file)
