@@ -160,3 +160,79 @@ fn users_outside_the_admin_group_are_refused_clearly() {
         "nothing was opened"
     );
 }
+
+#[test]
+fn reload_applies_a_good_config_keeps_grants_and_refuses_a_bad_one() {
+    if !lab_available("reload_applies_a_good_config_keeps_grants_and_refuses_a_bad_one") {
+        return;
+    }
+    let lab = Lab::new();
+    let _servers: Vec<_> = [22, 8080]
+        .iter()
+        .map(|&p| lab.tcp_echo(Host::Server, sa(std::net::Ipv6Addr::UNSPECIFIED.into(), p)))
+        .collect();
+    let (socket, config) = setup(&lab);
+    let mut daemon = lab.start_daemon(&config);
+    let four = v4();
+    let out = admin(
+        &socket,
+        &["open", "ssh", "--from", &four.client.to_string()],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let (ssh, web) = (
+        sa(four.server_from_client, 22),
+        sa(four.server_from_client, 8080),
+    );
+    assert!(!lab.tcp_works_from(Host::Client, four.client, web));
+
+    let good =
+        std::fs::read_to_string(&config).unwrap() + "[inbound]\ntcp_ports = [80, 443, 8080]\n";
+    std::fs::write(&config, good).unwrap();
+    let out = admin(&socket, &["reload"]);
+    assert!(
+        out.status.success() && text(&out).contains("reloaded"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        lab.tcp_works_from(Host::Client, four.client, web),
+        "the new port is open"
+    );
+    assert!(
+        lab.tcp_works_from(Host::Client, four.client, ssh),
+        "the grant survived the reload"
+    );
+
+    let before = lab.nft(&["-a", "list", "chain", "inet", "knockgate", "input"]);
+    std::fs::write(&config, "[inbound]\ntcp_ports = [0]\n").unwrap();
+    let out = admin(&socket, &["reload"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("inbound.tcp_ports[0]"),
+        "{}",
+        text(&out)
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.pid()),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        daemon.is_running(),
+        "a bad config on SIGHUP does not stop the daemon"
+    );
+    assert_eq!(
+        lab.nft(&["-a", "list", "chain", "inet", "knockgate", "input"]),
+        before,
+        "nothing changed"
+    );
+    assert!(
+        lab.tcp_works_from(Host::Client, four.client, web),
+        "the previous config stays in force"
+    );
+    assert!(
+        daemon.log_text().contains("reload-refused"),
+        "the refusal is logged"
+    );
+}

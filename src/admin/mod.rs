@@ -43,6 +43,8 @@ pub enum Request {
         #[serde(default)]
         to: Vec<IpAddr>,
     },
+    /// Re-read the config and apply it, keeping grants and windows.
+    Reload,
     /// Close grant or window `id` now.
     Revoke {
         /// The grant's id.
@@ -81,6 +83,11 @@ pub enum Response {
         window: WindowRecord,
         /// Whether the requested length was cut to `egress.max_ttl`.
         capped: bool,
+    },
+    /// The config was re-read and the new baseline is in force.
+    Reloaded {
+        /// Rules in the new baseline.
+        rules: usize,
     },
     /// An egress window was closed.
     WindowClosed {

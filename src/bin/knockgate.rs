@@ -40,6 +40,8 @@ enum Command {
         #[command(subcommand)]
         service: OpenService,
     },
+    /// Re-read the config and apply it, keeping grants and windows (exit 2 if it is bad).
+    Reload,
     /// Close a grant now.
     Revoke {
         /// The grant's id (see `knockgate grants`).
@@ -94,6 +96,7 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
             ttl_secs: ttl.map(|d| d.as_secs()),
         },
         Command::Revoke { id } => Request::Revoke { id: id.clone() },
+        Command::Reload => Request::Reload,
         Command::Keygen { id, dir, address } => {
             return keygen(&args.config, id, dir, address.as_deref());
         }
@@ -148,6 +151,7 @@ fn show(response: &Response, json: bool) -> ExitCode {
                 when(window.expires_at)
             );
         }
+        Response::Reloaded { rules } => println!("reloaded: {rules} rules in force"),
         Response::WindowClosed { window } => {
             println!("closed egress window {} ({})", window.id, window.scope);
         }

@@ -116,6 +116,16 @@ fn grant_set(addr: IpAddr) -> &'static str {
     }
 }
 
+/// The per-source counter of invalid knocks, when banning is on.
+fn invalid_limiter(
+    ban: Option<(u32, Duration, Duration)>,
+) -> Option<DefaultKeyedRateLimiter<IpAddr>> {
+    let (after, within, _) = ban?;
+    let after = NonZeroU32::new(after)?;
+    let quota = Quota::with_period(within / after.get())?.allow_burst(after);
+    Some(RateLimiter::keyed(quota))
+}
+
 /// The set and element that hold a window of `scope`.
 fn window_elements(scope: WindowScope, to: &[IpAddr]) -> Vec<(&'static str, ElementKey)> {
     match scope {
@@ -154,11 +164,7 @@ impl<F: Firewall> Core<F> {
         (replay_log, guard): (ReplayLog, ReplayGuard),
         book: GrantBook,
     ) -> Self {
-        let invalid = settings.ban.and_then(|(after, within, _)| {
-            let after = NonZeroU32::new(after)?;
-            let quota = Quota::with_period(within / after.get())?.allow_burst(after);
-            Some(RateLimiter::keyed(quota))
-        });
+        let invalid = invalid_limiter(settings.ban);
         Self {
             firewall,
             settings,
@@ -418,6 +424,16 @@ impl<F: Firewall> Core<F> {
     /// The firewall, for the daemon's stop.
     pub fn into_firewall(self) -> F {
         self.firewall
+    }
+
+    /// New settings and keys after a reload; the grant book, replay guard and bans
+    /// carry on.
+    pub fn reconfigure(&mut self, settings: Settings, keys: KeyRing) {
+        if settings.ban != self.settings.ban {
+            self.invalid = invalid_limiter(settings.ban);
+        }
+        self.settings = settings;
+        self.keys = keys;
     }
 
     /// The firewall, for the daemon's stop.

@@ -40,6 +40,20 @@ pub enum StartError {
     Firewall(#[from] FirewallError),
 }
 
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The new config (or a key file) is bad.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The kernel refused the new baseline.
+    #[error("the kernel refused the new baseline")]
+    Firewall(#[from] FirewallError),
+    /// A key that only a restart can change.
+    #[error("`{0}` cannot change on reload; restart knockgated")]
+    NeedsRestart(&'static str),
+}
+
 /// The sets whose contents (grants, bans, egress windows) survive a re-apply.
 const LIVE_SETS: [&str; 8] = [
     EGRESS_TO_V4,
@@ -71,15 +85,7 @@ impl<F: Firewall> Daemon<F> {
     ) -> Result<Self, StartError> {
         let state_dir = loaded.config.knock.state_dir.clone();
         let replay = ReplayLog::open(&state_dir, REPLAY_CAPACITY, now)?;
-        let mut ruleset = baseline(&loaded.config, &loaded.resolvers);
-        for set in &mut ruleset.sets {
-            if LIVE_SETS.contains(&set.name.as_str()) {
-                // A first start finds no table: nothing to carry.
-                set.elements = firewall
-                    .elements(&ruleset.table, &set.name)
-                    .unwrap_or_default();
-            }
-        }
+        let ruleset = baseline_with_live_elements(&mut firewall, &loaded);
         let started = Instant::now();
         firewall.replace(&ruleset)?;
         log_applied(&loaded, &ruleset, started.elapsed());
@@ -116,29 +122,37 @@ impl<F: Firewall> Daemon<F> {
                 who = %record.who, expires_at = record.expires_at, "grant still open from before the start");
         }
         let _ = book.save(&book_path);
-        let knock = &loaded.config.knock;
-        let settings = Settings {
-            table: ruleset.table.clone(),
-            server_id: loaded.server_id.clone(),
-            skew: knock.skew.0,
-            limits: Limits {
-                default_ttl: knock.default_ttl.0,
-                max_ttl: knock.max_ttl.0,
-            },
-            ban: knock.ban.enabled.then_some((
-                knock.ban.after,
-                knock.ban.within.0,
-                knock.ban.duration.0,
-            )),
-            book_path,
-            egress_max_ttl: loaded.config.egress.max_ttl.0,
-        };
+        let settings = settings(&loaded, book_path);
         let core = Core::new(firewall, settings, keys, replay, book);
         Ok(Self {
             core,
             loaded,
             ruleset,
         })
+    }
+
+    /// Re-reads the config file and its keys and applies the new baseline in one
+    /// transaction, carrying the live grants, bans and windows. On any error the old
+    /// config and ruleset stay in force. The table name and the state directory
+    /// cannot change without a restart.
+    pub fn reload(&mut self) -> Result<(), ReloadError> {
+        let loaded = crate::config::load(&self.loaded.path)?;
+        let keys = crate::config::load_keys(&loaded)?;
+        if loaded.config.table != self.loaded.config.table {
+            return Err(ReloadError::NeedsRestart("table"));
+        }
+        if loaded.config.knock.state_dir != self.loaded.config.knock.state_dir {
+            return Err(ReloadError::NeedsRestart("knock.state_dir"));
+        }
+        let ruleset = baseline_with_live_elements(self.core.firewall_mut(), &loaded);
+        let started = Instant::now();
+        self.core.firewall_mut().replace(&ruleset)?;
+        log_applied(&loaded, &ruleset, started.elapsed());
+        let book_path = loaded.config.knock.state_dir.join(BOOK_FILE);
+        self.core.reconfigure(settings(&loaded, book_path), keys);
+        self.loaded = loaded;
+        self.ruleset = ruleset;
+        Ok(())
     }
 
     /// The ruleset in force.
@@ -187,6 +201,41 @@ impl<F: Firewall> Daemon<F> {
     pub fn stop(mut self) -> Result<F, FirewallError> {
         self.shutdown()?;
         Ok(self.core.into_firewall())
+    }
+}
+
+/// The baseline for `loaded`, with the elements the kernel's live sets hold now
+/// (grants, bans, windows with their remaining time); none when there is no table yet.
+fn baseline_with_live_elements<F: Firewall>(firewall: &mut F, loaded: &Loaded) -> Ruleset {
+    let mut ruleset = baseline(&loaded.config, &loaded.resolvers);
+    for set in &mut ruleset.sets {
+        if LIVE_SETS.contains(&set.name.as_str()) {
+            set.elements = firewall
+                .elements(&ruleset.table, &set.name)
+                .unwrap_or_default();
+        }
+    }
+    ruleset
+}
+
+/// The core's settings for `loaded`.
+fn settings(loaded: &Loaded, book_path: std::path::PathBuf) -> Settings {
+    let knock = &loaded.config.knock;
+    Settings {
+        table: loaded.config.table.clone(),
+        server_id: loaded.server_id.clone(),
+        skew: knock.skew.0,
+        limits: Limits {
+            default_ttl: knock.default_ttl.0,
+            max_ttl: knock.max_ttl.0,
+        },
+        ban: knock.ban.enabled.then_some((
+            knock.ban.after,
+            knock.ban.within.0,
+            knock.ban.duration.0,
+        )),
+        book_path,
+        egress_max_ttl: loaded.config.egress.max_ttl.0,
     }
 }
 

@@ -48,6 +48,7 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create the admin socket {}", admin_path.display()))?;
     let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
     let daemon: Shared = Rc::new(RefCell::new(Daemon::start(
         firewall,
         loaded,
@@ -109,6 +110,9 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
             }
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
+            _ = hup.recv() => {
+                let _ = reload(&daemon, "SIGHUP");
+            }
         }
     };
     log.summarise();
@@ -145,7 +149,33 @@ fn answer(
     (response, on_close)
 }
 
+/// Reloads the config; logs the outcome either way.
+fn reload(daemon: &Shared, by: &str) -> Response {
+    let result = daemon.borrow_mut().reload();
+    match result {
+        Ok(()) => {
+            let rules = daemon.borrow().ruleset().rule_count();
+            info!(target: AUDIT, event = "reload", by, rules, "config reloaded");
+            Response::Reloaded { rules }
+        }
+        Err(e) => {
+            let message = format!("{e:#}");
+            tracing::warn!(target: AUDIT, event = "reload-refused", by, error = %message,
+                "config not reloaded; the previous one stays in force");
+            let code = if matches!(e, super::ReloadError::Firewall(_)) {
+                "failed"
+            } else {
+                "bad_request"
+            };
+            Response::error(code, message)
+        }
+    }
+}
+
 fn respond(daemon: &Shared, request: Request, peer: admin::Peer) -> Response {
+    if request == Request::Reload {
+        return reload(daemon, &format!("uid {}", peer.uid));
+    }
     let mut d = daemon.borrow_mut();
     let table = d.ruleset().table.clone();
     let server_id = d.loaded().server_id.as_str().to_owned();
