@@ -226,3 +226,23 @@ fn readiness_is_signalled_only_after_the_baseline_is_in_the_kernel() {
     let listed = lab.nft(&["list", "table", "inet", "knockgate"]);
     assert!(listed.contains("chain input"), "{listed}");
 }
+
+#[test]
+fn log_format_json_gives_one_object_per_decision() {
+    if !lab_available("log_format_json_gives_one_object_per_decision") {
+        return;
+    }
+    let lab = Lab::new();
+    let config = lab.write_file("k.toml", DNS);
+    let json = std::path::Path::new("json");
+    let daemon = lab.start_daemon_with_env(&config, &[("KNOCKGATED_LOG_FORMAT", json)]);
+    let log = daemon.log_text();
+    let applied = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["event"] == "apply")
+        .unwrap_or_else(|| panic!("no JSON apply line in: {log}"));
+    assert_eq!(applied["target"], "knockgate::audit");
+    assert_eq!(applied["table"], "knockgate");
+    assert!(applied["rules"].as_u64().unwrap() > 10);
+}

@@ -17,11 +17,19 @@ struct Args {
     /// Validate the config and print the ruleset it would apply; change nothing.
     #[arg(long)]
     check: bool,
+    /// Log lines as text or as JSON objects (for log shippers).
+    #[arg(
+        long,
+        value_enum,
+        default_value = "text",
+        env = "KNOCKGATED_LOG_FORMAT"
+    )]
+    log_format: knockgate::logging::LogFormat,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    knockgate::logging::init();
+    knockgate::logging::init(args.log_format);
     match run(&args) {
         Ok(code) => code,
         Err(err) => knockgate::exit::report("knockgated", &err),
