@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::admin::client::{AdminError, call};
+use crate::admin::client::{AdminError, call, connect};
 use crate::admin::{Request, Response};
 use crate::cgroup::{WindowCgroup, cgroup2_root, own_cgroup_path};
 use crate::grants::WindowScope;
@@ -206,18 +206,7 @@ fn open(
         command: command.to_owned(),
         to: to.to_vec(),
     };
-    let stream = UnixStream::connect(socket).map_err(|source| {
-        if source.kind() == std::io::ErrorKind::PermissionDenied {
-            AdminError::Forbidden {
-                path: socket.to_owned(),
-            }
-        } else {
-            AdminError::Connect {
-                path: socket.to_owned(),
-                source,
-            }
-        }
-    })?;
+    let stream = connect(socket)?;
     let mut line = serde_json::to_string(&request)?;
     line.push('\n');
     (&stream)

@@ -138,15 +138,7 @@ impl GrantBook {
 
     /// Removes and returns the grants whose time is over.
     pub fn expire(&mut self, now: u64) -> Vec<GrantRecord> {
-        let gone: Vec<String> = self
-            .records
-            .values()
-            .filter(|r| r.expires_at <= now)
-            .map(|r| r.id.clone())
-            .collect();
-        gone.iter()
-            .filter_map(|id| self.records.remove(id))
-            .collect()
+        drain_expired(&mut self.records, now, |r| r.expires_at)
     }
 
     /// Makes the `service` records agree with what the kernel's set holds: records
@@ -231,15 +223,7 @@ impl GrantBook {
 
     /// Removes and returns the windows whose time is over.
     pub fn expire_windows(&mut self, now: u64) -> Vec<WindowRecord> {
-        let gone: Vec<String> = self
-            .windows
-            .values()
-            .filter(|w| w.expires_at <= now)
-            .map(|w| w.id.clone())
-            .collect();
-        gone.iter()
-            .filter_map(|id| self.windows.remove(id))
-            .collect()
+        drain_expired(&mut self.windows, now, |w| w.expires_at)
     }
 
     /// Every egress window, by id.
@@ -296,6 +280,20 @@ impl GrantBook {
         let text = serde_json::to_vec_pretty(&saved).unwrap_or_default();
         write_atomically(&path.with_extension("tmp"), path, &text)
     }
+}
+
+/// Removes and returns the entries of `map` whose `expires_at` is not after `now`.
+fn drain_expired<T>(
+    map: &mut BTreeMap<String, T>,
+    now: u64,
+    expires_at: impl Fn(&T) -> u64,
+) -> Vec<T> {
+    let gone: Vec<String> = map
+        .iter()
+        .filter(|(_, v)| expires_at(v) <= now)
+        .map(|(id, _)| id.clone())
+        .collect();
+    gone.iter().filter_map(|id| map.remove(id)).collect()
 }
 
 /// A fresh random grant id: 8 hex digits.

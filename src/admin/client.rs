@@ -47,9 +47,9 @@ pub enum AdminError {
     Protocol(String),
 }
 
-/// Sends `request` to the daemon at `socket` and returns its answer.
-pub fn call(socket: &Path, request: &Request) -> Result<Response, AdminError> {
-    let stream = UnixStream::connect(socket).map_err(|source| {
+/// Connects to the daemon at `socket`, telling "not allowed" from "not running".
+pub fn connect(socket: &Path) -> Result<UnixStream, AdminError> {
+    UnixStream::connect(socket).map_err(|source| {
         if source.kind() == std::io::ErrorKind::PermissionDenied {
             AdminError::Forbidden {
                 path: socket.to_owned(),
@@ -60,7 +60,12 @@ pub fn call(socket: &Path, request: &Request) -> Result<Response, AdminError> {
                 source,
             }
         }
-    })?;
+    })
+}
+
+/// Sends `request` to the daemon at `socket` and returns its answer.
+pub fn call(socket: &Path, request: &Request) -> Result<Response, AdminError> {
+    let stream = connect(socket)?;
     let io = |source| AdminError::Io {
         path: socket.to_owned(),
         source,
