@@ -1,6 +1,6 @@
 # knockgate — the two commands: `make demo` and `make test` (as root on Debian/Ubuntu).
 
-DEBS := libnftnl-dev libmnl-dev pkg-config nftables iproute2 iputils-ping procps python3 openssh-server openssh-client util-linux dnsmasq-base curl
+DEBS := libnftnl-dev libmnl-dev pkg-config nftables iproute2 iputils-ping procps python3 openssh-server openssh-client util-linux dnsmasq-base curl systemd
 
 .PHONY: deps build demo test lint
 deps: ## install the Debian packages the build, the lab and the demo need
