@@ -236,3 +236,69 @@ fn reload_applies_a_good_config_keeps_grants_and_refuses_a_bad_one() {
         "the refusal is logged"
     );
 }
+
+#[test]
+fn apply_with_confirm_rolls_back_unless_confirmed() {
+    if !lab_available("apply_with_confirm_rolls_back_unless_confirmed") {
+        return;
+    }
+    let lab = Lab::new();
+    let _web = lab.tcp_echo(Host::Server, "[::]:8080".parse().unwrap());
+    let (socket, config) = setup(&lab);
+    let daemon = lab.start_daemon(&config);
+    let four = v4();
+    let web = sa(four.server_from_client, 8080);
+    let trial_text =
+        std::fs::read_to_string(&config).unwrap() + "[inbound]\ntcp_ports = [80, 443, 8080]\n";
+    let trial = lab.write_file("trial.toml", &trial_text);
+    let trial_arg = trial.to_str().unwrap();
+
+    let out = admin(
+        &socket,
+        &["--config", trial_arg, "apply", "--confirm", "2s"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        lab.tcp_works_from(Host::Client, four.client, web),
+        "the trial config is in force"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(3500));
+    assert!(
+        !lab.tcp_works_from(Host::Client, four.client, web),
+        "rolled back without a confirm"
+    );
+    assert!(
+        daemon.log_text().contains("event=\"rollback\""),
+        "the rollback is logged"
+    );
+
+    let out = admin(
+        &socket,
+        &["--config", trial_arg, "apply", "--confirm", "60s"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let out = admin(&socket, &["confirm"]);
+    assert!(
+        out.status.success() && text(&out).contains("confirmed"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&config).unwrap(),
+        trial_text,
+        "saved over the daemon's config"
+    );
+    assert_eq!(daemon.terminate(), 0);
+    let _again = lab.start_daemon(&config);
+    assert!(
+        lab.tcp_works_from(Host::Client, four.client, web),
+        "confirmed config survives a restart"
+    );
+    let out = admin(&socket, &["confirm"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out).contains("no config is waiting"),
+        "{}",
+        text(&out)
+    );
+}

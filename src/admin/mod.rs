@@ -45,6 +45,16 @@ pub enum Request {
     },
     /// Re-read the config and apply it, keeping grants and windows.
     Reload,
+    /// Put the config at `config` in force until confirmed; roll back after
+    /// `confirm_secs` otherwise.
+    Apply {
+        /// The config file to try (absolute path, read by the daemon).
+        config: std::path::PathBuf,
+        /// Seconds before the rollback.
+        confirm_secs: u64,
+    },
+    /// Keep the config on trial (it is saved over the daemon's config file).
+    Confirm,
     /// Close grant or window `id` now.
     Revoke {
         /// The grant's id.
@@ -83,6 +93,16 @@ pub enum Response {
         window: WindowRecord,
         /// Whether the requested length was cut to `egress.max_ttl`.
         capped: bool,
+    },
+    /// A config is on trial until `deadline` (Unix seconds).
+    Applied {
+        /// When it is rolled back unless confirmed.
+        deadline: u64,
+    },
+    /// The config on trial was kept and saved to `path`.
+    Confirmed {
+        /// The daemon's config file, now holding it.
+        path: std::path::PathBuf,
     },
     /// The config was re-read and the new baseline is in force.
     Reloaded {

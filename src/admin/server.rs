@@ -146,8 +146,10 @@ pub fn dispatch<F: Firewall>(
     let who = format!("uid {}", peer.uid);
     match request {
         Request::Status => status(core),
-        // The daemon handles reloads before it gets here.
-        Request::Reload => Response::error("bad_request", "reload is not a core request"),
+        // The daemon handles these before it gets here.
+        Request::Reload | Request::Apply { .. } | Request::Confirm => {
+            Response::error("bad_request", "not a core request")
+        }
         Request::Grants => Response::Grants {
             grants: core.grants(now),
             windows: core.windows(now),

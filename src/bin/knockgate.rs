@@ -42,6 +42,14 @@ enum Command {
     },
     /// Re-read the config and apply it, keeping grants and windows (exit 2 if it is bad).
     Reload,
+    /// Apply --config in memory; roll back unless `knockgate confirm` comes within --confirm.
+    Apply {
+        /// Time to confirm, like 2m.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        confirm: Duration,
+    },
+    /// Keep the config applied with `apply --confirm` (saved over the daemon's config file).
+    Confirm,
     /// Close a grant now.
     Revoke {
         /// The grant's id (see `knockgate grants`).
@@ -97,6 +105,16 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
         },
         Command::Revoke { id } => Request::Revoke { id: id.clone() },
         Command::Reload => Request::Reload,
+        Command::Apply { confirm } => Request::Apply {
+            config: std::fs::canonicalize(&args.config).map_err(|source| {
+                config::ConfigError::ReadFile {
+                    path: args.config.clone(),
+                    source,
+                }
+            })?,
+            confirm_secs: confirm.as_secs(),
+        },
+        Command::Confirm => Request::Confirm,
         Command::Keygen { id, dir, address } => {
             return keygen(&args.config, id, dir, address.as_deref());
         }
@@ -152,6 +170,11 @@ fn show(response: &Response, json: bool) -> ExitCode {
             );
         }
         Response::Reloaded { rules } => println!("reloaded: {rules} rules in force"),
+        Response::Applied { deadline } => println!(
+            "applied; rolled back {} unless you run `knockgate confirm`",
+            when(*deadline)
+        ),
+        Response::Confirmed { path } => println!("confirmed; saved to {}", path.display()),
         Response::WindowClosed { window } => {
             println!("closed egress window {} ({})", window.id, window.scope);
         }

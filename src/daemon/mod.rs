@@ -7,6 +7,7 @@
 pub mod core;
 mod listener;
 mod run;
+mod trial;
 
 pub use run::run;
 
@@ -49,6 +50,11 @@ pub enum ReloadError {
     /// The kernel refused the new baseline.
     #[error("the kernel refused the new baseline")]
     Firewall(#[from] FirewallError),
+    /// An `apply --confirm` waits for its confirmation or rollback.
+    #[error(
+        "a config applied with --confirm is waiting: run `knockgate confirm`, or wait for its rollback"
+    )]
+    TrialPending,
     /// A key that only a restart can change.
     #[error("`{0}` cannot change on reload; restart knockgated")]
     NeedsRestart(&'static str),
@@ -71,6 +77,8 @@ pub struct Daemon<F: Firewall> {
     core: Core<F>,
     loaded: Loaded,
     ruleset: Ruleset,
+    /// A config applied with `apply --confirm` and not yet confirmed.
+    trial: Option<trial::Trial>,
 }
 
 impl<F: Firewall> Daemon<F> {
@@ -128,6 +136,7 @@ impl<F: Firewall> Daemon<F> {
             core,
             loaded,
             ruleset,
+            trial: None,
         })
     }
 
@@ -136,8 +145,17 @@ impl<F: Firewall> Daemon<F> {
     /// config and ruleset stay in force. The table name and the state directory
     /// cannot change without a restart.
     pub fn reload(&mut self) -> Result<(), ReloadError> {
+        if self.trial.is_some() {
+            return Err(ReloadError::TrialPending);
+        }
         let loaded = crate::config::load(&self.loaded.path)?;
         let keys = crate::config::load_keys(&loaded)?;
+        self.switch_to(loaded, keys)
+    }
+
+    /// Applies `loaded` (and `keys`) in place of the config in force, carrying live
+    /// state; on any error nothing changes.
+    fn switch_to(&mut self, loaded: Loaded, keys: KeyRing) -> Result<(), ReloadError> {
         if loaded.config.table != self.loaded.config.table {
             return Err(ReloadError::NeedsRestart("table"));
         }

@@ -71,6 +71,7 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
     }
     let watchdog = sd_notify::watchdog_enabled().map(|period| period / 2);
     let mut log = KnockLog::new();
+    let wake = Rc::new(tokio::sync::Notify::new());
     let mut buf = [0u8; RECV_LEN];
     let signal = loop {
         let next_expiry = daemon
@@ -83,6 +84,10 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
         } else {
             IDLE_EXPIRY_CHECK
         };
+        let trial = daemon
+            .borrow()
+            .trial_deadline()
+            .map(|at| Duration::from_secs(at.saturating_sub(unix_now())));
         tokio::select! {
             received = socket.recv_from(&mut buf) => {
                 let Ok((len, from)) = received else { continue };
@@ -92,12 +97,19 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
             }
             accepted = admin_socket.accept() => {
                 if let Ok((stream, _)) = accepted {
-                    let (daemon, group) = (Rc::clone(&daemon), group.clone());
+                    let (daemon, group, wake) = (Rc::clone(&daemon), group.clone(), Rc::clone(&wake));
                     tokio::task::spawn_local(async move {
-                        admin::serve(stream, &group, |request, peer| answer(&daemon, request, peer)).await;
+                        admin::serve(stream, &group, |request, peer| {
+                            let answer = answer(&daemon, request, peer);
+                            // New grants, windows or a trial: the timers above must be recomputed.
+                            wake.notify_one();
+                            answer
+                        })
+                        .await;
                     });
                 }
             }
+            () = wake.notified() => {}
             () = tokio::time::sleep(next_expiry) => {
                 for record in daemon.borrow_mut().core().expire(unix_now()) {
                     info!(target: AUDIT, event = "expire", id = %record.id, service = %record.service,
@@ -105,6 +117,9 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
                 }
             }
             () = tokio::time::sleep(summary) => log.summarise(),
+            () = tokio::time::sleep(trial.unwrap_or(IDLE_EXPIRY_CHECK)), if trial.is_some() => {
+                daemon.borrow_mut().rollback_if_due(unix_now());
+            }
             () = tokio::time::sleep(watchdog.unwrap_or(IDLE_EXPIRY_CHECK)), if watchdog.is_some() => {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
             }
@@ -149,6 +164,23 @@ fn answer(
     (response, on_close)
 }
 
+/// Puts `config` on trial for `confirm_secs`.
+fn apply(daemon: &Shared, config: &std::path::Path, confirm_secs: u64) -> Response {
+    let confirm = Duration::from_secs(confirm_secs);
+    let result = daemon.borrow_mut().apply_trial(config, confirm, unix_now());
+    match result {
+        Ok(deadline) => Response::Applied { deadline },
+        Err(e) => {
+            let code = if matches!(e, super::ReloadError::Firewall(_)) {
+                "failed"
+            } else {
+                "bad_request"
+            };
+            Response::error(code, format!("{e:#}"))
+        }
+    }
+}
+
 /// Reloads the config; logs the outcome either way.
 fn reload(daemon: &Shared, by: &str) -> Response {
     let result = daemon.borrow_mut().reload();
@@ -173,8 +205,19 @@ fn reload(daemon: &Shared, by: &str) -> Response {
 }
 
 fn respond(daemon: &Shared, request: Request, peer: admin::Peer) -> Response {
-    if request == Request::Reload {
-        return reload(daemon, &format!("uid {}", peer.uid));
+    match request {
+        Request::Reload => return reload(daemon, &format!("uid {}", peer.uid)),
+        Request::Apply {
+            config,
+            confirm_secs,
+        } => return apply(daemon, &config, confirm_secs),
+        Request::Confirm => {
+            return match daemon.borrow_mut().confirm() {
+                Ok(path) => Response::Confirmed { path },
+                Err(e) => Response::error("not_found", format!("{e:#}")),
+            };
+        }
+        _ => {}
     }
     let mut d = daemon.borrow_mut();
     let table = d.ruleset().table.clone();

@@ -1,0 +1,118 @@
+//! The lockout guard: `knockgate apply --confirm 2m` puts a new config in force
+//! in memory only, and rolls back to the previous one unless `knockgate confirm`
+//! comes in time — like `iptables-apply` or commit-confirmed on routers.
+//!
+//! Only a confirm writes the new config over the daemon's config file; so a
+//! daemon restart during the trial also comes back on the old config.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use super::{Daemon, ReloadError};
+use crate::config::Loaded;
+use crate::firewall::Firewall;
+use crate::logging::AUDIT;
+use crate::state::{StateError, write_atomically};
+
+/// A config on trial.
+#[derive(Debug)]
+pub(super) struct Trial {
+    /// Unix second of the rollback.
+    deadline: u64,
+    /// The config to return to.
+    previous: Loaded,
+    /// The file the trial config came from.
+    applied_from: PathBuf,
+}
+
+/// Why a confirm did nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfirmError {
+    /// Nothing is on trial.
+    #[error("no config is waiting for confirmation")]
+    NothingPending,
+    /// The confirmed config could not be read again or saved.
+    #[error("cannot save the confirmed config")]
+    Save(#[source] StateError),
+}
+
+impl<F: Firewall> Daemon<F> {
+    /// Puts the config at `path` in force until `now + confirm`; returns that deadline.
+    pub fn apply_trial(
+        &mut self,
+        path: &Path,
+        confirm: Duration,
+        now: u64,
+    ) -> Result<u64, ReloadError> {
+        if self.trial.is_some() {
+            return Err(ReloadError::TrialPending);
+        }
+        let loaded = crate::config::load(path)?;
+        let keys = crate::config::load_keys(&loaded)?;
+        let previous = self.loaded.clone();
+        self.switch_to(loaded, keys)?;
+        let deadline = now.saturating_add(confirm.as_secs().max(1));
+        self.trial = Some(Trial {
+            deadline,
+            previous,
+            applied_from: path.to_owned(),
+        });
+        info!(target: AUDIT, event = "apply-trial", config = %path.display(), deadline,
+            "new config in force until confirmed, else rolled back");
+        Ok(deadline)
+    }
+
+    /// Keeps the config on trial: writes it over the daemon's config file.
+    pub fn confirm(&mut self) -> Result<PathBuf, ConfirmError> {
+        let trial = self.trial.take().ok_or(ConfirmError::NothingPending)?;
+        let target = trial.previous.path.clone();
+        let text = std::fs::read(&trial.applied_from).map_err(|source| {
+            ConfirmError::Save(StateError::File {
+                path: trial.applied_from.clone(),
+                source,
+            })
+        });
+        let saved = text.and_then(|text| {
+            if trial.applied_from == target {
+                return Ok(());
+            }
+            write_atomically(&target.with_extension("toml.tmp"), &target, &text)
+                .map_err(ConfirmError::Save)
+        });
+        if let Err(e) = saved {
+            // Still on trial: the rollback stays armed.
+            self.trial = Some(trial);
+            return Err(e);
+        }
+        self.loaded.path.clone_from(&target);
+        info!(target: AUDIT, event = "confirm", config = %target.display(), "new config confirmed and saved");
+        Ok(target)
+    }
+
+    /// Unix second of the pending rollback, if a config is on trial.
+    #[must_use]
+    pub fn trial_deadline(&self) -> Option<u64> {
+        self.trial.as_ref().map(|t| t.deadline)
+    }
+
+    /// Rolls back to the previous config if the trial's time is up.
+    pub fn rollback_if_due(&mut self, now: u64) {
+        if self.trial.as_ref().is_none_or(|t| t.deadline > now) {
+            return;
+        }
+        let Some(trial) = self.trial.take() else {
+            return;
+        };
+        let result = crate::config::load_keys(&trial.previous)
+            .map_err(ReloadError::from)
+            .and_then(|keys| self.switch_to(trial.previous, keys));
+        match result {
+            Ok(()) => warn!(target: AUDIT, event = "rollback",
+                "no confirmation in time: previous config restored"),
+            Err(e) => warn!(target: AUDIT, event = "rollback-failed", error = %format!("{e:#}"),
+                "could not restore the previous config; the trial config stays in force"),
+        }
+    }
+}
