@@ -19,6 +19,7 @@
 
 pub mod admin;
 pub mod cgroup;
+pub mod cli;
 pub mod client;
 pub mod config;
 #[cfg(feature = "daemon")]

@@ -1,74 +1,17 @@
 //! knock: send one authenticated knock from a laptop; optionally wait for the port
 //! to open, or relay for ssh (`ProxyCommand knock proxy %h %p`).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Args as ClapArgs, Parser, Subcommand};
+use clap::Parser;
 use knockgate::client::config::{self as client_config, HostEntry};
 use knockgate::client::{self, Target};
 use knockgate::keyfile;
 use knockgate::knock::KeyId;
 use knockgate::knock::auth::ServerId;
 
-/// Send one authenticated knock (nothing ever answers it).
-#[derive(Parser)]
-#[command(version, args_conflicts_with_subcommands = true)]
-struct Args {
-    #[command(subcommand)]
-    command: Option<Command>,
-    /// A host named in the config file.
-    host: Option<String>,
-    #[command(flatten)]
-    knock: KnockArgs,
-}
-
-#[derive(ClapArgs)]
-struct KnockArgs {
-    /// Client config file [default: ~/.config/knock/config.toml].
-    #[arg(long, global = true)]
-    config: Option<PathBuf>,
-    /// Server to knock without a config entry: ADDR or ADDR:PORT ([v6]:PORT).
-    #[arg(long, requires_all = ["key_id", "key_file"])]
-    server: Option<String>,
-    /// Key id (with --server).
-    #[arg(long)]
-    key_id: Option<String>,
-    /// Key file (with --server).
-    #[arg(long)]
-    key_file: Option<PathBuf>,
-    /// The server's id (its knock.server_id) [default: the server name as given].
-    #[arg(long, global = true)]
-    server_id: Option<String>,
-    /// Grant length to ask for, like 30m [default: the server's].
-    #[arg(long, global = true, value_parser = humantime::parse_duration)]
-    ttl: Option<Duration>,
-    /// Address the grant is for: `packet` (where the knock comes from) or an IP (NAT).
-    #[arg(long, global = true)]
-    source: Option<String>,
-    /// After knocking, poll the opened port until it answers.
-    #[arg(long)]
-    wait: bool,
-    /// Port to poll with --wait [default: the host's ssh_port, or 22].
-    #[arg(long, global = true)]
-    wait_port: Option<u16>,
-    /// Longest wait for the port to open.
-    #[arg(long, global = true, default_value = "10s", value_parser = humantime::parse_duration)]
-    timeout: Duration,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Knock, wait for PORT to open, then relay stdin/stdout to it (for ssh's ProxyCommand).
-    Proxy {
-        /// Host as ssh names it (%h): a config entry, or the server itself with --key-id/--key-file.
-        host: String,
-        /// Port as ssh names it (%p).
-        port: u16,
-    },
-}
+use knockgate::cli::knock::{Args, Command, KnockArgs};
 
 fn main() -> ExitCode {
     let args = Args::parse();

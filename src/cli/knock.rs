@@ -1,0 +1,63 @@
+//! The `knock` command line (the laptop side).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args as ClapArgs, Parser, Subcommand};
+
+/// Send one authenticated knock (nothing ever answers it).
+#[derive(Parser)]
+#[command(name = "knock", version, args_conflicts_with_subcommands = true)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// A host named in the config file.
+    pub host: Option<String>,
+    #[command(flatten)]
+    pub knock: KnockArgs,
+}
+
+#[derive(ClapArgs)]
+pub struct KnockArgs {
+    /// Client config file [default: ~/.config/knock/config.toml].
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    /// Server to knock without a config entry: ADDR or ADDR:PORT ([v6]:PORT).
+    #[arg(long, requires_all = ["key_id", "key_file"])]
+    pub server: Option<String>,
+    /// Key id (with --server).
+    #[arg(long)]
+    pub key_id: Option<String>,
+    /// Key file (with --server).
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+    /// The server's id (its knock.server_id) [default: the server name as given].
+    #[arg(long, global = true)]
+    pub server_id: Option<String>,
+    /// Grant length to ask for, like 30m [default: the server's].
+    #[arg(long, global = true, value_parser = humantime::parse_duration)]
+    pub ttl: Option<Duration>,
+    /// Address the grant is for: `packet` (where the knock comes from) or an IP (NAT).
+    #[arg(long, global = true)]
+    pub source: Option<String>,
+    /// After knocking, poll the opened port until it answers.
+    #[arg(long)]
+    pub wait: bool,
+    /// Port to poll with --wait [default: the host's ssh_port, or 22].
+    #[arg(long, global = true)]
+    pub wait_port: Option<u16>,
+    /// Longest wait for the port to open.
+    #[arg(long, global = true, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Knock, wait for PORT to open, then relay stdin/stdout to it (for ssh's ProxyCommand).
+    Proxy {
+        /// Host as ssh names it (%h): a config entry, or the server itself with --key-id/--key-file.
+        host: String,
+        /// Port as ssh names it (%p).
+        port: u16,
+    },
+}

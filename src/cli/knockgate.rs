@@ -1,0 +1,83 @@
+//! The `knockgate` command line (the local admin).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::admin::client::DEFAULT_SOCKET;
+use crate::config;
+
+/// knockgate admin CLI.
+#[derive(Parser)]
+#[command(name = "knockgate", version)]
+pub struct Args {
+    /// Config file (ruleset, check, keygen).
+    #[arg(long, global = true, default_value = config::DEFAULT_PATH)]
+    pub config: PathBuf,
+    /// The daemon's admin socket.
+    #[arg(long, global = true, default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// The daemon's state in brief.
+    Status,
+    /// List the open grants.
+    Grants {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Open a service for one source address.
+    Open {
+        #[command(subcommand)]
+        service: OpenService,
+    },
+    /// Re-read the config and apply it, keeping grants and windows (exit 2 if it is bad).
+    Reload,
+    /// Apply --config in memory; roll back unless `knockgate confirm` comes within --confirm.
+    Apply {
+        /// Time to confirm, like 2m.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        confirm: Duration,
+    },
+    /// Keep the config applied with `apply --confirm` (saved over the daemon's config file).
+    Confirm,
+    /// Close a grant now.
+    Revoke {
+        /// The grant's id (see `knockgate grants`).
+        id: String,
+    },
+    /// Create a knock key: writes DIR/ID.key (mode 0600) and prints the config to add.
+    Keygen {
+        /// Key id, like alice-laptop.
+        id: String,
+        /// Where to write the key file.
+        #[arg(long, default_value = "/etc/knockgate/keys")]
+        dir: PathBuf,
+        /// The name or address laptops reach this server by.
+        #[arg(long)]
+        address: Option<String>,
+    },
+    /// Print the nft ruleset the config produces (changes nothing).
+    Ruleset,
+    /// Validate the config and its key files; exit 2 naming the file and key at fault.
+    Check,
+}
+
+#[derive(Subcommand)]
+pub enum OpenService {
+    /// Open SSH for one address.
+    Ssh {
+        /// The source address.
+        #[arg(long)]
+        from: std::net::IpAddr,
+        /// How long, like 30m [default: the server's default; capped at its maximum].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+}
