@@ -2,7 +2,7 @@
 
 DEBS := libnftnl-dev libmnl-dev pkg-config nftables iproute2 iputils-ping procps python3 openssh-server openssh-client util-linux dnsmasq-base curl systemd
 
-.PHONY: deps build demo test lint
+.PHONY: deps build demo test lint package
 deps: ## install the Debian packages the build, the lab and the demo need
 	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
@@ -19,6 +19,9 @@ demo: build ## the baseline at work in throwaway network namespaces
 
 test: deps ## the whole suite: unit, CLI and lab (the lab needs root)
 	cargo test --locked
+
+package: deps ## a Debian package in target/debian (installs cargo-deb if missing)
+	bash .ci/package-check
 
 lint:
 	cargo fmt --all -- --check
