@@ -53,7 +53,8 @@ impl<F: Firewall> Daemon<F> {
         let keys = crate::config::load_keys(&loaded)?;
         let previous = self.loaded.clone();
         self.switch_to(loaded, keys)?;
-        let deadline = now.saturating_add(confirm.as_secs().max(1));
+        // Whole seconds: round up, so the rollback never comes before the time given.
+        let deadline = now.saturating_add(confirm.as_secs().max(1)).saturating_add(1);
         self.trial = Some(Trial {
             deadline,
             previous,
