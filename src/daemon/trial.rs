@@ -54,7 +54,9 @@ impl<F: Firewall> Daemon<F> {
         let previous = self.loaded.clone();
         self.switch_to(loaded, keys)?;
         // Whole seconds: round up, so the rollback never comes before the time given.
-        let deadline = now.saturating_add(confirm.as_secs().max(1)).saturating_add(1);
+        let deadline = now
+            .saturating_add(confirm.as_secs().max(1))
+            .saturating_add(1);
         self.trial = Some(Trial {
             deadline,
             previous,
