@@ -318,6 +318,18 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// Books an SSH grant for `addr` at `now` for `ttl` seconds.
+    fn ssh(
+        book: &mut GrantBook,
+        addr: &str,
+        who: &str,
+        now: u64,
+        ttl: u64,
+        id: &mut impl FnMut() -> String,
+    ) -> (GrantRecord, Granted) {
+        book.grant("ssh", ip(addr), who, now, Duration::from_secs(ttl), id)
+    }
+
     fn ids() -> impl FnMut() -> String {
         let mut n = 0;
         move || {
@@ -330,23 +342,9 @@ mod tests {
     fn a_second_grant_for_the_same_address_extends_the_first() {
         let mut book = GrantBook::default();
         let mut id = ids();
-        let (first, kind) = book.grant(
-            "ssh",
-            ip("192.0.2.1"),
-            "key a",
-            100,
-            Duration::from_secs(60),
-            &mut id,
-        );
+        let (first, kind) = ssh(&mut book, "192.0.2.1", "key a", 100, 60, &mut id);
         assert_eq!(kind, Granted::New);
-        let (second, kind) = book.grant(
-            "ssh",
-            ip("192.0.2.1"),
-            "key b",
-            130,
-            Duration::from_secs(60),
-            &mut id,
-        );
+        let (second, kind) = ssh(&mut book, "192.0.2.1", "key b", 130, 60, &mut id);
         assert_eq!(kind, Granted::Extended);
         assert_eq!(second.id, first.id);
         assert_eq!(second.expires_at, 190);
@@ -357,22 +355,8 @@ mod tests {
     fn expiry_and_revoke_remove_records() {
         let mut book = GrantBook::default();
         let mut id = ids();
-        book.grant(
-            "ssh",
-            ip("192.0.2.1"),
-            "key a",
-            100,
-            Duration::from_secs(10),
-            &mut id,
-        );
-        let (b, _) = book.grant(
-            "ssh",
-            ip("2001:db8::1"),
-            "uid 0",
-            100,
-            Duration::from_secs(100),
-            &mut id,
-        );
+        ssh(&mut book, "192.0.2.1", "key a", 100, 10, &mut id);
+        let (b, _) = ssh(&mut book, "2001:db8::1", "uid 0", 100, 100, &mut id);
         let gone = book.expire(110);
         assert_eq!(gone.len(), 1);
         assert_eq!(
@@ -386,22 +370,8 @@ mod tests {
     fn reconcile_follows_the_kernel() {
         let mut book = GrantBook::default();
         let mut id = ids();
-        book.grant(
-            "ssh",
-            ip("192.0.2.1"),
-            "key a",
-            100,
-            Duration::from_secs(60),
-            &mut id,
-        );
-        book.grant(
-            "ssh",
-            ip("192.0.2.2"),
-            "key a",
-            100,
-            Duration::from_secs(60),
-            &mut id,
-        );
+        ssh(&mut book, "192.0.2.1", "key a", 100, 60, &mut id);
+        ssh(&mut book, "192.0.2.2", "key a", 100, 60, &mut id);
         let kernel = [
             Element {
                 key: ip("192.0.2.1").into(),

@@ -27,18 +27,25 @@ fn grant_set(addr: IpAddr) -> &'static str {
     }
 }
 
-#[test]
-fn grants_open_extend_list_and_close() {
-    if !lab_available("grants_open_extend_list_and_close") {
-        return;
-    }
+/// A lab whose server runs the default baseline (applied through the library, no
+/// daemon) and an echo service on port 22.
+fn lab_with_baseline() -> (Lab, support::EchoServer) {
     let lab = Lab::new();
-    let _ssh = lab.tcp_echo(Host::Server, "[::]:22".parse().unwrap());
+    let ssh = lab.tcp_echo(Host::Server, "[::]:22".parse().unwrap());
     let resolvers = ["10.77.2.53".parse().unwrap()];
     with_fw(&lab, |fw| {
         fw.replace(&baseline(&Config::default(), &resolvers))
     })
     .unwrap();
+    (lab, ssh)
+}
+
+#[test]
+fn grants_open_extend_list_and_close() {
+    if !lab_available("grants_open_extend_list_and_close") {
+        return;
+    }
+    let (lab, _ssh) = lab_with_baseline();
     for plan in [v6(), v4()] {
         let (client, ssh) = (plan.client, sa(plan.server_from_client, 22));
         let set = grant_set(client);
@@ -100,13 +107,7 @@ fn the_kernel_closes_a_grant_on_time() {
     if !lab_available("the_kernel_closes_a_grant_on_time") {
         return;
     }
-    let lab = Lab::new();
-    let _ssh = lab.tcp_echo(Host::Server, "[::]:22".parse().unwrap());
-    let resolvers = ["10.77.2.53".parse().unwrap()];
-    with_fw(&lab, |fw| {
-        fw.replace(&baseline(&Config::default(), &resolvers))
-    })
-    .unwrap();
+    let (lab, _ssh) = lab_with_baseline();
     let ttl = Duration::from_secs(2);
     let granted = Instant::now();
     for plan in [v4(), v6()] {
