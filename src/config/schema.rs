@@ -36,6 +36,19 @@ pub enum OnStop {
     Remove,
 }
 
+/// What the daemon does when someone else changes or deletes its table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum Tamper {
+    /// Lock the table so nobody else can change it (owner + persist flags, Linux ≥ 6.9);
+    /// where the kernel cannot, repair as below.
+    Lock,
+    /// Put the baseline and the booked grants back within a second, and log a warning.
+    Repair,
+    /// Only log a warning.
+    Warn,
+}
+
 /// The whole validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default)]
@@ -48,6 +61,8 @@ pub struct Config {
     pub forward: Forward,
     /// What happens to the table when the daemon stops.
     pub on_stop: OnStop,
+    /// What happens when someone else changes the table.
+    pub tamper: Tamper,
     /// Inbound services.
     pub inbound: Inbound,
     /// The knock port.
@@ -239,6 +254,7 @@ macro_rules! config_words {
 config_words!(Outbound { "locked" => Locked, "open" => Open });
 config_words!(Forward { "drop" => Drop, "leave" => Leave });
 config_words!(OnStop { "keep" => Keep, "remove" => Remove });
+config_words!(Tamper { "lock" => Lock, "repair" => Repair, "warn" => Warn });
 
 impl Default for Config {
     fn default() -> Self {
@@ -247,6 +263,7 @@ impl Default for Config {
             outbound: Outbound::Locked,
             forward: Forward::Drop,
             on_stop: OnStop::Keep,
+            tamper: Tamper::Lock,
             inbound: Inbound::default(),
             knock: Knock::default(),
             dns: Dns::default(),

@@ -31,6 +31,7 @@ fn empty_file_gives_the_hardened_web_server_defaults() {
     assert_eq!(c.outbound, Outbound::Locked);
     assert_eq!(c.forward, Forward::Drop);
     assert_eq!(c.on_stop, OnStop::Keep);
+    assert_eq!(c.tamper, Tamper::Lock);
     assert_eq!(
         loaded.resolvers,
         vec!["192.0.2.53".parse::<IpAddr>().unwrap()]
@@ -159,9 +160,11 @@ fn environment_overrides_a_key() {
             ("KNOCKGATE_INBOUND__SSH_PORT", "2222"),
             ("KNOCKGATE_INBOUND__TCP_PORTS", "443,8443"),
             ("KNOCKGATE_ON_STOP", "remove"),
+            ("KNOCKGATE_TAMPER", "repair"),
         ],
     )
     .unwrap();
+    assert_eq!(loaded.config.tamper, Tamper::Repair);
     assert_eq!(loaded.config.inbound.ssh_port, 2222);
     assert_eq!(loaded.config.inbound.tcp_ports, vec![443, 8443]);
     assert_eq!(loaded.config.on_stop, OnStop::Remove);

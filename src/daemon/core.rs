@@ -6,6 +6,7 @@
 //! Order for a knock (docs/PROTOCOL.md): authenticate (shape, key, MAC, clock) →
 //! replay guard → policy → persist the nonce (fsync) → kernel → book.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
@@ -24,7 +25,7 @@ use crate::ruleset::baseline::{
     EGRESS_CGROUPS, EGRESS_HOST, EGRESS_TO_V4, EGRESS_TO_V6, KNOCK_BAN_V4, KNOCK_BAN_V6,
     SSH_GRANTS_V4, SSH_GRANTS_V6,
 };
-use crate::ruleset::{ElementKey, IpFamily};
+use crate::ruleset::{Element, ElementKey, IpFamily};
 use crate::state::ReplayLog;
 
 /// Most live nonces remembered; beyond it knocks are refused until old ones expire.
@@ -439,6 +440,37 @@ impl<F: Firewall> Core<F> {
     /// The firewall, for the daemon's stop.
     pub fn firewall_mut(&mut self) -> &mut F {
         &mut self.firewall
+    }
+
+    /// What the grant and window sets should hold at `now` according to the book, by
+    /// set: each element with the time its longest booking has left. The book, not the
+    /// kernel, is the truth after someone else changed the table.
+    #[must_use]
+    pub fn booked_elements(&self, now: u64) -> HashMap<&'static str, Vec<Element>> {
+        let mut until: HashMap<(&'static str, ElementKey), u64> = HashMap::new();
+        let mut book = |set, key, expires_at: u64| {
+            if expires_at > now {
+                let at = until.entry((set, key)).or_insert(expires_at);
+                *at = (*at).max(expires_at);
+            }
+        };
+        for grant in self.book.iter() {
+            let addr = policy::canonical(grant.address);
+            book(grant_set(addr), ElementKey::Addr(addr), grant.expires_at);
+        }
+        for window in self.book.windows() {
+            for (set, key) in window_elements(window.scope, &window.to) {
+                book(set, key, window.expires_at);
+            }
+        }
+        let mut out: HashMap<&'static str, Vec<Element>> = HashMap::new();
+        for ((set, key), at) in until {
+            out.entry(set).or_default().push(Element {
+                key,
+                expires_in: Some(Duration::from_secs(at - now)),
+            });
+        }
+        out
     }
 
     fn save_book(&self) {

@@ -6,6 +6,7 @@
 
 pub mod core;
 mod listener;
+mod repair;
 mod run;
 mod trial;
 

@@ -7,14 +7,16 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tracing::info;
+use tokio::io::unix::AsyncFd;
+use tracing::{info, warn};
 
 use super::listener::{self, KnockLog};
 use super::{Daemon, source_of, unix_now};
 use crate::admin::server as admin;
 use crate::admin::{Request, Response};
-use crate::config::Loaded;
-use crate::firewall::nft::NftFirewall;
+use crate::config::{Loaded, Tamper};
+use crate::firewall::nft::events::Tampering;
+use crate::firewall::nft::{NftFirewall, TableLock, TamperWatch};
 use crate::logging::AUDIT;
 use crate::policy::KeyRing;
 
@@ -42,7 +44,8 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
     let port = loaded.config.knock.port;
     let admin_path = loaded.config.admin.socket.clone();
     let group = loaded.config.admin.group.clone();
-    let firewall = NftFirewall::open()?;
+    let tamper = loaded.config.tamper;
+    let (firewall, mut watch) = open_firewall(&loaded)?;
     let socket = listener::bind(port).with_context(|| format!("cannot bind udp port {port}"))?;
     let admin_socket = admin::bind(&admin_path, &group)
         .with_context(|| format!("cannot create the admin socket {}", admin_path.display()))?;
@@ -55,20 +58,7 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
         keys,
         unix_now(),
     )?));
-    {
-        let mut d = daemon.borrow_mut();
-        let keys = d.core().key_count();
-        info!(target: AUDIT, event = "listen", port, keys, admin_socket = %admin_path.display(),
-            server_id = %d.loaded().server_id.as_str(), "listening for knocks and admin requests");
-    }
-
-    // Ready only now: the baseline is in the kernel and both sockets listen.
-    if let Err(e) = sd_notify::notify(&[
-        sd_notify::NotifyState::Ready,
-        sd_notify::NotifyState::Status("baseline applied; listening"),
-    ]) {
-        tracing::warn!(error = %e, "cannot tell the service manager we are ready");
-    }
+    announce_ready(&mut daemon.borrow_mut(), &admin_path);
     let watchdog = sd_notify::watchdog_enabled().map(|period| period / 2);
     let mut log = KnockLog::new();
     let wake = Rc::new(tokio::sync::Notify::new());
@@ -110,6 +100,12 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
                 }
             }
             () = wake.notified() => {}
+            ready = watch.readable_mut() => {
+                let Ok(mut ready) = ready else { continue };
+                let seen = ready.get_inner_mut().take();
+                ready.clear_ready();
+                on_tamper(&daemon, tamper, seen);
+            }
             () = tokio::time::sleep(next_expiry) => {
                 for record in daemon.borrow_mut().core().expire(unix_now()) {
                     info!(target: AUDIT, event = "expire", id = %record.id, service = %record.service,
@@ -139,6 +135,81 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
         .shutdown()
         .context("cannot stop cleanly")?;
     Ok(())
+}
+
+/// The firewall (asked to lock the table when `tamper = "lock"`) and the watch on its
+/// table, opened before the first replace so that every later change is seen.
+fn open_firewall(loaded: &Loaded) -> anyhow::Result<(NftFirewall, AsyncFd<TamperWatch>)> {
+    let mut firewall = NftFirewall::open()?;
+    firewall.want_lock(loaded.config.tamper == Tamper::Lock);
+    let watch = TamperWatch::open(&firewall, &loaded.config.table)?
+        .register()
+        .context("cannot watch nftables notifications")?;
+    Ok((firewall, watch))
+}
+
+/// Logs what is in force and tells the service manager: ready only now, with the
+/// baseline in the kernel and both sockets listening.
+fn announce_ready(d: &mut Daemon<NftFirewall>, admin_path: &std::path::Path) {
+    let (port, tamper) = (d.loaded().config.knock.port, d.loaded().config.tamper);
+    let table = d.ruleset().table.clone();
+    let keys = d.core().key_count();
+    info!(target: AUDIT, event = "listen", port, keys, admin_socket = %admin_path.display(),
+        server_id = %d.loaded().server_id.as_str(), "listening for knocks and admin requests");
+    log_lock(tamper, d.core().firewall_mut().lock(), &table);
+    if let Err(e) = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status("baseline applied; listening"),
+    ]) {
+        warn!(error = %e, "cannot tell the service manager we are ready");
+    }
+}
+
+/// Logs whether the table is locked against other processes, and what that means.
+fn log_lock(tamper: Tamper, lock: TableLock, table: &str) {
+    match (tamper, lock) {
+        (Tamper::Lock, TableLock::Locked) => info!(target: AUDIT, event = "lock", table,
+            "table locked: only knockgated can change it; it stays when knockgated stops"),
+        (Tamper::Lock, _) => warn!(target: AUDIT, event = "lock", table,
+            "this kernel cannot lock the table (owner+persist need Linux 6.9); changes by others will be repaired"),
+        (Tamper::Repair, _) => info!(target: AUDIT, event = "lock", table,
+            "table not locked (tamper = repair); changes by others will be repaired"),
+        (Tamper::Warn, _) => info!(target: AUDIT, event = "lock", table,
+            "table not locked (tamper = warn); changes by others will only be logged"),
+    }
+}
+
+/// Acts on what the notification watch saw: a warning always; a repair unless
+/// `tamper = "warn"`.
+fn on_tamper(daemon: &Shared, tamper: Tamper, seen: std::io::Result<Tampering>) {
+    let seen = match seen {
+        Ok(seen) if seen.is_empty() => return,
+        Ok(seen) => seen,
+        Err(e) => {
+            // Cannot tell what happened: treat it as a change.
+            warn!(error = %e, "cannot read nftables notifications");
+            Tampering {
+                lost_events: true,
+                ..Tampering::default()
+            }
+        }
+    };
+    let (changes, by) = (seen.summary(), seen.by.join(", "));
+    if tamper == Tamper::Warn {
+        warn!(target: AUDIT, event = "tamper", changes = %changes, by = %by, action = "none",
+            "knockgate's table was changed by another process; left as it is (tamper = warn)");
+        return;
+    }
+    let started = std::time::Instant::now();
+    let result = daemon.borrow_mut().repair(unix_now());
+    match result {
+        Ok(restored) => warn!(target: AUDIT, event = "tamper", changes = %changes, by = %by,
+            action = "repaired", restored_elements = restored, repair_us = started.elapsed().as_micros(),
+            "knockgate's table was changed by another process; baseline and booked grants re-applied"),
+        Err(e) => tracing::error!(target: AUDIT, event = "tamper", changes = %changes, by = %by,
+            action = "repair-failed", error = %format!("{e:#}"),
+            "knockgate's table was changed by another process and could not be repaired"),
+    }
 }
 
 fn answer(

@@ -5,13 +5,16 @@
 //! one call, with a `// SAFETY:` comment). It never shells out to `nft`. The replace
 //! idiom is `add table; delete table; add table; …everything…` in one transaction, so
 //! the table is swapped whole whether or not it existed, and a refused message rolls
-//! the whole batch back. It uses nothing newer than Linux 6.1 (no DESTROY messages,
-//! no table owner/persist flags).
+//! the whole batch back. It needs nothing newer than Linux 6.1 (no DESTROY messages);
+//! where the kernel has them (≥ 6.9) it locks the table with the owner and persist
+//! flags, so no other process can change or flush it ([`table`]).
 #![allow(unsafe_code)]
 
 mod elements;
+pub mod events;
 mod expr;
 mod socket;
+mod table;
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -23,17 +26,33 @@ use nftnl::set::{Set, SetKey};
 use nftnl::{Batch, Chain, ChainType, FinalizedBatch, MsgType, ProtoFamily, Table};
 
 use self::elements::ElemMsg;
-use self::socket::{NetlinkSocket, TransactError};
+use self::events::{EventFilter, Tampering};
+use self::socket::{EventRead, NetlinkSocket, TransactError};
+use self::table::FlaggedTable;
 use super::{Firewall, FirewallError};
 use crate::ruleset::{
     ChainDef, Element, ElementKey, Hook, IpFamily, Policy, Ruleset, SetDef, SetKeyType, SetKind,
 };
 
-/// The kernel's nftables, through one long-lived netlink socket.
+/// Whether knockgate's table is locked against other processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableLock {
+    /// Not asked for: the table is an ordinary one.
+    Off,
+    /// Asked for; the last replace locked it (owner + persist).
+    Locked,
+    /// Asked for, but this kernel refused the flags (before 6.9): ordinary table.
+    Unsupported,
+}
+
+/// The kernel's nftables, through one long-lived netlink socket. When locking is on,
+/// this socket owns the table: every change must go through it.
 pub struct NftFirewall {
     socket: NetlinkSocket,
     /// Sequence number of the next dump request, so stale replies are told apart.
     dump_seq: u32,
+    lock: TableLock,
+    want_lock: bool,
 }
 
 impl NftFirewall {
@@ -43,7 +62,55 @@ impl NftFirewall {
         Ok(Self {
             socket,
             dump_seq: 1 << 24,
+            lock: TableLock::Off,
+            want_lock: false,
         })
+    }
+
+    /// Asks that the next replace lock the table (owner + persist flags) where the kernel
+    /// can; see [`NftFirewall::lock`] for the outcome.
+    pub fn want_lock(&mut self, want: bool) {
+        self.want_lock = want;
+    }
+
+    /// Whether the table in force is locked.
+    #[must_use]
+    pub fn lock(&self) -> TableLock {
+        self.lock
+    }
+
+    /// The netlink port id of this socket: notifications caused by it carry it.
+    pub fn port_id(&self) -> Result<u32, FirewallError> {
+        self.socket.port_id().map_err(FirewallError::OpenSocket)
+    }
+
+    /// The flags of inet table `table`, or `None` if there is no such table.
+    fn table_flags(&mut self, table: &str) -> Result<Option<u32>, FirewallError> {
+        self.dump_seq = self.dump_seq.wrapping_add(1);
+        let request = events::table_dump_request(self.dump_seq);
+        let messages = self
+            .socket
+            .dump(&request, self.dump_seq)
+            .map_err(|e| Self::map_error(table, None, e))?;
+        Ok(messages.iter().find_map(|words| {
+            let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+            events::table_flags(&bytes, table)
+        }))
+    }
+
+    fn replace_with_flags(
+        &mut self,
+        ruleset: &Ruleset,
+        now: Option<u32>,
+        wanted: u32,
+    ) -> Result<(), FirewallError> {
+        let batch = replace_batch(ruleset, now.unwrap_or(wanted), wanted).map_err(|detail| {
+            FirewallError::InvalidRuleset {
+                table: ruleset.table.clone(),
+                detail,
+            }
+        })?;
+        self.send(&ruleset.table, &batch)
     }
 
     fn map_error(table: &str, batch: Option<&LabelledBatch>, e: TransactError) -> FirewallError {
@@ -116,11 +183,25 @@ impl NftFirewall {
 
 impl Firewall for NftFirewall {
     fn replace(&mut self, ruleset: &Ruleset) -> Result<(), FirewallError> {
-        let batch = replace_batch(ruleset).map_err(|detail| FirewallError::InvalidRuleset {
-            table: ruleset.table.clone(),
-            detail,
-        })?;
-        self.send(&ruleset.table, &batch)
+        let now = self.table_flags(&ruleset.table)?;
+        if !self.want_lock || self.lock == TableLock::Unsupported {
+            return self.replace_with_flags(ruleset, now, 0);
+        }
+        match self.replace_with_flags(ruleset, now, table::OWNER | table::PERSIST) {
+            Ok(()) => {
+                self.lock = TableLock::Locked;
+                Ok(())
+            }
+            // A kernel before 6.9 does not know PERSIST; without it OWNER would fail
+            // open (the table dies with the daemon), so the table stays unlocked.
+            Err(FirewallError::Refused { source, .. })
+                if source.raw_os_error() == Some(libc::EOPNOTSUPP) =>
+            {
+                self.lock = TableLock::Unsupported;
+                self.replace_with_flags(ruleset, now, 0)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn remove(&mut self, table: &str) -> Result<(), FirewallError> {
@@ -129,14 +210,11 @@ impl Firewall for NftFirewall {
             detail,
         };
         let name = cstring(table).map_err(invalid)?;
-        let nft_table = Table::new(&name, ProtoFamily::Inet);
+        let Some(flags) = self.table_flags(table)? else {
+            return Ok(());
+        };
+        let nft_table = FlaggedTable::new(&name, flags);
         let mut builder = Builder::new();
-        // Adding first makes the delete succeed whether or not the table exists.
-        builder.add(
-            &nft_table,
-            MsgType::Add,
-            format!("table inet {table} (create)"),
-        );
         builder.add(
             &nft_table,
             MsgType::Del,
@@ -183,6 +261,56 @@ impl Firewall for NftFirewall {
             .iter()
             .flat_map(|m| elements::parse_dump_message(m))
             .collect())
+    }
+}
+
+/// Watches nf_tables notifications for changes to knockgate's table made by anyone but
+/// the daemon's own socket. Non-blocking: poll its descriptor, then [`TamperWatch::take`].
+pub struct TamperWatch {
+    fd: std::os::fd::OwnedFd,
+    filter: EventFilter,
+    buf: Vec<u8>,
+}
+
+impl TamperWatch {
+    /// Subscribes to notifications for `table`, trusting only `firewall`'s socket.
+    pub fn open(firewall: &NftFirewall, table: &str) -> Result<Self, FirewallError> {
+        let fd = socket::open_events().map_err(FirewallError::OpenSocket)?;
+        Ok(Self {
+            fd,
+            filter: EventFilter::new(table, firewall.port_id()?),
+            buf: vec![0u8; 256 * 1024],
+        })
+    }
+
+    /// Hands the watch to the async runtime, which wakes the caller when notifications
+    /// arrive.
+    pub fn register(self) -> std::io::Result<tokio::io::unix::AsyncFd<Self>> {
+        // SAFETY: `self.fd` is an open, non-blocking socket owned by `self`; it is neither
+        // closed nor replaced while the `AsyncFd` holds `self` (it is closed only when
+        // the `AsyncFd` drops `self`, after deregistering).
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(self, tokio::io::Interest::READABLE)
+        };
+        registered.map_err(std::io::Error::from)
+    }
+
+    /// Everything foreign seen since the last call (empty if nothing was).
+    pub fn take(&mut self) -> std::io::Result<Tampering> {
+        let mut out = Tampering::default();
+        loop {
+            match socket::read_event(&self.fd, &mut self.buf)? {
+                EventRead::Datagram(len) => self.filter.read(&self.buf[..len], &mut out),
+                EventRead::Overrun => out.lost_events = true,
+                EventRead::Empty => return Ok(out),
+            }
+        }
+    }
+}
+
+impl std::os::fd::AsRawFd for TamperWatch {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
     }
 }
 
@@ -242,15 +370,25 @@ fn cstring(text: &str) -> Result<CString, String> {
     CString::new(text).map_err(|_| format!("`{}` contains a NUL byte", text.escape_debug()))
 }
 
-/// The whole replace transaction for `ruleset`.
-fn replace_batch(ruleset: &Ruleset) -> Result<LabelledBatch, String> {
+/// The whole replace transaction for `ruleset`: the table is (re-)added with the flags
+/// it has now (`current`; a no-op if it exists, so the delete cannot fail), deleted, and
+/// built anew with `flags`.
+fn replace_batch(ruleset: &Ruleset, current: u32, flags: u32) -> Result<LabelledBatch, String> {
     let name = cstring(&ruleset.table)?;
     let table = Table::new(&name, ProtoFamily::Inet);
     let t = &ruleset.table;
     let mut builder = Builder::new();
-    builder.add(&table, MsgType::Add, format!("table inet {t} (create)"));
+    builder.add(
+        &FlaggedTable::new(&name, current),
+        MsgType::Add,
+        format!("table inet {t} (create; refused if another process owns it)"),
+    );
     builder.add(&table, MsgType::Del, format!("table inet {t} (delete)"));
-    builder.add(&table, MsgType::Add, format!("table inet {t}"));
+    builder.add(
+        &FlaggedTable::new(&name, flags),
+        MsgType::Add,
+        format!("table inet {t}"),
+    );
 
     let mut set_ids = HashMap::new();
     for (def, id) in ruleset.sets.iter().zip(1u32..) {

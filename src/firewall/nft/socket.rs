@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::sys::socket::{
-    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, sendmsg,
-    setsockopt, socket, sockopt,
+    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, getsockname,
+    recv, sendmsg, setsockopt, socket, sockopt,
 };
 use nix::sys::time::TimeVal;
 
@@ -66,6 +66,13 @@ impl NetlinkSocket {
         let timeout = TimeVal::new(i64::try_from(ACK_TIMEOUT.as_secs()).unwrap_or(5), 0);
         setsockopt(&fd, sockopt::ReceiveTimeout, &timeout)?;
         Ok(Self { fd })
+    }
+
+    /// The netlink port id the kernel gave this socket: the `nlmsg_pid` of the
+    /// notifications its own batches cause.
+    pub(super) fn port_id(&self) -> io::Result<u32> {
+        let addr: NetlinkAddr = getsockname(self.fd.as_raw_fd())?;
+        Ok(addr.pid())
     }
 
     /// Sends `pages` (one finalized batch) and waits for an ACK for every sequence
@@ -218,6 +225,45 @@ fn parse_acks(datagram: &[u8]) -> Result<Vec<Refusal>, String> {
 
 fn u32_at(bytes: &[u8], at: usize) -> u32 {
     u32::from_ne_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+}
+
+/// Bit of `NFNLGRP_NFTABLES` (group 7) in the legacy bind mask.
+const NFTABLES_GROUP_MASK: u32 = 1 << (7 - 1);
+
+/// A non-blocking `NETLINK_NETFILTER` socket subscribed to nf_tables notifications.
+pub(super) fn open_events() -> io::Result<OwnedFd> {
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        SockProtocol::NetlinkNetFilter,
+    )?;
+    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, NFTABLES_GROUP_MASK))?;
+    setsockopt(&fd, sockopt::RcvBufForce, &SOCKET_BUFFER)?;
+    Ok(fd)
+}
+
+/// What one non-blocking read of the event socket gave.
+pub(super) enum EventRead {
+    /// A datagram of this many bytes.
+    Datagram(usize),
+    /// Nothing more to read now.
+    Empty,
+    /// The kernel dropped notifications because the socket was full.
+    Overrun,
+}
+
+/// Reads one datagram from the event socket without blocking.
+pub(super) fn read_event(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<EventRead> {
+    loop {
+        return match recv(fd.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT) {
+            Ok(len) => Ok(EventRead::Datagram(len)),
+            Err(Errno::EAGAIN) => Ok(EventRead::Empty),
+            Err(Errno::ENOBUFS) => Ok(EventRead::Overrun),
+            Err(Errno::EINTR) => continue,
+            Err(e) => Err(e.into()),
+        };
+    }
 }
 
 #[cfg(test)]

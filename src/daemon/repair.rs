@@ -1,0 +1,158 @@
+//! Tamper repair: after another process changed or deleted knockgate's table, put the
+//! baseline of the config in force back, with the grants and windows from the book.
+//!
+//! The book is the truth, not the kernel: the other process may have emptied the sets
+//! (`nft flush ruleset`) or added an address of its own (`nft add element … ssh_grants_v4`),
+//! and neither may survive the repair. Bans are the exception: they only ever deny,
+//! so the ones the kernel still holds are carried.
+
+use super::Daemon;
+use crate::firewall::{Firewall, FirewallError};
+use crate::ruleset::baseline;
+use crate::ruleset::baseline::{KNOCK_BAN_V4, KNOCK_BAN_V6};
+
+/// The ban sets, carried from the kernel when they are still there.
+const BAN_SETS: [&str; 2] = [KNOCK_BAN_V4, KNOCK_BAN_V6];
+
+impl<F: Firewall> Daemon<F> {
+    /// Re-applies the baseline in one transaction with the booked grants and windows
+    /// (and the kernel's surviving bans); returns how many elements it put back. On a
+    /// refusal nothing changed, as with every replace.
+    pub fn repair(&mut self, now: u64) -> Result<usize, FirewallError> {
+        let mut ruleset = baseline(&self.loaded.config, &self.loaded.resolvers);
+        let mut booked = self.core.booked_elements(now);
+        for set in &mut ruleset.sets {
+            if let Some(elements) = booked.remove(set.name.as_str()) {
+                set.elements = elements;
+            } else if BAN_SETS.contains(&set.name.as_str()) {
+                set.elements = self
+                    .core
+                    .firewall_mut()
+                    .elements(&ruleset.table, &set.name)
+                    .unwrap_or_default();
+            }
+        }
+        self.core.firewall_mut().replace(&ruleset)?;
+        let restored = ruleset.sets.iter().map(|s| s.elements.len()).sum();
+        self.ruleset = ruleset;
+        Ok(restored)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use crate::config::{Config, Loaded};
+    use crate::daemon::Daemon;
+    use crate::firewall::Firewall;
+    use crate::firewall::memory::MemoryFirewall;
+    use crate::policy::KeyRing;
+    use crate::ruleset::ElementKey;
+    use crate::ruleset::baseline::{KNOCK_BAN_V4, SSH_GRANTS_V4};
+
+    const NOW: u64 = 1_790_000_000;
+
+    fn daemon(dir: &tempfile::TempDir) -> Daemon<MemoryFirewall> {
+        let mut config = Config::default();
+        config.knock.state_dir = dir.path().to_owned();
+        let loaded = Loaded {
+            path: PathBuf::from("test.toml"),
+            config,
+            resolvers: vec!["192.0.2.53".parse().unwrap()],
+            server_id: crate::knock::auth::ServerId::new("test").unwrap(),
+        };
+        Daemon::start(MemoryFirewall::default(), loaded, KeyRing::default(), NOW).unwrap()
+    }
+
+    fn keys_of(daemon: &mut Daemon<MemoryFirewall>, set: &str) -> Vec<(ElementKey, u64)> {
+        let fw = daemon.core().firewall_mut();
+        let mut keys: Vec<_> = fw
+            .elements("knockgate", set)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.key, e.expires_in.map_or(0, |d| d.as_secs())))
+            .collect();
+        keys.sort_by_key(|(k, _)| format!("{k}"));
+        keys
+    }
+
+    #[test]
+    fn a_flushed_table_comes_back_with_the_booked_grants_and_their_time_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = daemon(&dir);
+        let laptop: IpAddr = "198.51.100.7".parse().unwrap();
+        d.core()
+            .open_ssh(laptop, Some(Duration::from_secs(600)), "uid 0", NOW)
+            .unwrap();
+        let applied = d.ruleset().clone();
+        d.core().firewall_mut().tables.clear();
+
+        let restored = d.repair(NOW + 100).unwrap();
+
+        assert_eq!(restored, 1);
+        assert_eq!(
+            keys_of(&mut d, SSH_GRANTS_V4),
+            vec![(ElementKey::Addr(laptop), 500)]
+        );
+        let in_force = d.core().firewall_mut().tables["knockgate"].clone();
+        let mut without_elements = in_force.clone();
+        for set in &mut without_elements.sets {
+            set.elements.clear();
+        }
+        let mut want = applied;
+        for set in &mut want.sets {
+            set.elements.clear();
+        }
+        assert_eq!(without_elements, want, "the same baseline, rule for rule");
+        assert_eq!(d.ruleset(), &in_force);
+    }
+
+    #[test]
+    fn an_address_someone_else_slipped_in_does_not_survive_but_bans_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = daemon(&dir);
+        let stranger: IpAddr = "203.0.113.66".parse().unwrap();
+        let banned: IpAddr = "203.0.113.9".parse().unwrap();
+        let fw = d.core().firewall_mut();
+        fw.add_element(
+            "knockgate",
+            SSH_GRANTS_V4,
+            ElementKey::Addr(stranger),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+        fw.add_element(
+            "knockgate",
+            KNOCK_BAN_V4,
+            ElementKey::Addr(banned),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+
+        d.repair(NOW + 1).unwrap();
+
+        assert_eq!(keys_of(&mut d, SSH_GRANTS_V4), vec![]);
+        assert_eq!(
+            keys_of(&mut d, KNOCK_BAN_V4),
+            vec![(ElementKey::Addr(banned), 60)]
+        );
+    }
+
+    #[test]
+    fn expired_bookings_are_not_put_back_and_a_refusal_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = daemon(&dir);
+        let laptop: IpAddr = "198.51.100.7".parse().unwrap();
+        d.core()
+            .open_ssh(laptop, Some(Duration::from_secs(60)), "uid 0", NOW)
+            .unwrap();
+        assert_eq!(d.repair(NOW + 61).unwrap(), 0);
+        d.core().firewall_mut().refuse_next = true;
+        let before = d.ruleset().clone();
+        assert!(d.repair(NOW + 62).is_err());
+        assert_eq!(d.ruleset(), &before);
+    }
+}
