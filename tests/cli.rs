@@ -189,6 +189,46 @@ fn keygen_writes_a_private_key_and_prints_both_configs() {
 }
 
 #[test]
+fn keygen_hands_the_key_to_the_daemon_user_and_refuses_an_unknown_one() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().to_str().unwrap();
+    let unknown = run(
+        env!("CARGO_BIN_EXE_knockgate"),
+        &["keygen", "k1", "--dir", keys, "--owner", "no-such-user-kg"],
+        &dir,
+    );
+    assert_ne!(unknown.status.code(), Some(0));
+    assert!(
+        text(&unknown.stderr).contains("--owner no-such-user-kg: no such user"),
+        "{}",
+        text(&unknown.stderr)
+    );
+    assert!(!dir.path().join("k1.key").exists(), "nothing written");
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("\n*** SKIPPED the chown half: handing a file to another user needs root ***\n");
+        return;
+    }
+    let nobody = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .expect("user nobody");
+    let out = run(
+        env!("CARGO_BIN_EXE_knockgate"),
+        &["keygen", "k1", "--dir", keys, "--owner", "nobody"],
+        &dir,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("owned by nobody"),
+        "{}",
+        text(&out.stdout)
+    );
+    let meta = std::fs::metadata(dir.path().join("k1.key")).unwrap();
+    assert_eq!(meta.uid(), nobody.uid.as_raw());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+}
+
+#[test]
 fn knock_without_a_target_is_a_usage_error() {
     let dir = tempfile::tempdir().unwrap();
     let out = run(

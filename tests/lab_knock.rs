@@ -553,3 +553,139 @@ fn knock_reads_named_hosts_from_its_config() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no host `nosuch`"));
 }
+
+/// The uid and gid knockgated runs as in the unprivileged test (no passwd entry needed).
+const DAEMON_UID: u32 = 64_123;
+
+/// Hands the lab's files to [`DAEMON_UID`] (as the package and `knockgate keygen` do)
+/// and starts knockgated as that user with only CAP_NET_ADMIN, ambient, and the
+/// admin group `nogroup` (65534) as a supplementary group.
+fn start_as_own_user(k: &Knocking) -> Daemon {
+    let id = DAEMON_UID.to_string();
+    for path in [k.lab.dir().to_owned(), k.config.clone(), k.key_file.clone()]
+        .into_iter()
+        .chain([k.lab.dir().join("no-ssh.key")])
+    {
+        nix::unistd::chown(
+            &path,
+            Some(nix::unistd::Uid::from_raw(DAEMON_UID)),
+            Some(nix::unistd::Gid::from_raw(DAEMON_UID)),
+        )
+        .unwrap();
+    }
+    k.lab.start_daemon_wrapped(
+        &k.config,
+        &[],
+        &[
+            "setpriv",
+            "--reuid",
+            &id,
+            "--regid",
+            &id,
+            "--groups",
+            "65534",
+            "--inh-caps=-all,+net_admin",
+            "--ambient-caps=-all,+net_admin",
+            "--bounding-set=-all,+net_admin",
+            "--",
+        ],
+    )
+}
+
+/// A field of /proc/PID/status, whitespace squeezed (`Uid:` → `64123 64123 64123 64123`).
+fn proc_status_field(pid: i32, name: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(name)
+                .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+        })
+        .unwrap_or_default()
+}
+
+/// The packaged unit runs knockgated as its own user with nothing but an ambient
+/// CAP_NET_ADMIN (and the admin group as a supplementary group). `setpriv` does the
+/// same here: the daemon must apply and lock its table, take knocks, hand the admin
+/// socket to the admin group and save a confirmed config, with no other privilege.
+#[test]
+fn the_daemon_works_as_its_own_user_with_only_cap_net_admin() {
+    if !lab_available("the_daemon_works_as_its_own_user_with_only_cap_net_admin") {
+        return;
+    }
+    let k = knocking("[admin]\ngroup = \"nogroup\"\n");
+    let _ssh = k.lab.tcp_echo(Host::Server, "[::]:22".parse().unwrap());
+    let daemon = start_as_own_user(&k);
+    let uid = DAEMON_UID.to_string();
+    let field = |name: &str| proc_status_field(daemon.pid(), name);
+    assert!(field("Uid:").starts_with(&uid), "{}", field("Uid:"));
+    // CAP_NET_ADMIN is bit 12, and nothing else.
+    assert_eq!(field("CapEff:"), "0000000000001000");
+    // Logged just after "baseline applied", which is all start_daemon waits for.
+    let _ = eventually(Duration::from_secs(5), || {
+        daemon.log_text().contains("table locked")
+    });
+    assert!(
+        daemon.log_text().contains("table locked"),
+        "{}",
+        daemon.log_text()
+    );
+
+    let plan = v4();
+    let out = k.knock_server(plan.server_from_client, &["--wait"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(k.ssh_open_for(Host::Client, plan.client, &plan));
+    assert!(!k.ssh_open_for(Host::Client, plan.client_alt, &plan));
+    let out = k.lab.try_exec(Host::Server, &["nft", "flush", "ruleset"]);
+    assert!(out.status.success());
+    assert!(
+        !k.ssh_open_for(Host::Client, plan.client_alt, &plan),
+        "still locked"
+    );
+
+    // The admin socket belongs to the admin group; a confirmed config is saved.
+    let socket = k.lab.dir().join("admin.sock");
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), 65_534);
+    let new_text = std::fs::read_to_string(&k.config)
+        .unwrap()
+        .replace("[dns]", "[inbound]\ntcp_ports = [80, 443, 8443]\n\n[dns]");
+    let new = k.lab.write_file("new.toml", &new_text);
+    let admin = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_knockgate"))
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = admin(&[
+        "apply",
+        "--confirm",
+        "1m",
+        "--config",
+        new.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = admin(&["confirm"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&k.config).unwrap(), new_text);
+    assert!(
+        k.lab
+            .nft(&["list", "chain", "inet", "knockgate", "input"])
+            .contains("8443"),
+        "the confirmed config is in force"
+    );
+}

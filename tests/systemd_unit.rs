@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 
 /// The score the unit has now; a change that makes it worse fails here.
-const MAX_EXPOSURE: f64 = 2.1;
+const MAX_EXPOSURE: f64 = 1.6;
 
 /// The unit with its ExecStart paths pointing at the built daemon, so verify can
 /// check them.

@@ -48,8 +48,11 @@ pub enum Request {
     /// Put the config at `config` in force until confirmed; roll back after
     /// `confirm_secs` otherwise.
     Apply {
-        /// The config file to try (absolute path, read by the daemon).
+        /// The config file to try (absolute path, for messages and logs).
         config: std::path::PathBuf,
+        /// Its text, read by the requester: the daemon may not be able to read the
+        /// admin's files (another user, `ProtectHome`).
+        text: String,
         /// Seconds before the rollback.
         confirm_secs: u64,
     },

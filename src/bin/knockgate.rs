@@ -33,18 +33,27 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
         },
         Command::Revoke { id } => Request::Revoke { id: id.clone() },
         Command::Reload => Request::Reload,
-        Command::Apply { confirm } => Request::Apply {
-            config: std::fs::canonicalize(&args.config).map_err(|source| {
-                config::ConfigError::ReadFile {
-                    path: args.config.clone(),
-                    source,
-                }
-            })?,
-            confirm_secs: confirm.as_secs(),
-        },
+        Command::Apply { confirm } => {
+            let read_error = |source| config::ConfigError::ReadFile {
+                path: args.config.clone(),
+                source,
+            };
+            let path = std::fs::canonicalize(&args.config).map_err(read_error)?;
+            let text = std::fs::read_to_string(&path).map_err(read_error)?;
+            Request::Apply {
+                config: path,
+                text,
+                confirm_secs: confirm.as_secs(),
+            }
+        }
         Command::Confirm => Request::Confirm,
-        Command::Keygen { id, dir, address } => {
-            return keygen(&args.config, id, dir, address.as_deref());
+        Command::Keygen {
+            id,
+            dir,
+            address,
+            owner,
+        } => {
+            return keygen(&args.config, id, dir, address.as_deref(), owner.as_deref());
         }
         Command::Ruleset => {
             let loaded = config::load(&args.config)?;
@@ -196,14 +205,26 @@ fn when(unix: u64) -> String {
     )
 }
 
+/// The system user the packaged unit runs knockgated as.
+const DAEMON_USER: &str = "knockgated";
+
 fn keygen(
     config_path: &Path,
     id: &str,
     dir: &Path,
     address: Option<&str>,
+    owner: Option<&str>,
 ) -> anyhow::Result<ExitCode> {
     use knockgate::knock::{KeyId, Secret};
     KeyId::new(id)?;
+    // Resolved before anything is written: a misspelt --owner leaves no key behind.
+    let owner = match owner {
+        Some(name) => Some(
+            nix::unistd::User::from_name(name)?
+                .ok_or_else(|| anyhow::anyhow!("--owner {name}: no such user"))?,
+        ),
+        None => nix::unistd::User::from_name(DAEMON_USER).ok().flatten(),
+    };
     let server_id = match config::load(config_path) {
         Ok(loaded) => loaded.server_id.as_str().to_owned(),
         Err(_) => nix::unistd::gethostname()
@@ -216,7 +237,25 @@ fn keygen(
     let secret = Secret::generate().map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
     knockgate::keyfile::create(&file, &secret)?;
     let address = address.unwrap_or(&server_id);
-    println!("wrote {} (mode 0600)\n", file.display());
+    match owner {
+        Some(user) => {
+            nix::unistd::chown(&file, Some(user.uid), Some(user.gid)).map_err(|e| {
+                anyhow::anyhow!(
+                    "wrote {}, but cannot hand it to user {} ({e}); run as root: chown {}: {}",
+                    file.display(),
+                    user.name,
+                    user.name,
+                    file.display()
+                )
+            })?;
+            println!(
+                "wrote {} (mode 0600, owned by {}, the user knockgated runs as)\n",
+                file.display(),
+                user.name
+            );
+        }
+        None => println!("wrote {} (mode 0600)\n", file.display()),
+    }
     println!(
         "# 1. On this server, add to {} and restart knockgated:",
         config_path.display()

@@ -62,6 +62,11 @@ pub enum Command {
         /// The name or address laptops reach this server by.
         #[arg(long)]
         address: Option<String>,
+        /// The user knockgated runs as, who must be able to read the key [default:
+        /// knockgated, when that user exists]. The key file is handed to it (mode 0600
+        /// stays), which needs root.
+        #[arg(long)]
+        owner: Option<String>,
     },
     /// Print the nft ruleset the config produces (changes nothing).
     Ruleset,

@@ -235,10 +235,12 @@ fn answer(
     (response, on_close)
 }
 
-/// Puts `config` on trial for `confirm_secs`.
-fn apply(daemon: &Shared, config: &std::path::Path, confirm_secs: u64) -> Response {
+/// Puts `config` (with `text`) on trial for `confirm_secs`.
+fn apply(daemon: &Shared, config: &std::path::Path, text: &str, confirm_secs: u64) -> Response {
     let confirm = Duration::from_secs(confirm_secs);
-    let result = daemon.borrow_mut().apply_trial(config, confirm, unix_now());
+    let result = daemon
+        .borrow_mut()
+        .apply_trial(config, text, confirm, unix_now());
     match result {
         Ok(deadline) => Response::Applied { deadline },
         Err(e) => {
@@ -280,8 +282,9 @@ fn respond(daemon: &Shared, request: Request, peer: admin::Peer) -> Response {
         Request::Reload => return reload(daemon, &format!("uid {}", peer.uid)),
         Request::Apply {
             config,
+            text,
             confirm_secs,
-        } => return apply(daemon, &config, confirm_secs),
+        } => return apply(daemon, &config, &text, confirm_secs),
         Request::Confirm => {
             return match daemon.borrow_mut().confirm() {
                 Ok(path) => Response::Confirmed { path },

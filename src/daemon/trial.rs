@@ -23,8 +23,8 @@ pub(super) struct Trial {
     deadline: u64,
     /// The config to return to.
     previous: Loaded,
-    /// The file the trial config came from.
-    applied_from: PathBuf,
+    /// The trial config's text, as applied (a confirm saves exactly this).
+    text: String,
 }
 
 /// Why a confirm did nothing.
@@ -33,23 +33,25 @@ pub enum ConfirmError {
     /// Nothing is on trial.
     #[error("no config is waiting for confirmation")]
     NothingPending,
-    /// The confirmed config could not be read again or saved.
+    /// The confirmed config could not be saved.
     #[error("cannot save the confirmed config")]
     Save(#[source] StateError),
 }
 
 impl<F: Firewall> Daemon<F> {
-    /// Puts the config at `path` in force until `now + confirm`; returns that deadline.
+    /// Puts config `text` (read by the requester from `path`) in force until
+    /// `now + confirm`; returns that deadline.
     pub fn apply_trial(
         &mut self,
         path: &Path,
+        text: &str,
         confirm: Duration,
         now: u64,
     ) -> Result<u64, ReloadError> {
         if self.trial.is_some() {
             return Err(ReloadError::TrialPending);
         }
-        let loaded = crate::config::load(path)?;
+        let loaded = crate::config::load_str(path, text, std::env::vars())?;
         let keys = crate::config::load_keys(&loaded)?;
         let previous = self.loaded.clone();
         self.switch_to(loaded, keys)?;
@@ -60,7 +62,7 @@ impl<F: Firewall> Daemon<F> {
         self.trial = Some(Trial {
             deadline,
             previous,
-            applied_from: path.to_owned(),
+            text: text.to_owned(),
         });
         info!(target: AUDIT, event = "apply-trial", config = %path.display(), deadline,
             "new config in force until confirmed, else rolled back");
@@ -71,19 +73,12 @@ impl<F: Firewall> Daemon<F> {
     pub fn confirm(&mut self) -> Result<PathBuf, ConfirmError> {
         let trial = self.trial.take().ok_or(ConfirmError::NothingPending)?;
         let target = trial.previous.path.clone();
-        let text = std::fs::read(&trial.applied_from).map_err(|source| {
-            ConfirmError::Save(StateError::File {
-                path: trial.applied_from.clone(),
-                source,
-            })
-        });
-        let saved = text.and_then(|text| {
-            if trial.applied_from == target {
-                return Ok(());
-            }
-            write_atomically(&target.with_extension("toml.tmp"), &target, &text)
-                .map_err(ConfirmError::Save)
-        });
+        let saved = write_atomically(
+            &target.with_extension("toml.tmp"),
+            &target,
+            trial.text.as_bytes(),
+        )
+        .map_err(ConfirmError::Save);
         if let Err(e) = saved {
             // Still on trial: the rollback stays armed.
             self.trial = Some(trial);

@@ -388,9 +388,20 @@ impl Lab {
 
     /// [`Lab::start_daemon`] with extra environment variables.
     pub fn start_daemon_with_env(&self, config: &Path, env: &[(&str, &Path)]) -> Daemon {
+        self.start_daemon_wrapped(config, env, &[])
+    }
+
+    /// [`Lab::start_daemon_with_env`], with knockgated run by `wrapper` (a command that
+    /// execs its arguments, like `setpriv … --`), so it can run as another user.
+    pub fn start_daemon_wrapped(
+        &self,
+        config: &Path,
+        env: &[(&str, &Path)],
+        wrapper: &[&str],
+    ) -> Daemon {
         let n = NEXT_LAB.fetch_add(1, Ordering::Relaxed);
         let log = self.dir.path().join(format!("knockgated-{n}.log"));
-        let child = self.spawn_daemon(config, &log, env);
+        let child = self.spawn_daemon(config, &log, env, wrapper);
         let mut daemon = Daemon { child, log };
         let deadline = Instant::now() + DAEMON_START_TIMEOUT;
         while !daemon.log_text().contains("baseline applied") {
@@ -409,14 +420,20 @@ impl Lab {
 
     /// Runs knockgated to its end (for configs it must refuse); returns its output.
     pub fn run_daemon_to_exit(&self, config: &Path) -> Output {
-        self.daemon_command(config)
+        self.daemon_command(config, &[])
             .output()
             .expect("run knockgated")
     }
 
-    fn spawn_daemon(&self, config: &Path, log: &Path, env: &[(&str, &Path)]) -> Child {
+    fn spawn_daemon(
+        &self,
+        config: &Path,
+        log: &Path,
+        env: &[(&str, &Path)],
+        wrapper: &[&str],
+    ) -> Child {
         let file = std::fs::File::create(log).expect("create daemon log");
-        let mut command = self.daemon_command(config);
+        let mut command = self.daemon_command(config, wrapper);
         for (key, value) in env {
             command.env(key, value);
         }
@@ -428,11 +445,12 @@ impl Lab {
             .expect("spawn knockgated")
     }
 
-    /// `ip netns exec SERVER knockgated --config CONFIG`, with no stdin.
-    fn daemon_command(&self, config: &Path) -> Command {
+    /// `ip netns exec SERVER [WRAPPER…] knockgated --config CONFIG`, with no stdin.
+    fn daemon_command(&self, config: &Path, wrapper: &[&str]) -> Command {
         let mut command = Command::new("ip");
         command
             .args(["netns", "exec", &self.ns(Host::Server)])
+            .args(wrapper)
             .arg(env!("CARGO_BIN_EXE_knockgated"))
             .arg("--config")
             .arg(config)

@@ -73,6 +73,7 @@ complete -c knockgate -n "__fish_knockgate_using_subcommand revoke" -l socket -d
 complete -c knockgate -n "__fish_knockgate_using_subcommand revoke" -s h -l help -d 'Print help'
 complete -c knockgate -n "__fish_knockgate_using_subcommand keygen" -l dir -d 'Where to write the key file' -r -F
 complete -c knockgate -n "__fish_knockgate_using_subcommand keygen" -l address -d 'The name or address laptops reach this server by' -r
+complete -c knockgate -n "__fish_knockgate_using_subcommand keygen" -l owner -d 'The user knockgated runs as, who must be able to read the key [default: knockgated, when that user exists]. The key file is handed to it (mode 0600 stays), which needs root' -r
 complete -c knockgate -n "__fish_knockgate_using_subcommand keygen" -l config -d 'Config file (ruleset, check, keygen)' -r -F
 complete -c knockgate -n "__fish_knockgate_using_subcommand keygen" -l socket -d 'The daemon\'s admin socket' -r -F
 complete -c knockgate -n "__fish_knockgate_using_subcommand keygen" -s h -l help -d 'Print help'
