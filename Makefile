@@ -1,8 +1,8 @@
 # knockgate — the two commands: `make demo` and `make test` (as root on Debian/Ubuntu).
 
-DEBS := libnftnl-dev libmnl-dev pkg-config nftables iproute2 iputils-ping procps python3 openssh-server openssh-client util-linux dnsmasq-base curl systemd
+DEBS := libnftnl-dev libmnl-dev pkg-config nftables iproute2 iputils-ping procps python3 openssh-server openssh-client util-linux dnsmasq-base curl systemd adduser
 
-.PHONY: deps build demo test lint package
+.PHONY: deps build demo test lint package peers bench bench-smoke
 deps: ## install the Debian packages the build, the lab and the demo need
 	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
@@ -27,3 +27,24 @@ lint:
 	cargo fmt --all -- --check
 	cargo clippy --locked --all-targets -- -D warnings
 	cargo clippy --locked --no-default-features --all-targets -- -D warnings
+
+# The peers of the comparison bench, from Debian: their libraries and iptables are
+# installed; the daemons' own packages are only unpacked into target/peers/root
+# (never installed, so no maintainer script starts fwknopd or knockd on the host).
+PEER_LIBS := iptables libfko3 libpcap0.8
+PEER_DEBS := fwknop-server fwknop-client knockd
+peers: deps ## fwknopd, fwknop and knockd for `make bench`, unpacked under target/peers
+	@missing=$$(for p in $(PEER_LIBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@mkdir -p target/peers/debs target/peers/root
+	@cd target/peers/debs && for p in $(PEER_DEBS); do ls $${p}_*.deb >/dev/null 2>&1 || apt-get download -q $$p; done
+	@for d in target/peers/debs/*.deb; do dpkg -x $$d target/peers/root; done
+	@target/peers/root/usr/sbin/fwknopd --version && target/peers/root/usr/sbin/knockd -V
+
+bench: peers ## knockgate, fwknopd and knockd side by side (target/bench/compare.{md,json})
+	cargo bench --locked --bench compare -- --require-peers
+
+bench-smoke: peers ## the same, a few repetitions each: proves the harness works (CI)
+	cargo bench --locked --bench compare -- --quick --require-peers --out target/bench-smoke

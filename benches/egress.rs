@@ -1,47 +1,25 @@
-//! How long `egress-window` takes before COMMAND starts (it asks knockgated for the
-//! window, makes a cgroup, moves into it, then spawns COMMAND). Not a test: prints
-//! figures, asserts nothing about time.
+//! How long `egress-window` takes before COMMAND starts. Not a test: prints figures,
+//! asserts nothing about time. (`cargo bench --bench compare` reports it too.)
 //!
 //!     cargo bench --bench egress        # as root (the lab)
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::process::Command;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+#[path = "compare/egress.rs"]
+mod egress;
 
-use support::{Host, Lab};
+use std::time::Duration;
 
-fn nanos_now() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos())
-}
-
-/// Spawns `program args… -- date +%s%N` and returns the time from spawn to the
-/// command's own clock reading.
-fn until_command_starts(prefix: &[&str]) -> Duration {
-    let started = nanos_now();
-    let out = Command::new(prefix[0])
-        .args(&prefix[1..])
-        .args(["date", "+%s%N"])
-        .output()
-        .expect("run");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let at: u128 = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .expect("nanoseconds");
-    Duration::from_nanos(u64::try_from(at.saturating_sub(started)).unwrap_or(0))
-}
+use support::Lab;
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }
 
 fn main() {
@@ -52,32 +30,13 @@ fn main() {
     let lab = Lab::new();
     let _daemon =
         lab.start_daemon(&lab.write_file("k.toml", "[dns]\nresolvers = [\"10.77.2.53\"]\n"));
-    let socket = lab.dir().join("admin.sock");
-    let netns = format!("--net=/run/netns/{}", lab.ns(Host::Server));
-    let window = env!("CARGO_BIN_EXE_egress-window");
-    let sock = socket.to_str().unwrap();
     let runs = 50;
-    let direct: Vec<Duration> = (0..runs)
-        .map(|_| until_command_starts(&["nsenter", &netns, "--"]))
-        .collect();
-    let cgroup: Vec<Duration> = (0..runs)
-        .map(|_| until_command_starts(&["nsenter", &netns, window, "--socket", sock, "1m", "--"]))
-        .collect();
-    let host: Vec<Duration> = (0..runs)
-        .map(|_| {
-            until_command_starts(&[
-                "nsenter",
-                &netns,
-                window,
-                "--socket",
-                sock,
-                "--host-wide",
-                "1m",
-                "--",
-            ])
-        })
-        .collect();
-    let (d, c, h) = (median(direct), median(cgroup), median(host));
+    let t = egress::measure(&lab, runs);
+    let (d, c, h) = (
+        median(t.direct),
+        median(t.command_scope),
+        median(t.host_wide),
+    );
     println!("## egress-window: time before COMMAND starts ({runs} runs each, medians)\n");
     println!("| how COMMAND is started | spawn → COMMAND running | added by egress-window |");
     println!("|---|---:|---:|");
@@ -92,8 +51,4 @@ fn main() {
         ms(h),
         ms(h.saturating_sub(d))
     );
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }

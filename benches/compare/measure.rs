@@ -1,0 +1,302 @@
+//! The measurements, the same for every daemon: real packets in the lab, timed with
+//! the monotonic clock, and what /proc says about the daemon's process.
+
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::subjects::{KnockDatagrams, SPA_PORT, Subject, send_knock};
+use crate::support::{Host, Lab};
+
+/// Longest wait for a knock to open the port.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Polls a TCP connect to `to` every millisecond until one succeeds (or `limit`);
+/// returns when, counted from `since`.
+fn poll_open(to: SocketAddr, since: Instant, limit: Duration) -> Option<Duration> {
+    while since.elapsed() < limit {
+        if TcpStream::connect_timeout(&to, Duration::from_millis(1)).is_ok() {
+            return Some(since.elapsed());
+        }
+    }
+    None
+}
+
+/// Knock → open, once per knock in `knocks`: sends it from the client, polls port 22,
+/// then has the daemon close it again. `None` where it never opened.
+pub fn knock_to_open(
+    lab: &Lab,
+    subject: &Subject,
+    knocks: &[KnockDatagrams],
+    client: IpAddr,
+    server: IpAddr,
+) -> Vec<Option<Duration>> {
+    knocks
+        .iter()
+        .map(|knock| {
+            let took = lab.in_ns(Host::Client, || {
+                let udp = UdpSocket::bind(SocketAddr::new(client, 0)).unwrap();
+                let started = Instant::now();
+                send_knock(&udp, server, knock);
+                poll_open(SocketAddr::new(server, 22), started, OPEN_TIMEOUT)
+            });
+            subject.revoke(lab, client);
+            took
+        })
+        .collect()
+}
+
+/// How long after its TTL each grant really ended (negative: before), in ms: knock,
+/// wait for the port to open, then try a connection every 5 ms until one fails.
+pub fn revoke_lateness(
+    lab: &Lab,
+    subject: &Subject,
+    knocks: &[KnockDatagrams],
+    ttl: Duration,
+    client: IpAddr,
+    server: IpAddr,
+) -> Vec<f64> {
+    let ssh = SocketAddr::new(server, 22);
+    let late = knocks
+        .iter()
+        .filter_map(|knock| {
+            lab.in_ns(Host::Client, || {
+                let udp = UdpSocket::bind(SocketAddr::new(client, 0)).unwrap();
+                let started = Instant::now();
+                send_knock(&udp, server, knock);
+                poll_open(ssh, started, OPEN_TIMEOUT)?;
+                let opened = Instant::now();
+                let limit = ttl * 2 + Duration::from_secs(2);
+                while opened.elapsed() < limit {
+                    if TcpStream::connect_timeout(&ssh, Duration::from_millis(5)).is_err() {
+                        let closed = opened.elapsed().as_secs_f64();
+                        return Some((closed - ttl.as_secs_f64()) * 1000.0);
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                None
+            })
+        })
+        .collect();
+    subject.revoke(lab, client);
+    late
+}
+
+/// What a junk flood did.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct FloodResult {
+    /// Junk datagrams sent.
+    pub sent: u64,
+    /// How long the flood lasted, in seconds.
+    pub seconds: f64,
+    /// Datagrams the kernel dropped at the daemon's full socket (UDP daemons only).
+    pub socket_drops: Option<u64>,
+    /// Junk the daemon itself read and rejected, per second.
+    pub rejected_per_sec: Option<f64>,
+    /// The daemon's CPU time over the flood, as a share of one core.
+    pub cpu_share: f64,
+    /// Valid knocks sent during the flood.
+    pub valid_sent: usize,
+    /// Knock → open of the valid knocks that opened.
+    pub valid_opened_ms: Vec<f64>,
+}
+
+/// Floods the knock port(s) from the client's second address with `junk` (cycled)
+/// for `duration`, while the client knocks validly `valid.len()` times, evenly spread.
+pub fn flood(
+    lab: &Lab,
+    subject: &Subject,
+    junk: &[KnockDatagrams],
+    valid: &[KnockDatagrams],
+    duration: Duration,
+    (client, intruder, server): (IpAddr, IpAddr, IpAddr),
+) -> FloodResult {
+    let pid = subject.pid();
+    let drops_before = udp_drops(lab, SPA_PORT);
+    let cpu_before = cpu_seconds(pid);
+    let started = Instant::now();
+    let (sent, opened) = std::thread::scope(|s| {
+        let generator = s.spawn(|| {
+            lab.in_ns(Host::Client, || {
+                let udp = UdpSocket::bind(SocketAddr::new(intruder, 0)).unwrap();
+                let mut sent = 0u64;
+                while started.elapsed() < duration {
+                    for knock in junk {
+                        send_knock(&udp, server, knock);
+                        sent += knock.len() as u64;
+                    }
+                }
+                sent
+            })
+        });
+        let gap = duration / u32::try_from(valid.len() + 1).unwrap_or(1);
+        let mut opened = Vec::new();
+        for knock in valid {
+            std::thread::sleep(gap.saturating_sub(Duration::from_millis(50)));
+            let took = lab.in_ns(Host::Client, || {
+                let udp = UdpSocket::bind(SocketAddr::new(client, 0)).unwrap();
+                let t = Instant::now();
+                send_knock(&udp, server, knock);
+                poll_open(SocketAddr::new(server, 22), t, Duration::from_millis(500))
+            });
+            if let Some(took) = took {
+                opened.push(took.as_secs_f64() * 1000.0);
+            }
+            subject.revoke(lab, client);
+        }
+        (generator.join().unwrap(), opened)
+    });
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu_share = (cpu_seconds(pid) - cpu_before) / seconds;
+    let socket_drops = drops_before.and_then(|b| udp_drops(lab, SPA_PORT).map(|a| a - b));
+    FloodResult {
+        sent,
+        seconds,
+        socket_drops,
+        rejected_per_sec: socket_drops.map(|d| sent.saturating_sub(d) as f64 / seconds),
+        cpu_share,
+        valid_sent: valid.len(),
+        valid_opened_ms: opened,
+    }
+}
+
+/// New TCP connections per second from `client` to `to` for `duration`, each closed
+/// at once (the server side must accept: see [`AcceptAll`]).
+pub fn connect_rate(lab: &Lab, client: IpAddr, to: SocketAddr, duration: Duration) -> f64 {
+    lab.in_ns(Host::Client, || {
+        let started = Instant::now();
+        let mut n = 0u32;
+        while started.elapsed() < duration {
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(to),
+                socket2::Type::STREAM,
+                None,
+            )
+            .unwrap();
+            let _ = socket.set_linger(Some(Duration::ZERO)); // RST: no TIME_WAIT pile-up
+            socket.bind(&SocketAddr::new(client, 0).into()).unwrap();
+            if socket
+                .connect_timeout(&to.into(), Duration::from_millis(200))
+                .is_ok()
+            {
+                n += 1;
+            }
+        }
+        f64::from(n) / started.elapsed().as_secs_f64()
+    })
+}
+
+/// A listener in the server namespace that accepts and drops every connection until
+/// dropped itself.
+pub struct AcceptAll {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl AcceptAll {
+    pub fn start(lab: &Lab, addr: SocketAddr) -> Self {
+        let listener = lab.in_ns(Host::Server, || TcpListener::bind(addr)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_micros(200)),
+                }
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for AcceptAll {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// User + system CPU seconds of `pid` so far.
+pub fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after ')'.
+    (ticks(11) + ticks(12)) / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .map_or(100.0, |t| t as f64)
+}
+
+/// Resident memory of `pid` in KiB.
+pub fn rss_kib(pid: i32) -> u64 {
+    status_field(pid, "VmRSS:")
+}
+
+/// Context switches (voluntary and not) of all of `pid`'s threads: each is a wake-up.
+pub fn context_switches(pid: i32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .map(|t| {
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            ["voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:"]
+                .iter()
+                .map(|f| field(&status, f))
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+fn status_field(pid: i32, name: &str) -> u64 {
+    field(
+        &std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default(),
+        name,
+    )
+}
+
+fn field(status: &str, name: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The kernel's drop count for the UDP socket on `port` in the server namespace.
+fn udp_drops(lab: &Lab, port: u16) -> Option<u64> {
+    let table = lab.exec(Host::Server, &["cat", "/proc/net/udp", "/proc/net/udp6"]);
+    let local = format!(":{port:04X}");
+    let drops: Vec<u64> = table
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|a| a.ends_with(&local))
+        })
+        .filter_map(|l| l.split_whitespace().last()?.parse().ok())
+        .collect();
+    (!drops.is_empty()).then(|| drops.iter().sum())
+}
