@@ -5,7 +5,7 @@
 //! extends it and keeps its id. At start the book is reconciled with the kernel's
 //! sets, so grants survive a restart. Pure, except `load`/`save` of its JSON file.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -81,12 +81,26 @@ pub enum Granted {
     Extended,
 }
 
-/// All grants by id.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+/// All grants by id, indexed so that a grant, a lookup by address and the next
+/// expiry cost the same with 100,000 grants as with one.
+#[derive(Debug, Default, Clone)]
 pub struct GrantBook {
     records: BTreeMap<String, GrantRecord>,
     windows: BTreeMap<String, WindowRecord>,
+    /// (service, address) → id of its record.
+    by_address: HashMap<(String, IpAddr), String>,
+    /// Nothing expires before this; it may be earlier than the first real expiry (an
+    /// extension does not raise it), never later. `expire` makes it exact again.
+    earliest: Option<u64>,
 }
+
+impl PartialEq for GrantBook {
+    fn eq(&self, other: &Self) -> bool {
+        self.records == other.records && self.windows == other.windows
+    }
+}
+
+impl Eq for GrantBook {}
 
 /// The book as saved.
 #[derive(Serialize, Deserialize, Default)]
@@ -109,10 +123,12 @@ impl GrantBook {
         new_id: impl FnOnce() -> String,
     ) -> (GrantRecord, Granted) {
         let expires_at = now.saturating_add(ttl.as_secs());
+        self.note_expiry(expires_at);
+        let key = (service.to_owned(), address);
         if let Some(existing) = self
-            .records
-            .values_mut()
-            .find(|r| r.service == service && r.address == address)
+            .by_address
+            .get(&key)
+            .and_then(|id| self.records.get_mut(id))
         {
             who.clone_into(&mut existing.who);
             existing.granted_at = now;
@@ -127,18 +143,56 @@ impl GrantBook {
             granted_at: now,
             expires_at,
         };
+        self.by_address.insert(key, record.id.clone());
         self.records.insert(record.id.clone(), record.clone());
         (record, Granted::New)
     }
 
     /// Removes the grant `id`.
     pub fn revoke(&mut self, id: &str) -> Option<GrantRecord> {
-        self.records.remove(id)
+        let record = self.records.remove(id)?;
+        self.by_address
+            .remove(&(record.service.clone(), record.address));
+        self.recompute_earliest();
+        Some(record)
     }
 
     /// Removes and returns the grants whose time is over.
     pub fn expire(&mut self, now: u64) -> Vec<GrantRecord> {
-        drain_expired(&mut self.records, now, |r| r.expires_at)
+        let gone = drain_expired(&mut self.records, now, |r| r.expires_at);
+        for r in &gone {
+            self.by_address.remove(&(r.service.clone(), r.address));
+        }
+        self.recompute_earliest();
+        gone
+    }
+
+    /// Unix second of the first expiry (or earlier, never later), if anything is open.
+    #[must_use]
+    pub fn next_expiry(&self) -> Option<u64> {
+        self.earliest
+    }
+
+    fn note_expiry(&mut self, at: u64) {
+        self.earliest = Some(self.earliest.map_or(at, |e| e.min(at)));
+    }
+
+    fn recompute_earliest(&mut self) {
+        self.earliest = self
+            .records
+            .values()
+            .map(|r| r.expires_at)
+            .chain(self.windows.values().map(|w| w.expires_at))
+            .min();
+    }
+
+    fn rebuild_index(&mut self) {
+        self.by_address = self
+            .records
+            .values()
+            .map(|r| ((r.service.clone(), r.address), r.id.clone()))
+            .collect();
+        self.recompute_earliest();
     }
 
     /// Makes the `service` records agree with what the kernel's set holds: records
@@ -151,18 +205,16 @@ impl GrantBook {
         now: u64,
         mut new_id: impl FnMut() -> String,
     ) {
-        self.records.retain(|_, r| {
-            r.service != service || kernel.iter().any(|e| e.addr() == Some(r.address))
-        });
+        let in_kernel: HashSet<IpAddr> = kernel.iter().filter_map(Element::addr).collect();
+        self.records
+            .retain(|_, r| r.service != service || in_kernel.contains(&r.address));
+        self.rebuild_index();
         for (element, address) in kernel.iter().filter_map(|e| Some((e, e.addr()?))) {
             let expires_at = element
                 .expires_in
                 .map_or(u64::MAX, |d| now.saturating_add(d.as_secs()));
-            if let Some(record) = self
-                .records
-                .values_mut()
-                .find(|r| r.service == service && r.address == address)
-            {
+            let known = self.by_address.get(&(service.to_owned(), address));
+            if let Some(record) = known.and_then(|id| self.records.get_mut(id)) {
                 record.expires_at = expires_at;
             } else {
                 let record = GrantRecord {
@@ -173,9 +225,12 @@ impl GrantBook {
                     granted_at: now,
                     expires_at,
                 };
+                self.by_address
+                    .insert((service.to_owned(), address), record.id.clone());
                 self.records.insert(record.id.clone(), record);
             }
         }
+        self.recompute_earliest();
     }
 
     /// Makes the windows agree with the kernel's egress sets (`elements` of both):
@@ -209,21 +264,27 @@ impl GrantBook {
                 });
             }
         }
+        self.recompute_earliest();
     }
 
     /// Books a new egress window.
     pub fn open_window(&mut self, window: WindowRecord) {
+        self.note_expiry(window.expires_at);
         self.windows.insert(window.id.clone(), window);
     }
 
     /// Removes the window `id`.
     pub fn close_window(&mut self, id: &str) -> Option<WindowRecord> {
-        self.windows.remove(id)
+        let window = self.windows.remove(id)?;
+        self.recompute_earliest();
+        Some(window)
     }
 
     /// Removes and returns the windows whose time is over.
     pub fn expire_windows(&mut self, now: u64) -> Vec<WindowRecord> {
-        drain_expired(&mut self.windows, now, |w| w.expires_at)
+        let gone = drain_expired(&mut self.windows, now, |w| w.expires_at);
+        self.recompute_earliest();
+        gone
     }
 
     /// Every egress window, by id.
@@ -257,7 +318,7 @@ impl GrantBook {
         // A damaged book is not fatal: the kernel's sets are the truth, and
         // `reconcile` rebuilds the records from them.
         let saved: Saved = serde_json::from_str(&text).unwrap_or_default();
-        Ok(Self {
+        let mut book = Self {
             records: saved
                 .grants
                 .into_iter()
@@ -268,7 +329,10 @@ impl GrantBook {
                 .into_iter()
                 .map(|w| (w.id.clone(), w))
                 .collect(),
-        })
+            ..Self::default()
+        };
+        book.rebuild_index();
+        Ok(book)
     }
 
     /// Saves the book to `path` atomically.
@@ -415,6 +479,51 @@ mod tests {
         assert_eq!(GrantBook::load(&path).unwrap(), book);
         std::fs::write(&path, "{not json").unwrap();
         assert_eq!(GrantBook::load(&path).unwrap(), GrantBook::default());
+    }
+
+    #[test]
+    fn next_expiry_is_never_late_and_exact_after_expire() {
+        let mut book = GrantBook::default();
+        let mut id = ids();
+        book.grant(
+            "ssh",
+            ip("192.0.2.1"),
+            "k",
+            100,
+            Duration::from_secs(10),
+            &mut id,
+        );
+        book.grant(
+            "ssh",
+            ip("192.0.2.2"),
+            "k",
+            100,
+            Duration::from_secs(50),
+            &mut id,
+        );
+        assert_eq!(book.next_expiry(), Some(110));
+        // Extending the first makes 110 too early, which is allowed; expire corrects it.
+        book.grant(
+            "ssh",
+            ip("192.0.2.1"),
+            "k",
+            105,
+            Duration::from_secs(100),
+            &mut id,
+        );
+        assert!(book.next_expiry() <= Some(150));
+        assert!(book.expire(110).is_empty());
+        assert_eq!(book.next_expiry(), Some(150));
+        let second = book
+            .iter()
+            .find(|r| r.address == ip("192.0.2.2"))
+            .unwrap()
+            .id
+            .clone();
+        book.revoke(&second);
+        assert_eq!(book.next_expiry(), Some(205));
+        assert_eq!(book.expire(205).len(), 1);
+        assert_eq!(book.next_expiry(), None);
     }
 
     #[test]

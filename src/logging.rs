@@ -7,7 +7,9 @@
 //! [`AUDIT`] target with fields, one line each, so they can be filtered out of the
 //! rest.
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 /// The tracing target of audit events.
 pub const AUDIT: &str = "knockgate::audit";
@@ -21,20 +23,37 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber; `RUST_LOG` overrides the default level `info`.
+/// Installs the global subscriber; `RUST_LOG` (`debug`, or `target=level,…`)
+/// overrides the default level `info`. A plain target filter, not the regex-based
+/// `EnvFilter`: the daemon's idle memory is mostly the code it has touched.
 pub fn init(format: LogFormat) {
     let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter: Targets = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
         .with_writer(std::io::stderr)
         .with_target(true);
     // A second init (tests) keeps the first subscriber, which is what we want.
     let _ = match (format, under_journald) {
-        (LogFormat::Json, _) => builder.json().flatten_event(true).try_init(),
-        (LogFormat::Text, true) => builder.with_ansi(false).without_time().try_init(),
+        (LogFormat::Json, _) => builder
+            .json()
+            .flatten_event(true)
+            .finish()
+            .with(filter)
+            .try_init(),
+        (LogFormat::Text, true) => builder
+            .with_ansi(false)
+            .without_time()
+            .finish()
+            .with(filter)
+            .try_init(),
         (LogFormat::Text, false) => builder
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .finish()
+            .with(filter)
             .try_init(),
     };
 }

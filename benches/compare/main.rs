@@ -169,14 +169,7 @@ fn today() -> String {
 fn latency(kind: Kind, plan: &Plan, r: &mut Report) {
     let lab = Lab::new();
     let p = v4();
-    let subject = Subject::start(
-        kind,
-        &lab,
-        &Setup {
-            ttl_secs: plan.ttl,
-            no_meter: false,
-        },
-    );
+    let subject = Subject::start(kind, &lab, &Setup { ttl_secs: plan.ttl });
     let _ssh = lab.tcp_echo(support::Host::Server, "0.0.0.0:22".parse().unwrap());
     let knocks = subject.knocks(plan.runs, p.client, plan.ttl);
     let took = measure::knock_to_open(&lab, &subject, &knocks, p.client, p.server_from_client);
@@ -207,14 +200,7 @@ fn latency(kind: Kind, plan: &Plan, r: &mut Report) {
 fn flood(kind: Kind, plan: &Plan, r: &mut Report) {
     let lab = Lab::new();
     let p = v4();
-    let subject = Subject::start(
-        kind,
-        &lab,
-        &Setup {
-            ttl_secs: 60,
-            no_meter: true,
-        },
-    );
+    let subject = Subject::start(kind, &lab, &Setup { ttl_secs: 60 });
     let _ssh = lab.tcp_echo(support::Host::Server, "0.0.0.0:22".parse().unwrap());
     let (what, junk) = junk_for(kind, &subject, p.client);
     let valid = subject.knocks(plan.valid_in_flood, p.client, 60);
@@ -238,14 +224,7 @@ fn flood(kind: Kind, plan: &Plan, r: &mut Report) {
 fn grant_scale(kind: Kind, plan: &Plan, r: &mut Report) {
     let lab = Lab::new();
     let p = v4();
-    let subject = Subject::start(
-        kind,
-        &lab,
-        &Setup {
-            ttl_secs: 3600,
-            no_meter: false,
-        },
-    );
+    let subject = Subject::start(kind, &lab, &Setup { ttl_secs: 3600 });
     let rows = match kind {
         Kind::Knockgate => scale::knockgate(
             &lab,
@@ -282,16 +261,7 @@ fn footprint(kinds: &[Kind], plan: &Plan, r: &mut Report) {
     let subjects: Vec<Subject> = kinds
         .iter()
         .zip(&labs)
-        .map(|(&k, lab)| {
-            Subject::start(
-                k,
-                lab,
-                &Setup {
-                    ttl_secs: 30,
-                    no_meter: false,
-                },
-            )
-        })
+        .map(|(&k, lab)| Subject::start(k, lab, &Setup { ttl_secs: 30 }))
         .collect();
     std::thread::sleep(Duration::from_secs(1));
     let before: Vec<u64> = subjects
@@ -301,9 +271,12 @@ fn footprint(kinds: &[Kind], plan: &Plan, r: &mut Report) {
     std::thread::sleep(plan.idle);
     for (s, b) in subjects.iter().zip(before) {
         let woke = measure::context_switches(s.pid()) - b;
+        let (rss_kib, rss_anon_kib) = measure::rss_kib(s.pid());
         r.footprint.push(FootprintRow {
             daemon: s.kind.name(),
-            rss_kib: measure::rss_kib(s.pid()),
+            rss_kib,
+            rss_anon_kib,
+            pss_kib: measure::pss_kib(s.pid()),
             wakeups_per_sec: woke as f64 / plan.idle.as_secs_f64(),
             seconds: plan.idle.as_secs_f64(),
         });
@@ -312,14 +285,7 @@ fn footprint(kinds: &[Kind], plan: &Plan, r: &mut Report) {
 
 fn egress_overhead(plan: &Plan, r: &mut Report) {
     let lab = Lab::new();
-    let _daemon = Subject::start(
-        Kind::Knockgate,
-        &lab,
-        &Setup {
-            ttl_secs: 60,
-            no_meter: false,
-        },
-    );
+    let _daemon = Subject::start(Kind::Knockgate, &lab, &Setup { ttl_secs: 60 });
     let t = egress::measure(&lab, plan.egress_runs);
     let d = median(t.direct);
     r.egress = Some(EgressRow {

@@ -247,9 +247,19 @@ fn clock_ticks() -> f64 {
         .map_or(100.0, |t| t as f64)
 }
 
-/// Resident memory of `pid` in KiB.
-pub fn rss_kib(pid: i32) -> u64 {
-    status_field(pid, "VmRSS:")
+/// Resident memory of `pid` in KiB: all of it, and the anonymous part (heap, stacks:
+/// what the program allocated, as opposed to the pages of its code and libraries).
+pub fn rss_kib(pid: i32) -> (u64, u64) {
+    (status_field(pid, "VmRSS:"), status_field(pid, "RssAnon:"))
+}
+
+/// Proportional set size of `pid` in KiB (shared library pages divided among the
+/// processes that map them).
+pub fn pss_kib(pid: i32) -> u64 {
+    field(
+        &std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default(),
+        "Pss:",
+    )
 }
 
 /// Context switches (voluntary and not) of all of `pid`'s threads: each is a wake-up.

@@ -67,6 +67,8 @@ pub struct FloodRow {
 pub struct FootprintRow {
     pub daemon: &'static str,
     pub rss_kib: u64,
+    pub rss_anon_kib: u64,
+    pub pss_kib: u64,
     pub wakeups_per_sec: f64,
     pub seconds: f64,
 }
@@ -214,13 +216,15 @@ impl Report {
     }
 
     fn footprint_table(&self, m: &mut String) {
-        m.push_str("\n**Footprint** (idle, after start)\n\n| daemon | RSS | wake-ups/s | over |\n|---|---:|---:|---:|\n");
+        m.push_str("\n**Footprint** (idle, after start; RSS of which anonymous, i.e. not code or library pages; PSS)\n\n| daemon | RSS | anonymous | PSS | wake-ups/s | over |\n|---|---:|---:|---:|---:|---:|\n");
         for r in &self.footprint {
             let _ = writeln!(
                 m,
-                "| {} | {:.1} MB | {:.2} | {:.0} s |",
+                "| {} | {:.1} MB | {:.1} MB | {:.1} MB | {:.2} | {:.0} s |",
                 r.daemon,
                 r.rss_kib as f64 / 1024.0,
+                r.rss_anon_kib as f64 / 1024.0,
+                r.pss_kib as f64 / 1024.0,
                 r.wakeups_per_sec,
                 r.seconds
             );

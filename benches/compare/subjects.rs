@@ -90,9 +90,6 @@ pub struct Subject {
 pub struct Setup {
     /// How long a grant lasts.
     pub ttl_secs: u64,
-    /// knockgate only: lift the per-source knock meter, so that every datagram of a
-    /// flood reaches the daemon (the default config drops a flood in the kernel).
-    pub no_meter: bool,
 }
 
 impl Subject {
@@ -108,7 +105,7 @@ impl Subject {
             dir,
         };
         match kind {
-            Kind::Knockgate => subject.knockgated = Some(start_knockgated(lab, setup)),
+            Kind::Knockgate => subject.knockgated = Some(start_knockgated(lab)),
             Kind::Fwknopd => subject.peer = Some(subject.start_fwknopd(lab, setup)),
             Kind::Knockd => subject.peer = Some(subject.start_knockd(lab, setup)),
         }
@@ -255,14 +252,13 @@ impl Drop for Subject {
     }
 }
 
-fn start_knockgated(lab: &Lab, setup: &Setup) -> support::Daemon {
+fn start_knockgated(lab: &Lab) -> support::Daemon {
     let key = lab.write_file("alice.key", KEY_HEX);
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let meter = if setup.no_meter {
-        "rate_per_second = 10000000\nburst = 10000000\n"
-    } else {
-        ""
-    };
+    // The per-source knock meter (10 at once, then 5/s) is lifted: every datagram of
+    // a flood, and every one of hundreds of knocks a second, reaches the daemon. With
+    // it, the kernel drops a one-source flood before the daemon sees it.
+    let meter = "rate_per_second = 10000000\nburst = 10000000\n";
     let config = lab.write_file(
         "knockgate.toml",
         &format!(

@@ -107,6 +107,8 @@ pub struct Core<F: Firewall> {
     guard: ReplayGuard,
     replay_log: ReplayLog,
     book: GrantBook,
+    /// Since when the book has changes not yet on disk (saves are coalesced).
+    book_dirty_since: Option<std::time::Instant>,
     invalid: Option<DefaultKeyedRateLimiter<IpAddr>>,
 }
 
@@ -173,6 +175,7 @@ impl<F: Firewall> Core<F> {
             guard,
             replay_log,
             book,
+            book_dirty_since: None,
             invalid,
         }
     }
@@ -414,12 +417,7 @@ impl<F: Firewall> Core<F> {
     /// Seconds until the next grant expires, for the daemon's expiry timer.
     #[must_use]
     pub fn next_expiry(&self, now: u64) -> Option<u64> {
-        self.book
-            .iter()
-            .map(|r| r.expires_at)
-            .chain(self.book.windows().map(|w| w.expires_at))
-            .map(|at| at.saturating_sub(now))
-            .min()
+        self.book.next_expiry().map(|at| at.saturating_sub(now))
     }
 
     /// The firewall, for the daemon's stop.
@@ -473,7 +471,26 @@ impl<F: Firewall> Core<F> {
         out
     }
 
-    fn save_book(&self) {
+    /// Marks the book changed. Saving rewrites the whole file (and fsyncs), so saves
+    /// are coalesced: the run loop calls [`Core::save_book_now`] shortly after the first
+    /// change, and the stop does too. A crash in between loses only names and ids: the
+    /// kernel keeps the grants, and the next start books them as `recovered`.
+    fn save_book(&mut self) {
+        self.book_dirty_since
+            .get_or_insert_with(std::time::Instant::now);
+    }
+
+    /// Since when the book has unsaved changes, if it has any.
+    #[must_use]
+    pub fn book_dirty_since(&self) -> Option<std::time::Instant> {
+        self.book_dirty_since
+    }
+
+    /// Writes the book to disk if it changed.
+    pub fn save_book_now(&mut self) {
+        if self.book_dirty_since.take().is_none() {
+            return;
+        }
         if let Err(e) = self.book.save(&self.settings.book_path) {
             tracing::warn!(error = %format!("{e:#}"), "cannot save the grant book; grants stay in force");
         }

@@ -22,8 +22,12 @@ use crate::policy::KeyRing;
 
 /// How often refusal counts are summarised while there are any.
 const SUMMARY_EVERY: Duration = Duration::from_secs(10);
+/// How long after a change the grant book is saved (changes in between are coalesced).
+const BOOK_SAVE_DELAY: Duration = Duration::from_millis(200);
 /// Longest sleep of the expiry timer when no grant is due.
 const IDLE_EXPIRY_CHECK: Duration = Duration::from_secs(3600);
+/// Most datagrams handled in one turn of the run loop.
+const RECV_BATCH: usize = 256;
 /// Largest datagram read; anything longer than a knock is refused anyway.
 const RECV_LEN: usize = 512;
 
@@ -64,26 +68,26 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
     let wake = Rc::new(tokio::sync::Notify::new());
     let mut buf = [0u8; RECV_LEN];
     let signal = loop {
-        let next_expiry = daemon
-            .borrow_mut()
-            .core()
-            .next_expiry(unix_now())
-            .map_or(IDLE_EXPIRY_CHECK, Duration::from_secs);
-        let summary = if log.has_counts() {
-            SUMMARY_EVERY
-        } else {
-            IDLE_EXPIRY_CHECK
-        };
-        let trial = daemon
-            .borrow()
-            .trial_deadline()
-            .map(|at| Duration::from_secs(at.saturating_sub(unix_now())));
+        let Timers {
+            next_expiry,
+            summary,
+            book_due,
+            trial,
+        } = Timers::of(&mut daemon.borrow_mut(), &log);
         tokio::select! {
             received = socket.recv_from(&mut buf) => {
                 let Ok((len, from)) = received else { continue };
+                let mut d = daemon.borrow_mut();
+                let now = unix_now();
                 let source = source_of(from);
-                let outcome = daemon.borrow_mut().core().knock(&buf[..len], source, unix_now());
-                log.outcome(&outcome, source);
+                log.outcome(&d.core().knock(&buf[..len], source, now), source);
+                // Whatever else is queued, without going round the loop (and its timers)
+                // for each datagram: under a flood this is most of the work saved.
+                for _ in 1..RECV_BATCH {
+                    let Ok((len, from)) = socket.try_recv_from(&mut buf) else { break };
+                    let source = source_of(from);
+                    log.outcome(&d.core().knock(&buf[..len], source, now), source);
+                }
             }
             accepted = admin_socket.accept() => {
                 if let Ok((stream, _)) = accepted {
@@ -113,8 +117,11 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
                 }
             }
             () = tokio::time::sleep(summary) => log.summarise(),
+            () = tokio::time::sleep_until(book_due.unwrap_or_else(tokio::time::Instant::now)), if book_due.is_some() => {
+                daemon.borrow_mut().core().save_book_now();
+            }
             () = tokio::time::sleep(trial.unwrap_or(IDLE_EXPIRY_CHECK)), if trial.is_some() => {
-                daemon.borrow_mut().rollback_if_due(unix_now());
+                daemon.borrow_mut().rollback_if_due(std::time::Instant::now());
             }
             () = tokio::time::sleep(watchdog.unwrap_or(IDLE_EXPIRY_CHECK)), if watchdog.is_some() => {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
@@ -135,6 +142,37 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
         .shutdown()
         .context("cannot stop cleanly")?;
     Ok(())
+}
+
+/// When the run loop must next wake up for each of its timers.
+struct Timers {
+    next_expiry: Duration,
+    summary: Duration,
+    book_due: Option<tokio::time::Instant>,
+    trial: Option<Duration>,
+}
+
+impl Timers {
+    fn of(d: &mut Daemon<NftFirewall>, log: &KnockLog) -> Self {
+        let trial = d
+            .trial_due()
+            .map(|at| at.saturating_duration_since(std::time::Instant::now()));
+        let core = d.core();
+        Self {
+            next_expiry: core
+                .next_expiry(unix_now())
+                .map_or(IDLE_EXPIRY_CHECK, Duration::from_secs),
+            summary: if log.has_counts() {
+                SUMMARY_EVERY
+            } else {
+                IDLE_EXPIRY_CHECK
+            },
+            book_due: core
+                .book_dirty_since()
+                .map(|since| tokio::time::Instant::from_std(since + BOOK_SAVE_DELAY)),
+            trial,
+        }
+    }
 }
 
 /// The firewall (asked to lock the table when `tamper = "lock"`) and the watch on its

@@ -6,7 +6,7 @@
 //! daemon restart during the trial also comes back on the old config.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
@@ -19,8 +19,8 @@ use crate::state::{StateError, write_atomically};
 /// A config on trial.
 #[derive(Debug)]
 pub(super) struct Trial {
-    /// Unix second of the rollback.
-    deadline: u64,
+    /// When the rollback is due, on the monotonic clock: exactly the time given.
+    due: Instant,
     /// The config to return to.
     previous: Loaded,
     /// The trial config's text, as applied (a confirm saves exactly this).
@@ -55,12 +55,13 @@ impl<F: Firewall> Daemon<F> {
         let keys = crate::config::load_keys(&loaded)?;
         let previous = self.loaded.clone();
         self.switch_to(loaded, keys)?;
-        // Whole seconds: round up, so the rollback never comes before the time given.
+        // The Unix second by which it has rolled back, for the requester; the rollback
+        // itself is due exactly `confirm` from now (the monotonic `due`).
         let deadline = now
             .saturating_add(confirm.as_secs().max(1))
             .saturating_add(1);
         self.trial = Some(Trial {
-            deadline,
+            due: Instant::now() + confirm.max(Duration::from_secs(1)),
             previous,
             text: text.to_owned(),
         });
@@ -89,15 +90,15 @@ impl<F: Firewall> Daemon<F> {
         Ok(target)
     }
 
-    /// Unix second of the pending rollback, if a config is on trial.
+    /// When the pending rollback is due, if a config is on trial.
     #[must_use]
-    pub fn trial_deadline(&self) -> Option<u64> {
-        self.trial.as_ref().map(|t| t.deadline)
+    pub fn trial_due(&self) -> Option<Instant> {
+        self.trial.as_ref().map(|t| t.due)
     }
 
-    /// Rolls back to the previous config if the trial's time is up.
-    pub fn rollback_if_due(&mut self, now: u64) {
-        if self.trial.as_ref().is_none_or(|t| t.deadline > now) {
+    /// Rolls back to the previous config if the trial's time is up at `now`.
+    pub fn rollback_if_due(&mut self, now: Instant) {
+        if self.trial.as_ref().is_none_or(|t| t.due > now) {
             return;
         }
         let Some(trial) = self.trial.take() else {
