@@ -92,17 +92,25 @@ impl ReplayLog {
         ))
     }
 
-    /// Appends one accepted nonce and waits until it is on disk.
+    /// Appends one accepted nonce to the file. Once this returns the record is in the
+    /// kernel's page cache: a crash or restart of the daemon cannot lose it. Call
+    /// [`ReplayLog::sync`] to have it on the disk (which a crash of the host needs).
     pub fn append(&mut self, nonce: &[u8; NONCE_LEN], until: u64) -> Result<(), StateError> {
         let mut record = [0u8; RECORD];
         record[..NONCE_LEN].copy_from_slice(nonce);
         record[NONCE_LEN..].copy_from_slice(&until.to_be_bytes());
         self.file
             .write_all(&record)
-            .and_then(|()| self.file.sync_data())
             .map_err(|source| file_error(&self.path, source))?;
         self.records += 1;
         Ok(())
+    }
+
+    /// Waits until everything appended is on the disk (fdatasync).
+    pub fn sync(&mut self) -> Result<(), StateError> {
+        self.file
+            .sync_data()
+            .map_err(|source| file_error(&self.path, source))
     }
 
     /// Rewrites the log with only `guard`'s live nonces when it has grown well past them.
