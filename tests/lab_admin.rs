@@ -4,19 +4,10 @@
 mod support;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
-use support::{Host, Lab, lab_available, sa, v4, v6};
-
-fn admin(socket: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_knockgate"))
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .output()
-        .expect("run knockgate")
-}
+use support::{Host, Lab, admin, lab_available, sa, v4, v6};
 
 fn text(out: &Output) -> String {
     format!(

@@ -655,14 +655,7 @@ fn the_daemon_works_as_its_own_user_with_only_cap_net_admin() {
         .unwrap()
         .replace("[dns]", "[inbound]\ntcp_ports = [80, 443, 8443]\n\n[dns]");
     let new = k.lab.write_file("new.toml", &new_text);
-    let admin = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_knockgate"))
-            .arg("--socket")
-            .arg(&socket)
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let admin = |args: &[&str]| support::admin(&socket, args);
     let out = admin(&[
         "apply",
         "--confirm",

@@ -6,26 +6,16 @@
 mod support;
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use support::{Daemon, Host, Lab, lab_available, sa, v4, v6};
+use support::{Daemon, Host, Lab, admin, lab_available, sa, v4, v6};
 
 /// How long a repair may take, from the foreign change to the grant being back.
 const REPAIR_DEADLINE: Duration = Duration::from_secs(1);
 /// How long the intruder waits for each handshake.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(20);
-
-fn admin(socket: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_knockgate"))
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .output()
-        .expect("run knockgate")
-}
 
 /// A daemon with `tamper` in force, an SSH echo service, and grants for the laptop's
 /// IPv4 and IPv6 addresses.

@@ -52,7 +52,7 @@ impl Plan {
             valid_in_flood: 20,
             sizes: vec![1_000, 10_000, 100_000],
             spa_grants: 100,
-            connect_window: Duration::from_secs(2),
+            connect_window: Duration::from_secs(5),
             idle: Duration::from_secs(30),
             egress_runs: 50,
         }
@@ -101,7 +101,7 @@ fn junk_for(kind: Kind, subject: &Subject, client: IpAddr) -> (&'static str, Vec
                     let d = if i % 2 == 0 {
                         rng.bytes(114)
                     } else {
-                        subjects::knockgate_bad_mac(i)
+                        subjects::knockgate_bad_mac()
                     };
                     vec![(subjects::SPA_PORT, d)]
                 })

@@ -190,8 +190,8 @@ impl Report {
 
     fn flood_table(&self, m: &mut String) {
         m.push_str("\n**Junk flood** (one source, as fast as one sending thread goes, while the laptop knocks validly)\n\n");
-        m.push_str("| daemon | junk | sent/s | dropped at its socket | rejected by the daemon/s | daemon CPU | valid knocks opened | their median / p99 |\n");
-        m.push_str("|---|---|---:|---:|---:|---:|---:|---:|\n");
+        m.push_str("| daemon | junk | sent/s | dropped at its socket | rejected by the daemon/s | daemon CPU | rejected per CPU-second | valid knocks opened | their median / p99 |\n");
+        m.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
         for r in &self.flood {
             let f = &r.result;
             let drops = f
@@ -199,12 +199,18 @@ impl Report {
                 .map_or_else(|| "—".to_owned(), |d| d.to_string());
             let _ = writeln!(
                 m,
-                "| {} | {} | {:.0} | {drops} | {} | {:.0}% | {}/{} | {} / {} ms |",
+                "| {} | {} | {:.0} | {drops} | {} | {:.0}% | {} | {}/{} | {} / {} ms |",
                 r.daemon,
                 r.junk,
                 f.sent as f64 / f.seconds,
                 opt(f.rejected_per_sec, 0),
                 f.cpu_share * 100.0,
+                opt(
+                    f.rejected_per_sec
+                        .filter(|_| f.cpu_share > 0.01)
+                        .map(|r| r / f.cpu_share),
+                    0
+                ),
                 f.valid_opened_ms.len(),
                 f.valid_sent,
                 opt(r.valid.as_ref().map(|s| s.median_ms), 2),

@@ -312,6 +312,17 @@ static KNOCKS_MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64:
 
 /// A fresh valid knock for key alice (a nonce never used before in this run).
 pub fn knockgate_knock(ttl_secs: u64) -> Vec<u8> {
+    sealed(KEY_HEX, ttl_secs)
+}
+
+/// A well-formed knock sealed with a wrong key: the daemon must compute one HMAC to
+/// refuse it (the costliest junk).
+pub fn knockgate_bad_mac() -> Vec<u8> {
+    sealed(&"00".repeat(32), 60)
+}
+
+/// A knock by key id alice, sealed with `key_hex`, with a nonce of its own.
+fn sealed(key_hex: &str, ttl_secs: u64) -> Vec<u8> {
     let n = KNOCKS_MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut nonce = [0u8; 16];
     nonce[..8].copy_from_slice(&n.to_le_bytes());
@@ -326,7 +337,7 @@ pub fn knockgate_knock(ttl_secs: u64) -> Vec<u8> {
     };
     seal(
         &k,
-        &Secret::from_hex(KEY_HEX).unwrap(),
+        &Secret::from_hex(key_hex).unwrap(),
         &ServerId::new("bench").unwrap(),
     )
     .to_vec()
@@ -374,25 +385,4 @@ pub fn send_knock(socket: &UdpSocket, server: IpAddr, knock: &KnockDatagrams) {
     for (port, datagram) in knock {
         let _ = socket.send_to(datagram, SocketAddr::new(server, *port));
     }
-}
-
-/// A well-formed knock sealed with a wrong key: the daemon must compute one HMAC to
-/// refuse it (the costliest junk).
-pub fn knockgate_bad_mac(i: usize) -> Vec<u8> {
-    let mut nonce = [0u8; 16];
-    nonce[..8].copy_from_slice(&(i as u64).to_le_bytes());
-    let k = Knock {
-        key_id: KeyId::new("alice").unwrap(),
-        service: Service::Ssh,
-        timestamp: unix_now(),
-        nonce,
-        ttl_secs: 60,
-        address: AddressClaim::PacketSource,
-    };
-    seal(
-        &k,
-        &Secret::from_hex(&"00".repeat(32)).unwrap(),
-        &ServerId::new("bench").unwrap(),
-    )
-    .to_vec()
 }

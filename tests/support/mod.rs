@@ -534,6 +534,16 @@ impl Drop for Daemon {
     }
 }
 
+/// Runs the `knockgate` admin CLI against the admin socket `socket`.
+pub fn admin(socket: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_knockgate"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("run knockgate")
+}
+
 /// Writes a line and expects it back: proof that data flows both ways.
 pub fn echo_round_trip(stream: &mut TcpStream) -> bool {
     let msg = b"knockgate-lab\n";
