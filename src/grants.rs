@@ -337,12 +337,17 @@ impl GrantBook {
 
     /// Saves the book to `path` atomically.
     pub fn save(&self, path: &Path) -> Result<(), StateError> {
+        write_atomically(&path.with_extension("tmp"), path, &self.to_json())
+    }
+
+    /// The book as its file holds it.
+    #[must_use]
+    pub fn to_json(&self) -> Vec<u8> {
         let saved = Saved {
             grants: self.records.values().cloned().collect(),
             windows: self.windows.values().cloned().collect(),
         };
-        let text = serde_json::to_vec_pretty(&saved).unwrap_or_default();
-        write_atomically(&path.with_extension("tmp"), path, &text)
+        serde_json::to_vec_pretty(&saved).unwrap_or_default()
     }
 }
 

@@ -26,7 +26,7 @@ use crate::ruleset::baseline::{
     SSH_GRANTS_V4, SSH_GRANTS_V6,
 };
 use crate::ruleset::{Element, ElementKey, IpFamily};
-use crate::state::ReplayLog;
+use crate::state::{ReplayLog, SnapshotWriter};
 
 /// Most live nonces remembered; beyond it knocks are refused until old ones expire.
 pub const REPLAY_CAPACITY: usize = 1 << 16;
@@ -109,6 +109,8 @@ pub struct Core<F: Firewall> {
     book: GrantBook,
     /// Since when the book has changes not yet on disk (saves are coalesced).
     book_dirty_since: Option<std::time::Instant>,
+    /// Writes the book off the daemon's loop.
+    book_writer: SnapshotWriter,
     invalid: Option<DefaultKeyedRateLimiter<IpAddr>>,
 }
 
@@ -168,6 +170,7 @@ impl<F: Firewall> Core<F> {
         book: GrantBook,
     ) -> Self {
         let invalid = invalid_limiter(settings.ban);
+        let book_writer = SnapshotWriter::new(settings.book_path.clone());
         Self {
             firewall,
             settings,
@@ -176,6 +179,7 @@ impl<F: Firewall> Core<F> {
             replay_log,
             book,
             book_dirty_since: None,
+            book_writer,
             invalid,
         }
     }
@@ -493,14 +497,17 @@ impl<F: Firewall> Core<F> {
         self.book_dirty_since
     }
 
-    /// Writes the book to disk if it changed.
+    /// Hands the book to its writer if it changed (written in the background).
     pub fn save_book_now(&mut self) {
-        if self.book_dirty_since.take().is_none() {
-            return;
+        if self.book_dirty_since.take().is_some() {
+            self.book_writer.write(self.book.to_json());
         }
-        if let Err(e) = self.book.save(&self.settings.book_path) {
-            tracing::warn!(error = %format!("{e:#}"), "cannot save the grant book; grants stay in force");
-        }
+    }
+
+    /// Saves the book if it changed and waits until it is on disk (for the stop).
+    pub fn save_book_and_wait(&mut self) {
+        self.save_book_now();
+        self.book_writer.finish();
     }
 }
 

@@ -195,7 +195,7 @@ impl<F: Firewall> Daemon<F> {
     /// place unless `on_stop = "remove"`, in which case exactly knockgate's table (and
     /// no other) is deleted.
     pub fn shutdown(&mut self) -> Result<(), FirewallError> {
-        self.core.save_book_now();
+        self.core.save_book_and_wait();
         let table = self.ruleset.table.clone();
         match self.loaded.config.on_stop {
             OnStop::Keep => info!(
