@@ -103,14 +103,7 @@ fn a_locked_table_outlasts_flushes_and_refuses_other_writers() {
     }
     let (lab, daemon, _ssh, config) = lab_with_grants("lock");
     let plan = v4();
-    let _ = within(Duration::from_secs(5), || {
-        daemon.log_text().contains("table locked")
-    });
-    assert!(
-        daemon.log_text().contains("table locked"),
-        "{}",
-        daemon.log_text()
-    );
+    assert!(daemon.logged_soon("table locked"), "{}", daemon.log_text());
 
     // An intruder knocks on 22 without pause while the ruleset is flushed 50 times.
     let stop = AtomicBool::new(false);
@@ -166,15 +159,7 @@ fn a_locked_table_outlasts_flushes_and_refuses_other_writers() {
     assert!(lab.tcp_works_from(Host::Client, plan.client, ssh_of(&plan)));
     assert!(!lab.tcp_works_from(Host::Client, plan.client_alt, ssh_of(&plan)));
     let again = lab.start_daemon(&config);
-    // Logged just after "baseline applied", which is all start_daemon waits for.
-    let _ = within(Duration::from_secs(5), || {
-        again.log_text().contains("table locked")
-    });
-    assert!(
-        again.log_text().contains("table locked"),
-        "{}",
-        again.log_text()
-    );
+    assert!(again.logged_soon("table locked"), "{}", again.log_text());
     let out = lab.try_exec(
         Host::Server,
         &["nft", "delete", "table", "inet", "knockgate"],

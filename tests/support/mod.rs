@@ -489,6 +489,19 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits (at most 5 s) until it has logged `needle`; whether it did. For lines
+    /// logged after "baseline applied", which is all the start waits for.
+    pub fn logged_soon(&self, needle: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.log_text().contains(needle) {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+
     /// Its process id (`ip netns exec` execs it, so this is knockgated's).
     pub fn pid(&self) -> i32 {
         i32::try_from(self.child.id()).expect("pid")
