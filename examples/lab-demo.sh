@@ -95,7 +95,7 @@ export KNOCKGATE_KNOCK__SERVER_ID=demo
 echo
 echo "== starting knockgated with examples/knockgate.toml"
 KNOCKGATE_KNOCK__STATE_DIR="$work/state" KNOCKGATE_ADMIN__SOCKET="$work/admin.sock" ip netns exec "$server" "$daemon" --config "$cfg" 2>"$work/daemon.log" & dpid=$!; pids+=("$dpid")
-for _ in $(seq 100); do grep -q "baseline applied" "$work/daemon.log" && break; sleep 0.05; done
+for _ in $(seq 100); do grep -q "listening for knocks" "$work/daemon.log" && break; sleep 0.05; done
 sed 's/^/  log: /' "$work/daemon.log"
 echo
 echo "== with the baseline: web in, nothing else; DNS out to the resolver only"

@@ -46,12 +46,36 @@ fn is_usage(e: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 fn hint(err: &anyhow::Error) -> Option<&'static str> {
-    let permission = err.chain().any(|e| {
-        e.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+    // Only a refusal from the kernel's packet filter means "not root": the same errno
+    // from a file, a socket path or a system-call filter has another cause, which the
+    // error's own message names.
+    let firewall_refused = err.chain().any(|e| {
+        e.downcast_ref::<crate::firewall::FirewallError>()
+            .is_some_and(|f| {
+                std::error::Error::source(f)
+                    .and_then(|s| s.downcast_ref::<std::io::Error>())
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+            })
     });
-    if permission {
+    if firewall_refused {
         return Some("programming nftables needs root (or CAP_NET_ADMIN)");
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eperm() -> std::io::Error {
+        std::io::Error::from_raw_os_error(1)
+    }
+
+    #[test]
+    fn the_root_hint_is_only_for_the_packet_filter() {
+        let nft = anyhow::Error::new(crate::firewall::FirewallError::OpenSocket(eperm()));
+        assert!(hint(&nft).is_some());
+        let file = anyhow::Error::new(eperm()).context("cannot create the admin socket /run/x");
+        assert_eq!(hint(&file), None, "an EPERM elsewhere has another cause");
+    }
 }

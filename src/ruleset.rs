@@ -309,6 +309,15 @@ pub enum Expr {
         /// Set of protocol numbers.
         set: String,
     },
+    /// `ct mark & M == M`: every bit of `M` is set in the connection's mark.
+    CtMarkHas(u32),
+    /// `ct mark set ct mark | M`: set the bits of `M` in the connection's mark,
+    /// keeping the others.
+    CtMarkAdd(u32),
+    /// `socket transparent 0`: a local (ordinary, non-transparent) socket will take
+    /// the packet. Without one the rule does not match, so the packet falls to the
+    /// drop policy instead of drawing an ICMP port-unreachable.
+    LocalSocket,
     /// `log prefix "…"`.
     Log {
         /// Prefix of the kernel log line.
@@ -471,6 +480,9 @@ impl fmt::Display for Expr {
                 family.keyword()
             ),
             Self::L4ProtoInSet { set } => write!(f, "meta l4proto @{set}"),
+            Self::CtMarkHas(mark) => write!(f, "ct mark & {mark:#010x} == {mark:#010x}"),
+            Self::CtMarkAdd(mark) => write!(f, "ct mark set ct mark | {mark:#010x}"),
+            Self::LocalSocket => f.write_str("socket transparent 0"),
             Self::Log { prefix } => write!(f, "log prefix \"{prefix}\""),
             Self::Verdict(Verdict::Accept) => f.write_str("accept"),
             Self::Verdict(Verdict::Drop) => f.write_str("drop"),

@@ -56,7 +56,7 @@ fn ruleset_and_daemon_check_print_the_same_nft_text() {
     let printed = text(&admin.stdout);
     assert!(printed.starts_with("table inet knockgate {"), "{printed}");
     assert!(
-        printed.contains("ip daddr 192.0.2.53 udp dport 53 accept"),
+        printed.contains("ip daddr 192.0.2.53 udp dport 53 ct mark set"),
         "resolver from resolv_conf: {printed}"
     );
     assert_eq!(printed, text(&daemon.stdout));
@@ -74,7 +74,7 @@ fn environment_overrides_reach_the_ruleset() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("tcp dport 2222 ip saddr @ssh_grants_v4 accept"));
+    assert!(text(&out.stdout).contains("tcp dport 2222 ip saddr @ssh_grants_v4 ct mark set"));
 }
 
 #[test]

@@ -287,3 +287,142 @@ fn warn_only_logs_and_leaves_the_change() {
     // The daemon has seen it and decided; the rule stays deleted.
     assert_eq!(rules(), before[1..].to_vec());
 }
+
+/// Opens up to `attempts` connections from `from` to `to` while `stop` is unset and
+/// keeps those that the kernel let through.
+fn intruder_connections(
+    lab: &Lab,
+    from: IpAddr,
+    to: SocketAddr,
+    attempts: usize,
+    stop: &AtomicBool,
+) -> Vec<std::net::TcpStream> {
+    lab.in_ns(Host::Client, || {
+        let mut kept = Vec::new();
+        for _ in 0..attempts {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let domain = socket2::Domain::for_address(to);
+            let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None).expect("socket");
+            socket.bind(&SocketAddr::new(from, 0).into()).expect("bind");
+            if socket.connect_timeout(&to.into(), PROBE_TIMEOUT).is_ok() {
+                kept.push(socket.into());
+            }
+        }
+        kept
+    })
+}
+
+/// How many of `connections` still carry data both ways: a line goes out on each, and
+/// after a second each that has its echo waiting counts (one wait for all of them).
+fn still_alive(connections: &mut [std::net::TcpStream]) -> usize {
+    use std::io::{Read, Write};
+    for c in connections.iter_mut() {
+        let _ = c.write_all(b"knockgate-lab\n");
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    connections
+        .iter_mut()
+        .map(|c| {
+            c.set_nonblocking(true).is_ok() && matches!(c.read(&mut [0u8; 64]), Ok(n) if n > 0)
+        })
+        .filter(|&alive| alive)
+        .count()
+}
+
+/// Without the table lock (Linux < 6.9, or `tamper = "repair"`), flushes open the host
+/// for milliseconds and the intruder gets connections in. The repaired baseline must
+/// not carry them on: its established rules require knockgate's conntrack mark, which
+/// only its own accepting rules set. The laptop's session, admitted by a grant, lives on.
+#[test]
+fn repair_leaves_no_intruder_connection_alive() {
+    if !lab_available("repair_leaves_no_intruder_connection_alive") {
+        return;
+    }
+    let (lab, daemon, _ssh, _config) = lab_with_grants("repair");
+    let plan = v4();
+    let mut laptop = lab.tcp_connect(Host::Client, ssh_of(&plan));
+    assert!(support::echo_round_trip(&mut laptop));
+
+    let stop = AtomicBool::new(false);
+    let mut kept = std::thread::scope(|s| {
+        let probe =
+            s.spawn(|| intruder_connections(&lab, plan.client_alt, ssh_of(&plan), 400, &stop));
+        for _ in 0..50 {
+            let out = lab.try_exec(Host::Server, &["nft", "flush", "ruleset"]);
+            assert!(out.status.success(), "{out:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        stop.store(true, Ordering::Relaxed);
+        probe.join().unwrap()
+    });
+    let repaired = within(REPAIR_DEADLINE, || {
+        granted(&lab, "ssh_grants_v4", plan.client)
+    });
+    assert!(repaired.is_some(), "not repaired");
+    std::thread::sleep(Duration::from_secs(1));
+    // The laptop first: the echo server gives up on a connection idle for 30 s.
+    assert!(
+        support::echo_round_trip(&mut laptop),
+        "the laptop's granted session was cut"
+    );
+    let through = kept.len();
+    let alive = still_alive(&mut kept);
+    eprintln!(
+        "intruder: {through} connections through during 50 flushes, {alive} alive 1 s after the repair"
+    );
+    assert!(
+        through > 0,
+        "no connection got through during the flushes: this test proves nothing"
+    );
+    assert_eq!(alive, 0, "intruder connections survived the repair");
+    assert!(lab.tcp_works_from(Host::Client, plan.client, ssh_of(&plan)));
+    drop(daemon);
+}
+
+/// The first start on a host takes the connections already up with it (an admin's
+/// SSH session over which knockgate is being installed); new ones need a grant. The
+/// host had a firewall before (here: one stateful rule in another table), so
+/// conntrack knows the sessions; knockgate marks them (decision 37).
+#[test]
+fn the_first_start_keeps_the_sessions_already_up() {
+    if !lab_available("the_first_start_keeps_the_sessions_already_up") {
+        return;
+    }
+    let lab = Lab::new();
+    let _ssh = lab.tcp_echo(Host::Server, "[::]:22".parse().unwrap());
+    let config = lab.write_file(
+        "k.toml",
+        "tamper = \"repair\"\n[dns]\nresolvers = [\"10.77.2.53\"]\n",
+    );
+    lab.exec(
+        Host::Server,
+        &[
+            "nft",
+            "add table inet previous; add chain inet previous input { type filter hook input priority 10; }; add rule inet previous input ct state established accept",
+        ],
+    );
+    let mut sessions: Vec<_> = [v4(), v6()]
+        .iter()
+        .map(|plan| lab.tcp_connect(Host::Client, ssh_of(plan)))
+        .collect();
+    let daemon = lab.start_daemon(&config);
+    assert!(
+        daemon.logged_soon("event=\"adopt\""),
+        "{}",
+        daemon.log_text()
+    );
+    for (plan, session) in [v4(), v6()].iter().zip(sessions.iter_mut()) {
+        assert!(
+            support::echo_round_trip(session),
+            "the session from {} was cut",
+            plan.client
+        );
+        assert!(
+            !lab.tcp_works_from(Host::Client, plan.client, ssh_of(plan)),
+            "a new session from {} got in without a grant",
+            plan.client
+        );
+    }
+}

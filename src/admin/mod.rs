@@ -3,8 +3,6 @@
 //! the admin group). Used by `knockgate` now and by `egress-window` later.
 
 pub mod client;
-#[cfg(feature = "daemon")]
-pub mod server;
 
 use std::net::IpAddr;
 

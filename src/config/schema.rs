@@ -6,6 +6,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+/// The conntrack mark bit knockgate uses unless configured: one high bit, clear of
+/// the low bits other tools (and `connmark` recipes) usually take.
+pub const DEFAULT_CONNTRACK_MARK: u32 = 0x1000_0000;
+
 /// What the output chain does with traffic the baseline does not name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "String")]
@@ -63,6 +67,11 @@ pub struct Config {
     pub on_stop: OnStop,
     /// What happens when someone else changes the table.
     pub tamper: Tamper,
+    /// The conntrack mark bit(s) knockgate's accepting rules set on the connections
+    /// they admit, and its established rules require: a connection that slipped in
+    /// while the table was gone (flushed on a kernel without the table lock) is not
+    /// carried on by the repaired baseline.
+    pub conntrack_mark: u32,
     /// Inbound services.
     pub inbound: Inbound,
     /// The knock port.
@@ -264,6 +273,7 @@ impl Default for Config {
             forward: Forward::Drop,
             on_stop: OnStop::Keep,
             tamper: Tamper::Lock,
+            conntrack_mark: DEFAULT_CONNTRACK_MARK,
             inbound: Inbound::default(),
             knock: Knock::default(),
             dns: Dns::default(),

@@ -69,6 +69,12 @@ pub(super) fn validate(path: &Path, config: &Config) -> Result<(), ConfigError> 
     if config.admin.group.is_empty() {
         return Err(c.invalid("admin.group", "expected a group name"));
     }
+    if config.conntrack_mark == 0 {
+        return Err(c.invalid(
+            "conntrack_mark",
+            "expected a non-zero mark (one bit, e.g. 0x10000000)",
+        ));
+    }
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 //! Generic over [`Firewall`], so the start/stop decisions are unit-tested with the
 //! in-memory firewall. Every decision is logged on the audit target.
 
+mod admin;
 pub mod core;
 mod listener;
 mod repair;
@@ -30,11 +31,12 @@ use crate::ruleset::baseline::{
 use crate::ruleset::{Element, ElementKey, Hook, Ruleset, baseline};
 use crate::state::{ReplayLog, StateError};
 
-/// Why the daemon could not start; nothing in the kernel changed unless the
-/// baseline was applied (then it stays: fail closed).
+/// Why the daemon could not start. The baseline goes into the kernel first, so
+/// any failure after it (state directory, sockets) leaves the host locked down,
+/// not open: fail closed.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// The state directory is unusable (checked before the kernel is touched).
+    /// The state directory is unusable (the baseline is already in force).
     #[error(transparent)]
     State(#[from] StateError),
     /// The kernel refused the baseline.
@@ -83,21 +85,27 @@ pub struct Daemon<F: Firewall> {
 }
 
 impl<F: Firewall> Daemon<F> {
-    /// Opens the state directory, then applies the baseline built from `loaded` in one
-    /// transaction, carrying the grants and bans the kernel holds with their remaining
-    /// time, and reconciles the grant book with them. `now` is Unix seconds.
+    /// Applies the baseline built from `loaded` in one transaction, carrying the
+    /// grants and bans the kernel holds with their remaining time, then opens the
+    /// state directory and reconciles the grant book with the kernel. The baseline
+    /// comes first so that nothing that can fail leaves the host without it.
+    /// `now` is Unix seconds.
     pub fn start(
         mut firewall: F,
         loaded: Loaded,
         keys: KeyRing,
         now: u64,
     ) -> Result<Self, StartError> {
-        let state_dir = loaded.config.knock.state_dir.clone();
-        let replay = ReplayLog::open(&state_dir, REPLAY_CAPACITY, now)?;
+        let first_takeover = !firewall.table_exists(&loaded.config.table)?;
         let ruleset = baseline_with_live_elements(&mut firewall, &loaded);
         let started = Instant::now();
         firewall.replace(&ruleset)?;
         log_applied(&loaded, &ruleset, started.elapsed());
+        if first_takeover {
+            adopt_connections(&mut firewall, loaded.config.conntrack_mark);
+        }
+        let state_dir = loaded.config.knock.state_dir.clone();
+        let replay = ReplayLog::open(&state_dir, REPLAY_CAPACITY, now)?;
         let book_path = state_dir.join(BOOK_FILE);
         let mut book = GrantBook::load(&book_path).unwrap_or_else(|e| {
             warn!(error = %format!("{e:#}"), "cannot read the grant book; rebuilding it from the kernel");
@@ -221,6 +229,20 @@ impl<F: Firewall> Daemon<F> {
     pub fn stop(mut self) -> Result<F, FirewallError> {
         self.shutdown()?;
         Ok(self.core.into_firewall())
+    }
+}
+
+/// Marks the connections that were up before knockgate's table existed, so its
+/// established rules (which require the mark) carry them on: an admin's SSH session
+/// survives the first start. Never again after that: a connection that appears
+/// unmarked later got in while the table was gone, and stays cut off.
+fn adopt_connections<F: Firewall>(firewall: &mut F, mark: u32) {
+    match firewall.mark_connections(mark) {
+        Ok(adopted) => info!(target: AUDIT, event = "adopt", marked = adopted.marked,
+            gone = adopted.gone, cut_off = adopted.cut_off,
+            "connections that were up before the first start are kept"),
+        Err(e) => warn!(target: AUDIT, event = "adopt", error = %format!("{e:#}"),
+            "cannot mark the connections that were up before the first start; they will be cut"),
     }
 }
 
@@ -356,7 +378,7 @@ mod tests {
     }
 
     #[test]
-    fn an_unusable_state_directory_stops_the_start_before_the_kernel_is_touched() {
+    fn an_unusable_state_directory_stops_the_start_with_the_baseline_in_force() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("not-a-dir");
         std::fs::write(&file, "").unwrap();
@@ -368,7 +390,31 @@ mod tests {
             NOW,
         );
         assert!(matches!(result, Err(StartError::State(_))));
-        assert_eq!(fw.commits, 0);
+        assert_eq!(fw.commits, 1, "the baseline went in first");
+        assert!(
+            fw.tables.contains_key("knockgate"),
+            "and stays: fail closed"
+        );
+    }
+
+    #[test]
+    fn connections_are_adopted_at_the_first_takeover_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut fw = MemoryFirewall::default();
+        fw.connections.insert("admin ssh".into(), 0x1);
+        let daemon = start(fw, OnStop::Keep, &dir).unwrap();
+        let mut fw = daemon.stop().unwrap();
+        assert_eq!(
+            fw.connections["admin ssh"],
+            0x1 | 0x1000_0000,
+            "marked, other bits kept"
+        );
+        // Later starts find the table (kept at stop) and mark nothing: a connection
+        // that shows up unmarked got in while the table was gone.
+        fw.connections.insert("while flushed".into(), 0);
+        let daemon = start(fw, OnStop::Keep, &dir).unwrap();
+        let fw = daemon.stop().unwrap();
+        assert_eq!(fw.connections["while flushed"], 0);
     }
 
     #[test]

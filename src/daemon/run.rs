@@ -10,9 +10,9 @@ use anyhow::Context;
 use tokio::io::unix::AsyncFd;
 use tracing::{info, warn};
 
+use super::admin;
 use super::listener::{self, KnockLog};
 use super::{Daemon, source_of, unix_now};
-use crate::admin::server as admin;
 use crate::admin::{Request, Response};
 use crate::config::{Loaded, Tamper};
 use crate::firewall::nft::events::Tampering;
@@ -50,18 +50,19 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
     let group = loaded.config.admin.group.clone();
     let tamper = loaded.config.tamper;
     let (firewall, mut watch) = open_firewall(&loaded)?;
-    let socket = listener::bind(port).with_context(|| format!("cannot bind udp port {port}"))?;
-    let admin_socket = admin::bind(&admin_path, &group)
-        .with_context(|| format!("cannot create the admin socket {}", admin_path.display()))?;
-    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+    // The baseline first: whatever fails after this point (state directory, sockets,
+    // signals) leaves the host locked down rather than open while the service restarts.
     let daemon: Shared = Rc::new(RefCell::new(Daemon::start(
         firewall,
         loaded,
         keys,
         unix_now(),
     )?));
+    let socket = listener::bind(port).with_context(|| format!("cannot bind udp port {port}"))?;
+    let admin_socket = admin::bind(&admin_path, &group)?;
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
     announce_ready(&mut daemon.borrow_mut(), &admin_path);
     let watchdog = sd_notify::watchdog_enabled().map(|period| period / 2);
     let mut log = KnockLog::new();

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use std::time::Duration;
 
-use super::{Firewall, FirewallError};
+use super::{Adopted, Firewall, FirewallError};
 use crate::ruleset::{Element, ElementKey, Ruleset, SetDef};
 
 /// Tables by name, as the kernel would hold them.
@@ -18,6 +18,8 @@ pub struct MemoryFirewall {
     pub refuse_next: bool,
     /// How many changes were committed, to tell a re-apply from a no-op.
     pub commits: usize,
+    /// Conntrack marks of the connections "tracked now", by a test's names for them.
+    pub connections: BTreeMap<String, u32>,
 }
 
 impl MemoryFirewall {
@@ -91,5 +93,19 @@ impl Firewall for MemoryFirewall {
 
     fn elements(&mut self, table: &str, set: &str) -> Result<Vec<Element>, FirewallError> {
         Ok(self.set_mut(table, set)?.elements.clone())
+    }
+
+    fn table_exists(&mut self, table: &str) -> Result<bool, FirewallError> {
+        Ok(self.tables.contains_key(table))
+    }
+
+    fn mark_connections(&mut self, mark: u32) -> Result<Adopted, FirewallError> {
+        for m in self.connections.values_mut() {
+            *m |= mark;
+        }
+        Ok(Adopted {
+            marked: self.connections.len(),
+            ..Adopted::default()
+        })
     }
 }

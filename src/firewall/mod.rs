@@ -41,6 +41,30 @@ pub trait Firewall {
 
     /// What set `set` holds now, with each element's remaining time.
     fn elements(&mut self, table: &str, set: &str) -> Result<Vec<Element>, FirewallError>;
+
+    /// Whether a table named `table` is in force now.
+    fn table_exists(&mut self, table: &str) -> Result<bool, FirewallError>;
+
+    /// Sets the bits of `mark` in the conntrack mark of every connection tracked now,
+    /// keeping their other bits (at most [`MAX_ADOPTED`]). Used once, when knockgate
+    /// first takes over a host, so connections that were already up (an admin's SSH
+    /// session) pass its established rules, which require the mark.
+    fn mark_connections(&mut self, mark: u32) -> Result<Adopted, FirewallError>;
+}
+
+/// Most connections [`Firewall::mark_connections`] marks in one go: beyond it the
+/// rest are left unmarked (a bound on the daemon's memory at start).
+pub const MAX_ADOPTED: usize = 1 << 18;
+
+/// What [`Firewall::mark_connections`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Adopted {
+    /// Connections whose mark now carries the bits.
+    pub marked: usize,
+    /// Connections that ended before they could be marked.
+    pub gone: usize,
+    /// Whether there were more than [`MAX_ADOPTED`] connections (the rest are unmarked).
+    pub cut_off: bool,
 }
 
 /// Failures talking to the packet filter. The kernel's refusal names the message it refused.
@@ -127,5 +151,13 @@ impl<F: Firewall + ?Sized> Firewall for &mut F {
 
     fn elements(&mut self, table: &str, set: &str) -> Result<Vec<Element>, FirewallError> {
         (**self).elements(table, set)
+    }
+
+    fn table_exists(&mut self, table: &str) -> Result<bool, FirewallError> {
+        (**self).table_exists(table)
+    }
+
+    fn mark_connections(&mut self, mark: u32) -> Result<Adopted, FirewallError> {
+        (**self).mark_connections(mark)
     }
 }

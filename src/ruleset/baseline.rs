@@ -126,14 +126,15 @@ fn set(name: &str, key: SetKeyType, kind: SetKind) -> SetDef {
 fn input_chain(config: &Config) -> ChainDef {
     let mut rules = Vec::new();
     rules.push(accept(vec![Expr::IifName("lo".into())]));
+    let mark = config.conntrack_mark;
     rules.push(drop_invalid());
-    rules.push(accept_established());
+    rules.push(accept_established(mark));
     accept_neighbour_discovery(&mut rules, ND_IN);
     if config.inbound.ping {
-        accept_ping(&mut rules, config.inbound.ping_rate_per_second);
+        accept_ping(&mut rules, config.inbound.ping_rate_per_second, mark);
     }
-    allow_public_tcp(&mut rules, &config.inbound.tcp_ports);
-    allow_ssh_from_grants(&mut rules, config.inbound.ssh_port);
+    allow_public_tcp(&mut rules, &config.inbound.tcp_ports, mark);
+    allow_ssh_from_grants(&mut rules, config.inbound.ssh_port, mark);
     if config.knock.ban.enabled {
         drop_banned_knockers(&mut rules, config.knock.port);
     }
@@ -148,22 +149,25 @@ fn input_chain(config: &Config) -> ChainDef {
 }
 
 fn output_chain(config: &Config, resolvers: &[IpAddr]) -> ChainDef {
+    let mark = config.conntrack_mark;
     if config.outbound == Outbound::Open {
+        // Everything may leave, but the input chain's established rule wants the mark
+        // on the replies' connection: the host's own new connections get it here.
         return ChainDef {
             name: "output".into(),
             hook: Hook::Output,
             policy: Policy::Accept,
-            rules: Vec::new(),
+            rules: vec![admit(Vec::new(), mark)],
         };
     }
     let mut rules = Vec::new();
     rules.push(accept(vec![Expr::OifName("lo".into())]));
     rules.push(drop_invalid());
-    rules.push(accept_established());
+    rules.push(accept_established(mark));
     accept_neighbour_discovery(&mut rules, ND_OUT);
     accept_icmp_replies_and_errors(&mut rules);
-    allow_dns_to_resolvers(&mut rules, resolvers);
-    allow_egress_windows(&mut rules, &config.egress.ports);
+    allow_dns_to_resolvers(&mut rules, resolvers, mark);
+    allow_egress_windows(&mut rules, &config.egress.ports, mark);
     log_dropped(&mut rules, config, "output");
     ChainDef {
         name: "output".into(),
@@ -196,11 +200,23 @@ fn drop_invalid() -> Rule {
     ])
 }
 
-fn accept_established() -> Rule {
-    accept(vec![Expr::CtState(vec![
-        CtState::Established,
-        CtState::Related,
-    ])])
+/// A new connection this rule admits: it is marked, so that its later packets pass
+/// [`accept_established`]. Only `ct state new`: a connection that exists without
+/// the mark got in while the table was gone, and no rule here takes it on.
+fn admit(mut exprs: Vec<Expr>, mark: u32) -> Rule {
+    exprs.insert(0, Expr::CtState(vec![CtState::New]));
+    exprs.push(Expr::CtMarkAdd(mark));
+    accept(exprs)
+}
+
+/// Packets of connections knockgate admitted (their conntrack entry carries the
+/// mark). Connections that slipped in while the table was missing carry no mark, so
+/// a repaired baseline drops them (decision 37).
+fn accept_established(mark: u32) -> Rule {
+    accept(vec![
+        Expr::CtState(vec![CtState::Established, CtState::Related]),
+        Expr::CtMarkHas(mark),
+    ])
 }
 
 fn accept_neighbour_discovery(rules: &mut Vec<Rule>, types: &[u8]) {
@@ -209,37 +225,40 @@ fn accept_neighbour_discovery(rules: &mut Vec<Rule>, types: &[u8]) {
     }
 }
 
-fn accept_ping(rules: &mut Vec<Rule>, per_second: u32) {
+fn accept_ping(rules: &mut Vec<Rule>, per_second: u32, mark: u32) {
     let rate = Rate {
         packets: per_second,
         per: Per::Second,
         burst: per_second.saturating_mul(2),
     };
-    rules.push(accept(vec![
-        Expr::IcmpType(icmp::ECHO_REQUEST),
-        Expr::Limit(rate),
-    ]));
-    rules.push(accept(vec![
-        Expr::Icmpv6Type(icmpv6::ECHO_REQUEST),
-        Expr::Limit(rate),
-    ]));
+    rules.push(admit(
+        vec![Expr::IcmpType(icmp::ECHO_REQUEST), Expr::Limit(rate)],
+        mark,
+    ));
+    rules.push(admit(
+        vec![Expr::Icmpv6Type(icmpv6::ECHO_REQUEST), Expr::Limit(rate)],
+        mark,
+    ));
 }
 
-fn allow_public_tcp(rules: &mut Vec<Rule>, ports: &[u16]) {
+fn allow_public_tcp(rules: &mut Vec<Rule>, ports: &[u16], mark: u32) {
     for &port in ports {
-        rules.push(accept(vec![Expr::TcpDport(port)]));
+        rules.push(admit(vec![Expr::TcpDport(port)], mark));
     }
 }
 
-fn allow_ssh_from_grants(rules: &mut Vec<Rule>, ssh_port: u16) {
+fn allow_ssh_from_grants(rules: &mut Vec<Rule>, ssh_port: u16, mark: u32) {
     for (family, set) in [(IpFamily::V4, SSH_GRANTS_V4), (IpFamily::V6, SSH_GRANTS_V6)] {
-        rules.push(accept(vec![
-            Expr::TcpDport(ssh_port),
-            Expr::SaddrInSet {
-                family,
-                set: set.into(),
-            },
-        ]));
+        rules.push(admit(
+            vec![
+                Expr::TcpDport(ssh_port),
+                Expr::SaddrInSet {
+                    family,
+                    set: set.into(),
+                },
+            ],
+            mark,
+        ));
     }
 }
 
@@ -266,8 +285,11 @@ fn accept_knocks_rate_limited(rules: &mut Vec<Rule>, config: &Config) {
         (IpFamily::V4, KNOCK_METER_V4),
         (IpFamily::V6, KNOCK_METER_V6),
     ] {
+        // `socket`: with no daemon listening (stopped, killed, restarting) the knock
+        // port is dropped like any closed port instead of drawing a port-unreachable.
         rules.push(accept(vec![
             Expr::UdpDport(config.knock.port),
+            Expr::LocalSocket,
             Expr::MeterSaddr {
                 family,
                 set: set.into(),
@@ -286,48 +308,57 @@ fn accept_icmp_replies_and_errors(rules: &mut Vec<Rule>) {
     }
 }
 
-fn allow_dns_to_resolvers(rules: &mut Vec<Rule>, resolvers: &[IpAddr]) {
+fn allow_dns_to_resolvers(rules: &mut Vec<Rule>, resolvers: &[IpAddr], mark: u32) {
     for &resolver in resolvers {
-        rules.push(accept(vec![
-            Expr::Daddr(resolver),
-            Expr::UdpDport(DNS_PORT),
-        ]));
-        rules.push(accept(vec![
-            Expr::Daddr(resolver),
-            Expr::TcpDport(DNS_PORT),
-        ]));
+        rules.push(admit(
+            vec![Expr::Daddr(resolver), Expr::UdpDport(DNS_PORT)],
+            mark,
+        ));
+        rules.push(admit(
+            vec![Expr::Daddr(resolver), Expr::TcpDport(DNS_PORT)],
+            mark,
+        ));
     }
 }
 
 /// New outbound TCP to the egress ports from sockets in a window's cgroup (or any
 /// deeper one), and from anywhere while the host-wide switch holds `tcp`.
-fn allow_egress_windows(rules: &mut Vec<Rule>, ports: &[u16]) {
+fn allow_egress_windows(rules: &mut Vec<Rule>, ports: &[u16], mark: u32) {
     for &port in ports {
         for level in 1..=MAX_EGRESS_CGROUP_LEVEL {
-            rules.push(accept(vec![
-                Expr::TcpDport(port),
-                Expr::SocketCgroupInSet {
-                    level,
-                    set: EGRESS_CGROUPS.into(),
-                },
-            ]));
-            for (family, set) in [(IpFamily::V4, EGRESS_TO_V4), (IpFamily::V6, EGRESS_TO_V6)] {
-                rules.push(accept(vec![
+            rules.push(admit(
+                vec![
                     Expr::TcpDport(port),
-                    Expr::SocketCgroupDaddrInSet {
+                    Expr::SocketCgroupInSet {
                         level,
-                        family,
-                        set: set.into(),
+                        set: EGRESS_CGROUPS.into(),
                     },
-                ]));
+                ],
+                mark,
+            ));
+            for (family, set) in [(IpFamily::V4, EGRESS_TO_V4), (IpFamily::V6, EGRESS_TO_V6)] {
+                rules.push(admit(
+                    vec![
+                        Expr::TcpDport(port),
+                        Expr::SocketCgroupDaddrInSet {
+                            level,
+                            family,
+                            set: set.into(),
+                        },
+                    ],
+                    mark,
+                ));
             }
         }
-        rules.push(accept(vec![
-            Expr::TcpDport(port),
-            Expr::L4ProtoInSet {
-                set: EGRESS_HOST.into(),
-            },
-        ]));
+        rules.push(admit(
+            vec![
+                Expr::TcpDport(port),
+                Expr::L4ProtoInSet {
+                    set: EGRESS_HOST.into(),
+                },
+            ],
+            mark,
+        ));
     }
 }
 

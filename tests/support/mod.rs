@@ -404,7 +404,7 @@ impl Lab {
         let child = self.spawn_daemon(config, &log, env, wrapper);
         let mut daemon = Daemon { child, log };
         let deadline = Instant::now() + DAEMON_START_TIMEOUT;
-        while !daemon.log_text().contains("baseline applied") {
+        while !daemon.log_text().contains("listening for knocks") {
             if let Ok(Some(status)) = daemon.child.try_wait() {
                 panic!("knockgated exited with {status}:\n{}", daemon.log_text());
             }
@@ -490,7 +490,7 @@ impl Daemon {
     }
 
     /// Waits (at most 5 s) until it has logged `needle`; whether it did. For lines
-    /// logged after "baseline applied", which is all the start waits for.
+    /// logged after "listening for knocks", which is all the start waits for.
     pub fn logged_soon(&self, needle: &str) -> bool {
         let deadline = Instant::now() + Duration::from_secs(5);
         while !self.log_text().contains(needle) {

@@ -102,6 +102,21 @@ pub(super) fn add(
             rule.add_expr(&Meta::L4Proto);
             rule.add_expr(&Lookup::new(set, set_id)?);
         }
+        Expr::CtMarkHas(mark) => {
+            rule.add_expr(&Conntrack::Mark { set: false });
+            rule.add_expr(&Bitwise::new(*mark, 0u32));
+            rule.add_expr(&Cmp::new(CmpOp::Eq, *mark));
+        }
+        Expr::CtMarkAdd(mark) => {
+            // (mark & !M) ^ M == mark | M, which is how nft itself compiles `|`.
+            rule.add_expr(&Conntrack::Mark { set: false });
+            rule.add_expr(&Bitwise::new(!*mark, *mark));
+            rule.add_expr(&Conntrack::Mark { set: true });
+        }
+        Expr::LocalSocket => {
+            rule.add_expr(&Socket::new(SocketKey::Transparent, 0));
+            rule.add_expr(&Cmp::new(CmpOp::Eq, 0u8));
+        }
         Expr::Log { prefix } => rule.add_expr(&Log {
             prefix: cstring(prefix)?,
         }),

@@ -10,6 +10,7 @@
 //! flags, so no other process can change or flush it ([`table`]).
 #![allow(unsafe_code)]
 
+mod conntrack;
 mod elements;
 pub mod events;
 mod expr;
@@ -29,7 +30,7 @@ use self::elements::ElemMsg;
 use self::events::{EventFilter, Tampering};
 use self::socket::{EventRead, NetlinkSocket, TransactError};
 use self::table::FlaggedTable;
-use super::{Firewall, FirewallError};
+use super::{Adopted, Firewall, FirewallError, MAX_ADOPTED};
 use crate::ruleset::{
     ChainDef, Element, ElementKey, Hook, IpFamily, Policy, Ruleset, SetDef, SetKeyType, SetKind,
 };
@@ -261,6 +262,62 @@ impl Firewall for NftFirewall {
             .iter()
             .flat_map(|m| elements::parse_dump_message(m))
             .collect())
+    }
+
+    fn table_exists(&mut self, table: &str) -> Result<bool, FirewallError> {
+        Ok(self.table_flags(table)?.is_some())
+    }
+
+    fn mark_connections(&mut self, mark: u32) -> Result<Adopted, FirewallError> {
+        /// Update requests per datagram (each ~100 bytes; the socket buffer is 4 MiB).
+        const CHUNK: usize = 512;
+        let fail = |e| Self::map_error("conntrack", None, e);
+        self.dump_seq = self.dump_seq.wrapping_add(1);
+        let (messages, complete) = self
+            .socket
+            .dump_bounded(
+                &conntrack::dump_request(self.dump_seq),
+                self.dump_seq,
+                MAX_ADOPTED,
+            )
+            .map_err(fail)?;
+        let connections: Vec<conntrack::Connection> = messages
+            .iter()
+            .filter_map(|words| {
+                let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+                conntrack::parse_dump_message(&bytes)
+            })
+            .filter(|c| !c.has(mark))
+            .collect();
+        let mut adopted = Adopted {
+            cut_off: !complete,
+            ..Adopted::default()
+        };
+        for chunk in connections.chunks(CHUNK) {
+            self.dump_seq = self.dump_seq.wrapping_add(1);
+            let first = self.dump_seq;
+            let mut datagram = Vec::new();
+            for c in chunk {
+                datagram.extend_from_slice(&conntrack::mark_request(c, mark, self.dump_seq));
+                self.dump_seq = self.dump_seq.wrapping_add(1);
+            }
+            let refusals = self
+                .socket
+                .requests(&datagram, first..self.dump_seq)
+                .map_err(fail)?;
+            // ENOENT: the connection ended between the dump and the update.
+            let gone = refusals.iter().filter(|r| r.errno == libc::ENOENT).count();
+            if let Some(other) = refusals.iter().find(|r| r.errno != libc::ENOENT) {
+                return Err(FirewallError::Refused {
+                    table: "conntrack".to_owned(),
+                    what: "a conntrack mark update".to_owned(),
+                    source: std::io::Error::from_raw_os_error(other.errno),
+                });
+            }
+            adopted.gone += gone;
+            adopted.marked += chunk.len() - gone;
+        }
+        Ok(adopted)
     }
 }
 

@@ -123,9 +123,61 @@ impl NetlinkSocket {
 }
 
 impl NetlinkSocket {
+    /// Sends `datagram` (plain requests, each with `NLM_F_ACK`) and waits for the
+    /// acknowledgement of every sequence number in `expected`; returns the refusals.
+    pub(super) fn requests(
+        &self,
+        datagram: &[u8],
+        expected: std::ops::Range<u32>,
+    ) -> Result<Vec<Refusal>, TransactError> {
+        let kernel = NetlinkAddr::new(0, 0);
+        sendmsg(
+            self.fd.as_raw_fd(),
+            &[IoSlice::new(datagram)],
+            &[],
+            MsgFlags::empty(),
+            Some(&kernel),
+        )
+        .map_err(|e| TransactError::Send(e.into()))?;
+        let mut pending: BTreeSet<u32> = expected.collect();
+        let mut refusals = Vec::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        while !pending.is_empty() {
+            let len = match recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+                Ok(len) => len,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(TransactError::Receive(e.into())),
+            };
+            for ack in parse_acks(&buf[..len]).map_err(TransactError::BadReply)? {
+                if pending.remove(&ack.seq) && ack.errno != 0 {
+                    refusals.push(ack);
+                }
+            }
+        }
+        Ok(refusals)
+    }
+
     /// Sends one dump request (a single message with sequence number `seq`) and returns
     /// every reply message, each copied into 4-byte-aligned storage for libnftnl.
     pub(super) fn dump(&self, request: &[u8], seq: u32) -> Result<Vec<Vec<u32>>, TransactError> {
+        let (messages, complete) = self.dump_bounded(request, seq, MAX_DUMP_MESSAGES)?;
+        if complete {
+            Ok(messages)
+        } else {
+            Err(TransactError::BadReply("dump too long".to_owned()))
+        }
+    }
+
+    /// Like [`NetlinkSocket::dump`], keeping at most `max` messages; the rest are read
+    /// and dropped (so no stale reply is left behind). The flag says whether every
+    /// message was kept.
+    pub(super) fn dump_bounded(
+        &self,
+        request: &[u8],
+        seq: u32,
+        max: usize,
+    ) -> Result<(Vec<Vec<u32>>, bool), TransactError> {
+        let mut complete = true;
         let kernel = NetlinkAddr::new(0, 0);
         sendmsg(
             self.fd.as_raw_fd(),
@@ -159,19 +211,15 @@ impl NetlinkSocket {
                     continue; // a stale reply to an earlier request
                 }
                 match kind {
-                    NLMSG_DONE => return Ok(out),
+                    NLMSG_DONE => return Ok((out, complete)),
                     NLMSG_ERROR => {
                         let acks = parse_acks(message).map_err(TransactError::BadReply)?;
                         if let Some(refusal) = acks.into_iter().find(|a| a.errno != 0) {
                             return Err(TransactError::Refused(refusal));
                         }
                     }
-                    _ => {
-                        if out.len() >= MAX_DUMP_MESSAGES {
-                            return Err(TransactError::BadReply("dump too long".to_owned()));
-                        }
-                        out.push(aligned(message));
-                    }
+                    _ if out.len() >= max => complete = false,
+                    _ => out.push(aligned(message)),
                 }
             }
         }

@@ -11,6 +11,11 @@ fn resolvers() -> Vec<IpAddr> {
     ]
 }
 
+/// A rule admitting new connections, as `admit` writes it: `ct state new <m> ct mark set … accept`.
+fn admitted(matches: &str) -> String {
+    format!("ct state new {matches} ct mark set ct mark | 0x10000000 accept")
+}
+
 fn rules_text(ruleset: &Ruleset, hook: Hook) -> Vec<String> {
     ruleset
         .chain(hook)
@@ -40,22 +45,26 @@ fn default_input_opens_web_and_keeps_ssh_for_grants() {
     let rules = rules_text(&ruleset, Hook::Input);
     assert_eq!(rules[0], "iifname \"lo\" accept");
     assert_eq!(rules[1], "ct state invalid drop");
-    assert_eq!(rules[2], "ct state established,related accept");
-    assert!(rules.contains(&"tcp dport 80 accept".to_owned()));
-    assert!(rules.contains(&"tcp dport 443 accept".to_owned()));
-    assert!(rules.contains(&"tcp dport 22 ip saddr @ssh_grants_v4 accept".to_owned()));
-    assert!(rules.contains(&"tcp dport 22 ip6 saddr @ssh_grants_v6 accept".to_owned()));
+    assert_eq!(
+        rules[2],
+        "ct state established,related ct mark & 0x10000000 == 0x10000000 accept"
+    );
+    assert!(rules.contains(&admitted("tcp dport 80")));
+    assert!(rules.contains(&admitted("tcp dport 443")));
+    assert!(rules.contains(&admitted("tcp dport 22 ip saddr @ssh_grants_v4")));
+    assert!(rules.contains(&admitted("tcp dport 22 ip6 saddr @ssh_grants_v6")));
     // SSH never appears without a grant-set match.
-    assert!(!rules.iter().any(|r| r == "tcp dport 22 accept"));
+    assert!(!rules.iter().any(|r| r.contains("tcp dport 22 ct")));
+    // Knocks only reach a listening daemon: otherwise the port is silent like any other.
     assert!(
         rules
             .iter()
-            .any(|r| r.starts_with("udp dport 62201 update @knock_meter_v4"))
+            .any(|r| r.starts_with("udp dport 62201 socket transparent 0 update @knock_meter_v4"))
     );
     assert!(
         rules
             .iter()
-            .any(|r| r.starts_with("icmp type echo-request limit rate 10/second"))
+            .any(|r| r.starts_with("ct state new icmp type echo-request limit rate 10/second"))
     );
     assert!(rules.contains(&"icmpv6 type nd-neighbor-solicit accept".to_owned()));
 }
@@ -66,17 +75,14 @@ fn default_output_is_locked_except_dns_to_resolvers() {
     assert_eq!(ruleset.chain(Hook::Output).unwrap().policy, Policy::Drop);
     let rules = rules_text(&ruleset, Hook::Output);
     for want in [
-        "ip daddr 192.0.2.53 udp dport 53 accept",
-        "ip daddr 192.0.2.53 tcp dport 53 accept",
-        "ip6 daddr 2001:db8::53 udp dport 53 accept",
-        "ip6 daddr 2001:db8::53 tcp dport 53 accept",
-        "icmp type echo-reply accept",
-        "icmpv6 type nd-neighbor-advert accept",
+        admitted("ip daddr 192.0.2.53 udp dport 53"),
+        admitted("ip daddr 192.0.2.53 tcp dport 53"),
+        admitted("ip6 daddr 2001:db8::53 udp dport 53"),
+        admitted("ip6 daddr 2001:db8::53 tcp dport 53"),
+        "icmp type echo-reply accept".to_owned(),
+        "icmpv6 type nd-neighbor-advert accept".to_owned(),
     ] {
-        assert!(
-            rules.contains(&want.to_owned()),
-            "missing {want}: {rules:#?}"
-        );
+        assert!(rules.contains(&want), "missing {want}: {rules:#?}");
     }
     // Web ports go out only through an egress window's set.
     assert!(
@@ -109,7 +115,12 @@ fn outbound_open_gives_an_accepting_output_chain() {
         .cloned()
         .unwrap();
     assert_eq!(output.policy, Policy::Accept);
-    assert!(output.rules.is_empty());
+    // Only the mark for the host's own new connections, so their replies pass input.
+    let rules: Vec<String> = output.rules.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        rules,
+        ["ct state new ct mark set ct mark | 0x10000000 accept"]
+    );
 }
 
 #[test]
@@ -138,15 +149,15 @@ fn ports_and_knock_settings_follow_the_config() {
     config.knock.rate_per_second = 3;
     config.knock.burst = 7;
     let rules = rules_text(&baseline(&config, &resolvers()), Hook::Input);
-    assert!(rules.contains(&"tcp dport 8443 accept".to_owned()));
+    assert!(rules.contains(&admitted("tcp dport 8443")));
     assert!(
         !rules
             .iter()
             .any(|r| r.contains("dport 80 ") || r.contains("dport 443 "))
     );
-    assert!(rules.contains(&"tcp dport 2222 ip saddr @ssh_grants_v4 accept".to_owned()));
+    assert!(rules.contains(&admitted("tcp dport 2222 ip saddr @ssh_grants_v4")));
     assert!(rules.contains(
-        &"udp dport 40000 update @knock_meter_v6 { ip6 saddr limit rate 3/second burst 7 packets } accept"
+        &"udp dport 40000 socket transparent 0 update @knock_meter_v6 { ip6 saddr limit rate 3/second burst 7 packets } accept"
             .to_owned()
     ));
 }
@@ -224,7 +235,7 @@ fn banned_knockers_are_dropped_before_the_meter() {
         .expect("ban rule");
     let meter = rules
         .iter()
-        .position(|r| r.starts_with("udp dport 62201 update @knock_meter_v4"))
+        .position(|r| r.starts_with("udp dport 62201 socket transparent 0 update @knock_meter_v4"))
         .unwrap();
     assert!(ban < meter);
     assert!(rules.contains(&"udp dport 62201 ip6 saddr @knock_ban_v6 drop".to_owned()));
@@ -236,16 +247,17 @@ fn egress_windows_open_only_the_egress_ports_from_their_sets() {
     let rules = rules_text(&ruleset, Hook::Output);
     for port in [80, 443] {
         for level in 1..=4 {
-            let want =
-                format!("tcp dport {port} socket cgroupv2 level {level} @egress_cgroups accept");
+            let want = admitted(&format!(
+                "tcp dport {port} socket cgroupv2 level {level} @egress_cgroups"
+            ));
             assert!(rules.contains(&want), "missing {want}");
         }
-        assert!(rules.contains(&format!(
-            "tcp dport {port} meta l4proto @egress_host accept"
-        )));
+        assert!(rules.contains(&admitted(&format!(
+            "tcp dport {port} meta l4proto @egress_host"
+        ))));
     }
     // Nothing but those ports, and nothing without a window set.
-    assert!(!rules.iter().any(|r| r.starts_with("tcp dport 80 accept")));
+    assert!(!rules.iter().any(|r| r.contains("tcp dport 80 ct")));
     let sets: Vec<&str> = ruleset.sets.iter().map(|s| s.name.as_str()).collect();
     assert!(sets.contains(&"egress_cgroups") && sets.contains(&"egress_host"));
 }
@@ -258,7 +270,7 @@ fn egress_ports_follow_the_config() {
     assert!(
         rules
             .iter()
-            .any(|r| r.starts_with("tcp dport 8443 socket cgroupv2"))
+            .any(|r| r.starts_with("ct state new tcp dport 8443 socket cgroupv2"))
     );
     assert!(!rules.iter().any(|r| r.contains("dport 443 ")));
 }
@@ -269,4 +281,31 @@ fn ban_off_means_no_ban_sets_or_rules() {
     config.knock.ban.enabled = false;
     let text = baseline(&config, &resolvers()).to_string();
     assert!(!text.contains("knock_ban"), "{text}");
+}
+
+#[test]
+fn every_rule_that_admits_a_connection_marks_it_and_only_marked_ones_continue() {
+    let config = Config {
+        conntrack_mark: 0x0000_0100,
+        ..Config::default()
+    };
+    let ruleset = baseline(&config, &resolvers());
+    for hook in [Hook::Input, Hook::Output] {
+        for rule in rules_text(&ruleset, hook) {
+            if rule.starts_with("ct state established") {
+                assert_eq!(
+                    rule,
+                    "ct state established,related ct mark & 0x00000100 == 0x00000100 accept"
+                );
+            } else if rule.starts_with("ct state new") {
+                assert!(
+                    rule.ends_with("ct mark set ct mark | 0x00000100 accept"),
+                    "{rule}"
+                );
+            } else {
+                // Everything else accepting is stateless (lo, ND, ICMP errors, knocks).
+                assert!(!rule.contains("tcp dport 80 ") || rule.contains("ct state new"));
+            }
+        }
+    }
 }

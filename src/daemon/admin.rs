@@ -10,8 +10,8 @@ use nix::unistd::{Gid, Group, Uid, User, getgrouplist};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tracing::{info, warn};
 
-use super::{MAX_REQUEST, Request, Response};
-use crate::daemon::core::Core;
+use super::core::Core;
+use crate::admin::{MAX_REQUEST, Request, Response};
 use crate::firewall::Firewall;
 use crate::grants::{Granted, WindowScope};
 use crate::logging::AUDIT;
@@ -19,22 +19,99 @@ use crate::logging::AUDIT;
 /// Longest a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Why the admin socket could not be made; each names the path and the step.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    /// Its directory could not be created.
+    #[error("cannot create the admin socket's directory {path}")]
+    CreateDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A stale socket from a crash could not be removed.
+    #[error("cannot remove the stale admin socket {path}")]
+    RemoveStale {
+        /// The socket.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `bind` failed.
+    #[error("cannot create the admin socket {path}")]
+    Bind {
+        /// The socket.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Its mode could not be set to 0660.
+    #[error("cannot set mode 0660 on the admin socket {path}")]
+    Chmod {
+        /// The socket.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// It could not be handed to the admin group.
+    #[error(
+        "cannot give the admin socket {path} to group `{group}` (run knockgated with that group as its own, e.g. Group={group} in the unit, or as a member of it where chown is allowed)"
+    )]
+    Chown {
+        /// The socket.
+        path: std::path::PathBuf,
+        /// The admin group.
+        group: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Binds the admin socket at `path` (mode 0660, group `group` when it exists),
-/// replacing a stale socket file left by a crash.
-pub fn bind(path: &Path, group: &str) -> std::io::Result<tokio::net::UnixListener> {
+/// replacing a stale socket file left by a crash. The socket is made with the
+/// daemon's own group; only when that is not the admin group is it chowned (the
+/// shipped unit runs the daemon with `Group=knockgate`, because its system-call
+/// filter forbids `chown`).
+pub fn bind(path: &Path, group: &str) -> Result<tokio::net::UnixListener, BindError> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let owned = |source| (path.to_owned(), source);
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        std::fs::create_dir_all(dir).map_err(|source| BindError::CreateDir {
+            path: dir.to_owned(),
+            source,
+        })?;
     }
     if let Ok(meta) = std::fs::symlink_metadata(path) {
-        use std::os::unix::fs::FileTypeExt;
         if meta.file_type().is_socket() {
-            std::fs::remove_file(path)?;
+            std::fs::remove_file(path).map_err(|source| {
+                let (path, source) = owned(source);
+                BindError::RemoveStale { path, source }
+            })?;
         }
     }
-    let listener = tokio::net::UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    let listener = tokio::net::UnixListener::bind(path).map_err(|source| {
+        let (path, source) = owned(source);
+        BindError::Bind { path, source }
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(|source| {
+        let (path, source) = owned(source);
+        BindError::Chmod { path, source }
+    })?;
     if let Ok(Some(g)) = Group::from_name(group) {
-        nix::unistd::chown(path, None, Some(g.gid)).map_err(std::io::Error::from)?;
+        let current = std::fs::metadata(path).map(|m| m.gid()).ok();
+        if current != Some(g.gid.as_raw()) {
+            nix::unistd::chown(path, None, Some(g.gid)).map_err(|errno| BindError::Chown {
+                path: path.to_owned(),
+                group: group.to_owned(),
+                source: std::io::Error::from(errno),
+            })?;
+        }
     }
     Ok(listener)
 }
