@@ -2,7 +2,7 @@
 
 DEBS := libnftnl-dev libmnl-dev pkg-config nftables iproute2 iputils-ping procps python3 openssh-server openssh-client util-linux dnsmasq-base curl systemd adduser
 
-.PHONY: deps build demo test lint package peers bench bench-smoke
+.PHONY: deps build demo test test-unit lint package peers bench bench-smoke vm test-vm
 deps: ## install the Debian packages the build, the lab and the demo need
 	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
@@ -17,8 +17,18 @@ build: deps
 demo: build ## the baseline at work in throwaway network namespaces
 	bash examples/lab-demo.sh target/debug/knockgated
 
-test: deps ## the whole suite: unit, CLI and lab (the lab needs root)
+test: test-unit test-vm ## the whole suite: unit, CLI, netns lab, and the VM lab (root)
+
+test-unit: deps ## unit, CLI and the network-namespace lab on this kernel (the lab needs root)
 	cargo test --locked
+
+vm: ## Debian 12 (6.1) and 13 (6.12) images for the VM lab, under target/vm (root)
+	bash vm/deps.sh
+	bash vm/build-image.sh bookworm target/vm/bookworm
+	bash vm/build-image.sh trixie target/vm/trixie
+
+test-vm: package vm ## the package in Debian's own kernels with systemd as PID 1 (qemu, root)
+	bash vm/test-vm.sh
 
 package: deps ## a Debian package in target/debian (installs cargo-deb if missing)
 	bash .ci/package-check

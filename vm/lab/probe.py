@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""Bounded network probes for the VM lab (runs inside the guest, in its namespaces).
+
+Every call ends on its own: each socket has a timeout, every loop a count and a
+deadline. Exit status 0 = the thing asked about happened, 1 = it did not.
+"""
+import os
+import socket
+import ssl
+import sys
+import threading
+import time
+
+
+def family(host):
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def tcp(host, port, source=None, timeout=2.0):
+    s = socket.socket(family(host), socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        if source:
+            s.bind((source, 0))
+        s.connect((host, int(port)))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def udp_echo(host, port, timeout=2.0):
+    s = socket.socket(family(host), socket.SOCK_DGRAM)
+    s.settimeout(timeout)
+    try:
+        s.sendto(b"vmlab", (host, int(port)))
+        data, _ = s.recvfrom(64)
+        return data == b"vmlab"
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def udp_silent(host, port, wait=1.5):
+    """True if a datagram to host:port draws no answer and no ICMP error."""
+    s = socket.socket(family(host), socket.SOCK_DGRAM)
+    s.settimeout(wait)
+    try:
+        s.connect((host, int(port)))
+        s.send(b"\x00" * 114)
+        try:
+            s.recv(64)
+            return False  # an answer
+        except socket.timeout:
+            return True
+        except ConnectionRefusedError:
+            return False  # ICMP port unreachable
+    finally:
+        s.close()
+
+
+def serve_tcp_echo(addr, port, tls=None):
+    s = socket.socket(family(addr), socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family(addr) == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind((addr, int(port)))
+    s.listen(512)
+    ctx = None
+    if tls:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(tls + "/cert.pem", tls + "/key.pem")
+
+    def handle(c):
+        c.settimeout(60)
+        try:
+            if ctx:
+                c = ctx.wrap_socket(c, server_side=True)
+                c.recv(4096)
+                c.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 7\r\n\r\nmirror\n")
+                return
+            while True:
+                d = c.recv(4096)
+                if not d:
+                    return
+                if d.startswith(b"GET "):
+                    c.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 7\r\n\r\nmirror\n")
+                    return
+                c.sendall(d)
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+    deadline = time.time() + 3600
+    while time.time() < deadline:
+        c, _ = s.accept()
+        threading.Thread(target=handle, args=(c,), daemon=True).start()
+
+
+def serve_udp_echo(addr, port):
+    s = socket.socket(family(addr), socket.SOCK_DGRAM)
+    if family(addr) == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind((addr, int(port)))
+    deadline = time.time() + 3600
+    while time.time() < deadline:
+        d, a = s.recvfrom(512)
+        s.sendto(d, a)
+
+
+def intruder(host, port, seconds, flag, source=None):
+    """Connects to host:port again and again for `seconds` (20 ms per handshake),
+    keeps what gets through, then waits for `flag` (the repair is done), one more
+    second, and reports how many still carry data both ways."""
+    kept = []
+    end = time.time() + float(seconds)
+    attempts = 0
+    while time.time() < end and attempts < 5000:
+        attempts += 1
+        s = socket.socket(family(host), socket.SOCK_STREAM)
+        s.settimeout(0.02)
+        try:
+            if source:
+                s.bind((source, 0))
+            s.connect((host, int(port)))
+            kept.append(s)
+        except OSError:
+            s.close()
+    deadline = time.time() + 60
+    while not os.path.exists(flag) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1)
+    for s in kept:
+        try:
+            s.settimeout(0.5)
+            s.sendall(b"vmlab\n")
+        except OSError:
+            pass
+    time.sleep(1)
+    alive = 0
+    for s in kept:
+        try:
+            s.setblocking(False)
+            if s.recv(64):
+                alive += 1
+        except OSError:
+            pass
+    print(f"attempts={attempts} through={len(kept)} alive={alive}")
+    return True
+
+
+def main(argv):
+    cmd, args = argv[1], argv[2:]
+    if cmd == "tcp":
+        ok = tcp(*args)
+    elif cmd == "udp-echo":
+        ok = udp_echo(*args)
+    elif cmd == "udp-silent":
+        ok = udp_silent(*args)
+    elif cmd == "serve-tcp":
+        serve_tcp_echo(*args)
+        ok = True
+    elif cmd == "serve-udp":
+        serve_udp_echo(*args)
+        ok = True
+    elif cmd == "intruder":
+        ok = intruder(*args)
+    else:
+        print(f"probe.py: unknown command {cmd}", file=sys.stderr)
+        return 2
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
