@@ -49,33 +49,6 @@ fn ssh_of(plan: &support::Plan) -> SocketAddr {
     sa(plan.server_from_client, 22)
 }
 
-/// Tries to connect from `from` (a client address without a grant) to `to` over and
-/// over, each handshake given [`PROBE_TIMEOUT`], until `stop` or `attempts` tries;
-/// returns how many got in.
-fn intruder_probe(
-    lab: &Lab,
-    from: IpAddr,
-    to: SocketAddr,
-    attempts: usize,
-    stop: &AtomicBool,
-) -> usize {
-    lab.in_ns(Host::Client, || {
-        let mut got_in = 0;
-        for _ in 0..attempts {
-            if stop.load(Ordering::Relaxed) {
-                break;
-            }
-            let domain = socket2::Domain::for_address(to);
-            let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None).expect("socket");
-            socket.bind(&SocketAddr::new(from, 0).into()).expect("bind");
-            if socket.connect_timeout(&to.into(), PROBE_TIMEOUT).is_ok() {
-                got_in += 1;
-            }
-        }
-        got_in
-    })
-}
-
 /// Polls (bounded by `deadline`) until `check` holds; returns how long it took.
 fn within(deadline: Duration, mut check: impl FnMut() -> bool) -> Option<Duration> {
     let started = Instant::now();
@@ -108,7 +81,8 @@ fn a_locked_table_outlasts_flushes_and_refuses_other_writers() {
     // An intruder knocks on 22 without pause while the ruleset is flushed 50 times.
     let stop = AtomicBool::new(false);
     let got_in = std::thread::scope(|s| {
-        let probe = s.spawn(|| intruder_probe(&lab, plan.client_alt, ssh_of(&plan), 400, &stop));
+        let probe = s
+            .spawn(|| intruder_connections(&lab, plan.client_alt, ssh_of(&plan), 400, &stop).len());
         for _ in 0..50 {
             let out = lab.try_exec(Host::Server, &["nft", "flush", "ruleset"]);
             assert!(
@@ -288,8 +262,9 @@ fn warn_only_logs_and_leaves_the_change() {
     assert_eq!(rules(), before[1..].to_vec());
 }
 
-/// Opens up to `attempts` connections from `from` to `to` while `stop` is unset and
-/// keeps those that the kernel let through.
+/// Tries to connect from `from` (a client address without a grant) to `to` over and
+/// over, each handshake given [`PROBE_TIMEOUT`], until `stop` or `attempts` tries;
+/// returns the connections that got in, still open.
 fn intruder_connections(
     lab: &Lab,
     from: IpAddr,

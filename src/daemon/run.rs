@@ -64,17 +64,25 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
     let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
     announce_ready(&mut daemon.borrow_mut(), &admin_path);
+    // Deadlines, not sleeps made anew each turn: the loop turns for every knock, admin
+    // request and timer, and a sleep restarted each time would never end while they
+    // come more often than it lasts (under systemd the watchdog then killed the daemon).
     let watchdog = sd_notify::watchdog_enabled().map(|period| period / 2);
+    let mut watchdog_due = watchdog.map(|period| tokio::time::Instant::now() + period);
+    let mut summary_due = tokio::time::Instant::now() + SUMMARY_EVERY;
     let mut log = KnockLog::new();
     let wake = Rc::new(tokio::sync::Notify::new());
     let mut buf = [0u8; RECV_LEN];
     let signal = loop {
         let Timers {
             next_expiry,
-            summary,
             book_due,
             trial,
-        } = Timers::of(&mut daemon.borrow_mut(), &log);
+        } = Timers::of(&mut daemon.borrow_mut());
+        if !log.has_counts() {
+            // Counts are summarised SUMMARY_EVERY after the first one of a quiet spell.
+            summary_due = tokio::time::Instant::now() + SUMMARY_EVERY;
+        }
         tokio::select! {
             received = socket.recv_from(&mut buf) => {
                 let Ok((len, from)) = received else { continue };
@@ -117,15 +125,19 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
                         address = %record.address, who = %record.who, "grant ended");
                 }
             }
-            () = tokio::time::sleep(summary) => log.summarise(),
+            () = tokio::time::sleep_until(summary_due), if log.has_counts() => {
+                log.summarise();
+                summary_due = tokio::time::Instant::now() + SUMMARY_EVERY;
+            }
             () = tokio::time::sleep_until(book_due.unwrap_or_else(tokio::time::Instant::now)), if book_due.is_some() => {
                 daemon.borrow_mut().core().save_book_now();
             }
             () = tokio::time::sleep(trial.unwrap_or(IDLE_EXPIRY_CHECK)), if trial.is_some() => {
                 daemon.borrow_mut().rollback_if_due(std::time::Instant::now());
             }
-            () = tokio::time::sleep(watchdog.unwrap_or(IDLE_EXPIRY_CHECK)), if watchdog.is_some() => {
+            () = tokio::time::sleep_until(watchdog_due.unwrap_or_else(tokio::time::Instant::now)), if watchdog_due.is_some() => {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                watchdog_due = watchdog.map(|period| tokio::time::Instant::now() + period);
             }
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
@@ -148,13 +160,12 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
 /// When the run loop must next wake up for each of its timers.
 struct Timers {
     next_expiry: Duration,
-    summary: Duration,
     book_due: Option<tokio::time::Instant>,
     trial: Option<Duration>,
 }
 
 impl Timers {
-    fn of(d: &mut Daemon<NftFirewall>, log: &KnockLog) -> Self {
+    fn of(d: &mut Daemon<NftFirewall>) -> Self {
         let trial = d
             .trial_due()
             .map(|at| at.saturating_duration_since(std::time::Instant::now()));
@@ -163,11 +174,6 @@ impl Timers {
             next_expiry: core
                 .next_expiry(unix_now())
                 .map_or(IDLE_EXPIRY_CHECK, Duration::from_secs),
-            summary: if log.has_counts() {
-                SUMMARY_EVERY
-            } else {
-                IDLE_EXPIRY_CHECK
-            },
             book_due: core
                 .book_dirty_since()
                 .map(|since| tokio::time::Instant::from_std(since + BOOK_SAVE_DELAY)),

@@ -23,7 +23,11 @@ until_true() { # until_true SECONDS CMD...: poll every 0.5 s
     while [ $SECONDS -lt $end ]; do "$@" >/dev/null 2>&1 && return 0; sleep 0.5; done
     "$@"
 }
-finish() { echo "$pass passed, $fail failed"; echo "$pass $fail" >>"$OUT/counts"; }
+finish() {
+    stop_servers
+    journalctl -b -u knockgated --no-pager -o short-monotonic >"$OUT/knockgated.$BOOT.txt" 2>&1
+    echo "$pass passed, $fail failed"; echo "$pass $fail" >>"$OUT/counts"
+}
 main_pid() { systemctl show -P MainPID knockgated; }
 restarted_from() { # restarted_from OLD_PID: a new main process, active
     local now; now=$(main_pid)
@@ -94,13 +98,18 @@ SSH
     exit 100
 }
 
+# The lab's servers. Their output goes to a file: anything left holding run.sh's
+# stdout would keep the runner's pipe open after run.sh exits. stop_servers ends them.
 start_servers() {
-    $P serve-tcp :: 80 & $P serve-tcp :: 443 & $P serve-tcp :: 8080 &
-    in_ns net $P serve-tcp :: 80 & in_ns net $P serve-tcp :: 443 /root/mirror &
-    in_ns net $P serve-udp 10.77.2.53 53 & in_ns net $P serve-udp fd77:2::53 53 &
-    in_ns net $P serve-udp 10.77.2.2 53 & in_ns net $P serve-udp fd77:2::2 53 &
+    {
+        $P serve-tcp :: 80 & $P serve-tcp :: 443 & $P serve-tcp :: 8080 &
+        in_ns net $P serve-tcp :: 80 & in_ns net $P serve-tcp :: 443 /root/mirror &
+        in_ns net $P serve-udp 10.77.2.53 53 & in_ns net $P serve-udp fd77:2::53 53 &
+        in_ns net $P serve-udp 10.77.2.2 53 & in_ns net $P serve-udp fd77:2::2 53 &
+    } >>"$OUT/servers.log" 2>&1 </dev/null
     sleep 2
 }
+stop_servers() { pkill -f "$T/probe.py serve-" || true; }
 
 service_group() {
     group=boot
@@ -142,15 +151,15 @@ service_group() {
     group=egress
     check root-command-gets-out egress-window 60s -- curl -sk --max-time 10 https://10.77.2.2/
     rm -f /tmp/in-window
-    egress-window 60s -- bash -c "curl -sk --max-time 10 https://10.77.2.2/ >/tmp/in-window; sleep 8" &
+    egress-window 60s -- bash -c "curl -sk --max-time 10 https://10.77.2.2/ >/tmp/in-window; sleep 8" >/dev/null 2>&1 &
     win=$!
     until_true 30 test -s /tmp/in-window >/dev/null
     check command-got-out test -s /tmp/in-window
     check others-stay-in not $P tcp 10.77.2.2 443
     wait $win
     check window-closed-after not $P tcp 10.77.2.2 443
-    check scope-used bash -c 'journalctl -b --no-pager | grep -m1 "run-.*scope"'
-    egress-window --host-wide 60s -- sleep 10 &
+    check scope-used bash -c 'journalctl -b --no-pager | grep -m1 "Started knockgate-egress-.*scope"'
+    egress-window --host-wide 60s -- sleep 10 >/dev/null 2>&1 &
     win=$!
     check host-wide-opens until_true 9 $P tcp 10.77.2.2 443
     wait $win
@@ -197,7 +206,7 @@ life_group() {
 
     group=flush
     rm -f /tmp/repaired
-    in_ns intruder $P intruder 10.77.3.1 22 8 /tmp/repaired >/tmp/intruder.txt &
+    in_ns intruder $P intruder 10.77.3.1 22 8 /tmp/repaired >/tmp/intruder.txt 2>&1 </dev/null &
     hammer=$!
     for _ in $(seq 30); do nft flush ruleset; sleep 0.2; done
     sleep 1; touch /tmp/repaired; wait $hammer
