@@ -64,12 +64,7 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
     let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
     announce_ready(&mut daemon.borrow_mut(), &admin_path);
-    // Deadlines, not sleeps made anew each turn: the loop turns for every knock, admin
-    // request and timer, and a sleep restarted each time would never end while they
-    // come more often than it lasts (under systemd the watchdog then killed the daemon).
-    let watchdog = sd_notify::watchdog_enabled().map(|period| period / 2);
-    let mut watchdog_due = watchdog.map(|period| tokio::time::Instant::now() + period);
-    let mut summary_due = tokio::time::Instant::now() + SUMMARY_EVERY;
+    let mut beats = Beats::new(sd_notify::watchdog_enabled().map(|period| period / 2));
     let mut log = KnockLog::new();
     let wake = Rc::new(tokio::sync::Notify::new());
     let mut buf = [0u8; RECV_LEN];
@@ -80,8 +75,7 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
             trial,
         } = Timers::of(&mut daemon.borrow_mut());
         if !log.has_counts() {
-            // Counts are summarised SUMMARY_EVERY after the first one of a quiet spell.
-            summary_due = tokio::time::Instant::now() + SUMMARY_EVERY;
+            beats.summarised();
         }
         tokio::select! {
             received = socket.recv_from(&mut buf) => {
@@ -119,15 +113,10 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
                 ready.clear_ready();
                 on_tamper(&daemon, tamper, seen);
             }
-            () = tokio::time::sleep(next_expiry) => {
-                for record in daemon.borrow_mut().core().expire(unix_now()) {
-                    info!(target: AUDIT, event = "expire", id = %record.id, service = %record.service,
-                        address = %record.address, who = %record.who, "grant ended");
-                }
-            }
-            () = tokio::time::sleep_until(summary_due), if log.has_counts() => {
+            () = tokio::time::sleep(next_expiry) => expire(&daemon),
+            () = tokio::time::sleep_until(beats.summary_due), if log.has_counts() => {
                 log.summarise();
-                summary_due = tokio::time::Instant::now() + SUMMARY_EVERY;
+                beats.summarised();
             }
             () = tokio::time::sleep_until(book_due.unwrap_or_else(tokio::time::Instant::now)), if book_due.is_some() => {
                 daemon.borrow_mut().core().save_book_now();
@@ -135,9 +124,9 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
             () = tokio::time::sleep(trial.unwrap_or(IDLE_EXPIRY_CHECK)), if trial.is_some() => {
                 daemon.borrow_mut().rollback_if_due(std::time::Instant::now());
             }
-            () = tokio::time::sleep_until(watchdog_due.unwrap_or_else(tokio::time::Instant::now)), if watchdog_due.is_some() => {
+            () = tokio::time::sleep_until(beats.watchdog_due()), if beats.watchdog.is_some() => {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
-                watchdog_due = watchdog.map(|period| tokio::time::Instant::now() + period);
+                beats.fed();
             }
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
@@ -155,6 +144,50 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
         .shutdown()
         .context("cannot stop cleanly")?;
     Ok(())
+}
+
+/// Books the grants whose time is up as ended, one log line each.
+fn expire(daemon: &Shared) {
+    for record in daemon.borrow_mut().core().expire(unix_now()) {
+        info!(target: AUDIT, event = "expire", id = %record.id, service = %record.service,
+            address = %record.address, who = %record.who, "grant ended");
+    }
+}
+
+/// The loop's periodic duties, kept as deadlines rather than sleeps made anew each
+/// turn: the loop turns for every knock, admin request and timer, and a sleep
+/// restarted each time never ends while they come more often than it lasts (under
+/// systemd the watchdog then killed the daemon).
+struct Beats {
+    /// Half of systemd's watchdog period, when it asks for pings.
+    watchdog: Option<Duration>,
+    next_ping: tokio::time::Instant,
+    /// When the refusal counts are next summarised (SUMMARY_EVERY after the first
+    /// count of a quiet spell).
+    summary_due: tokio::time::Instant,
+}
+
+impl Beats {
+    fn new(watchdog: Option<Duration>) -> Self {
+        let now = tokio::time::Instant::now();
+        Self {
+            watchdog,
+            next_ping: now + watchdog.unwrap_or(IDLE_EXPIRY_CHECK),
+            summary_due: now + SUMMARY_EVERY,
+        }
+    }
+
+    fn watchdog_due(&self) -> tokio::time::Instant {
+        self.next_ping
+    }
+
+    fn fed(&mut self) {
+        self.next_ping = tokio::time::Instant::now() + self.watchdog.unwrap_or(IDLE_EXPIRY_CHECK);
+    }
+
+    fn summarised(&mut self) {
+        self.summary_due = tokio::time::Instant::now() + SUMMARY_EVERY;
+    }
 }
 
 /// When the run loop must next wake up for each of its timers.
