@@ -206,7 +206,9 @@ life_group() {
 
     group=flush
     rm -f /tmp/repaired
-    in_ns intruder $P intruder 10.77.3.1 22 8 /tmp/repaired >/tmp/intruder.txt 2>&1 </dev/null &
+    # The intruder hammers 8080 (an echo server the baseline keeps closed): an echo
+    # after the repair proves a connection alive, and nothing is sent before it.
+    in_ns intruder $P intruder 10.77.3.1 8080 8 /tmp/repaired >/tmp/intruder.txt 2>&1 </dev/null &
     hammer=$!
     for _ in $(seq 30); do nft flush ruleset; sleep 0.2; done
     sleep 1; touch /tmp/repaired; wait $hammer
