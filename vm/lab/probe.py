@@ -115,10 +115,14 @@ def intruder(host, port, seconds, flag, source=None):
     """Connects to host:port again and again for `seconds` (20 ms per handshake),
     keeps what gets through, then waits for `flag` (the repair is done), one more
     second, and reports how many still carry data both ways."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     kept = []
     end = time.time() + float(seconds)
     attempts = 0
-    while time.time() < end and attempts < 5000:
+    # Bounded: in time, in attempts, and in the connections kept (file descriptors).
+    while time.time() < end and attempts < 5000 and len(kept) < min(hard - 64, 1500):
         attempts += 1
         s = socket.socket(family(host), socket.SOCK_STREAM)
         s.settimeout(0.02)
