@@ -35,12 +35,15 @@ cleanup() { rm -rf --one-file-system "$work"; }
 trap cleanup EXIT
 root=$work/root
 
+# iptables: the flush scenario keeps conntrack registered with a legacy rule, as a host
+# with Docker or an iptables script has it (nft flush ruleset does not touch those).
 pkgs=(
     systemd systemd-sysv udev dbus
     nftables libnftnl11 libmnl0 iproute2 iputils-ping
     openssh-server openssh-client curl procps python3 kmod adduser
     linux-image-cloud-amd64 initramfs-tools
     openssl e2fsprogs util-linux bsdutils less
+    iptables
 )
 # The cloud kernel has virtio_pci/virtio_blk as modules: the initrd is required.
 # trixie is merged-/usr only; the hook sets the symlinks up before any package is unpacked

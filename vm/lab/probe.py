@@ -111,10 +111,15 @@ def serve_udp_echo(addr, port):
         s.sendto(d, a)
 
 
-def intruder(host, port, seconds, flag, source=None):
+def intruder(host, port, seconds, flag, control_port=None):
     """Connects to host:port again and again for `seconds` (20 ms per handshake),
     keeps what gets through, then waits for `flag` (the repair is done), one more
-    second, and reports how many still carry data both ways."""
+    second, and reports how many still carry data both ways. A control connection
+    to `control_port` (one the baseline admits), made first, must stay alive: it
+    proves the probe can see a live connection."""
+    control = None
+    if control_port:
+        control = socket.create_connection((host, int(control_port)), timeout=5)
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -127,8 +132,6 @@ def intruder(host, port, seconds, flag, source=None):
         s = socket.socket(family(host), socket.SOCK_STREAM)
         s.settimeout(0.02)
         try:
-            if source:
-                s.bind((source, 0))
             s.connect((host, int(port)))
             kept.append(s)
         except OSError:
@@ -139,7 +142,7 @@ def intruder(host, port, seconds, flag, source=None):
     time.sleep(1)
     # Whatever arrived while the host was open (a server's greeting) proves nothing:
     # read it away, then ask each connection for fresh data.
-    for s in kept:
+    for s in kept + ([control] if control else []):
         s.setblocking(False)
         for _ in range(64):
             try:
@@ -147,12 +150,12 @@ def intruder(host, port, seconds, flag, source=None):
                     break
             except OSError:
                 break
-    for s in kept:
+    for s in kept + ([control] if control else []):
         try:
             s.send(b"vmlab\n")
         except OSError:
             pass
-    time.sleep(1)
+    time.sleep(3)
     alive = 0
     for s in kept:
         try:
@@ -160,7 +163,13 @@ def intruder(host, port, seconds, flag, source=None):
                 alive += 1
         except OSError:
             pass
-    print(f"attempts={attempts} through={len(kept)} alive={alive}")
+    control_alive = 0
+    if control:
+        try:
+            control_alive = int(bool(control.recv(64)))
+        except OSError:
+            pass
+    print(f"attempts={attempts} through={len(kept)} control_alive={control_alive} alive={alive}")
     return True
 
 
