@@ -210,12 +210,7 @@ fn readiness_is_signalled_only_after_the_baseline_is_in_the_kernel() {
         return;
     }
     let lab = Lab::new();
-    // A stand-in for systemd's notify socket.
-    let notify_path = lab.dir().join("notify.sock");
-    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
-    notify
-        .set_read_timeout(Some(std::time::Duration::from_secs(15)))
-        .unwrap();
+    let (notify_path, notify) = notify_socket(&lab, std::time::Duration::from_secs(15));
     let config = lab.write_file("k.toml", DNS);
     let _daemon = lab.start_daemon_with_env(&config, &[("NOTIFY_SOCKET", &notify_path)]);
     let mut buf = [0u8; 512];
@@ -256,11 +251,7 @@ fn the_watchdog_is_fed_while_knocks_keep_arriving() {
         return;
     }
     let lab = Lab::new();
-    let notify_path = lab.dir().join("notify.sock");
-    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
-    notify
-        .set_read_timeout(Some(std::time::Duration::from_millis(100)))
-        .unwrap();
+    let (notify_path, notify) = notify_socket(&lab, std::time::Duration::from_millis(100));
     let config = lab.write_file("k.toml", DNS);
     let usec = std::path::Path::new("2000000");
     let _daemon = lab.start_daemon_with_env(
@@ -281,4 +272,15 @@ fn the_watchdog_is_fed_while_knocks_keep_arriving() {
     }
     // 4 s of traffic with a ping due every second.
     assert!(pings >= 2, "{pings} watchdog pings in 4 s");
+}
+
+/// A stand-in for systemd's notify socket in the lab's directory, reads bounded by `wait`.
+fn notify_socket(
+    lab: &Lab,
+    wait: std::time::Duration,
+) -> (std::path::PathBuf, std::os::unix::net::UnixDatagram) {
+    let path = lab.dir().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    socket.set_read_timeout(Some(wait)).unwrap();
+    (path, socket)
 }

@@ -123,13 +123,8 @@ impl NetlinkSocket {
 }
 
 impl NetlinkSocket {
-    /// Sends `datagram` (plain requests, each with `NLM_F_ACK`) and waits for the
-    /// acknowledgement of every sequence number in `expected`; returns the refusals.
-    pub(super) fn requests(
-        &self,
-        datagram: &[u8],
-        expected: std::ops::Range<u32>,
-    ) -> Result<Vec<Refusal>, TransactError> {
+    /// Sends one datagram to the kernel.
+    fn send_one(&self, datagram: &[u8]) -> Result<(), TransactError> {
         let kernel = NetlinkAddr::new(0, 0);
         sendmsg(
             self.fd.as_raw_fd(),
@@ -138,7 +133,18 @@ impl NetlinkSocket {
             MsgFlags::empty(),
             Some(&kernel),
         )
-        .map_err(|e| TransactError::Send(e.into()))?;
+        .map(drop)
+        .map_err(|e| TransactError::Send(e.into()))
+    }
+
+    /// Sends `datagram` (plain requests, each with `NLM_F_ACK`) and waits for the
+    /// acknowledgement of every sequence number in `expected`; returns the refusals.
+    pub(super) fn requests(
+        &self,
+        datagram: &[u8],
+        expected: std::ops::Range<u32>,
+    ) -> Result<Vec<Refusal>, TransactError> {
+        self.send_one(datagram)?;
         let mut pending: BTreeSet<u32> = expected.collect();
         let mut refusals = Vec::new();
         let mut buf = vec![0u8; 256 * 1024];
@@ -178,15 +184,7 @@ impl NetlinkSocket {
         max: usize,
     ) -> Result<(Vec<Vec<u32>>, bool), TransactError> {
         let mut complete = true;
-        let kernel = NetlinkAddr::new(0, 0);
-        sendmsg(
-            self.fd.as_raw_fd(),
-            &[IoSlice::new(request)],
-            &[],
-            MsgFlags::empty(),
-            Some(&kernel),
-        )
-        .map_err(|e| TransactError::Send(e.into()))?;
+        self.send_one(request)?;
         let mut out = Vec::new();
         let mut buf = vec![0u8; 256 * 1024];
         loop {
