@@ -155,18 +155,23 @@ def intruder(host, port, seconds, flag, control_port=None):
             s.send(b"vmlab\n")
         except OSError:
             pass
-    time.sleep(3)
+    # The control's echo first (up to 15 s: a guest under emulation, busy with the
+    # intruder's server threads, can be slow); only then are the others counted, so a
+    # "0 alive" cannot come from a system that had not yet answered anyone.
+    control_alive = 0
+    if control:
+        control.setblocking(True)
+        control.settimeout(15)
+        try:
+            control_alive = int(bool(control.recv(64)))
+        except OSError:
+            pass
+    time.sleep(1)
     alive = 0
     for s in kept:
         try:
             if s.recv(64):
                 alive += 1
-        except OSError:
-            pass
-    control_alive = 0
-    if control:
-        try:
-            control_alive = int(bool(control.recv(64)))
         except OSError:
             pass
     print(f"attempts={attempts} through={len(kept)} control_alive={control_alive} alive={alive}")
