@@ -148,6 +148,24 @@ impl GrantBook {
         (record, Granted::New)
     }
 
+    /// How many grants are open.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Whether no grant is open.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// Whether `service` is open for `address` (a renewal, not a new hole).
+    #[must_use]
+    pub fn holds(&self, service: &str, address: IpAddr) -> bool {
+        self.by_address.contains_key(&(service.to_owned(), address))
+    }
+
     /// Removes the grant `id`.
     pub fn revoke(&mut self, id: &str) -> Option<GrantRecord> {
         let record = self.records.remove(id)?;

@@ -6,7 +6,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{MAX_REQUEST, Request, Response};
+use super::{MAX_ANSWER, Request, Response};
 
 /// Default admin socket path.
 pub const DEFAULT_SOCKET: &str = "/run/knockgate/admin.sock";
@@ -77,7 +77,7 @@ pub fn call(socket: &Path, request: &Request) -> Result<Response, AdminError> {
     line.push('\n');
     (&stream).write_all(line.as_bytes()).map_err(io)?;
     let mut answer = String::new();
-    let limit = u64::try_from(MAX_REQUEST * 16).unwrap_or(u64::MAX);
+    let limit = u64::try_from(MAX_ANSWER).unwrap_or(u64::MAX);
     BufReader::new(std::io::Read::take(&stream, limit))
         .read_line(&mut answer)
         .map_err(io)?;

@@ -12,6 +12,9 @@ use crate::grants::{GrantRecord, WindowRecord, WindowScope};
 
 /// Longest request line the daemon reads.
 pub const MAX_REQUEST: usize = 64 * 1024;
+/// Longest answer line a client reads: `grants` with the most grants the daemon holds
+/// (100,000, ~150 bytes each in JSON) fits.
+pub const MAX_ANSWER: usize = 64 << 20;
 
 /// What an admin asks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

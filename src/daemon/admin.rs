@@ -274,7 +274,11 @@ pub fn dispatch<F: Firewall>(
                         capped,
                     }
                 }
-                Err(e) => Response::error("failed", format!("{e:#}")),
+                Err(e) => {
+                    warn!(target: AUDIT, event = "grant-refused", address = %from, who = %who,
+                        pid = ?peer.pid, error = %format!("{e:#}"), "admin's grant refused");
+                    Response::error("failed", format!("{e:#}"))
+                }
             }
         }
         Request::Revoke { id } => match core.revoke(&id) {

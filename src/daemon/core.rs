@@ -81,6 +81,22 @@ impl KnockRefusal {
     }
 }
 
+/// Most grants open at once (every service, both families). The kernel and every
+/// whole-table replace are measured with this many (README); a key holder who binds
+/// knocks to address after address cannot grow the table past it.
+pub const MAX_GRANTS: usize = 100_000;
+
+/// Why a grant was not opened.
+#[derive(Debug, thiserror::Error)]
+pub enum GrantError {
+    /// [`MAX_GRANTS`] holes are open already; renewing one of them still works.
+    #[error("{0} grants are open, the most knockgated holds; refused until some end")]
+    Full(usize),
+    /// The kernel refused the element.
+    #[error(transparent)]
+    Firewall(#[from] FirewallError),
+}
+
 /// What the core needs from the config.
 pub struct Settings {
     /// knockgate's table.
@@ -278,8 +294,11 @@ impl<F: Firewall> Core<F> {
         who: &str,
         ttl: Duration,
         now: u64,
-    ) -> Result<(GrantRecord, Granted), FirewallError> {
+    ) -> Result<(GrantRecord, Granted), GrantError> {
         let address = policy::canonical(address);
+        if self.book.len() >= MAX_GRANTS && !self.book.holds(service.name(), address) {
+            return Err(GrantError::Full(MAX_GRANTS));
+        }
         self.firewall.add_element(
             &self.settings.table,
             grant_set(address),
@@ -300,7 +319,7 @@ impl<F: Firewall> Core<F> {
         ttl: Option<Duration>,
         who: &str,
         now: u64,
-    ) -> Result<(GrantRecord, Granted, bool), FirewallError> {
+    ) -> Result<(GrantRecord, Granted, bool), GrantError> {
         let limits = self.settings.limits;
         let requested = ttl.map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX));
         let (ttl, capped) = policy::cap_ttl(requested, None, limits);

@@ -75,6 +75,9 @@ const LIVE_SETS: [&str; 8] = [
     EGRESS_HOST,
 ];
 
+/// Grants still open at a start that get a log line each; the rest get one line.
+const RECOVER_LINES: usize = 100;
+
 /// A running daemon: its core and the ruleset it applied.
 pub struct Daemon<F: Firewall> {
     core: Core<F>,
@@ -97,7 +100,7 @@ impl<F: Firewall> Daemon<F> {
         now: u64,
     ) -> Result<Self, StartError> {
         let first_takeover = !firewall.table_exists(&loaded.config.table)?;
-        let ruleset = baseline_with_live_elements(&mut firewall, &loaded);
+        let ruleset = baseline_with_live_elements(&mut firewall, &loaded)?;
         let started = Instant::now();
         firewall.replace(&ruleset)?;
         log_applied(&loaded, &ruleset, started.elapsed());
@@ -134,9 +137,14 @@ impl<F: Firewall> Daemon<F> {
             })
             .collect();
         book.reconcile_windows(&windows, now, new_id);
-        for record in book.iter() {
+        // One line per grant up to a point: with 100,000 grants the journal gets a count.
+        for record in book.iter().take(RECOVER_LINES) {
             info!(target: AUDIT, event = "recover", id = %record.id, address = %record.address,
                 who = %record.who, expires_at = record.expires_at, "grant still open from before the start");
+        }
+        if book.len() > RECOVER_LINES {
+            info!(target: AUDIT, event = "recover", grants = book.len(), logged = RECOVER_LINES,
+                "more grants still open from before the start; `knockgate grants` lists them all");
         }
         let _ = book.save(&book_path);
         let settings = settings(&loaded, book_path);
@@ -171,7 +179,7 @@ impl<F: Firewall> Daemon<F> {
         if loaded.config.knock.state_dir != self.loaded.config.knock.state_dir {
             return Err(ReloadError::NeedsRestart("knock.state_dir"));
         }
-        let ruleset = baseline_with_live_elements(self.core.firewall_mut(), &loaded);
+        let ruleset = baseline_with_live_elements(self.core.firewall_mut(), &loaded)?;
         let started = Instant::now();
         self.core.firewall_mut().replace(&ruleset)?;
         log_applied(&loaded, &ruleset, started.elapsed());
@@ -248,16 +256,20 @@ fn adopt_connections<F: Firewall>(firewall: &mut F, mark: u32) {
 
 /// The baseline for `loaded`, with the elements the kernel's live sets hold now
 /// (grants, bans, windows with their remaining time); none when there is no table yet.
-fn baseline_with_live_elements<F: Firewall>(firewall: &mut F, loaded: &Loaded) -> Ruleset {
+/// A set that cannot be read is an error, never an empty set: replacing the table
+/// with it would drop its grants or bans without a word. The caller then changes
+/// nothing, and the table in force stays.
+fn baseline_with_live_elements<F: Firewall>(
+    firewall: &mut F,
+    loaded: &Loaded,
+) -> Result<Ruleset, FirewallError> {
     let mut ruleset = baseline(&loaded.config, &loaded.resolvers);
     for set in &mut ruleset.sets {
         if LIVE_SETS.contains(&set.name.as_str()) {
-            set.elements = firewall
-                .elements(&ruleset.table, &set.name)
-                .unwrap_or_default();
+            set.elements = firewall.elements(&ruleset.table, &set.name)?;
         }
     }
-    ruleset
+    Ok(ruleset)
 }
 
 /// The core's settings for `loaded`.

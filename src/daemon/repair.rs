@@ -25,11 +25,14 @@ impl<F: Firewall> Daemon<F> {
             if let Some(elements) = booked.remove(set.name.as_str()) {
                 set.elements = elements;
             } else if BAN_SETS.contains(&set.name.as_str()) {
-                set.elements = self
-                    .core
-                    .firewall_mut()
-                    .elements(&ruleset.table, &set.name)
-                    .unwrap_or_default();
+                // The repair must not wait on the bans: a table that cannot be read
+                // back is put right without them, and the log says so.
+                match self.core.firewall_mut().elements(&ruleset.table, &set.name) {
+                    Ok(elements) => set.elements = elements,
+                    Err(e) => tracing::warn!(target: crate::logging::AUDIT, event = "tamper",
+                        set = %set.name, error = %format!("{e:#}"),
+                        "cannot read the bans back; the repair drops them"),
+                }
             }
         }
         self.core.firewall_mut().replace(&ruleset)?;
@@ -154,5 +157,54 @@ mod tests {
         let before = d.ruleset().clone();
         assert!(d.repair(NOW + 62).is_err());
         assert_eq!(d.ruleset(), &before);
+    }
+
+    #[test]
+    fn bans_that_cannot_be_read_back_do_not_stop_the_repair() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = daemon(&dir);
+        let laptop: IpAddr = "198.51.100.7".parse().unwrap();
+        d.core()
+            .open_ssh(laptop, Some(Duration::from_secs(600)), "uid 0", NOW)
+            .unwrap();
+        d.core().firewall_mut().tables.clear();
+        d.core().firewall_mut().fail_dumps = true;
+
+        assert_eq!(d.repair(NOW + 1).unwrap(), 1);
+
+        d.core().firewall_mut().fail_dumps = false;
+        assert_eq!(
+            keys_of(&mut d, SSH_GRANTS_V4),
+            vec![(ElementKey::Addr(laptop), 599)]
+        );
+    }
+
+    #[test]
+    fn a_reapply_that_cannot_read_the_live_sets_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = daemon(&dir);
+        let banned: IpAddr = "203.0.113.9".parse().unwrap();
+        d.core()
+            .firewall_mut()
+            .add_element(
+                "knockgate",
+                KNOCK_BAN_V4,
+                ElementKey::Addr(banned),
+                Duration::from_secs(60),
+            )
+            .unwrap();
+        let (before, commits) = (d.ruleset().clone(), d.core().firewall_mut().commits);
+        let loaded = d.loaded().clone();
+        d.core().firewall_mut().fail_dumps = true;
+
+        assert!(d.switch_to(loaded, KeyRing::default()).is_err());
+
+        d.core().firewall_mut().fail_dumps = false;
+        assert_eq!(d.core().firewall_mut().commits, commits, "nothing sent");
+        assert_eq!(d.ruleset(), &before);
+        assert_eq!(
+            keys_of(&mut d, KNOCK_BAN_V4),
+            vec![(ElementKey::Addr(banned), 60)]
+        );
     }
 }

@@ -272,6 +272,20 @@ fn on_tamper(daemon: &Shared, tamper: Tamper, seen: std::io::Result<Tampering>) 
             }
         }
     };
+    // Lost notifications alone (the daemon's own big replace overflows the watch's
+    // socket): the generation tells whether anyone else committed since. Without this,
+    // a repair of a large table would overflow it again and repair forever.
+    if seen.changes.is_empty()
+        && daemon
+            .borrow_mut()
+            .core()
+            .firewall_mut()
+            .unchanged_since_own()
+    {
+        info!(target: AUDIT, event = "tamper", changes = "notifications lost", action = "none",
+            "nftables notifications were lost, but no other process has committed since knockgated's last change; nothing to repair");
+        return;
+    }
     let (changes, by) = (seen.summary(), seen.by.join(", "));
     if tamper == Tamper::Warn {
         warn!(target: AUDIT, event = "tamper", changes = %changes, by = %by, action = "none",

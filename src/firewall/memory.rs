@@ -16,6 +16,8 @@ pub struct MemoryFirewall {
     pub tables: BTreeMap<String, Ruleset>,
     /// When set, the next change is refused (and nothing changes), as a kernel would.
     pub refuse_next: bool,
+    /// When set, reading a set's elements fails, as a dump cut short would.
+    pub fail_dumps: bool,
     /// How many changes were committed, to tell a re-apply from a no-op.
     pub commits: usize,
     /// Conntrack marks of the connections "tracked now", by a test's names for them.
@@ -92,7 +94,17 @@ impl Firewall for MemoryFirewall {
     }
 
     fn elements(&mut self, table: &str, set: &str) -> Result<Vec<Element>, FirewallError> {
-        Ok(self.set_mut(table, set)?.elements.clone())
+        if self.fail_dumps {
+            return Err(FirewallError::BadReply {
+                table: table.to_owned(),
+                detail: "dump failed (test)".to_owned(),
+            });
+        }
+        let found = self
+            .tables
+            .get(table)
+            .and_then(|t| t.sets.iter().find(|s| s.name == set));
+        Ok(found.map(|s| s.elements.clone()).unwrap_or_default())
     }
 
     fn table_exists(&mut self, table: &str) -> Result<bool, FirewallError> {

@@ -39,7 +39,9 @@ pub trait Firewall {
         key: ElementKey,
     ) -> Result<(), FirewallError>;
 
-    /// What set `set` holds now, with each element's remaining time.
+    /// What set `set` holds now, with each element's remaining time; empty when the
+    /// table or the set does not exist. Any other failure to read it is an error —
+    /// never an empty set.
     fn elements(&mut self, table: &str, set: &str) -> Result<Vec<Element>, FirewallError>;
 
     /// Whether a table named `table` is in force now.

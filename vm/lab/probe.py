@@ -111,15 +111,19 @@ def serve_udp_echo(addr, port):
         s.sendto(d, a)
 
 
-def intruder(host, port, seconds, flag, control_port=None):
+def intruder(host, port, seconds, flag, control_port=None, ready=None):
     """Connects to host:port again and again for `seconds` (20 ms per handshake),
     keeps what gets through, then waits for `flag` (the repair is done), one more
     second, and reports how many still carry data both ways. A control connection
     to `control_port` (one the baseline admits), made first, must stay alive: it
-    proves the probe can see a live connection."""
+    proves the probe can see a live connection. It is made before the file `ready`
+    is created; the caller waits for that file before the first flush, so the control
+    is admitted (and marked) by the baseline, never made in a gap."""
     control = None
     if control_port:
         control = socket.create_connection((host, int(control_port)), timeout=5)
+    if ready:
+        open(ready, "w").close()
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -16,11 +16,71 @@ use nftnl::{MsgType, NlMsg, ProtoFamily};
 
 use crate::ruleset::{Element, ElementKey};
 
+/// Most bytes of element attributes one NEWSETELEM message may carry. Two limits
+/// sit above it: the element list is one netlink attribute whose length is 16 bits
+/// (65,535 — past it the length wraps and the kernel silently takes a shorter list),
+/// and libnftnl's batch leaves one message `nft_nlmsg_maxsize()` bytes (64 KiB + a
+/// page — past it libnftnl writes beyond its buffer). Half the smaller one leaves room
+/// for the headers and for any error in [`element_bound`].
+pub(super) const ELEM_MSG_BUDGET: usize = 32 * 1024;
+
+/// An upper bound on the bytes one element with a `key_len`-byte key adds to a
+/// message, counted from the attributes libnftnl can write for it: the element's nest
+/// (4), flags (4 + 4), timeout (4 + 8), expiration (4 + 8), the key's nest (4) and its
+/// data attribute (4 + the key padded to 4). Checked here, before libnftnl writes:
+/// libnftnl itself checks nothing.
+#[must_use]
+pub(super) const fn element_bound(key_len: usize) -> usize {
+    4 + 8 + 12 + 12 + 4 + 4 + key_len.div_ceil(4) * 4
+}
+
+/// The key's bytes as the kernel stores them.
+fn key_bytes(key: ElementKey) -> Vec<u8> {
+    match key {
+        ElementKey::Addr(IpAddr::V4(a)) => a.octets().to_vec(),
+        ElementKey::Addr(IpAddr::V6(a)) => a.octets().to_vec(),
+        // cgroup ids are compared in host byte order (the socket expression loads them so).
+        ElementKey::Cgroup(id) => id.to_ne_bytes().to_vec(),
+        ElementKey::Proto(p) => vec![p],
+        // Concatenations: each field in its own 4-byte-aligned register slots.
+        ElementKey::CgroupAddr(id, IpAddr::V4(a)) => [&id.to_ne_bytes()[..], &a.octets()].concat(),
+        ElementKey::CgroupAddr(id, IpAddr::V6(a)) => [&id.to_ne_bytes()[..], &a.octets()].concat(),
+    }
+}
+
 /// A raw libnftnl set holding the elements of one message; freed on drop.
 pub(super) struct ElemMsg {
     set: NonNull<sys::nftnl_set>,
     /// Add with `NLM_F_EXCL` (fail if present) rather than create-or-keep.
     exclusive: bool,
+    /// The bound ([`element_bound`]) of the elements pushed so far.
+    bytes: usize,
+    /// How many elements were pushed.
+    count: usize,
+}
+
+/// `elements` of set `set` (id `set_id`, see [`ElemMsg::new`]) as as many messages as
+/// the [`ELEM_MSG_BUDGET`] needs, in order.
+pub(super) fn element_messages(
+    table: &CStr,
+    set: &CStr,
+    set_id: u32,
+    exclusive: bool,
+    elements: &[Element],
+) -> Vec<ElemMsg> {
+    let mut messages = Vec::new();
+    let mut current = ElemMsg::new(table, set, set_id, exclusive);
+    for e in elements {
+        if !current.fits(e.key) {
+            let full = std::mem::replace(&mut current, ElemMsg::new(table, set, set_id, exclusive));
+            messages.push(full);
+        }
+        current.push(e.key, e.expires_in);
+    }
+    if current.count > 0 {
+        messages.push(current);
+    }
+    messages
 }
 
 impl ElemMsg {
@@ -44,28 +104,26 @@ impl ElemMsg {
         Self {
             set: raw,
             exclusive,
+            bytes: 0,
+            count: 0,
         }
     }
 
+    /// Whether one more element with `key` stays within [`ELEM_MSG_BUDGET`] (an empty
+    /// message always takes one: no key is anywhere near the budget).
+    pub(super) fn fits(&self, key: ElementKey) -> bool {
+        self.count == 0 || self.bytes + element_bound(key_bytes(key).len()) <= ELEM_MSG_BUDGET
+    }
+
     /// Adds `key` to the list, to expire after `timeout` (rounded up to whole ms).
+    /// Callers keep to [`ElemMsg::fits`]; [`element_messages`] does.
     pub(super) fn push(&mut self, key: ElementKey, timeout: Option<Duration>) {
         // SAFETY: allocation has no preconditions; NULL aborts below.
         let elem = unsafe { sys::nftnl_set_elem_alloc() };
         let elem = NonNull::new(elem).unwrap_or_else(|| std::process::abort());
-        let key: Vec<u8> = match key {
-            ElementKey::Addr(IpAddr::V4(a)) => a.octets().to_vec(),
-            ElementKey::Addr(IpAddr::V6(a)) => a.octets().to_vec(),
-            // cgroup ids are compared in host byte order (the socket expression loads them so).
-            ElementKey::Cgroup(id) => id.to_ne_bytes().to_vec(),
-            ElementKey::Proto(p) => vec![p],
-            // Concatenations: each field in its own 4-byte-aligned register slots.
-            ElementKey::CgroupAddr(id, IpAddr::V4(a)) => {
-                [&id.to_ne_bytes()[..], &a.octets()].concat()
-            }
-            ElementKey::CgroupAddr(id, IpAddr::V6(a)) => {
-                [&id.to_ne_bytes()[..], &a.octets()].concat()
-            }
-        };
+        let key = key_bytes(key);
+        self.bytes += element_bound(key.len());
+        self.count += 1;
         let len = u32::try_from(key.len()).unwrap_or(16);
         // SAFETY: `elem` is live; `key` is `len` readable bytes that libnftnl copies.
         unsafe {
@@ -226,4 +284,94 @@ fn cgroup_addr(bytes: &[u8]) -> Option<ElementKey> {
 
 fn attr(a: u32) -> u16 {
     u16::try_from(a).unwrap_or(u16::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn written_len(msg: &ElemMsg) -> usize {
+        let size = usize::try_from(nftnl::nft_nlmsg_maxsize()).unwrap();
+        let mut buf = vec![0u32; size / 4 + 1];
+        // SAFETY: `buf` holds at least `nft_nlmsg_maxsize()` bytes, 4-byte aligned, the
+        // room `write` may use.
+        unsafe { msg.write(buf.as_mut_ptr().cast::<c_void>(), 1, MsgType::Add) };
+        usize::try_from(buf[0]).unwrap()
+    }
+
+    fn elements(n: usize, key: impl Fn(u32) -> ElementKey) -> Vec<Element> {
+        (0..u32::try_from(n).unwrap())
+            .map(|i| Element {
+                key: key(i),
+                expires_in: Some(Duration::from_secs(3600)),
+            })
+            .collect()
+    }
+
+    fn v4(i: u32) -> ElementKey {
+        ElementKey::Addr(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)))
+    }
+
+    fn v6(i: u32) -> ElementKey {
+        ElementKey::Addr(IpAddr::V6(Ipv6Addr::from(
+            0xfd77_u128 << 112 | u128::from(i),
+        )))
+    }
+
+    fn cgroup_v6(i: u32) -> ElementKey {
+        ElementKey::CgroupAddr(
+            u64::from(i) << 20,
+            IpAddr::V6(Ipv6Addr::from(u128::from(i))),
+        )
+    }
+
+    #[test]
+    fn every_message_stays_within_the_budget_and_the_bound_holds_per_element() {
+        let (t, s) = (c"knockgate", c"ssh_grants_v6");
+        let keys: [(&str, &dyn Fn(u32) -> ElementKey); 3] =
+            [("v4", &v4), ("v6", &v6), ("cgroup.v6", &cgroup_v6)];
+        for (name, key) in keys {
+            let all = elements(20_000, key);
+            let messages = element_messages(t, s, 1, true, &all);
+            assert_eq!(
+                messages.iter().map(|m| m.count).sum::<usize>(),
+                all.len(),
+                "{name}"
+            );
+            let empty = written_len(&ElemMsg::new(t, s, 1, true));
+            for m in &messages {
+                let len = written_len(m);
+                assert!(
+                    len - empty <= m.bytes,
+                    "{name}: wrote {len} bytes, bound {}",
+                    m.bytes
+                );
+                assert!(m.bytes <= ELEM_MSG_BUDGET, "{name}");
+                assert!(len < usize::from(u16::MAX), "{name}: {len} bytes");
+            }
+            // Full messages are really full: no budget left for one more element.
+            let first = &messages[0];
+            assert!(!first.fits(key(0)), "{name}: {} elements", first.count);
+        }
+    }
+
+    #[test]
+    fn elements_split_in_order_with_nothing_lost_at_the_boundaries() {
+        let (t, s) = (c"knockgate", c"ssh_grants_v4");
+        let per_message = ELEM_MSG_BUDGET / element_bound(4);
+        for n in [
+            0,
+            1,
+            per_message - 1,
+            per_message,
+            per_message + 1,
+            3 * per_message + 7,
+        ] {
+            let messages = element_messages(t, s, 0, false, &elements(n, v4));
+            let counts: Vec<usize> = messages.iter().map(|m| m.count).collect();
+            assert_eq!(counts.iter().sum::<usize>(), n);
+            assert_eq!(messages.len(), n.div_ceil(per_message), "{n}: {counts:?}");
+            assert!(counts.iter().all(|&c| c > 0));
+        }
+    }
 }

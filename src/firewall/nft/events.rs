@@ -160,6 +160,37 @@ pub fn table_dump_request(seq: u32) -> Vec<u8> {
     m
 }
 
+/// A `GETGEN` request (with `NLM_F_ACK`), numbered `seq`: the kernel answers with one
+/// `NEWGEN` carrying the ruleset's generation, which every commit by anyone advances.
+#[must_use]
+pub fn generation_request(seq: u32) -> Vec<u8> {
+    const NFT_MSG_GETGEN: u16 = 16;
+    const NLM_F_REQUEST_ACK: u16 = 1 | 4;
+    let len = u32::try_from(NLMSG_HDRLEN + NFGENMSG_LEN).unwrap_or(20);
+    let mut m = len.to_ne_bytes().to_vec();
+    m.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN).to_ne_bytes());
+    m.extend_from_slice(&NLM_F_REQUEST_ACK.to_ne_bytes());
+    m.extend_from_slice(&seq.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    m.extend_from_slice(&[0, 0, 0, 0]);
+    m
+}
+
+/// The generation in a `NEWGEN` message, if `message` is one.
+#[must_use]
+pub fn generation(message: &[u8]) -> Option<u32> {
+    const NFTA_GEN_ID: u16 = 1;
+    if message.len() < NLMSG_HDRLEN + NFGENMSG_LEN
+        || u16::from_ne_bytes([message[4], message[5]])
+            != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN
+    {
+        return None;
+    }
+    attribute(&message[NLMSG_HDRLEN + NFGENMSG_LEN..], NFTA_GEN_ID)
+        .filter(|v| v.len() == 4)
+        .map(|v| u32::from_be_bytes([v[0], v[1], v[2], v[3]]))
+}
+
 /// The flags of inet table `table`, if `message` (one table dump reply) describes it.
 #[must_use]
 pub fn table_flags(message: &[u8], table: &str) -> Option<u32> {

@@ -35,6 +35,14 @@ use crate::ruleset::{
     ChainDef, Element, ElementKey, Hook, IpFamily, Policy, Ruleset, SetDef, SetKeyType, SetKind,
 };
 
+/// Largest batch sent as one transaction. The biggest knockgate makes — 100,000
+/// grants, both ban sets full, every window — is under 16 MiB; the kernel takes the
+/// batch in one skb, so this also bounds what one replace asks of kernel memory.
+const MAX_BATCH_BYTES: usize = 64 << 20;
+
+/// Dumps of one set before an inconsistent answer is an error.
+const DUMP_TRIES: usize = 10;
+
 /// Whether knockgate's table is locked against other processes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TableLock {
@@ -54,6 +62,11 @@ pub struct NftFirewall {
     dump_seq: u32,
     lock: TableLock,
     want_lock: bool,
+    /// The ruleset generation up to which every commit is accounted for: the daemon's
+    /// own, back to a whole-table replace, with no other process's in between. When
+    /// notifications were lost, a kernel still at this generation has seen no change
+    /// but ours ([`NftFirewall::unchanged_since_own`]).
+    accounted: Option<u32>,
 }
 
 impl NftFirewall {
@@ -65,7 +78,35 @@ impl NftFirewall {
             dump_seq: 1 << 24,
             lock: TableLock::Off,
             want_lock: false,
+            accounted: None,
         })
+    }
+
+    /// The ruleset generation now (every commit, by anyone, advances it).
+    fn generation(&mut self) -> Result<u32, FirewallError> {
+        self.dump_seq = self.dump_seq.wrapping_add(1);
+        let replies = self
+            .socket
+            .query(&events::generation_request(self.dump_seq), self.dump_seq)
+            .map_err(|e| Self::map_error("(generation)", None, e))?;
+        replies
+            .iter()
+            .find_map(|m| events::generation(m))
+            .ok_or_else(|| FirewallError::BadReply {
+                table: "(generation)".to_owned(),
+                detail: "no NEWGEN in the answer to GETGEN".to_owned(),
+            })
+    }
+
+    /// Whether no process but this one has committed anything since its last
+    /// whole-table replace. Used when notifications were lost (the socket overflowed,
+    /// as the daemon's own replace of 100,000 grants makes it do): then, and only then,
+    /// nothing needs repairing. `false` whenever it cannot tell.
+    pub fn unchanged_since_own(&mut self) -> bool {
+        match (self.accounted, self.generation()) {
+            (Some(accounted), Ok(now)) => accounted == now,
+            _ => false,
+        }
     }
 
     /// Asks that the next replace lock the table (owner + persist flags) where the kernel
@@ -111,7 +152,7 @@ impl NftFirewall {
                 detail,
             }
         })?;
-        self.send(&ruleset.table, &batch)
+        self.send(&ruleset.table, &batch, true)
     }
 
     fn map_error(table: &str, batch: Option<&LabelledBatch>, e: TransactError) -> FirewallError {
@@ -136,8 +177,40 @@ impl NftFirewall {
         }
     }
 
-    fn send(&self, table: &str, batch: &LabelledBatch) -> Result<(), FirewallError> {
+    /// Sends `batch` as one transaction; `whole` when it replaces the table whole (so
+    /// anyone's earlier changes to it no longer count). Keeps [`Self::accounted`].
+    fn send(
+        &mut self,
+        table: &str,
+        batch: &LabelledBatch,
+        whole: bool,
+    ) -> Result<(), FirewallError> {
+        let before = self.generation().ok();
+        let sent = self.transact(table, batch);
+        let after = self.generation().ok();
+        let ours_alone = matches!((before, after), (Some(b), Some(a)) if a == b.wrapping_add(1));
+        let chained = whole || (before.is_some() && self.accounted == before);
+        self.accounted = if sent.is_ok() && ours_alone && chained {
+            after
+        } else if sent.is_err() && before.is_some() && before == after {
+            self.accounted // refused: nothing was committed
+        } else {
+            None
+        };
+        sent
+    }
+
+    fn transact(&self, table: &str, batch: &LabelledBatch) -> Result<(), FirewallError> {
         let pages: Vec<&[u8]> = batch.batch.iter().collect();
+        let bytes: usize = pages.iter().map(|p| p.len()).sum();
+        if bytes > MAX_BATCH_BYTES {
+            return Err(FirewallError::InvalidRuleset {
+                table: table.to_owned(),
+                detail: format!(
+                    "the batch is {bytes} bytes, more than the {MAX_BATCH_BYTES} knockgate sends in one transaction"
+                ),
+            });
+        }
         let seqs = batch.batch.sequence_numbers();
         self.socket
             .transact(&pages, seqs)
@@ -147,7 +220,7 @@ impl NftFirewall {
     /// One batch on one set: `add (no EXCL)` makes the element exist, `delete` removes
     /// it, and with a `ttl` a final `add` puts it back with the new timeout.
     fn element_batch(
-        &self,
+        &mut self,
         table: &str,
         set: &str,
         key: ElementKey,
@@ -178,7 +251,7 @@ impl NftFirewall {
             add.push(key, Some(ttl));
             builder.add(&add, MsgType::Add, format!("element {key} in set {set}"));
         }
-        self.send(table, &builder.finish())
+        self.send(table, &builder.finish(), false)
     }
 }
 
@@ -221,7 +294,7 @@ impl Firewall for NftFirewall {
             MsgType::Del,
             format!("table inet {table} (delete)"),
         );
-        self.send(table, &builder.finish())
+        self.send(table, &builder.finish(), false)
     }
 
     fn add_element(
@@ -252,16 +325,33 @@ impl Firewall for NftFirewall {
             cstring(table).map_err(invalid)?,
             cstring(set).map_err(invalid)?,
         );
-        self.dump_seq = self.dump_seq.wrapping_add(1);
-        let request = elements::dump_request(&t, &s, self.dump_seq);
-        let messages = self
-            .socket
-            .dump(&request, self.dump_seq)
-            .map_err(|e| Self::map_error(table, None, e))?;
-        Ok(messages
-            .iter()
-            .flat_map(|m| elements::parse_dump_message(m))
-            .collect())
+        // A big hash set resizes itself in the background after it grew (a replace
+        // that carried 100,000 grants): a dump that meets a resize walks it again from
+        // the start and, across its messages, skips by count in the new order — some
+        // elements come twice and as many not at all. A duplicate is the sign: dump again.
+        for _ in 0..DUMP_TRIES {
+            self.dump_seq = self.dump_seq.wrapping_add(1);
+            let request = elements::dump_request(&t, &s, self.dump_seq);
+            let messages = match self.socket.dump(&request, self.dump_seq) {
+                Ok(messages) => messages,
+                // No such table or set: it holds nothing.
+                Err(TransactError::Refused(r)) if r.errno == libc::ENOENT => return Ok(Vec::new()),
+                Err(e) => return Err(Self::map_error(table, None, e)),
+            };
+            let elements: Vec<Element> = messages
+                .iter()
+                .flat_map(|m| elements::parse_dump_message(m))
+                .collect();
+            let mut seen = std::collections::HashSet::with_capacity(elements.len());
+            if elements.iter().all(|e| seen.insert(e.key)) {
+                return Ok(elements);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(FirewallError::BadReply {
+            table: table.to_owned(),
+            detail: format!("set {set} read back with duplicates {DUMP_TRIES} times (resizing)"),
+        })
     }
 
     fn table_exists(&mut self, table: &str) -> Result<bool, FirewallError> {
@@ -462,13 +552,16 @@ fn replace_batch(ruleset: &Ruleset, current: u32, flags: u32) -> Result<Labelled
             }
         }
         set_ids.insert(def.name.as_str(), id);
-        if !def.elements.is_empty() {
-            let mut elems = ElemMsg::new(&name, &cstring(&def.name)?, id, true);
-            for e in &def.elements {
-                elems.push(e.key, e.expires_in);
-            }
-            let label = format!("elements of set {}", def.name);
-            builder.add(&elems, MsgType::Add, label);
+        let messages =
+            elements::element_messages(&name, &cstring(&def.name)?, id, true, &def.elements);
+        let parts = messages.len();
+        for (part, elems) in messages.iter().enumerate() {
+            let label = format!(
+                "elements of set {} (message {} of {parts})",
+                def.name,
+                part + 1
+            );
+            builder.add(elems, MsgType::Add, label);
         }
     }
     let set_id = |name: &str| set_ids.get(name).copied();

@@ -49,6 +49,8 @@ pub(super) enum TransactError {
 /// A bound `NETLINK_NETFILTER` socket.
 pub(super) struct NetlinkSocket {
     fd: OwnedFd,
+    /// The send buffer asked for: a batch goes out as one datagram, which must fit.
+    send_buffer: std::cell::Cell<usize>,
 }
 
 impl NetlinkSocket {
@@ -65,7 +67,21 @@ impl NetlinkSocket {
         setsockopt(&fd, sockopt::RcvBufForce, &SOCKET_BUFFER)?;
         let timeout = TimeVal::new(i64::try_from(ACK_TIMEOUT.as_secs()).unwrap_or(5), 0);
         setsockopt(&fd, sockopt::ReceiveTimeout, &timeout)?;
-        Ok(Self { fd })
+        Ok(Self {
+            fd,
+            send_buffer: std::cell::Cell::new(SOCKET_BUFFER),
+        })
+    }
+
+    /// Grows the send buffer to take a `len`-byte datagram (the kernel refuses one
+    /// longer than the buffer with EMSGSIZE). Never shrinks it.
+    fn fit_send_buffer(&self, len: usize) -> io::Result<()> {
+        let wanted = len + (64 << 10);
+        if wanted > self.send_buffer.get() {
+            setsockopt(&self.fd, sockopt::SndBufForce, &wanted)?;
+            self.send_buffer.set(wanted);
+        }
+        Ok(())
     }
 
     /// The netlink port id the kernel gave this socket: the `nlmsg_pid` of the
@@ -83,6 +99,8 @@ impl NetlinkSocket {
         expected: std::ops::Range<u32>,
     ) -> Result<(), TransactError> {
         let iov: Vec<IoSlice<'_>> = pages.iter().map(|p| IoSlice::new(p)).collect();
+        self.fit_send_buffer(pages.iter().map(|p| p.len()).sum())
+            .map_err(TransactError::Send)?;
         let kernel = NetlinkAddr::new(0, 0);
         sendmsg(
             self.fd.as_raw_fd(),
@@ -161,6 +179,51 @@ impl NetlinkSocket {
             }
         }
         Ok(refusals)
+    }
+
+    /// Sends one request with `NLM_F_ACK` (sequence number `seq`) and returns the
+    /// messages answering it, read until its acknowledgement.
+    pub(super) fn query(&self, request: &[u8], seq: u32) -> Result<Vec<Vec<u8>>, TransactError> {
+        const MAX_REPLIES: usize = 16;
+        self.send_one(request)?;
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let len = match recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+                Ok(len) => len,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(TransactError::Receive(e.into())),
+            };
+            let mut rest = &buf[..len];
+            while rest.len() >= NLMSG_HDRLEN {
+                let msg_len = usize::try_from(u32_at(rest, 0)).unwrap_or(usize::MAX);
+                if msg_len < NLMSG_HDRLEN || msg_len > rest.len() {
+                    return Err(TransactError::BadReply(format!(
+                        "message length {msg_len} in a {}-byte datagram",
+                        rest.len()
+                    )));
+                }
+                let (message, kind, msg_seq) = (
+                    &rest[..msg_len],
+                    u16::from_ne_bytes([rest[4], rest[5]]),
+                    u32_at(rest, 8),
+                );
+                rest = rest.get(msg_len.div_ceil(4) * 4..).unwrap_or(&[]);
+                if msg_seq != seq {
+                    continue; // a stale reply to an earlier request
+                }
+                if kind == NLMSG_ERROR {
+                    let acks = parse_acks(message).map_err(TransactError::BadReply)?;
+                    return match acks.into_iter().find(|a| a.errno != 0) {
+                        Some(refusal) => Err(TransactError::Refused(refusal)),
+                        None => Ok(out),
+                    };
+                }
+                if out.len() < MAX_REPLIES {
+                    out.push(message.to_vec());
+                }
+            }
+        }
     }
 
     /// Sends one dump request (a single message with sequence number `seq`) and returns
