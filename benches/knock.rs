@@ -77,6 +77,7 @@ fn rejection_rates() {
             max_ttl: Duration::from_secs(3600),
         },
         ban: None,
+        ipv6_prefix: 64,
         book_path: dir.path().join("grants.json"),
         egress_max_ttl: Duration::from_secs(3600),
     };

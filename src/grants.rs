@@ -120,7 +120,7 @@ impl GrantBook {
         who: &str,
         now: u64,
         ttl: Duration,
-        new_id: impl FnOnce() -> String,
+        mut new_id: impl FnMut() -> String,
     ) -> (GrantRecord, Granted) {
         let expires_at = now.saturating_add(ttl.as_secs());
         self.note_expiry(expires_at);
@@ -136,7 +136,7 @@ impl GrantBook {
             return (existing.clone(), Granted::Extended);
         }
         let record = GrantRecord {
-            id: new_id(),
+            id: self.fresh_id(&mut new_id),
             service: service.to_owned(),
             address,
             who: who.to_owned(),
@@ -236,7 +236,7 @@ impl GrantBook {
                 record.expires_at = expires_at;
             } else {
                 let record = GrantRecord {
-                    id: new_id(),
+                    id: self.fresh_id(&mut new_id),
                     service: service.to_owned(),
                     address,
                     who: "recovered".to_owned(),
@@ -271,8 +271,9 @@ impl GrantBook {
                 found = true;
             }
             if !found {
+                let id = self.fresh_id(&mut new_id);
                 self.open_window(WindowRecord {
-                    id: new_id(),
+                    id,
                     scope,
                     who: "recovered".to_owned(),
                     command: String::new(),
@@ -283,6 +284,25 @@ impl GrantBook {
             }
         }
         self.recompute_earliest();
+    }
+
+    /// An id no grant or window holds: ids are 32 random bits, so among 100,000
+    /// grants two would meet about once (and one record would overwrite the other).
+    /// Drawn again until unused; after 64 draws (a broken `new_id`) a counter is added.
+    pub fn fresh_id(&self, new_id: &mut impl FnMut() -> String) -> String {
+        let used = |id: &str| self.records.contains_key(id) || self.windows.contains_key(id);
+        let mut id = new_id();
+        for _ in 0..64 {
+            if !used(&id) {
+                return id;
+            }
+            id = new_id();
+        }
+        // Among one more candidate than there are ids in use, one is free.
+        (0..=self.records.len() + self.windows.len())
+            .map(|n| format!("{id}-{n}"))
+            .find(|candidate| !used(candidate))
+            .unwrap_or(id)
     }
 
     /// Books a new egress window.
@@ -554,5 +574,16 @@ mod tests {
         let (a, b) = (new_id(), new_id());
         assert_eq!(a.len(), 8);
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn colliding_ids_never_overwrite_a_grant() {
+        let mut book = GrantBook::default();
+        let mut same = || "cafe0001".to_owned();
+        let (a, _) = ssh(&mut book, "192.0.2.1", "uid 0", 0, 60, &mut same);
+        let (b, _) = ssh(&mut book, "192.0.2.2", "uid 0", 0, 60, &mut same);
+        assert_ne!(a.id, b.id);
+        assert_eq!(book.len(), 2);
+        assert!(book.get(&a.id).is_some() && book.get(&b.id).is_some());
     }
 }

@@ -6,7 +6,7 @@
 //! does no I/O and never names a libnftnl type, so it can be tested without root.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 pub mod baseline;
 pub use baseline::baseline;
@@ -100,6 +100,34 @@ pub struct SetDef {
     /// Live contents carried across a replace (grants with their remaining time).
     /// Not part of the printed ruleset: they are state, not configuration.
     pub elements: Vec<Element>,
+}
+
+/// The netmask of a `bits`-long prefix in `family` (bits past the family's length
+/// count as all of it).
+#[must_use]
+pub fn prefix_mask(family: IpFamily, bits: u8) -> IpAddr {
+    match family {
+        IpFamily::V4 => {
+            let bits = u32::from(bits.min(32));
+            IpAddr::V4(Ipv4Addr::from(u32::MAX.checked_shl(32 - bits).unwrap_or(0)))
+        }
+        IpFamily::V6 => {
+            let bits = u32::from(bits.min(128));
+            IpAddr::V6(Ipv6Addr::from(
+                u128::MAX.checked_shl(128 - bits).unwrap_or(0),
+            ))
+        }
+    }
+}
+
+/// `addr` with every bit past the first `bits` cleared.
+#[must_use]
+pub fn mask_addr(addr: IpAddr, bits: u8) -> IpAddr {
+    match (addr, prefix_mask(IpFamily::of(addr), bits)) {
+        (IpAddr::V4(a), IpAddr::V4(m)) => IpAddr::V4(Ipv4Addr::from(a.to_bits() & m.to_bits())),
+        (IpAddr::V6(a), IpAddr::V6(m)) => IpAddr::V6(Ipv6Addr::from(a.to_bits() & m.to_bits())),
+        _ => addr,
+    }
 }
 
 /// One set element's key.
@@ -261,12 +289,14 @@ pub enum Expr {
     TcpDport(u16),
     /// `udp dport N`.
     UdpDport(u16),
-    /// `ip saddr @set` / `ip6 saddr @set`.
+    /// `ip saddr @set` / `ip6 saddr @set`; with a prefix, `ip6 saddr & MASK == @set`.
     SaddrInSet {
         /// Family of the set's keys.
         family: IpFamily,
         /// Set name.
         set: String,
+        /// Compare only the first this many bits (the set holds masked addresses).
+        prefix: Option<u8>,
     },
     /// `ip daddr A` / `ip6 daddr A`.
     Daddr(IpAddr),
@@ -276,14 +306,18 @@ pub enum Expr {
     Icmpv6Type(u8),
     /// `limit rate …`: matches while under the rate.
     Limit(Rate),
-    /// `update @set { ip saddr limit rate … }`: matches while this source is under the rate.
+    /// `update @set { ip saddr limit rate … }`: matches while this source is under the
+    /// rate (always, without one). Does not match when the set is full and the source
+    /// is not in it.
     MeterSaddr {
         /// Family of the source address.
         family: IpFamily,
         /// The meter set.
         set: String,
-        /// The per-source rate.
-        rate: Rate,
+        /// The per-source rate; none to only track the source.
+        rate: Option<Rate>,
+        /// Meter by the first this many bits of the source (`ip6 saddr & MASK`).
+        prefix: Option<u8>,
     },
     /// `socket cgroupv2 level L @set`: the sending socket's cgroup, at depth `level`
     /// below the cgroup2 root, is in the set (so a cgroup and all its children match).
@@ -457,7 +491,21 @@ impl fmt::Display for Expr {
             }
             Self::TcpDport(port) => write!(f, "tcp dport {port}"),
             Self::UdpDport(port) => write!(f, "udp dport {port}"),
-            Self::SaddrInSet { family, set } => write!(f, "{} saddr @{set}", family.keyword()),
+            Self::SaddrInSet {
+                family,
+                set,
+                prefix: None,
+            } => write!(f, "{} saddr @{set}", family.keyword()),
+            Self::SaddrInSet {
+                family,
+                set,
+                prefix: Some(bits),
+            } => write!(
+                f,
+                "{} saddr & {} == @{set}",
+                family.keyword(),
+                prefix_mask(*family, *bits)
+            ),
             Self::Daddr(addr) => write!(f, "{} daddr {addr}", IpFamily::of(*addr).keyword()),
             Self::IcmpType(t) => {
                 f.write_str("icmp type ")?;
@@ -468,8 +516,20 @@ impl fmt::Display for Expr {
                 write_icmp_type(f, ICMPV6_TYPES, *t)
             }
             Self::Limit(rate) => write!(f, "{rate}"),
-            Self::MeterSaddr { family, set, rate } => {
-                write!(f, "update @{set} {{ {} saddr {rate} }}", family.keyword())
+            Self::MeterSaddr {
+                family,
+                set,
+                rate,
+                prefix,
+            } => {
+                let mask = prefix.map(|bits| format!(" & {}", prefix_mask(*family, bits)));
+                let mask = mask.unwrap_or_default();
+                let rate = rate.map(|r| format!(" {r}")).unwrap_or_default();
+                write!(
+                    f,
+                    "update @{set} {{ {} saddr{mask}{rate} }}",
+                    family.keyword()
+                )
             }
             Self::SocketCgroupInSet { level, set } => {
                 write!(f, "socket cgroupv2 level {level} @{set}")

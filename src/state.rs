@@ -1,8 +1,9 @@
 //! The state directory: what must survive a restart. The replay log (every accepted
 //! nonce until it can no longer pass the clock check) and the grant book.
 //!
-//! The replay log is append-only, fixed 24-byte records, fsynced before the daemon
-//! acts on a knock, and compacted when it grows. Rewrites go through a temporary
+//! The replay log is append-only, fixed 32-byte records with a check (a torn record
+//! is recognised and skipped), fsynced before the daemon acts on a knock, and
+//! compacted when it grows; each rewrite starts with the guard's floor. Rewrites go through a temporary
 //! file and a rename, so a crash leaves either the old or the new file.
 
 use std::fs::{File, OpenOptions};
@@ -13,8 +14,18 @@ use std::path::{Path, PathBuf};
 use crate::knock::packet::NONCE_LEN;
 use crate::knock::replay::ReplayGuard;
 
-const RECORD: usize = NONCE_LEN + 8;
-const REPLAY_FILE: &str = "replay.log";
+/// One record: a nonce (16 bytes), the Unix second until which it is kept (8, big
+/// endian), and a check (8): the start of SHA-256 over a domain string and the first
+/// 24 bytes. The check tells a whole record from a torn one, and a nonce from the floor.
+const RECORD: usize = NONCE_LEN + 8 + CHECK;
+const CHECK: usize = 8;
+const NONCE_DOMAIN: &[u8] = b"knockgate replay nonce v2";
+const FLOOR_DOMAIN: &[u8] = b"knockgate replay floor v2";
+const REPLAY_FILE: &str = "replay.v2.log";
+/// The log as knockgate 0.1 wrote it (24-byte records, no check): read once, then
+/// replaced by [`REPLAY_FILE`].
+const OLD_REPLAY_FILE: &str = "replay.log";
+const OLD_RECORD: usize = NONCE_LEN + 8;
 /// Longest replay log read at start (the guard holds far fewer live records).
 const MAX_REPLAY_FILE: u64 = 64 << 20;
 
@@ -46,6 +57,87 @@ pub struct ReplayLog {
     path: PathBuf,
     file: File,
     records: usize,
+    /// The file's length after the last whole record: anything past it is a torn
+    /// append (a full disk), cut off before the next one.
+    good_len: u64,
+}
+
+/// What a log's bytes hold.
+#[derive(Default)]
+struct Parsed {
+    nonces: Vec<([u8; NONCE_LEN], u64)>,
+    floor: u64,
+}
+
+/// The records in `bytes`. Bytes that are not a whole record with a good check (a torn
+/// write) are skipped one at a time until the records line up again, so nothing after
+/// a tear is lost.
+fn parse_log(bytes: &[u8]) -> Parsed {
+    let mut out = Parsed::default();
+    let mut at = 0;
+    while let Some(record) = bytes.get(at..at + RECORD) {
+        let (body, check) = record.split_at(NONCE_LEN + 8);
+        let until = u64::from_be_bytes(body[NONCE_LEN..].try_into().unwrap_or([0; 8]));
+        if check == record_check(NONCE_DOMAIN, body) {
+            let mut nonce = [0u8; NONCE_LEN];
+            nonce.copy_from_slice(&body[..NONCE_LEN]);
+            out.nonces.push((nonce, until));
+            at += RECORD;
+        } else if check == record_check(FLOOR_DOMAIN, body) {
+            out.floor = out.floor.max(until);
+            at += RECORD;
+        } else {
+            at += 1;
+        }
+    }
+    out
+}
+
+/// The records of a knockgate 0.1 log (fixed 24-byte records, a torn tail ignored).
+fn parse_old_log(bytes: &[u8]) -> Parsed {
+    let mut out = Parsed::default();
+    for record in bytes.chunks_exact(OLD_RECORD) {
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(&record[..NONCE_LEN]);
+        let until = u64::from_be_bytes(record[NONCE_LEN..].try_into().unwrap_or([0; 8]));
+        out.nonces.push((nonce, until));
+    }
+    out
+}
+
+fn record_check(domain: &[u8], body: &[u8]) -> [u8; CHECK] {
+    use sha2::Digest;
+    let digest = sha2::Sha256::new()
+        .chain_update(domain)
+        .chain_update(body)
+        .finalize();
+    let mut check = [0u8; CHECK];
+    check.copy_from_slice(&digest[..CHECK]);
+    check
+}
+
+fn encode(domain: &[u8], nonce: &[u8; NONCE_LEN], until: u64) -> [u8; RECORD] {
+    let mut record = [0u8; RECORD];
+    record[..NONCE_LEN].copy_from_slice(nonce);
+    record[NONCE_LEN..NONCE_LEN + 8].copy_from_slice(&until.to_be_bytes());
+    let check = record_check(domain, &record[..NONCE_LEN + 8]);
+    record[NONCE_LEN + 8..].copy_from_slice(&check);
+    record
+}
+
+/// Reads the log at `path` (at most [`MAX_REPLAY_FILE`] bytes); `None` if absent.
+fn read_log(path: &Path) -> Result<Option<Vec<u8>>, StateError> {
+    match File::open(path) {
+        Ok(file) => {
+            let mut bytes = Vec::new();
+            file.take(MAX_REPLAY_FILE)
+                .read_to_end(&mut bytes)
+                .map_err(|source| file_error(path, source))?;
+            Ok(Some(bytes))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(file_error(path, source)),
+    }
 }
 
 impl ReplayLog {
@@ -61,32 +153,39 @@ impl ReplayLog {
                 source,
             })?;
         let path = dir.join(REPLAY_FILE);
+        let old_path = dir.join(OLD_REPLAY_FILE);
         let mut guard = ReplayGuard::new(capacity);
-        match File::open(&path) {
-            Ok(file) => {
-                let mut bytes = Vec::new();
-                file.take(MAX_REPLAY_FILE)
-                    .read_to_end(&mut bytes)
-                    .map_err(|source| file_error(&path, source))?;
-                for record in bytes.chunks_exact(RECORD) {
-                    let (nonce, until) = decode_record(record);
-                    if until >= now {
-                        // A full guard here means more live nonces than capacity;
-                        // the newest win, which is what a full guard refuses anyway.
-                        let _ = guard.admit(nonce, until, now);
-                    }
-                }
+        let mut parsed = read_log(&path)?.map(|b| parse_log(&b)).unwrap_or_default();
+        let old = read_log(&old_path)?;
+        if let Some(old) = &old {
+            parsed.nonces.extend(parse_old_log(old).nonces);
+        }
+        // Nonces whose time is over are forgotten here: the floor rises past them.
+        let forgotten = parsed
+            .nonces
+            .iter()
+            .map(|&(_, until)| until)
+            .filter(|&u| u < now);
+        guard.raise_floor(forgotten.fold(parsed.floor, u64::max));
+        for (nonce, until) in parsed.nonces {
+            if until >= now {
+                // A full guard here means more live nonces than capacity; the newest
+                // win, which is what a full guard refuses anyway.
+                let _ = guard.admit(nonce, until, now);
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(file_error(&path, source)),
         }
         let file = rewrite(&path, &guard)?;
+        if old.is_some() {
+            std::fs::remove_file(&old_path).map_err(|source| file_error(&old_path, source))?;
+        }
         let records = guard.len();
+        let good_len = record_bytes(records + 1);
         Ok((
             Self {
                 path,
                 file,
                 records,
+                good_len,
             },
             guard,
         ))
@@ -95,14 +194,19 @@ impl ReplayLog {
     /// Appends one accepted nonce to the file. Once this returns the record is in the
     /// kernel's page cache: a crash or restart of the daemon cannot lose it. Call
     /// [`ReplayLog::sync`] to have it on the disk (which a crash of the host needs).
+    /// A torn earlier append (the disk was full) is cut off first, so records stay
+    /// aligned; reading resynchronises anyway.
     pub fn append(&mut self, nonce: &[u8; NONCE_LEN], until: u64) -> Result<(), StateError> {
-        let mut record = [0u8; RECORD];
-        record[..NONCE_LEN].copy_from_slice(nonce);
-        record[NONCE_LEN..].copy_from_slice(&until.to_be_bytes());
+        let fail = |source| file_error(&self.path, source);
+        let len = self.file.metadata().map_err(fail)?.len();
+        if len != self.good_len {
+            self.file.set_len(self.good_len).map_err(fail)?;
+        }
         self.file
-            .write_all(&record)
-            .map_err(|source| file_error(&self.path, source))?;
+            .write_all(&encode(NONCE_DOMAIN, nonce, until))
+            .map_err(fail)?;
         self.records += 1;
+        self.good_len += record_bytes(1);
         Ok(())
     }
 
@@ -118,27 +222,24 @@ impl ReplayLog {
         if self.records > 2 * guard.len() + 1024 {
             self.file = rewrite(&self.path, guard)?;
             self.records = guard.len();
+            self.good_len = record_bytes(self.records + 1);
         }
         Ok(())
     }
 }
 
-fn decode_record(record: &[u8]) -> ([u8; NONCE_LEN], u64) {
-    let mut nonce = [0u8; NONCE_LEN];
-    nonce.copy_from_slice(&record[..NONCE_LEN]);
-    let mut until = [0u8; 8];
-    until.copy_from_slice(&record[NONCE_LEN..RECORD]);
-    (nonce, u64::from_be_bytes(until))
+fn record_bytes(records: usize) -> u64 {
+    u64::try_from(records * RECORD).unwrap_or(u64::MAX)
 }
 
-/// Writes `guard`'s entries to `path` via a temporary file and a rename; returns the
+/// Writes `guard`'s floor and entries to `path` via a temporary file and a rename; returns the
 /// new file opened for appending.
 fn rewrite(path: &Path, guard: &ReplayGuard) -> Result<File, StateError> {
     let tmp = path.with_extension("tmp");
-    let mut bytes = Vec::with_capacity(guard.len() * RECORD);
+    let mut bytes = Vec::with_capacity((guard.len() + 1) * RECORD);
+    bytes.extend_from_slice(&encode(FLOOR_DOMAIN, &[0; NONCE_LEN], guard.floor()));
     for (nonce, until) in guard.entries() {
-        bytes.extend_from_slice(nonce);
-        bytes.extend_from_slice(&until.to_be_bytes());
+        bytes.extend_from_slice(&encode(NONCE_DOMAIN, nonce, until));
     }
     write_atomically(&tmp, path, &bytes)?;
     OpenOptions::new()
@@ -279,11 +380,66 @@ mod tests {
     }
 
     #[test]
-    fn a_torn_last_record_is_ignored() {
+    fn a_torn_record_hides_nothing_written_after_it() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join(REPLAY_FILE), [7u8; RECORD + 5]).unwrap();
-        let (_log, guard) = ReplayLog::open(dir.path(), 10, 0).unwrap();
-        assert_eq!(guard.len(), 1);
+        let mut bytes = encode(NONCE_DOMAIN, &[1; 16], 1030).to_vec();
+        bytes.extend_from_slice(&encode(NONCE_DOMAIN, &[2; 16], 1030)[..13]); // torn
+        bytes.extend_from_slice(&encode(NONCE_DOMAIN, &[3; 16], 1030));
+        bytes.extend_from_slice(&[0xa5; 7]); // torn tail
+        std::fs::write(dir.path().join(REPLAY_FILE), &bytes).unwrap();
+        let (_log, mut guard) = ReplayLog::open(dir.path(), 10, 1000).unwrap();
+        assert_eq!(guard.len(), 2);
+        assert_eq!(guard.admit([3; 16], 1050, 1000), Err(ReplayError::Replayed));
+        assert_eq!(guard.admit([1; 16], 1050, 1000), Err(ReplayError::Replayed));
+    }
+
+    #[test]
+    fn an_append_after_a_torn_one_cuts_the_tear_off_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(REPLAY_FILE);
+        let (mut log, mut guard) = ReplayLog::open(dir.path(), 10, 1000).unwrap();
+        guard.admit([1; 16], 1030, 1000).unwrap();
+        log.append(&[1; 16], 1030).unwrap();
+        // A write that stopped part-way (the disk was full).
+        let mut other = OpenOptions::new().append(true).open(&path).unwrap();
+        other.write_all(&[0xee; 11]).unwrap();
+        log.append(&[2; 16], 1030).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), record_bytes(3));
+        drop((log, guard));
+
+        let (_log, mut guard) = ReplayLog::open(dir.path(), 10, 1000).unwrap();
+        assert_eq!(guard.admit([2; 16], 1050, 1000), Err(ReplayError::Replayed));
+    }
+
+    #[test]
+    fn the_floor_survives_a_restart_and_a_clock_stepped_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, mut guard) = ReplayLog::open(dir.path(), 10, 1000).unwrap();
+        guard.admit([1; 16], 1030, 1000).unwrap();
+        log.append(&[1; 16], 1030).unwrap();
+        drop((log, guard));
+        // Restarted while the clock ran an hour ahead: the nonce is forgotten.
+        let (log, guard) = ReplayLog::open(dir.path(), 10, 4600).unwrap();
+        assert!(guard.is_empty());
+        drop((log, guard));
+        // Restarted again after the clock was stepped back.
+        let (_log, mut guard) = ReplayLog::open(dir.path(), 10, 1005).unwrap();
+        assert_eq!(
+            guard.admit([1; 16], 1030, 1005),
+            Err(ReplayError::BeforeFloor)
+        );
+        assert_eq!(guard.admit([2; 16], 1035, 1005), Ok(()));
+    }
+
+    #[test]
+    fn a_log_written_by_knockgate_0_1_is_read_once_and_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut old = [4u8; 16].to_vec();
+        old.extend_from_slice(&1030u64.to_be_bytes());
+        std::fs::write(dir.path().join(OLD_REPLAY_FILE), &old).unwrap();
+        let (_log, mut guard) = ReplayLog::open(dir.path(), 10, 1000).unwrap();
+        assert_eq!(guard.admit([4; 16], 1050, 1000), Err(ReplayError::Replayed));
+        assert!(!dir.path().join(OLD_REPLAY_FILE).exists());
     }
 
     #[test]
@@ -302,7 +458,7 @@ mod tests {
         let len = std::fs::metadata(dir.path().join(REPLAY_FILE))
             .unwrap()
             .len();
-        assert_eq!(len, u64::try_from(10 * RECORD).unwrap());
+        assert_eq!(len, record_bytes(11), "the floor and 10 nonces");
         let (_log, guard) = ReplayLog::open(dir.path(), 5000, 50).unwrap();
         assert_eq!(guard.len(), 10);
     }

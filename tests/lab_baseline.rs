@@ -317,12 +317,17 @@ fn knock_port_is_rate_limited_per_source() {
     let mut config = knockgate::config::Config::default();
     config.knock.rate_per_second = 5;
     config.knock.burst = 10;
-    let ruleset = knockgate::ruleset::baseline(&config, &[]);
-    lab.in_ns(Host::Server, || {
-        use knockgate::firewall::Firewall;
-        knockgate::firewall::nft::NftFirewall::open()?.replace(&ruleset)
-    })
-    .unwrap();
+    // Per address first (the lab's two client addresses share one /64).
+    config.knock.ipv6_prefix = 128;
+    let apply = |config: &knockgate::config::Config| {
+        let ruleset = knockgate::ruleset::baseline(config, &[]);
+        lab.in_ns(Host::Server, || {
+            use knockgate::firewall::Firewall;
+            knockgate::firewall::nft::NftFirewall::open()?.replace(&ruleset)
+        })
+        .unwrap();
+    };
+    apply(&config);
     for plan in [v4(), v6()] {
         let port = sa(plan.server_from_client, 62201);
         // One source floods: the meter lets its burst through and drops the rest.
@@ -335,6 +340,19 @@ fn knock_port_is_rate_limited_per_source() {
         let other = knock_burst(&lab, &receiver, plan.client_alt, port, 3);
         assert_eq!(other, 3, "a second source's knocks all arrive");
     }
+    // By /64 (the default): the second address of the flooding /64 is held back with
+    // it — a host cannot get a fresh allowance by moving to the next address.
+    config.knock.ipv6_prefix = 64;
+    apply(&config);
+    let plan = v6();
+    let port = sa(plan.server_from_client, 62201);
+    let flooded = knock_burst(&lab, &receiver, plan.client, port, 200);
+    assert!((1..=30).contains(&flooded), "{flooded} of 200");
+    let neighbour = knock_burst(&lab, &receiver, plan.client_alt, port, 20);
+    assert!(
+        neighbour <= 2,
+        "the same /64 shares the meter: {neighbour} of 20 arrived"
+    );
 }
 
 #[test]

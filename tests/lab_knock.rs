@@ -675,3 +675,140 @@ fn the_daemon_works_as_its_own_user_with_only_cap_net_admin() {
         "the confirmed config is in force"
     );
 }
+
+/// Sends one 114-byte junk datagram from each of `sources` (addresses the client
+/// namespace does not have: it binds them with `ip_nonlocal_bind`, IPv4 sockets made
+/// transparent, as a spoofer's raw socket would) to `to`. Bounded by the count.
+fn spoof_from(lab: &Lab, sources: impl Iterator<Item = IpAddr> + Send, to: SocketAddr) -> usize {
+    lab.in_ns(Host::Client, || {
+        let mut sent = 0;
+        for from in sources {
+            let Ok(socket) = std::net::UdpSocket::bind(SocketAddr::new(from, 0)) else {
+                continue;
+            };
+            if from.is_ipv4() {
+                // IPv4 routes a datagram from a foreign address only for a transparent
+                // socket (IPv6 takes the nonlocal bind alone).
+                use nix::sys::socket::{setsockopt, sockopt};
+                let _ = setsockopt(&socket, sockopt::IpTransparent, &true);
+            }
+            if socket.send_to(&[0x5a; 114], to).is_ok() {
+                sent += 1;
+            }
+        }
+        sent
+    })
+}
+
+fn allow_spoofing(lab: &Lab) {
+    lab.exec(
+        Host::Client,
+        &["sysctl", "-qw", "net.ipv4.ip_nonlocal_bind=1"],
+    );
+    lab.exec(
+        Host::Client,
+        &["sysctl", "-qw", "net.ipv6.ip_nonlocal_bind=1"],
+    );
+}
+
+/// Spoofed addresses: IPv4 from 10.80.0.0/16, IPv6 from one /64 (fd77:9::/64).
+fn spoofed_v4(n: u32) -> IpAddr {
+    IpAddr::V4(std::net::Ipv4Addr::from(0x0a50_0000 + n))
+}
+
+fn spoofed_v6(n: u32) -> IpAddr {
+    IpAddr::V6(std::net::Ipv6Addr::from(
+        (0xfd77_0009_u128 << 96) | (0x1234_u128 << 32) | u128::from(n),
+    ))
+}
+
+#[test]
+fn a_full_meter_still_lets_a_knock_from_a_new_source_in() {
+    if !lab_available("a_full_meter_still_lets_a_knock_from_a_new_source_in") {
+        return;
+    }
+    let k = knocking("meter_size = 16\n");
+    let _ssh = k.lab.tcp_echo(Host::Server, "[::]:22".parse().unwrap());
+    let _daemon = k.start();
+    allow_spoofing(&k.lab);
+    let four = v4();
+    let port = knock_port(&four, Host::Client);
+    assert_eq!(spoof_from(&k.lab, (0..40).map(spoofed_v4), port), 40);
+    let tracked = k
+        .lab
+        .nft(&["list", "set", "inet", "knockgate", "knock_sources_v4"]);
+    assert_eq!(
+        tracked.matches("10.80.").count(),
+        16,
+        "the sources set is full: {tracked}"
+    );
+
+    let out = k.knock_server(four.server_from_client, &["--wait", "--timeout", "5s"]);
+    assert!(
+        out.status.success(),
+        "a knock from a source the full meter cannot track: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(k.ssh_open_for(Host::Client, four.client, &four));
+}
+
+#[test]
+fn a_spoofed_flood_leaves_the_daemon_up_bounded_and_open_to_real_knocks() {
+    if !lab_available("a_spoofed_flood_leaves_the_daemon_up_bounded_and_open_to_real_knocks") {
+        return;
+    }
+    let k = knocking("");
+    let _ssh = k.lab.tcp_echo(Host::Server, "[::]:22".parse().unwrap());
+    let mut daemon = k.start();
+    allow_spoofing(&k.lab);
+    let (four, six) = (v4(), v6());
+    let (port4, port6) = (
+        knock_port(&four, Host::Client),
+        knock_port(&six, Host::Client),
+    );
+    let rss_before = proc_status_field(daemon.pid(), "VmRSS:");
+    let started = Instant::now();
+    let (sent, knocked) = std::thread::scope(|s| {
+        let flood = s.spawn(|| {
+            // 20,000 IPv4 sources and 100,000 IPv6 sources of one /64, twice over.
+            let mut sent = 0;
+            for _ in 0..2 {
+                sent += spoof_from(&k.lab, (0..20_000).map(spoofed_v4), port4);
+                sent += spoof_from(&k.lab, (0..100_000).map(spoofed_v6), port6);
+            }
+            sent
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let during = k.knock_server(four.server_from_client, &["--wait", "--timeout", "10s"]);
+        (flood.join().unwrap(), during)
+    });
+    let took = started.elapsed();
+    assert!(
+        knocked.status.success(),
+        "a valid knock during the flood: {}",
+        String::from_utf8_lossy(&knocked.stderr)
+    );
+    assert!(daemon.is_running(), "{}", daemon.log_text());
+    // Right after, from a fresh address of the other family.
+    let after = k.knock_server(six.server_from_client, &["--wait", "--timeout", "5s"]);
+    assert!(
+        after.status.success(),
+        "{}",
+        String::from_utf8_lossy(&after.stderr)
+    );
+    assert!(k.ssh_open_for(Host::Client, six.client, &six));
+    let rss = proc_status_field(daemon.pid(), "VmRSS:");
+    let kb: u64 = rss
+        .split(' ')
+        .next()
+        .unwrap_or("0")
+        .parse()
+        .unwrap_or(u64::MAX);
+    eprintln!("FLOOD {sent} spoofed datagrams in {took:?}; daemon RSS {rss_before} → {rss}");
+    assert!(kb < 64 * 1024, "RSS {rss} after the flood (bound: 64 MB)");
+    // The /64 shares one meter slot: the kernel dropped nearly all of its 200,000.
+    let sources = k
+        .lab
+        .nft(&["list", "set", "inet", "knockgate", "knock_sources_v6"]);
+    assert!(sources.matches("fd77:9:").count() <= 1, "{sources}");
+}

@@ -257,5 +257,11 @@ fn a_hundred_thousand_grants_survive_every_whole_table_change() {
         lab.tcp_works_from(Host::Client, plan.client, laptop),
         "still works"
     );
+    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap();
+    let peak = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM"))
+        .unwrap_or("VmHWM ?");
+    eprintln!("SCALE knockgated peak RSS with 100,000 grants: {peak}");
     assert_eq!(daemon.terminate(), 0);
 }

@@ -112,6 +112,16 @@ pub struct Knock {
     pub rate_per_second: u32,
     /// Datagrams one source may send in a burst before the rate applies.
     pub burst: u32,
+    /// Sources the per-source meter tracks at once, per family. When it is full (a
+    /// spoofed flood), new sources share `full_meter_rate_per_second` instead of
+    /// being dropped.
+    pub meter_size: u32,
+    /// Knock datagrams accepted per second from all sources together that the full
+    /// meter cannot track.
+    pub full_meter_rate_per_second: u32,
+    /// IPv6 sources are metered, counted and banned by this prefix (a host gets a
+    /// whole /64: per address, one host could fill the meter and escape its ban).
+    pub ipv6_prefix: u8,
     /// What knocks are bound to; empty means this host's name.
     pub server_id: String,
     /// How far a knock's timestamp may be from the server's clock, either way.
@@ -302,6 +312,9 @@ impl Default for Knock {
             port: 62201,
             rate_per_second: 5,
             burst: 10,
+            meter_size: 65_535,
+            full_meter_rate_per_second: 100,
+            ipv6_prefix: 64,
             server_id: String::new(),
             skew: Dur(Duration::from_secs(30)),
             default_ttl: Dur(Duration::from_secs(15 * 60)),

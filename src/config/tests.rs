@@ -344,3 +344,20 @@ fn missing_key_file_is_named() {
     let msg = load_keys(&loaded).err().unwrap().to_string();
     assert!(msg.contains("/nonexistent/alice.key"), "{msg}");
 }
+
+#[test]
+fn meter_and_prefix_settings_are_bounded() {
+    for (text, key) in [
+        ("[knock]\nipv6_prefix = 129\n", "knock.ipv6_prefix"),
+        ("[knock]\nipv6_prefix = 8\n", "knock.ipv6_prefix"),
+        ("[knock]\nmeter_size = 0\n", "knock.meter_size"),
+        ("[knock]\nmeter_size = 2000000\n", "knock.meter_size"),
+        (
+            "[knock]\nfull_meter_rate_per_second = 0\n",
+            "knock.full_meter_rate_per_second",
+        ),
+    ] {
+        let msg = error_text(text);
+        assert!(msg.contains(key), "{text}: {msg}");
+    }
+}

@@ -118,6 +118,16 @@ fn knock(c: &Checker<'_>, config: &Config) -> Result<(), ConfigError> {
     c.port("knock.port", k.port)?;
     c.positive("knock.rate_per_second", k.rate_per_second)?;
     c.positive("knock.burst", k.burst)?;
+    if !(16..=1 << 20).contains(&k.meter_size) {
+        return Err(c.invalid("knock.meter_size", "expected 16 to 1048576 sources"));
+    }
+    c.positive(
+        "knock.full_meter_rate_per_second",
+        k.full_meter_rate_per_second,
+    )?;
+    if !(32..=128).contains(&k.ipv6_prefix) {
+        return Err(c.invalid("knock.ipv6_prefix", "expected a prefix length of 32 to 128"));
+    }
     if !k.server_id.is_empty() && ServerId::new(&k.server_id).is_err() {
         return Err(c.invalid(
             "knock.server_id",

@@ -81,6 +81,10 @@ impl KnockRefusal {
     }
 }
 
+/// Most sources whose invalid knocks are counted at once (~100 bytes each). Past it,
+/// sources that have gone quiet are dropped; if none have, the counts start afresh.
+pub const MAX_COUNTED_SOURCES: usize = 65_536;
+
 /// Most grants open at once (every service, both families). The kernel and every
 /// whole-table replace are measured with this many (README); a key holder who binds
 /// knocks to address after address cannot grow the table past it.
@@ -109,6 +113,8 @@ pub struct Settings {
     pub limits: Limits,
     /// Ban settings, if banning is on: (invalid knocks allowed, within, ban length).
     pub ban: Option<(u32, Duration, Duration)>,
+    /// IPv6 sources are counted and banned by this prefix.
+    pub ipv6_prefix: u8,
     /// Where the grant book is saved.
     pub book_path: PathBuf,
     /// Longest egress window.
@@ -232,12 +238,11 @@ impl<F: Firewall> Core<F> {
         )?;
         let key_id = knock.key_id.clone();
         let forget_after = knock.timestamp.saturating_add(skew);
-        self.guard
-            .admit(knock.nonce, forget_after, now)
-            .map_err(|e| KnockRefusal::Replay(key_id.clone(), e))?;
         let Some(key) = self.keys.get(&key_id) else {
             return Err(Refusal::UnknownKey(key_id).into());
         };
+        // The policy first: a knock it refuses takes no room in the replay guard, so a
+        // key allowed nothing cannot fill it.
         let grant = policy::decide(
             key,
             knock.service,
@@ -247,6 +252,9 @@ impl<F: Firewall> Core<F> {
             self.settings.limits,
         )
         .map_err(|e| KnockRefusal::Policy(key_id.clone(), e))?;
+        self.guard
+            .admit_for(key_id.as_str(), knock.nonce, forget_after, now)
+            .map_err(|e| KnockRefusal::Replay(key_id.clone(), e))?;
         // The nonce is written before the hole opens, so no restart of the daemon can
         // reopen it; it is forced to the disk right after (decision 14: a disk flush
         // takes 0.3 ms typically and 15 ms at p99 on a shared VM, and only a host crash
@@ -266,15 +274,40 @@ impl<F: Firewall> Core<F> {
         Ok((record, kind, grant.capped))
     }
 
+    /// How many nonces the replay guard remembers.
+    #[must_use]
+    pub fn replay_guard_len(&self) -> usize {
+        self.guard.len()
+    }
+
     /// Counts an invalid knock from `source`; bans it when it crosses the limit.
     fn count_invalid(&mut self, source: IpAddr) -> bool {
         let (Some(limiter), Some((_, _, duration))) = (&self.invalid, self.settings.ban) else {
             return false;
         };
+        if limiter.len() >= MAX_COUNTED_SOURCES {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+            if limiter.len() >= MAX_COUNTED_SOURCES {
+                // Full of sources that all sent junk within the window: a spoofed
+                // flood. Start counting afresh rather than grow: the kernel's meter and
+                // bans already in force still hold, only counts towards new bans reset.
+                tracing::warn!(target: crate::logging::AUDIT, event = "ban-counter-reset", sources = limiter.len(),
+                    "invalid-knock counter full (spoofed flood?); counts reset");
+                self.invalid = invalid_limiter(self.settings.ban);
+                return false;
+            }
+        }
+        // IPv6 by prefix: one host holds a whole /64, and must not dodge its ban by
+        // moving to the next address.
+        let source = policy::canonical(source);
+        let source = match source {
+            IpAddr::V6(_) => crate::ruleset::mask_addr(source, self.settings.ipv6_prefix),
+            IpAddr::V4(_) => source,
+        };
         if limiter.check_key(&source).is_ok() {
             return false;
         }
-        let source = policy::canonical(source);
         self.firewall
             .add_element(
                 &self.settings.table,
@@ -350,7 +383,7 @@ impl<F: Firewall> Core<F> {
                 .add_element(&self.settings.table, set, key, kernel_ttl)?;
         }
         let window = WindowRecord {
-            id: new_id(),
+            id: self.book.fresh_id(&mut new_id),
             scope,
             who: who.to_owned(),
             command: command.to_owned(),

@@ -47,6 +47,8 @@ fn reason_name(reason: &KnockRefusal) -> &'static str {
         KnockRefusal::Auth(Refusal::Clock { .. }) => "clock",
         KnockRefusal::Replay(_, ReplayError::Replayed) => "replay",
         KnockRefusal::Replay(_, ReplayError::Full) => "replay-guard-full",
+        KnockRefusal::Replay(_, ReplayError::KeyQuota) => "replay-key-quota",
+        KnockRefusal::Replay(_, ReplayError::BeforeFloor) => "replay-before-floor",
         KnockRefusal::Policy(..) => "policy",
         KnockRefusal::State(_) => "state",
         KnockRefusal::Firewall(_) => "firewall",

@@ -288,6 +288,7 @@ fn settings(loaded: &Loaded, book_path: std::path::PathBuf) -> Settings {
             knock.ban.within.0,
             knock.ban.duration.0,
         )),
+        ipv6_prefix: loaded.config.knock.ipv6_prefix,
         book_path,
         egress_max_ttl: loaded.config.egress.max_ttl.0,
     }

@@ -156,6 +156,39 @@ fn replay_guard_keeps_nonces_until_their_time() {
     assert!(guard.is_empty());
 }
 
+#[test]
+fn one_key_cannot_fill_the_replay_guard_for_everyone() {
+    let mut guard = ReplayGuard::new(8); // quota: 2 per key
+    guard.admit_for("junk", [1; 16], 100, 0).unwrap();
+    guard.admit_for("junk", [2; 16], 100, 0).unwrap();
+    assert_eq!(
+        guard.admit_for("junk", [3; 16], 100, 0),
+        Err(ReplayError::KeyQuota)
+    );
+    assert_eq!(guard.admit_for("laptop", [4; 16], 100, 0), Ok(()));
+    // The quota frees up as the key's nonces expire.
+    assert_eq!(guard.admit_for("junk", [3; 16], 200, 101), Ok(()));
+}
+
+#[test]
+fn a_clock_stepped_back_cannot_revive_a_forgotten_nonce() {
+    // The injected clock: the server's `now`, which runs ahead and is stepped back.
+    let mut guard = ReplayGuard::new(10);
+    let captured = [9; 16];
+    guard.admit_for("laptop", captured, 1030, 1000).unwrap(); // knock at t=1000, skew 30
+    guard.expire(1000 + 3600); // the clock ran an hour ahead: the nonce is forgotten
+    assert!(guard.is_empty());
+    assert_eq!(guard.floor(), 1030);
+    // Stepped back to t=1010: the captured knock would pass the clock check again,
+    // but not the guard.
+    assert_eq!(
+        guard.admit_for("laptop", captured, 1030, 1010),
+        Err(ReplayError::BeforeFloor)
+    );
+    // A fresh knock from the corrected clock (t=1010 → forget after 1040) is taken.
+    assert_eq!(guard.admit_for("laptop", [10; 16], 1040, 1010), Ok(()));
+}
+
 fn any_knock() -> impl Strategy<Value = Knock> {
     let address = prop_oneof![
         Just(AddressClaim::PacketSource),

@@ -32,8 +32,14 @@ pub const EGRESS_HOST: &str = "egress_host";
 pub const MAX_EGRESS_CGROUP_LEVEL: u32 = 4;
 const KNOCK_METER_V4: &str = "knock_meter_v4";
 const KNOCK_METER_V6: &str = "knock_meter_v6";
-/// Sources tracked by each knock meter; beyond it new sources are not accepted until old ones idle out.
-const KNOCK_METER_SIZE: u32 = 65_535;
+/// The sources the meters track, in sets without per-element state: a lookup finds
+/// them (in a meter set it finds nothing), which tells "over its rate" from "not
+/// tracked because the meter is full".
+const KNOCK_SOURCES_V4: &str = "knock_sources_v4";
+const KNOCK_SOURCES_V6: &str = "knock_sources_v6";
+/// Room the meter sets keep beyond the sources sets, so the sources set is always the
+/// one that fills first (expired elements linger until the kernel collects them).
+const METER_HEADROOM: u32 = 1024;
 /// Seconds an idle source stays in a knock meter.
 const KNOCK_METER_TIMEOUT_SECS: u32 = 60;
 /// Burst for the kernel log rate limit.
@@ -79,8 +85,12 @@ pub fn baseline(config: &Config, resolvers: &[IpAddr]) -> Ruleset {
 }
 
 fn sets(config: &Config) -> Vec<SetDef> {
+    let sources = SetKind::Meter {
+        size: config.knock.meter_size,
+        timeout_secs: KNOCK_METER_TIMEOUT_SECS,
+    };
     let meter = SetKind::Meter {
-        size: KNOCK_METER_SIZE,
+        size: config.knock.meter_size.saturating_add(METER_HEADROOM),
         timeout_secs: KNOCK_METER_TIMEOUT_SECS,
     };
     let mut sets = vec![
@@ -91,6 +101,8 @@ fn sets(config: &Config) -> Vec<SetDef> {
         sets.push((KNOCK_BAN_V4, IpFamily::V4, SetKind::Grants));
         sets.push((KNOCK_BAN_V6, IpFamily::V6, SetKind::Grants));
     }
+    sets.push((KNOCK_SOURCES_V4, IpFamily::V4, sources));
+    sets.push((KNOCK_SOURCES_V6, IpFamily::V6, sources));
     sets.push((KNOCK_METER_V4, IpFamily::V4, meter));
     sets.push((KNOCK_METER_V6, IpFamily::V6, meter));
     let mut defs: Vec<SetDef> = sets
@@ -136,7 +148,7 @@ fn input_chain(config: &Config) -> ChainDef {
     allow_public_tcp(&mut rules, &config.inbound.tcp_ports, mark);
     allow_ssh_from_grants(&mut rules, config.inbound.ssh_port, mark);
     if config.knock.ban.enabled {
-        drop_banned_knockers(&mut rules, config.knock.port);
+        drop_banned_knockers(&mut rules, config);
     }
     accept_knocks_rate_limited(&mut rules, config);
     log_dropped(&mut rules, config, "input");
@@ -255,6 +267,7 @@ fn allow_ssh_from_grants(rules: &mut Vec<Rule>, ssh_port: u16, mark: u32) {
                 Expr::SaddrInSet {
                     family,
                     set: set.into(),
+                    prefix: None,
                 },
             ],
             mark,
@@ -262,41 +275,86 @@ fn allow_ssh_from_grants(rules: &mut Vec<Rule>, ssh_port: u16, mark: u32) {
     }
 }
 
-fn drop_banned_knockers(rules: &mut Vec<Rule>, port: u16) {
+/// The prefix IPv6 sources are metered, counted and banned by (none for /128).
+#[must_use]
+pub fn source_prefix(config: &Config, family: IpFamily) -> Option<u8> {
+    match family {
+        IpFamily::V4 => None,
+        IpFamily::V6 => Some(config.knock.ipv6_prefix).filter(|&bits| bits < 128),
+    }
+}
+
+fn drop_banned_knockers(rules: &mut Vec<Rule>, config: &Config) {
     for (family, set) in [(IpFamily::V4, KNOCK_BAN_V4), (IpFamily::V6, KNOCK_BAN_V6)] {
         rules.push(Rule(vec![
-            Expr::UdpDport(port),
+            Expr::UdpDport(config.knock.port),
             Expr::SaddrInSet {
                 family,
                 set: set.into(),
+                prefix: source_prefix(config, family),
             },
             Expr::Verdict(Verdict::Drop),
         ]));
     }
 }
 
+/// Knocks: per source (IPv6: per prefix) at `rate_per_second`; a tracked source over
+/// its rate is dropped; a source the full sources set cannot track shares one global
+/// rate, so a spoofed flood that fills it does not shut out a real knock from a new
+/// address (decision 48).
 fn accept_knocks_rate_limited(rules: &mut Vec<Rule>, config: &Config) {
     let rate = Rate {
         packets: config.knock.rate_per_second,
         per: Per::Second,
         burst: config.knock.burst,
     };
-    for (family, set) in [
-        (IpFamily::V4, KNOCK_METER_V4),
-        (IpFamily::V6, KNOCK_METER_V6),
-    ] {
+    let families = [
+        (IpFamily::V4, KNOCK_SOURCES_V4, KNOCK_METER_V4),
+        (IpFamily::V6, KNOCK_SOURCES_V6, KNOCK_METER_V6),
+    ];
+    let port = config.knock.port;
+    for (family, sources, meter) in families {
+        let prefix = source_prefix(config, family);
         // `socket`: with no daemon listening (stopped, killed, restarting) the knock
         // port is dropped like any closed port instead of drawing a port-unreachable.
         rules.push(accept(vec![
-            Expr::UdpDport(config.knock.port),
+            Expr::UdpDport(port),
             Expr::LocalSocket,
             Expr::MeterSaddr {
                 family,
-                set: set.into(),
-                rate,
+                set: sources.into(),
+                rate: None,
+                prefix,
+            },
+            Expr::MeterSaddr {
+                family,
+                set: meter.into(),
+                rate: Some(rate),
+                prefix,
             },
         ]));
     }
+    for (family, sources, _) in families {
+        rules.push(Rule(vec![
+            Expr::UdpDport(port),
+            Expr::SaddrInSet {
+                family,
+                set: sources.into(),
+                prefix: source_prefix(config, family),
+            },
+            Expr::Verdict(Verdict::Drop),
+        ]));
+    }
+    let shared = config.knock.full_meter_rate_per_second;
+    rules.push(accept(vec![
+        Expr::UdpDport(port),
+        Expr::LocalSocket,
+        Expr::Limit(Rate {
+            packets: shared,
+            per: Per::Second,
+            burst: shared,
+        }),
+    ]));
 }
 
 fn accept_icmp_replies_and_errors(rules: &mut Vec<Rule>) {

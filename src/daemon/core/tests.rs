@@ -62,6 +62,7 @@ fn core_in(dir: &std::path::Path, now: u64) -> Core<MemoryFirewall> {
             max_ttl: Duration::from_secs(3600),
         },
         ban: Some((3, Duration::from_secs(60), Duration::from_secs(600))),
+        ipv6_prefix: 64,
         book_path: dir.join(BOOK_FILE),
         egress_max_ttl: Duration::from_secs(600),
     };
@@ -509,4 +510,48 @@ fn shared_host_switch_lasts_as_long_as_the_longest_window_only() {
         left(&mut f.core) <= Duration::from_secs(5),
         "nor does a closed long one extend a short one"
     );
+}
+
+#[test]
+fn a_key_allowed_nothing_takes_no_room_in_the_replay_guard() {
+    let mut f = fixture();
+    let source = ip("198.51.100.7");
+    for n in 0..200u8 {
+        let datagram = knock_bytes("no-ssh", NOW, 60, AddressClaim::PacketSource, n);
+        assert!(matches!(
+            f.core.knock(&datagram, source, NOW),
+            KnockOutcome::Refused { .. }
+        ));
+    }
+    assert_eq!(f.core.replay_guard_len(), 0);
+    let datagram = knock_bytes("alice", NOW, 60, AddressClaim::PacketSource, 201);
+    assert!(matches!(
+        f.core.knock(&datagram, source, NOW),
+        KnockOutcome::Granted { .. }
+    ));
+    assert_eq!(f.core.replay_guard_len(), 1);
+}
+
+#[test]
+fn the_invalid_knock_counter_stays_bounded_under_spoofed_sources() {
+    let mut f = fixture();
+    for n in 0..u32::try_from(MAX_COUNTED_SOURCES + 5_000).unwrap() {
+        let source = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n));
+        let _ = f.core.knock(b"junk", source, NOW);
+        let counted = f
+            .core
+            .invalid
+            .as_ref()
+            .map_or(0, governor::RateLimiter::len);
+        assert!(counted <= MAX_COUNTED_SOURCES, "{counted} sources counted");
+    }
+    // Counting still works after the reset: a fourth junk datagram bans a source.
+    let flooder = ip("203.0.113.9");
+    let banned = (0..4).any(|_| {
+        matches!(
+            f.core.knock(b"junk", flooder, NOW),
+            KnockOutcome::Refused { banned: true, .. }
+        )
+    });
+    assert!(banned);
 }

@@ -3,6 +3,7 @@
 //! (the per-source meter) are built here with raw libnftnl calls.
 
 use std::ffi::{CStr, CString};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ptr::NonNull;
 
 use nftnl::expr::{
@@ -53,10 +54,7 @@ pub(super) fn add(
             )));
             rule.add_expr(&Cmp::new(CmpOp::Eq, port.to_be()));
         }
-        Expr::SaddrInSet { family, set } => {
-            load_saddr(rule, *family);
-            rule.add_expr(&Lookup::new(set, set_id)?);
-        }
+        Expr::SaddrInSet { .. } | Expr::MeterSaddr { .. } => by_source(rule, expr, set_id)?,
         Expr::Daddr(addr) => {
             let family = IpFamily::of(*addr);
             nfproto(rule, family);
@@ -69,15 +67,6 @@ pub(super) fn add(
         Expr::IcmpType(t) => icmp_type(rule, libc::IPPROTO_ICMP, *t),
         Expr::Icmpv6Type(t) => icmp_type(rule, libc::IPPROTO_ICMPV6, *t),
         Expr::Limit(rate) => rule.add_expr(&Limit(*rate)),
-        Expr::MeterSaddr { family, set, rate } => {
-            load_saddr(rule, *family);
-            let Lookup { set, id } = Lookup::new(set, set_id)?;
-            rule.add_expr(&MeterUpdate {
-                set,
-                id,
-                rate: *rate,
-            });
-        }
         Expr::SocketCgroupInSet { level, set } => {
             rule.add_expr(&Socket::new(SocketKey::CgroupV2, *level));
             rule.add_expr(&Lookup::new(set, set_id)?);
@@ -175,6 +164,51 @@ fn load_saddr(rule: &mut nftnl::Rule<'_>, family: IpFamily) {
     }));
 }
 
+/// The expressions that look up or meter the packet's source address.
+fn by_source(
+    rule: &mut nftnl::Rule<'_>,
+    expr: &Expr,
+    set_id: &dyn Fn(&str) -> Option<u32>,
+) -> Result<(), String> {
+    match expr {
+        Expr::SaddrInSet {
+            family,
+            set,
+            prefix,
+        } => {
+            load_saddr(rule, *family);
+            mask_saddr(rule, *family, *prefix);
+            rule.add_expr(&Lookup::new(set, set_id)?);
+        }
+        Expr::MeterSaddr {
+            family,
+            set,
+            rate,
+            prefix,
+        } => {
+            load_saddr(rule, *family);
+            mask_saddr(rule, *family, *prefix);
+            let Lookup { set, id } = Lookup::new(set, set_id)?;
+            rule.add_expr(&MeterUpdate {
+                set,
+                id,
+                rate: *rate,
+            });
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// `& MASK` on the source address just loaded, for a prefix (none: the whole address).
+fn mask_saddr(rule: &mut nftnl::Rule<'_>, family: IpFamily, prefix: Option<u8>) {
+    let Some(bits) = prefix else { return };
+    match crate::ruleset::prefix_mask(family, bits) {
+        IpAddr::V4(mask) => rule.add_expr(&Bitwise::new(mask, Ipv4Addr::UNSPECIFIED)),
+        IpAddr::V6(mask) => rule.add_expr(&Bitwise::new(mask, Ipv6Addr::UNSPECIFIED)),
+    }
+}
+
 fn icmp_type(rule: &mut nftnl::Rule<'_>, proto: libc::c_int, t: u8) {
     l4proto(rule, proto);
     // ICMP and ICMPv6 both keep the type in the first byte of the transport header;
@@ -242,7 +276,7 @@ struct Log {
 struct MeterUpdate {
     set: CString,
     id: u32,
-    rate: Rate,
+    rate: Option<Rate>,
 }
 
 impl Expression for Lookup {
@@ -280,7 +314,8 @@ impl Expression for MeterUpdate {
         );
         set_str(e, sys::NFTNL_EXPR_DYNSET_SET_NAME, &self.set);
         set_u32(e, sys::NFTNL_EXPR_DYNSET_SET_ID, self.id);
-        let inner = limit(self.rate);
+        let Some(rate) = self.rate else { return e };
+        let inner = limit(rate);
         // SAFETY: `e` is a live dynset expression and `inner` a live expression that no
         // one else owns; libnftnl takes `inner` into the dynset's list and frees it with `e`.
         unsafe {

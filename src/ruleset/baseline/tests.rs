@@ -59,7 +59,7 @@ fn default_input_opens_web_and_keeps_ssh_for_grants() {
     assert!(
         rules
             .iter()
-            .any(|r| r.starts_with("udp dport 62201 socket transparent 0 update @knock_meter_v4"))
+            .any(|r| r.starts_with("udp dport 62201 socket transparent 0 update @knock_sources_v4"))
     );
     assert!(
         rules
@@ -157,7 +157,7 @@ fn ports_and_knock_settings_follow_the_config() {
     );
     assert!(rules.contains(&admitted("tcp dport 2222 ip saddr @ssh_grants_v4")));
     assert!(rules.contains(
-        &"udp dport 40000 socket transparent 0 update @knock_meter_v6 { ip6 saddr limit rate 3/second burst 7 packets } accept"
+        &"udp dport 40000 socket transparent 0 update @knock_sources_v6 { ip6 saddr & ffff:ffff:ffff:ffff:: } update @knock_meter_v6 { ip6 saddr & ffff:ffff:ffff:ffff:: limit rate 3/second burst 7 packets } accept"
             .to_owned()
     ));
 }
@@ -235,10 +235,39 @@ fn banned_knockers_are_dropped_before_the_meter() {
         .expect("ban rule");
     let meter = rules
         .iter()
-        .position(|r| r.starts_with("udp dport 62201 socket transparent 0 update @knock_meter_v4"))
+        .position(|r| {
+            r.starts_with("udp dport 62201 socket transparent 0 update @knock_sources_v4")
+        })
         .unwrap();
     assert!(ban < meter);
-    assert!(rules.contains(&"udp dport 62201 ip6 saddr @knock_ban_v6 drop".to_owned()));
+    assert!(rules.contains(
+        &"udp dport 62201 ip6 saddr & ffff:ffff:ffff:ffff:: == @knock_ban_v6 drop".to_owned()
+    ));
+}
+
+#[test]
+fn a_full_meter_leaves_new_sources_a_shared_rate_and_sources_over_theirs_are_dropped() {
+    let mut config = Config::default();
+    config.knock.full_meter_rate_per_second = 40;
+    config.knock.ipv6_prefix = 56;
+    let rules = rules_text(&baseline(&config, &resolvers()), Hook::Input);
+    let at = |want: &str| {
+        rules
+            .iter()
+            .position(|r| r == want)
+            .unwrap_or_else(|| panic!("no `{want}` in {rules:#?}"))
+    };
+    let meter = at(
+        "udp dport 62201 socket transparent 0 update @knock_sources_v6 { ip6 saddr & ffff:ffff:ffff:ff00:: } update @knock_meter_v6 { ip6 saddr & ffff:ffff:ffff:ff00:: limit rate 5/second burst 10 packets } accept",
+    );
+    let over = at("udp dport 62201 ip saddr @knock_sources_v4 drop");
+    let over6 = at("udp dport 62201 ip6 saddr & ffff:ffff:ffff:ff00:: == @knock_sources_v6 drop");
+    let shared =
+        at("udp dport 62201 socket transparent 0 limit rate 40/second burst 40 packets accept");
+    assert!(meter < over && over < over6 && over6 < shared);
+    config.knock.ipv6_prefix = 128;
+    let rules = rules_text(&baseline(&config, &resolvers()), Hook::Input);
+    assert!(rules.contains(&"udp dport 62201 ip6 saddr @knock_sources_v6 drop".to_owned()));
 }
 
 #[test]
