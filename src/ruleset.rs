@@ -185,6 +185,12 @@ impl Element {
 pub enum SetKind {
     /// Grants: elements carry their own timeout, so the kernel closes each hole on time.
     Grants,
+    /// Bans: like grants (each element ends on time), and at most `size` of them: the
+    /// kernel refuses one more.
+    Bans {
+        /// Most elements at once.
+        size: u32,
+    },
     /// A per-source rate meter filled by the packet path (`update @set { … limit … }`).
     Meter {
         /// Most sources tracked at once.
@@ -562,12 +568,35 @@ impl fmt::Display for Rule {
     }
 }
 
+impl SetDef {
+    /// Keeps at most the set's size of its elements, those with the most time left:
+    /// a reload that made the ban set smaller must not be refused for the bans it
+    /// carries.
+    pub fn trim_to_size(&mut self) {
+        let size = match self.kind {
+            SetKind::Bans { size } | SetKind::Meter { size, .. } => size,
+            SetKind::Grants => return,
+        };
+        let size = usize::try_from(size).unwrap_or(usize::MAX);
+        if self.elements.len() > size {
+            self.elements.sort_by_key(|e| {
+                std::cmp::Reverse(e.expires_in.unwrap_or(std::time::Duration::MAX))
+            });
+            self.elements.truncate(size);
+        }
+    }
+}
+
 impl fmt::Display for SetDef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "\tset {} {{", self.name)?;
         writeln!(f, "\t\ttype {}", self.key.nft_type())?;
         match self.kind {
             SetKind::Grants => writeln!(f, "\t\tflags timeout")?,
+            SetKind::Bans { size } => {
+                writeln!(f, "\t\tsize {size}")?;
+                writeln!(f, "\t\tflags timeout")?;
+            }
             SetKind::Meter { size, timeout_secs } => {
                 writeln!(f, "\t\tsize {size}")?;
                 writeln!(f, "\t\tflags dynamic,timeout")?;

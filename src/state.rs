@@ -462,4 +462,20 @@ mod tests {
         let (_log, guard) = ReplayLog::open(dir.path(), 5000, 50).unwrap();
         assert_eq!(guard.len(), 10);
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Any file contents: the log opens (records that check out are kept, the rest
+        /// skipped), never panics, and a record appended after the junk survives.
+        #[test]
+        fn any_replay_log_opens_and_keeps_what_follows_junk(junk in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut bytes = junk;
+            bytes.extend_from_slice(&encode(NONCE_DOMAIN, &[0xab; 16], 2000));
+            std::fs::write(dir.path().join(REPLAY_FILE), &bytes).unwrap();
+            let (_log, mut guard) = ReplayLog::open(dir.path(), 1000, 1000).unwrap();
+            proptest::prop_assert_eq!(guard.admit([0xab; 16], 2000, 1000), Err(ReplayError::Replayed));
+        }
+    }
 }

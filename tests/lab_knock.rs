@@ -676,39 +676,9 @@ fn the_daemon_works_as_its_own_user_with_only_cap_net_admin() {
     );
 }
 
-/// Sends one 114-byte junk datagram from each of `sources` (addresses the client
-/// namespace does not have: it binds them with `ip_nonlocal_bind`, IPv4 sockets made
-/// transparent, as a spoofer's raw socket would) to `to`. Bounded by the count.
+/// One 114-byte junk datagram from each of `sources` to `to`.
 fn spoof_from(lab: &Lab, sources: impl Iterator<Item = IpAddr> + Send, to: SocketAddr) -> usize {
-    lab.in_ns(Host::Client, || {
-        let mut sent = 0;
-        for from in sources {
-            let Ok(socket) = std::net::UdpSocket::bind(SocketAddr::new(from, 0)) else {
-                continue;
-            };
-            if from.is_ipv4() {
-                // IPv4 routes a datagram from a foreign address only for a transparent
-                // socket (IPv6 takes the nonlocal bind alone).
-                use nix::sys::socket::{setsockopt, sockopt};
-                let _ = setsockopt(&socket, sockopt::IpTransparent, &true);
-            }
-            if socket.send_to(&[0x5a; 114], to).is_ok() {
-                sent += 1;
-            }
-        }
-        sent
-    })
-}
-
-fn allow_spoofing(lab: &Lab) {
-    lab.exec(
-        Host::Client,
-        &["sysctl", "-qw", "net.ipv4.ip_nonlocal_bind=1"],
-    );
-    lab.exec(
-        Host::Client,
-        &["sysctl", "-qw", "net.ipv6.ip_nonlocal_bind=1"],
-    );
+    lab.spoof(sources, |_| to, &[0x5a; 114])
 }
 
 /// Spoofed addresses: IPv4 from 10.80.0.0/16, IPv6 from one /64 (fd77:9::/64).
@@ -730,7 +700,7 @@ fn a_full_meter_still_lets_a_knock_from_a_new_source_in() {
     let k = knocking("meter_size = 16\n");
     let _ssh = k.lab.tcp_echo(Host::Server, "[::]:22".parse().unwrap());
     let _daemon = k.start();
-    allow_spoofing(&k.lab);
+    k.lab.allow_spoofing();
     let four = v4();
     let port = knock_port(&four, Host::Client);
     assert_eq!(spoof_from(&k.lab, (0..40).map(spoofed_v4), port), 40);
@@ -760,7 +730,7 @@ fn a_spoofed_flood_leaves_the_daemon_up_bounded_and_open_to_real_knocks() {
     let k = knocking("");
     let _ssh = k.lab.tcp_echo(Host::Server, "[::]:22".parse().unwrap());
     let mut daemon = k.start();
-    allow_spoofing(&k.lab);
+    k.lab.allow_spoofing();
     let (four, six) = (v4(), v6());
     let (port4, port6) = (
         knock_port(&four, Host::Client),
@@ -811,4 +781,38 @@ fn a_spoofed_flood_leaves_the_daemon_up_bounded_and_open_to_real_knocks() {
         .lab
         .nft(&["list", "set", "inet", "knockgate", "knock_sources_v6"]);
     assert!(sources.matches("fd77:9:").count() <= 1, "{sources}");
+}
+
+#[test]
+fn a_full_ban_set_refuses_new_bans_and_nothing_else() {
+    if !lab_available("a_full_ban_set_refuses_new_bans_and_nothing_else") {
+        return;
+    }
+    let k = knocking("[knock.ban]\nafter = 1\nmax = 8\n");
+    let _ssh = k.lab.tcp_echo(Host::Server, "[::]:22".parse().unwrap());
+    let daemon = k.start();
+    k.lab.allow_spoofing();
+    let four = v4();
+    let port = knock_port(&four, Host::Client);
+    for _ in 0..3 {
+        spoof_from(&k.lab, (0..20).map(spoofed_v4), port);
+    }
+    let banned = |lab: &Lab| {
+        lab.nft(&["list", "set", "inet", "knockgate", "knock_ban_v4"])
+            .matches("10.80.")
+            .count()
+    };
+    assert!(eventually(Duration::from_secs(5), || banned(&k.lab) == 8));
+    assert!(
+        daemon.logged_soon("event=\"ban-refused\""),
+        "{}",
+        daemon.log_text()
+    );
+    let out = k.knock_server(four.server_from_client, &["--wait", "--timeout", "5s"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(banned(&k.lab), 8);
 }

@@ -162,26 +162,7 @@ pub fn flood(
                 sent
             })
         });
-        let gap = duration / u32::try_from(valid.len() + 1).unwrap_or(1);
-        let mut opened = Vec::new();
-        for knock in valid {
-            std::thread::sleep(gap.saturating_sub(Duration::from_millis(50)));
-            let took = lab.in_ns(Host::Client, || {
-                let udp = UdpSocket::bind(SocketAddr::new(client, 0)).unwrap();
-                let t = Instant::now();
-                send_knock(&udp, server, knock);
-                poll_open(
-                    SocketAddr::new(server, 22),
-                    t,
-                    Duration::from_millis(500),
-                    POLL,
-                )
-            });
-            if let Some(took) = took {
-                opened.push(took.as_secs_f64() * 1000.0);
-            }
-            subject.revoke(lab, client);
-        }
+        let opened = knock_during(lab, subject, valid, duration, client, server);
         (generator.join().unwrap(), opened)
     });
     let seconds = started.elapsed().as_secs_f64();
@@ -195,6 +176,130 @@ pub fn flood(
         cpu_share,
         valid_sent: valid.len(),
         valid_opened_ms: opened,
+    }
+}
+
+/// Sends the `valid` knocks from `client` to `server`, evenly spread over `duration`,
+/// each revoked after it opened; returns knock → open of those that opened, in ms.
+fn knock_during(
+    lab: &Lab,
+    subject: &Subject,
+    valid: &[KnockDatagrams],
+    duration: Duration,
+    client: IpAddr,
+    server: IpAddr,
+) -> Vec<f64> {
+    let gap = duration / u32::try_from(valid.len() + 1).unwrap_or(1);
+    let mut opened = Vec::new();
+    for knock in valid {
+        std::thread::sleep(gap.saturating_sub(Duration::from_millis(50)));
+        let took = lab.in_ns(Host::Client, || {
+            let udp = UdpSocket::bind(SocketAddr::new(client, 0)).unwrap();
+            let t = Instant::now();
+            send_knock(&udp, server, knock);
+            poll_open(
+                SocketAddr::new(server, 22),
+                t,
+                Duration::from_millis(500),
+                POLL,
+            )
+        });
+        if let Some(took) = took {
+            opened.push(took.as_secs_f64() * 1000.0);
+        }
+        subject.revoke(lab, client);
+    }
+    opened
+}
+
+/// What a spoofed flood did.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct SpoofedResult {
+    /// The flood, as for one source.
+    pub flood: FloodResult,
+    /// Distinct IPv4 sources, and IPv6 sources (all in one /64), cycled.
+    pub sources_v4: u32,
+    pub sources_v6: u32,
+    /// The daemon's RSS before and after, KiB.
+    pub rss_before_kib: u64,
+    pub rss_after_kib: u64,
+}
+
+/// The spoofed sources: IPv4 from 10.80.0.0/16, IPv6 from fd77:9:0:1234::/64.
+fn spoofed(n: u32, v6: bool) -> IpAddr {
+    if v6 {
+        IpAddr::V6(std::net::Ipv6Addr::from(
+            (0xfd77_0009_u128 << 96) | (0x1234_u128 << 64) | u128::from(n),
+        ))
+    } else {
+        IpAddr::V4(std::net::Ipv4Addr::from(0x0a50_0000 + (n & 0xffff)))
+    }
+}
+
+/// Floods the knock port with 114-byte junk from `sources_v4` IPv4 and `sources_v6`
+/// IPv6 addresses (one /64) the client namespace does not have — bound with
+/// `ip_nonlocal_bind`, IPv4 sockets transparent, as a spoofer's raw socket would send
+/// them — alternating families, one datagram per source in turn, for `duration`,
+/// while the client knocks validly `valid.len()` times over IPv4.
+pub fn spoofed_flood(
+    lab: &Lab,
+    subject: &Subject,
+    valid: &[KnockDatagrams],
+    duration: Duration,
+    (client, server_v4, server_v6): (IpAddr, IpAddr, IpAddr),
+    (sources_v4, sources_v6): (u32, u32),
+) -> SpoofedResult {
+    lab.exec(
+        Host::Client,
+        &["sysctl", "-qw", "net.ipv4.ip_nonlocal_bind=1"],
+    );
+    lab.exec(
+        Host::Client,
+        &["sysctl", "-qw", "net.ipv6.ip_nonlocal_bind=1"],
+    );
+    let pid = subject.pid();
+    let rss_before_kib = rss_kib(pid).0;
+    let cpu_before = cpu_seconds(pid);
+    let started = Instant::now();
+    let (sent, opened) = std::thread::scope(|s| {
+        let generator = s.spawn(|| {
+            let to = |from: IpAddr| {
+                SocketAddr::new(if from.is_ipv4() { server_v4 } else { server_v6 }, SPA_PORT)
+            };
+            let mut sent = 0u64;
+            let mut round = 0u32;
+            // Rounds of 1,000 sources of each family, alternating, until the time is up.
+            while started.elapsed() < duration {
+                let batch = (0..1_000u32).flat_map(|i| {
+                    let n = round.wrapping_mul(1_000).wrapping_add(i);
+                    [
+                        spoofed(n % sources_v4.max(1), false),
+                        spoofed(n % sources_v6.max(1), true),
+                    ]
+                });
+                sent += lab.spoof(batch, to, &[0x5a; 114]) as u64;
+                round = round.wrapping_add(1);
+            }
+            sent
+        });
+        let opened = knock_during(lab, subject, valid, duration, client, server_v4);
+        (generator.join().unwrap(), opened)
+    });
+    let seconds = started.elapsed().as_secs_f64();
+    SpoofedResult {
+        flood: FloodResult {
+            sent,
+            seconds,
+            socket_drops: None,
+            rejected_per_sec: None,
+            cpu_share: (cpu_seconds(pid) - cpu_before) / seconds,
+            valid_sent: valid.len(),
+            valid_opened_ms: opened,
+        },
+        sources_v4,
+        sources_v6,
+        rss_before_kib,
+        rss_after_kib: rss_kib(pid).0,
     }
 }
 

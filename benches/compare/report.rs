@@ -66,6 +66,13 @@ pub struct FloodRow {
 }
 
 #[derive(Debug, Clone, Serialize)]
+pub struct SpoofedRow {
+    pub daemon: &'static str,
+    pub result: crate::measure::SpoofedResult,
+    pub valid: Option<Spread>,
+}
+
+#[derive(Debug, Clone, Serialize)]
 pub struct FootprintRow {
     pub daemon: &'static str,
     pub rss_kib: u64,
@@ -93,6 +100,7 @@ pub struct Report {
     pub knock_to_open: Vec<OpenRow>,
     pub revoke_lateness: Vec<LatenessRow>,
     pub flood: Vec<FloodRow>,
+    pub spoofed: Vec<SpoofedRow>,
     pub scale: Vec<ScaleRow>,
     pub footprint: Vec<FootprintRow>,
     pub egress: Option<EgressRow>,
@@ -127,6 +135,7 @@ impl Report {
         self.open_table(&mut m);
         self.lateness_table(&mut m);
         self.flood_table(&mut m);
+        self.spoofed_table(&mut m);
         self.scale_table(&mut m);
         self.footprint_table(&mut m);
         m
@@ -211,6 +220,33 @@ impl Report {
                         .map(|r| r / f.cpu_share),
                     0
                 ),
+                f.valid_opened_ms.len(),
+                f.valid_sent,
+                opt(r.valid.as_ref().map(|s| s.median_ms), 2),
+                opt(r.valid.as_ref().map(|s| s.p99_ms), 2)
+            );
+        }
+    }
+
+    fn spoofed_table(&self, m: &mut String) {
+        if self.spoofed.is_empty() {
+            return;
+        }
+        m.push_str("\n**Spoofed flood** (junk from many forged sources, IPv4 and one IPv6 /64, one datagram each in turn, while the laptop knocks validly over IPv4)\n\n");
+        m.push_str("| daemon | IPv4 sources | IPv6 sources (one /64) | sent/s | daemon CPU | RSS before → after | valid knocks opened | their median / p99 |\n");
+        m.push_str("|---|---:|---:|---:|---:|---:|---:|---:|\n");
+        for r in &self.spoofed {
+            let (s, f) = (&r.result, &r.result.flood);
+            let _ = writeln!(
+                m,
+                "| {} | {} | {} | {:.0} | {:.0}% | {:.1} → {:.1} MB | {}/{} | {} / {} ms |",
+                r.daemon,
+                s.sources_v4,
+                s.sources_v6,
+                f.sent as f64 / f.seconds,
+                f.cpu_share * 100.0,
+                s.rss_before_kib as f64 / 1024.0,
+                s.rss_after_kib as f64 / 1024.0,
                 f.valid_opened_ms.len(),
                 f.valid_sent,
                 opt(r.valid.as_ref().map(|s| s.median_ms), 2),

@@ -170,4 +170,64 @@ mod tests {
         assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), r);
         assert!(serde_json::from_str::<Request>(r#"{"op":"format_disk"}"#).is_err());
     }
+
+    /// Lines that look like requests, with every field's value drawn at random.
+    fn request_like() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let op = prop_oneof![
+            Just("status"),
+            Just("grants"),
+            Just("open_ssh"),
+            Just("open_egress"),
+            Just("reload"),
+            Just("apply"),
+            Just("confirm"),
+            Just("revoke"),
+            Just("x"),
+        ];
+        let value = prop_oneof![
+            Just("null".to_owned()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<u64>().prop_map(|n| n.to_string()),
+            "\\PC{0,40}".prop_map(|s| serde_json::to_string(&s).unwrap()),
+            Just("{\"host\":null}".to_owned()),
+            Just("{\"cgroup\":18446744073709551615}".to_owned()),
+            Just("[\"::1\",\"300.1.1.1\"]".to_owned()),
+        ];
+        let key = prop_oneof![
+            Just("from"),
+            Just("ttl_secs"),
+            Just("scope"),
+            Just("command"),
+            Just("to"),
+            Just("config"),
+            Just("text"),
+            Just("confirm_secs"),
+            Just("id"),
+        ];
+        (op, proptest::collection::vec((key, value), 0..5)).prop_map(|(op, fields)| {
+            let fields: Vec<String> = fields
+                .into_iter()
+                .map(|(k, v)| format!(",\"{k}\":{v}"))
+                .collect();
+            format!("{{\"op\":\"{op}\"{}}}", fields.concat())
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2048))]
+
+        /// The daemon's parse of a request line (bounded to MAX_REQUEST before it gets
+        /// here) never panics, whatever the line.
+        #[test]
+        fn request_parsing_never_panics_on_any_bytes(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let line = String::from_utf8_lossy(&bytes);
+            let _ = serde_json::from_str::<Request>(&line);
+        }
+
+        #[test]
+        fn request_parsing_never_panics_on_request_like_lines(line in request_like()) {
+            let _ = serde_json::from_str::<Request>(&line);
+        }
+    }
 }

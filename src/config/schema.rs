@@ -149,6 +149,9 @@ pub struct Ban {
     pub within: Dur,
     /// How long a ban lasts.
     pub duration: Dur,
+    /// Most sources (IPv6: prefixes) banned at once, per family; past it new bans are
+    /// refused (and logged) until old ones end.
+    pub max: u32,
 }
 
 /// What an egress window lets out.
@@ -351,6 +354,7 @@ impl Default for Ban {
             after: 20,
             within: Dur(Duration::from_secs(60)),
             duration: Dur(Duration::from_secs(10 * 60)),
+            max: 65_536,
         }
     }
 }

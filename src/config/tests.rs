@@ -361,3 +361,77 @@ fn meter_and_prefix_settings_are_bounded() {
         assert!(msg.contains(key), "{text}: {msg}");
     }
 }
+
+/// Lines a config file might hold, with keys and values drawn at random.
+fn config_like() -> impl proptest::strategy::Strategy<Value = String> {
+    use proptest::prelude::*;
+    let section = prop_oneof![
+        Just(""),
+        Just("[inbound]"),
+        Just("[knock]"),
+        Just("[knock.ban]"),
+        Just("[dns]"),
+        Just("[log]"),
+        Just("[egress]"),
+        Just("[admin]"),
+        Just("[[keys]]"),
+        Just("[x.y]"),
+    ];
+    let key = prop_oneof![
+        Just("port"),
+        Just("tcp_ports"),
+        Just("ssh_port"),
+        Just("skew"),
+        Just("max_ttl"),
+        Just("meter_size"),
+        Just("ipv6_prefix"),
+        Just("after"),
+        Just("max"),
+        Just("id"),
+        Just("file"),
+        Just("services"),
+        Just("sources"),
+        Just("resolvers"),
+        Just("table"),
+        Just("outbound"),
+        Just("conntrack_mark"),
+        Just("prefix"),
+        Just("ports"),
+    ];
+    let value = prop_oneof![
+        any::<i64>().prop_map(|n| n.to_string()),
+        Just("18446744073709551616".to_owned()),
+        "\\PC{0,24}".prop_map(|s| format!("{s:?}")),
+        Just("[1, 0, 65536]".to_owned()),
+        Just("[\"10.0.0.300\", \"::1\"]".to_owned()),
+        Just("\"99999999999999h\"".to_owned()),
+        Just("{ a = 1 }".to_owned()),
+        Just("true".to_owned()),
+    ];
+    proptest::collection::vec((section, key, value), 0..8).prop_map(|lines| {
+        let lines: Vec<String> = lines
+            .into_iter()
+            .map(|(s, k, v)| format!("{s}\n{k} = {v}\n"))
+            .collect();
+        lines.concat()
+    })
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1024))]
+
+    /// The loader never panics: any text gives a config or an error naming the file.
+    #[test]
+    fn loading_never_panics_on_any_text(text in "\\PC{0,400}") {
+        if let Err(e) = load_str(Path::new("k.toml"), &text, Vec::new()) {
+            proptest::prop_assert!(e.to_string().contains("k.toml"), "{}", e);
+        }
+    }
+
+    #[test]
+    fn loading_never_panics_on_config_like_text(text in config_like()) {
+        if let Err(e) = load_str(Path::new("k.toml"), &text, Vec::new()) {
+            proptest::prop_assert!(e.to_string().contains("k.toml"), "{}", e);
+        }
+    }
+}

@@ -141,6 +141,9 @@ fn knock(c: &Checker<'_>, config: &Config) -> Result<(), ConfigError> {
         return Err(c.invalid("knock.state_dir", "expected a directory"));
     }
     c.positive("knock.ban.after", k.ban.after)?;
+    if !(1..=1 << 20).contains(&k.ban.max) {
+        return Err(c.invalid("knock.ban.max", "expected 1 to 1048576 bans"));
+    }
     c.duration("knock.ban.within", k.ban.within.0, MAX_GRANT)?;
     c.duration("knock.ban.duration", k.ban.duration.0, MAX_GRANT)
 }

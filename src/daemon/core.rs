@@ -134,6 +134,9 @@ pub struct Core<F: Firewall> {
     /// Writes the book off the daemon's loop.
     book_writer: SnapshotWriter,
     invalid: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    /// Bans the kernel refused since the last log line about them, and when that was.
+    bans_refused: u64,
+    bans_refused_logged: Option<std::time::Instant>,
 }
 
 fn grant_set(addr: IpAddr) -> &'static str {
@@ -203,6 +206,8 @@ impl<F: Firewall> Core<F> {
             book_dirty_since: None,
             book_writer,
             invalid,
+            bans_refused: 0,
+            bans_refused_logged: None,
         }
     }
 
@@ -308,14 +313,31 @@ impl<F: Firewall> Core<F> {
         if limiter.check_key(&source).is_ok() {
             return false;
         }
-        self.firewall
-            .add_element(
-                &self.settings.table,
-                ban_set(source),
-                source.into(),
-                duration,
-            )
-            .is_ok()
+        let added = self.firewall.add_element(
+            &self.settings.table,
+            ban_set(source),
+            source.into(),
+            duration,
+        );
+        match added {
+            Ok(()) => true,
+            Err(e) => {
+                // Most often the ban set is full (the kernel refuses one more): logged
+                // once a minute with a count, so a flood cannot flood the journal too.
+                self.bans_refused += 1;
+                let due = self
+                    .bans_refused_logged
+                    .is_none_or(|at| at.elapsed() >= Duration::from_secs(60));
+                if due {
+                    tracing::warn!(target: crate::logging::AUDIT, event = "ban-refused",
+                        source = %source, refused = self.bans_refused, error = %format!("{e:#}"),
+                        "cannot ban (ban set full?); the meters still limit every source");
+                    self.bans_refused = 0;
+                    self.bans_refused_logged = Some(std::time::Instant::now());
+                }
+                false
+            }
+        }
     }
 
     /// Opens `service` for `address` for `ttl` on behalf of `who`, in the kernel first

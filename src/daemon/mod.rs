@@ -267,6 +267,7 @@ fn baseline_with_live_elements<F: Firewall>(
     for set in &mut ruleset.sets {
         if LIVE_SETS.contains(&set.name.as_str()) {
             set.elements = firewall.elements(&ruleset.table, &set.name)?;
+            set.trim_to_size();
         }
     }
     Ok(ruleset)

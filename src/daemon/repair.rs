@@ -28,7 +28,10 @@ impl<F: Firewall> Daemon<F> {
                 // The repair must not wait on the bans: a table that cannot be read
                 // back is put right without them, and the log says so.
                 match self.core.firewall_mut().elements(&ruleset.table, &set.name) {
-                    Ok(elements) => set.elements = elements,
+                    Ok(elements) => {
+                        set.elements = elements;
+                        set.trim_to_size();
+                    }
                     Err(e) => tracing::warn!(target: crate::logging::AUDIT, event = "tamper",
                         set = %set.name, error = %format!("{e:#}"),
                         "cannot read the bans back; the repair drops them"),
@@ -206,5 +209,33 @@ mod tests {
             keys_of(&mut d, KNOCK_BAN_V4),
             vec![(ElementKey::Addr(banned), 60)]
         );
+    }
+
+    #[test]
+    fn a_smaller_ban_set_keeps_the_longest_bans_and_is_not_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = daemon(&dir);
+        for (n, secs) in [(1u8, 60u64), (2, 600), (3, 300)] {
+            let addr = IpAddr::from([203, 0, 113, n]);
+            d.core()
+                .firewall_mut()
+                .add_element(
+                    "knockgate",
+                    KNOCK_BAN_V4,
+                    ElementKey::Addr(addr),
+                    Duration::from_secs(secs),
+                )
+                .unwrap();
+        }
+        let mut loaded = d.loaded().clone();
+        loaded.config.knock.ban.max = 2;
+
+        d.switch_to(loaded, KeyRing::default()).unwrap();
+
+        let kept: Vec<u64> = keys_of(&mut d, KNOCK_BAN_V4)
+            .into_iter()
+            .map(|(_, s)| s)
+            .collect();
+        assert_eq!(kept, vec![600, 300]);
     }
 }

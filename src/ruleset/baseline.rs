@@ -98,8 +98,11 @@ fn sets(config: &Config) -> Vec<SetDef> {
         (SSH_GRANTS_V6, IpFamily::V6, SetKind::Grants),
     ];
     if config.knock.ban.enabled {
-        sets.push((KNOCK_BAN_V4, IpFamily::V4, SetKind::Grants));
-        sets.push((KNOCK_BAN_V6, IpFamily::V6, SetKind::Grants));
+        let bans = SetKind::Bans {
+            size: config.knock.ban.max,
+        };
+        sets.push((KNOCK_BAN_V4, IpFamily::V4, bans));
+        sets.push((KNOCK_BAN_V6, IpFamily::V6, bans));
     }
     sets.push((KNOCK_SOURCES_V4, IpFamily::V4, sources));
     sets.push((KNOCK_SOURCES_V6, IpFamily::V6, sources));

@@ -341,6 +341,48 @@ impl Lab {
         });
     }
 
+    /// Lets the client namespace send from addresses it does not have (a spoofer).
+    pub fn allow_spoofing(&self) {
+        self.exec(
+            Host::Client,
+            &["sysctl", "-qw", "net.ipv4.ip_nonlocal_bind=1"],
+        );
+        self.exec(
+            Host::Client,
+            &["sysctl", "-qw", "net.ipv6.ip_nonlocal_bind=1"],
+        );
+    }
+
+    /// Sends `datagram` from each of `sources` — addresses the client namespace does
+    /// not have: bound with `ip_nonlocal_bind`, IPv4 sockets made transparent, as a
+    /// spoofer's raw socket would send them — to `to` of the matching family; returns
+    /// how many went out. Call [`Lab::allow_spoofing`] first. Bounded by the count.
+    pub fn spoof(
+        &self,
+        sources: impl Iterator<Item = IpAddr> + Send,
+        to: impl Fn(IpAddr) -> SocketAddr + Sync,
+        datagram: &[u8],
+    ) -> usize {
+        self.in_ns(Host::Client, || {
+            let mut sent = 0;
+            for from in sources {
+                let Ok(socket) = UdpSocket::bind(SocketAddr::new(from, 0)) else {
+                    continue;
+                };
+                if from.is_ipv4() {
+                    // IPv4 routes a datagram from a foreign address only for a
+                    // transparent socket (IPv6 takes the nonlocal bind alone).
+                    use nix::sys::socket::{setsockopt, sockopt};
+                    let _ = setsockopt(&socket, sockopt::IpTransparent, &true);
+                }
+                if socket.send_to(datagram, to(from)).is_ok() {
+                    sent += 1;
+                }
+            }
+            sent
+        })
+    }
+
     /// The lab's temporary directory (configs, keys, logs, state).
     pub fn dir(&self) -> &Path {
         self.dir.path()

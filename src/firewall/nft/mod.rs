@@ -637,6 +637,13 @@ fn add_set<K: SetKey>(
             // SAFETY: `raw` is the live set owned by `set`; libnftnl copies the value.
             unsafe { sys::nftnl_set_set_u32(raw, attr(sys::NFTNL_SET_FLAGS), flags) };
         }
+        SetKind::Bans { size } => {
+            let flags = u32::try_from(libc::NFT_SET_TIMEOUT).unwrap_or(0);
+            // SAFETY: `raw` is the live set owned by `set`; libnftnl copies the value.
+            unsafe { sys::nftnl_set_set_u32(raw, attr(sys::NFTNL_SET_FLAGS), flags) };
+            // SAFETY: as above.
+            unsafe { sys::nftnl_set_set_u32(raw, attr(sys::NFTNL_SET_DESC_SIZE), size) };
+        }
         SetKind::Meter { size, timeout_secs } => {
             let flags = u32::try_from(libc::NFT_SET_TIMEOUT | libc::NFT_SET_EVAL).unwrap_or(0);
             // SAFETY: as above.
