@@ -247,6 +247,67 @@ fn a_captured_knock_opens_once_also_across_a_restart() {
     );
 }
 
+/// A torn write in the replay log (a full disk) before a later record: after a
+/// kill -9 and a start, the knock recorded after the tear is still a replay.
+#[test]
+fn a_torn_replay_log_record_hides_no_later_knock() {
+    if !lab_available("a_torn_replay_log_record_hides_no_later_knock") {
+        return;
+    }
+    let k = knocking("[knock.ban]\nenabled = false\n");
+    let _ssh = k.lab.tcp_echo(Host::Server, "[::]:22".parse().unwrap());
+    let daemon = k.start();
+    let four = v4();
+    let to_v4 = knock_port(&four, Host::Client);
+    let open = || k.ssh_open_for(Host::Client, four.client, &four);
+    let knock = |nonce| {
+        vec![crafted(
+            KEY_HEX,
+            "alice",
+            now(),
+            nonce,
+            2,
+            AddressClaim::PacketSource,
+        )]
+    };
+    let (first, later) = (knock(31), knock(32));
+    k.lab.udp_send(Host::Client, four.client, to_v4, &first);
+    assert!(eventually(Duration::from_secs(2), open));
+    // The next append stops part-way: 13 bytes of a record, as on a full disk.
+    let log = k.lab.dir().join("state/replay.v2.log");
+    let mut file = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    std::io::Write::write_all(&mut file, &[0xee; 13]).unwrap();
+    k.lab.udp_send(Host::Client, four.client, to_v4, &later);
+    let accepted = || daemon.log_text().matches("knock accepted").count() == 2;
+    assert!(
+        eventually(Duration::from_secs(3), accepted),
+        "{}",
+        daemon.log_text()
+    );
+    daemon.kill_9();
+    assert!(
+        eventually(Duration::from_secs(4), || !open()),
+        "the grants end"
+    );
+
+    let daemon = k.start();
+    k.lab.udp_send(Host::Client, four.client, to_v4, &later);
+    k.lab.udp_send(Host::Client, four.client, to_v4, &first);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!open(), "neither capture opens after the restart");
+    assert!(
+        daemon.logged_soon("reason=\"replay\""),
+        "{}",
+        daemon.log_text()
+    );
+    assert_eq!(
+        daemon.log_text().matches("reason=\"replay\"").count(),
+        2,
+        "{}",
+        daemon.log_text()
+    );
+}
+
 #[test]
 fn forged_stale_foreign_and_malformed_knocks_open_nothing() {
     if !lab_available("forged_stale_foreign_and_malformed_knocks_open_nothing") {
@@ -371,6 +432,55 @@ fn malformed_corpus(valid: &[u8]) -> Vec<Vec<u8>> {
     corpus
 }
 
+/// What the server sends back when the client sends `datagrams` to `port`: whether a
+/// UDP reply came, and how many ICMP errors from the server (port unreachable and
+/// the like; neighbour discovery chatter is not an answer).
+fn answers(lab: &Lab, client: IpAddr, port: SocketAddr, datagrams: Vec<Vec<u8>>) -> (bool, usize) {
+    lab.in_ns(Host::Client, move || {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let (domain, proto) = if port.is_ipv4() {
+            (Domain::IPV4, Protocol::ICMPV4)
+        } else {
+            (Domain::IPV6, Protocol::ICMPV6)
+        };
+        let icmp = Socket::new(domain, Type::RAW, Some(proto)).expect("raw icmp socket");
+        icmp.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        // recvfrom on a raw socket through std's safe wrapper.
+        let icmp = std::net::UdpSocket::from(icmp);
+        let udp = std::net::UdpSocket::bind(SocketAddr::new(client, 0)).unwrap();
+        udp.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        for d in &datagrams {
+            udp.send_to(d, port).unwrap();
+        }
+        let udp_reply = udp.recv_from(&mut [0u8; 512]).is_ok();
+        let mut icmp_errors_from_server = 0;
+        let mut buf = [0u8; 1500];
+        let end = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < end {
+            let Ok((n, from)) = icmp.recv_from(&mut buf) else {
+                continue;
+            };
+            let bytes = &buf[..n];
+            let icmp_type = if port.is_ipv4() {
+                let header = usize::from(bytes.first().map_or(0, |b| b & 0x0f)) * 4;
+                bytes.get(header).copied()
+            } else {
+                bytes.first().copied()
+            };
+            let is_error = matches!(
+                (port.is_ipv4(), icmp_type),
+                (true, Some(3 | 11 | 12)) | (false, Some(1..=4))
+            );
+            if is_error && from.ip() == port.ip() {
+                icmp_errors_from_server += 1;
+            }
+        }
+        (udp_reply, icmp_errors_from_server)
+    })
+}
+
 #[test]
 fn nothing_ever_answers_a_knock() {
     if !lab_available("nothing_ever_answers_a_knock") {
@@ -382,57 +492,54 @@ fn nothing_ever_answers_a_knock() {
         let port = knock_port(&plan, Host::Client);
         let valid = crafted(KEY_HEX, "alice", now(), 9, 5, AddressClaim::PacketSource);
         let datagrams = vec![valid, b"junk".to_vec(), vec![0u8; 114]];
-        let heard = k.lab.in_ns(Host::Client, move || {
-            use socket2::{Domain, Protocol, Socket, Type};
-            let (domain, proto) = if port.is_ipv4() {
-                (Domain::IPV4, Protocol::ICMPV4)
-            } else {
-                (Domain::IPV6, Protocol::ICMPV6)
-            };
-            let icmp = Socket::new(domain, Type::RAW, Some(proto)).expect("raw icmp socket");
-            icmp.set_read_timeout(Some(Duration::from_millis(100)))
-                .unwrap();
-            // recvfrom on a raw socket through std's safe wrapper.
-            let icmp = std::net::UdpSocket::from(icmp);
-            let udp = std::net::UdpSocket::bind(SocketAddr::new(plan.client, 0)).unwrap();
-            udp.set_read_timeout(Some(Duration::from_millis(500)))
-                .unwrap();
-            for d in &datagrams {
-                udp.send_to(d, port).unwrap();
-            }
-            let udp_reply = udp.recv_from(&mut [0u8; 512]).is_ok();
-            // Only ICMP errors count: neighbour discovery chatter is not an answer.
-            let mut icmp_errors_from_server = 0;
-            let mut buf = [0u8; 1500];
-            let end = Instant::now() + Duration::from_millis(500);
-            while Instant::now() < end {
-                let Ok((n, from)) = icmp.recv_from(&mut buf) else {
-                    continue;
-                };
-                let bytes = &buf[..n];
-                let icmp_type = if port.is_ipv4() {
-                    let header = usize::from(bytes.first().map_or(0, |b| b & 0x0f)) * 4;
-                    bytes.get(header).copied()
-                } else {
-                    bytes.first().copied()
-                };
-                let is_error = matches!(
-                    (port.is_ipv4(), icmp_type),
-                    (true, Some(3 | 11 | 12)) | (false, Some(1..=4))
-                );
-                if is_error && from.ip() == port.ip() {
-                    icmp_errors_from_server += 1;
-                }
-            }
-            let icmp_from_server = icmp_errors_from_server;
-            (udp_reply, icmp_from_server)
-        });
         assert_eq!(
-            heard,
+            answers(&k.lab, plan.client, port, datagrams),
             (false, 0),
             "no UDP reply and no ICMP from the server"
         );
     }
+}
+
+/// With knockgated stopped, and after kill -9, the knock port answers exactly as a
+/// closed port does — nothing — over IPv4 and IPv6: nothing tells a scanner where
+/// knocks would go.
+#[test]
+fn the_knock_port_looks_closed_when_the_daemon_is_down() {
+    if !lab_available("the_knock_port_looks_closed_when_the_daemon_is_down") {
+        return;
+    }
+    let k = knocking("");
+    let probe = |k: &Knocking, state: &str| {
+        for plan in [v4(), v6()] {
+            let knock = answers(
+                &k.lab,
+                plan.client,
+                knock_port(&plan, Host::Client),
+                vec![vec![0u8; 114]],
+            );
+            let closed = answers(
+                &k.lab,
+                plan.client,
+                sa(plan.server_from_client, 62202),
+                vec![vec![0u8; 114]],
+            );
+            assert_eq!(
+                knock, closed,
+                "{state}: the knock port vs a closed port ({})",
+                plan.client
+            );
+            assert_eq!(
+                knock,
+                (false, 0),
+                "{state}: nothing answers ({})",
+                plan.client
+            );
+        }
+    };
+    assert_eq!(k.start().terminate(), 0);
+    probe(&k, "stopped");
+    k.start().kill_9();
+    probe(&k, "killed");
 }
 
 #[test]
