@@ -316,7 +316,7 @@ impl Default for Knock {
             rate_per_second: 5,
             burst: 10,
             meter_size: 65_535,
-            full_meter_rate_per_second: 100,
+            full_meter_rate_per_second: 1_000,
             ipv6_prefix: 64,
             server_id: String::new(),
             skew: Dur(Duration::from_secs(30)),

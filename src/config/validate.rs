@@ -141,8 +141,10 @@ fn knock(c: &Checker<'_>, config: &Config) -> Result<(), ConfigError> {
         return Err(c.invalid("knock.state_dir", "expected a directory"));
     }
     c.positive("knock.ban.after", k.ban.after)?;
-    if !(1..=1 << 20).contains(&k.ban.max) {
-        return Err(c.invalid("knock.ban.max", "expected 1 to 1048576 bans"));
+    // The most that was measured through every whole-table change within the unit's
+    // MemoryMax (README, "Bounded"): more could make a full ban set unappliable.
+    if !(1..=65_536).contains(&k.ban.max) {
+        return Err(c.invalid("knock.ban.max", "expected 1 to 65536 bans"));
     }
     c.duration("knock.ban.within", k.ban.within.0, MAX_GRANT)?;
     c.duration("knock.ban.duration", k.ban.duration.0, MAX_GRANT)

@@ -137,6 +137,8 @@ pub struct Core<F: Firewall> {
     /// Bans the kernel refused since the last log line about them, and when that was.
     bans_refused: u64,
     bans_refused_logged: Option<std::time::Instant>,
+    /// When the full invalid-knock counter was last swept.
+    counter_swept: Option<std::time::Instant>,
 }
 
 fn grant_set(addr: IpAddr) -> &'static str {
@@ -208,6 +210,7 @@ impl<F: Firewall> Core<F> {
             invalid,
             bans_refused: 0,
             bans_refused_logged: None,
+            counter_swept: None,
         }
     }
 
@@ -291,14 +294,24 @@ impl<F: Firewall> Core<F> {
             return false;
         };
         if limiter.len() >= MAX_COUNTED_SOURCES {
+            // Full: sweep at most once a second (a sweep walks every source); until
+            // then, new junk is not counted.
+            if self
+                .counter_swept
+                .is_some_and(|at| at.elapsed() < Duration::from_secs(1))
+            {
+                return false;
+            }
+            self.counter_swept = Some(std::time::Instant::now());
             limiter.retain_recent();
             limiter.shrink_to_fit();
-            if limiter.len() >= MAX_COUNTED_SOURCES {
-                // Full of sources that all sent junk within the window: a spoofed
-                // flood. Start counting afresh rather than grow: the kernel's meter and
-                // bans already in force still hold, only counts towards new bans reset.
-                tracing::warn!(target: crate::logging::AUDIT, event = "ban-counter-reset", sources = limiter.len(),
-                    "invalid-knock counter full (spoofed flood?); counts reset");
+            if limiter.len() >= MAX_COUNTED_SOURCES / 4 * 3 {
+                // Still mostly sources that all sent junk within the window: a spoofed
+                // flood. Start counting afresh rather than grow: the kernel's meters and
+                // the bans in force still hold; only counts towards new bans reset.
+                // At most one line a second: resets follow sweeps.
+                tracing::warn!(target: crate::logging::AUDIT, event = "ban-counter-reset",
+                    sources = limiter.len(), "invalid-knock counter full (spoofed flood?); counts reset");
                 self.invalid = invalid_limiter(self.settings.ban);
                 return false;
             }

@@ -179,7 +179,7 @@ impl<F: Firewall> Daemon<F> {
         if loaded.config.knock.state_dir != self.loaded.config.knock.state_dir {
             return Err(ReloadError::NeedsRestart("knock.state_dir"));
         }
-        let ruleset = baseline_with_live_elements(self.core.firewall_mut(), &loaded)?;
+        let ruleset = self.ruleset_from_book(&loaded, unix_now(), repair::BanRead::Required)?;
         let started = Instant::now();
         self.core.firewall_mut().replace(&ruleset)?;
         log_applied(&loaded, &ruleset, started.elapsed());

@@ -8,8 +8,8 @@
 
 use super::Daemon;
 use crate::firewall::{Firewall, FirewallError};
-use crate::ruleset::baseline;
 use crate::ruleset::baseline::{KNOCK_BAN_V4, KNOCK_BAN_V6};
+use crate::ruleset::{Ruleset, baseline};
 
 /// The ban sets, carried from the kernel when they are still there.
 const BAN_SETS: [&str; 2] = [KNOCK_BAN_V4, KNOCK_BAN_V6];
@@ -19,30 +19,58 @@ impl<F: Firewall> Daemon<F> {
     /// (and the kernel's surviving bans); returns how many elements it put back. On a
     /// refusal nothing changed, as with every replace.
     pub fn repair(&mut self, now: u64) -> Result<usize, FirewallError> {
-        let mut ruleset = baseline(&self.loaded.config, &self.loaded.resolvers);
-        let mut booked = self.core.booked_elements(now);
-        for set in &mut ruleset.sets {
-            if let Some(elements) = booked.remove(set.name.as_str()) {
-                set.elements = elements;
-            } else if BAN_SETS.contains(&set.name.as_str()) {
-                // The repair must not wait on the bans: a table that cannot be read
-                // back is put right without them, and the log says so.
-                match self.core.firewall_mut().elements(&ruleset.table, &set.name) {
-                    Ok(elements) => {
-                        set.elements = elements;
-                        set.trim_to_size();
-                    }
-                    Err(e) => tracing::warn!(target: crate::logging::AUDIT, event = "tamper",
-                        set = %set.name, error = %format!("{e:#}"),
-                        "cannot read the bans back; the repair drops them"),
-                }
-            }
-        }
+        let loaded = self.loaded.clone();
+        let ruleset = self.ruleset_from_book(&loaded, now, BanRead::BestEffort)?;
         self.core.firewall_mut().replace(&ruleset)?;
         let restored = ruleset.sets.iter().map(|s| s.elements.len()).sum();
         self.ruleset = ruleset;
         Ok(restored)
     }
+
+    /// The baseline for `loaded` with the grants and windows of the book (never the
+    /// kernel's: an element someone else slipped in, or one a dump skipped while the
+    /// kernel collected expired ones, must not decide what is open) and the bans the
+    /// kernel holds, at most the sets' size.
+    pub(super) fn ruleset_from_book(
+        &mut self,
+        loaded: &crate::config::Loaded,
+        now: u64,
+        bans: BanRead,
+    ) -> Result<Ruleset, FirewallError> {
+        let mut ruleset = baseline(&loaded.config, &loaded.resolvers);
+        let mut booked = self.core.booked_elements(now);
+        for set in &mut ruleset.sets {
+            if let Some(elements) = booked.remove(set.name.as_str()) {
+                set.elements = elements;
+            } else if BAN_SETS.contains(&set.name.as_str()) {
+                match (
+                    self.core.firewall_mut().elements(&ruleset.table, &set.name),
+                    bans,
+                ) {
+                    (Ok(elements), _) => {
+                        set.elements = elements;
+                        set.trim_to_size();
+                    }
+                    (Err(e), BanRead::Required) => return Err(e),
+                    // The repair must not wait on the bans: a table that cannot be read
+                    // back is put right without them, and the log says so.
+                    (Err(e), BanRead::BestEffort) => tracing::warn!(target: crate::logging::AUDIT,
+                        event = "tamper", set = %set.name, error = %format!("{e:#}"),
+                        "cannot read the bans back; the repair drops them"),
+                }
+            }
+        }
+        Ok(ruleset)
+    }
+}
+
+/// Whether a failure to read the kernel's bans stops a whole-table change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum BanRead {
+    /// Reload and `apply`: nothing changes rather than losing bans.
+    Required,
+    /// Repair: the damaged table is put right without them.
+    BestEffort,
 }
 
 #[cfg(test)]
@@ -237,5 +265,35 @@ mod tests {
             .map(|(_, s)| s)
             .collect();
         assert_eq!(kept, vec![600, 300]);
+    }
+
+    #[test]
+    fn a_reload_carries_the_booked_grants_and_no_address_slipped_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = daemon(&dir);
+        let now = crate::daemon::unix_now();
+        let laptop: IpAddr = "198.51.100.7".parse().unwrap();
+        let stranger: IpAddr = "203.0.113.66".parse().unwrap();
+        d.core()
+            .open_ssh(laptop, Some(Duration::from_secs(600)), "uid 0", now)
+            .unwrap();
+        d.core()
+            .firewall_mut()
+            .add_element(
+                "knockgate",
+                SSH_GRANTS_V4,
+                ElementKey::Addr(stranger),
+                Duration::from_secs(3600),
+            )
+            .unwrap();
+        let loaded = d.loaded().clone();
+
+        d.switch_to(loaded, KeyRing::default()).unwrap();
+
+        let kept: Vec<ElementKey> = keys_of(&mut d, SSH_GRANTS_V4)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(kept, vec![ElementKey::Addr(laptop)]);
     }
 }

@@ -52,7 +52,7 @@ pub enum ReplayError {
 }
 
 impl ReplayGuard {
-    /// An empty guard holding at most `capacity` nonces, at most a quarter of them
+    /// An empty guard holding at most `capacity` nonces, at most a sixteenth of them
     /// (and at least one) for any one key.
     #[must_use]
     pub fn new(capacity: usize) -> Self {
@@ -60,7 +60,7 @@ impl ReplayGuard {
             seen: HashMap::new(),
             per_key: HashMap::new(),
             capacity,
-            key_quota: (capacity / 4).max(1),
+            key_quota: (capacity / 16).max(1),
             floor: 0,
         }
     }

@@ -158,7 +158,7 @@ fn replay_guard_keeps_nonces_until_their_time() {
 
 #[test]
 fn one_key_cannot_fill_the_replay_guard_for_everyone() {
-    let mut guard = ReplayGuard::new(8); // quota: 2 per key
+    let mut guard = ReplayGuard::new(32); // quota: 2 per key
     guard.admit_for("junk", [1; 16], 100, 0).unwrap();
     guard.admit_for("junk", [2; 16], 100, 0).unwrap();
     assert_eq!(
