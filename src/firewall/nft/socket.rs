@@ -181,13 +181,18 @@ impl NetlinkSocket {
         Ok(refusals)
     }
 
-    /// Sends one request with `NLM_F_ACK` (sequence number `seq`) and returns the
-    /// messages answering it, read until its acknowledgement.
-    pub(super) fn query(&self, request: &[u8], seq: u32) -> Result<Vec<Vec<u8>>, TransactError> {
-        const MAX_REPLIES: usize = 16;
+    /// Sends `request` (one message, sequence number `seq`) and hands every answer to
+    /// it — kind and whole message, stale replies to earlier requests skipped — to `on`
+    /// until `on` says the answer is complete (`Ok(true)`). Bounded parsing: a message
+    /// whose length does not fit the datagram is an error.
+    fn replies(
+        &self,
+        request: &[u8],
+        seq: u32,
+        mut on: impl FnMut(u16, &[u8]) -> Result<bool, TransactError>,
+    ) -> Result<(), TransactError> {
         self.send_one(request)?;
-        let mut out = Vec::new();
-        let mut buf = vec![0u8; 64 * 1024];
+        let mut buf = vec![0u8; 256 * 1024];
         loop {
             let len = match recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
                 Ok(len) => len,
@@ -203,27 +208,33 @@ impl NetlinkSocket {
                         rest.len()
                     )));
                 }
-                let (message, kind, msg_seq) = (
-                    &rest[..msg_len],
-                    u16::from_ne_bytes([rest[4], rest[5]]),
-                    u32_at(rest, 8),
-                );
+                let kind = u16::from_ne_bytes([rest[4], rest[5]]);
+                let msg_seq = u32_at(rest, 8);
+                let message = &rest[..msg_len];
                 rest = rest.get(msg_len.div_ceil(4) * 4..).unwrap_or(&[]);
-                if msg_seq != seq {
-                    continue; // a stale reply to an earlier request
-                }
-                if kind == NLMSG_ERROR {
-                    let acks = parse_acks(message).map_err(TransactError::BadReply)?;
-                    return match acks.into_iter().find(|a| a.errno != 0) {
-                        Some(refusal) => Err(TransactError::Refused(refusal)),
-                        None => Ok(out),
-                    };
-                }
-                if out.len() < MAX_REPLIES {
-                    out.push(message.to_vec());
+                if msg_seq == seq && on(kind, message)? {
+                    return Ok(());
                 }
             }
         }
+    }
+
+    /// Sends one request with `NLM_F_ACK` (sequence number `seq`) and returns the
+    /// messages answering it (at most 16), read until its acknowledgement.
+    pub(super) fn query(&self, request: &[u8], seq: u32) -> Result<Vec<Vec<u8>>, TransactError> {
+        const MAX_REPLIES: usize = 16;
+        let mut out = Vec::new();
+        self.replies(request, seq, |kind, message| {
+            if kind == NLMSG_ERROR {
+                refused(message)?;
+                return Ok(true);
+            }
+            if out.len() < MAX_REPLIES {
+                out.push(message.to_vec());
+            }
+            Ok(false)
+        })?;
+        Ok(out)
     }
 
     /// Sends one dump request (a single message with sequence number `seq`) and returns
@@ -247,43 +258,26 @@ impl NetlinkSocket {
         max: usize,
     ) -> Result<(Vec<Vec<u32>>, bool), TransactError> {
         let mut complete = true;
-        self.send_one(request)?;
         let mut out = Vec::new();
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            let len = match recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
-                Ok(len) => len,
-                Err(Errno::EINTR) => continue,
-                Err(e) => return Err(TransactError::Receive(e.into())),
-            };
-            let mut rest = &buf[..len];
-            while rest.len() >= NLMSG_HDRLEN {
-                let msg_len = usize::try_from(u32_at(rest, 0)).unwrap_or(usize::MAX);
-                if msg_len < NLMSG_HDRLEN || msg_len > rest.len() {
-                    return Err(TransactError::BadReply(format!(
-                        "dump message length {msg_len}"
-                    )));
-                }
-                let kind = u16::from_ne_bytes([rest[4], rest[5]]);
-                let msg_seq = u32_at(rest, 8);
-                let message = &rest[..msg_len];
-                rest = rest.get(msg_len.div_ceil(4) * 4..).unwrap_or(&[]);
-                if msg_seq != seq {
-                    continue; // a stale reply to an earlier request
-                }
-                match kind {
-                    NLMSG_DONE => return Ok((out, complete)),
-                    NLMSG_ERROR => {
-                        let acks = parse_acks(message).map_err(TransactError::BadReply)?;
-                        if let Some(refusal) = acks.into_iter().find(|a| a.errno != 0) {
-                            return Err(TransactError::Refused(refusal));
-                        }
-                    }
-                    _ if out.len() >= max => complete = false,
-                    _ => out.push(aligned(message)),
-                }
+        self.replies(request, seq, |kind, message| {
+            match kind {
+                NLMSG_DONE => return Ok(true),
+                NLMSG_ERROR => refused(message)?,
+                _ if out.len() >= max => complete = false,
+                _ => out.push(aligned(message)),
             }
-        }
+            Ok(false)
+        })?;
+        Ok((out, complete))
+    }
+}
+
+/// The refusal in an acknowledgement message, as an error (none for a plain ACK).
+fn refused(message: &[u8]) -> Result<(), TransactError> {
+    let acks = parse_acks(message).map_err(TransactError::BadReply)?;
+    match acks.into_iter().find(|a| a.errno != 0) {
+        Some(refusal) => Err(TransactError::Refused(refusal)),
+        None => Ok(()),
     }
 }
 
