@@ -293,3 +293,90 @@ fn apply_with_confirm_rolls_back_unless_confirmed() {
         text(&out)
     );
 }
+
+/// `knockgate ARGS` run as nobody (uid 65534) whose primary group is `nogroup`.
+fn as_nobody(socket: &std::path::Path, args: &[&str]) -> Output {
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_knockgate"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("run setpriv")
+}
+
+#[test]
+fn config_changes_are_roots_unless_the_group_may() {
+    if !lab_available("config_changes_are_roots_unless_the_group_may") {
+        return;
+    }
+    let lab = Lab::new();
+    let _web = lab.tcp_echo(Host::Server, "[::]:8080".parse().unwrap());
+    let socket = lab.dir().join("admin.sock");
+    let base = format!(
+        "[knock]\nmax_ttl = \"2h\"\n[admin]\nsocket = \"{}\"\ngroup = \"nogroup\"\n",
+        socket.display()
+    );
+    let config = lab.write_file(
+        "k.toml",
+        &format!("{base}[dns]\nresolvers = [\"10.77.2.53\"]\n"),
+    );
+    let daemon = lab.start_daemon(&config);
+    // nobody (primary group nogroup, the admin group here) reaches the socket.
+    std::fs::set_permissions(lab.dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let four = v4();
+    let web = sa(four.server_from_client, 8080);
+    let open_web = format!(
+        "{base}group_may_change_config = true\n[dns]\nresolvers = [\"10.77.2.53\"]\n[inbound]\ntcp_ports = [80, 443, 8080]\n"
+    );
+    let trial = lab.write_file("trial.toml", &open_web);
+    std::fs::set_permissions(&trial, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let trial_arg = trial.to_str().unwrap();
+
+    // Opening and listing stay the group's.
+    let out = as_nobody(&socket, &["open", "ssh", "--from", "10.77.1.2"]);
+    assert!(out.status.success(), "{}", text(&out));
+    // Changing the config does not: each refusal says how to allow it, and is logged.
+    for args in [
+        vec!["reload"],
+        vec!["--config", trial_arg, "apply", "--confirm", "60s"],
+        vec!["confirm"],
+    ] {
+        let out = as_nobody(&socket, &args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", text(&out));
+        assert!(
+            text(&out).contains("group_may_change_config = true"),
+            "{args:?}: {}",
+            text(&out)
+        );
+    }
+    assert_eq!(
+        daemon.log_text().matches("config change refused").count(),
+        3,
+        "{}",
+        daemon.log_text()
+    );
+    assert!(
+        !lab.tcp_works_from(Host::Client, four.client, web),
+        "nothing was applied"
+    );
+
+    // Root allows it (a reload of a config that says so); then the group may.
+    std::fs::write(&config, &open_web).unwrap();
+    let out = admin(&socket, &["reload"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = as_nobody(&socket, &["reload"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = as_nobody(
+        &socket,
+        &["--config", trial_arg, "apply", "--confirm", "60s"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let out = as_nobody(&socket, &["confirm"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        lab.tcp_works_from(Host::Client, four.client, web),
+        "the group's apply is in force"
+    );
+}

@@ -98,6 +98,9 @@ fn assert_exact(lab: &Lab, socket: &Path, opened: &BTreeSet<IpAddr>, after: &str
 
 /// The ban sets' cap (`knock.ban.max`, default).
 const BANS: u32 = 65_536;
+/// How long the lab waits for work on 100,000 grants and 131,072 bans (a debug build
+/// on a slow 2-core CI machine): a bound for a hung daemon, not a speed target.
+const SCALE_WORK: Duration = Duration::from_secs(90);
 
 /// Fills both ban sets to their cap with `nft -f` (one transaction, another process).
 fn fill_ban_sets(lab: &Lab) {
@@ -240,7 +243,7 @@ fn a_hundred_thousand_grants_survive_every_whole_table_change() {
     // transaction: the repair that follows carries them (bans only ever deny).
     fill_ban_sets(&lab);
     assert!(
-        daemon.logged_soon("action=\"repaired\""),
+        daemon.logged_within("action=\"repaired\"", SCALE_WORK),
         "{}",
         daemon.log_text()
     );
@@ -268,7 +271,7 @@ fn a_hundred_thousand_grants_survive_every_whole_table_change() {
     timed("nft flush ruleset + repair with 100,000 grants", || {
         lab.nft(&["flush", "ruleset"]);
         assert!(
-            daemon.logged_soon("action=\"repaired\""),
+            daemon.logged_within("action=\"repaired\"", SCALE_WORK),
             "{}",
             daemon.log_text()
         );
@@ -283,7 +286,7 @@ fn a_hundred_thousand_grants_survive_every_whole_table_change() {
     // sets again for the apply and its rollback.
     fill_ban_sets(&lab);
     let repaired_twice = || daemon.log_text().matches("action=\"repaired\"").count() == 2;
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + SCALE_WORK;
     while !repaired_twice() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -304,7 +307,7 @@ fn a_hundred_thousand_grants_survive_every_whole_table_change() {
     });
     assert_exact(&lab, &socket, &opened, "apply");
     assert!(
-        daemon.logged_soon("previous config restored"),
+        daemon.logged_within("previous config restored", SCALE_WORK),
         "{}",
         daemon.log_text()
     );

@@ -4,14 +4,11 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use super::{MAX_ANSWER, Request, Response};
 
 /// Default admin socket path.
 pub const DEFAULT_SOCKET: &str = "/run/knockgate/admin.sock";
-/// Longest wait for the daemon's answer.
-const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a request got no answer.
 #[derive(Debug, thiserror::Error)]
@@ -70,8 +67,9 @@ pub fn call(socket: &Path, request: &Request) -> Result<Response, AdminError> {
         path: socket.to_owned(),
         source,
     };
-    stream.set_read_timeout(Some(TIMEOUT)).map_err(io)?;
-    stream.set_write_timeout(Some(TIMEOUT)).map_err(io)?;
+    let within = request.answer_within();
+    stream.set_read_timeout(Some(within)).map_err(io)?;
+    stream.set_write_timeout(Some(within)).map_err(io)?;
     let mut line =
         serde_json::to_string(request).map_err(|e| AdminError::Protocol(e.to_string()))?;
     line.push('\n');

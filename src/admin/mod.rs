@@ -66,6 +66,37 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// The request's name, as sent (`op`), for logs.
+    #[must_use]
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Status => "status",
+            Self::Grants => "grants",
+            Self::OpenSsh { .. } => "open_ssh",
+            Self::OpenEgress { .. } => "open_egress",
+            Self::Reload => "reload",
+            Self::Apply { .. } => "apply",
+            Self::Confirm => "confirm",
+            Self::Revoke { .. } => "revoke",
+        }
+    }
+
+    /// How long a client waits for the answer. A whole-table replace (reload, apply,
+    /// confirm) carries every grant and ban: 100,000 grants and two full ban sets take
+    /// ~2 s on a fast machine and many times that on a slow one, and giving up early
+    /// would report a failure for a change the daemon then makes anyway.
+    #[must_use]
+    pub fn answer_within(&self) -> std::time::Duration {
+        match self {
+            Self::Reload | Self::Apply { .. } | Self::Confirm => {
+                std::time::Duration::from_secs(120)
+            }
+            _ => std::time::Duration::from_secs(10),
+        }
+    }
+}
+
 /// What the daemon answers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]

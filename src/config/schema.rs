@@ -181,6 +181,10 @@ pub struct Admin {
     pub socket: PathBuf,
     /// Members of this group may use the socket; root always may.
     pub group: String,
+    /// May members of the admin group also change the config (`reload`, `apply`,
+    /// `confirm`)? Off by default: a confirmed `apply` rewrites the firewall for good,
+    /// so only root may, while opening, listing and revoking stay the group's.
+    pub group_may_change_config: bool,
 }
 
 /// One knock key and what it may open.
@@ -364,6 +368,7 @@ impl Default for Admin {
         Self {
             socket: PathBuf::from("/run/knockgate/admin.sock"),
             group: "knockgate".to_owned(),
+            group_may_change_config: false,
         }
     }
 }

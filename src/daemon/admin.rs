@@ -158,6 +158,18 @@ pub fn authorize(peer: Peer, group: &str) -> Result<(), String> {
     ))
 }
 
+/// Whether `peer` (already authorized) may change the config: root always; the admin
+/// group only where `admin.group_may_change_config` says so.
+pub fn may_change_config(peer: Peer, admin: &crate::config::Admin) -> Result<(), String> {
+    if peer.uid == 0 || admin.group_may_change_config {
+        return Ok(());
+    }
+    Err(format!(
+        "uid {} may not change the config: reload, apply and confirm are root's (run them with sudo, or set group_may_change_config = true under [admin] to let the group `{}` do it)",
+        peer.uid, admin.group
+    ))
+}
+
 /// What to do when a held connection ends (an egress window's requester hung up).
 pub type OnClose = Box<dyn FnOnce()>;
 
@@ -315,6 +327,25 @@ mod tests {
             pid: None,
         };
         assert!(authorize(root, "no-such-group-here").is_ok());
+    }
+
+    #[test]
+    fn config_changes_are_roots_unless_the_group_may() {
+        let member = Peer {
+            uid: 1000,
+            gid: 1000,
+            pid: Some(7),
+        };
+        let mut admin = crate::config::Admin::default();
+        let why = may_change_config(member, &admin).unwrap_err();
+        assert!(
+            why.contains("uid 1000") && why.contains("group_may_change_config = true"),
+            "{why}"
+        );
+        let root = Peer { uid: 0, ..member };
+        assert!(may_change_config(root, &admin).is_ok());
+        admin.group_may_change_config = true;
+        assert!(may_change_config(member, &admin).is_ok());
     }
 
     #[test]

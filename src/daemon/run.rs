@@ -370,6 +370,17 @@ fn reload(daemon: &Shared, by: &str) -> Response {
 }
 
 fn respond(daemon: &Shared, request: Request, peer: admin::Peer) -> Response {
+    if matches!(
+        request,
+        Request::Reload | Request::Apply { .. } | Request::Confirm
+    ) {
+        let allowed = admin::may_change_config(peer, &daemon.borrow().loaded().config.admin);
+        if let Err(why) = allowed {
+            tracing::warn!(target: AUDIT, event = "admin-refuse", uid = peer.uid, pid = ?peer.pid,
+                request = request.name(), reason = %why, "config change refused");
+            return Response::error("forbidden", why);
+        }
+    }
     match request {
         Request::Reload => return reload(daemon, &format!("uid {}", peer.uid)),
         Request::Apply {
