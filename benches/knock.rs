@@ -66,6 +66,7 @@ fn rejection_rates() {
             sources: vec!["0.0.0.0/0".parse().unwrap()],
             max_ttl: None,
             other_source: false,
+            unbound: true,
         },
     );
     let settings = Settings {
@@ -128,7 +129,7 @@ fn knock_to_open() {
         "k.toml",
         &format!(
             "[knock]\nserver_id = \"bench\"\nrate_per_second = 1000\nburst = 1000\n[knock.ban]\nenabled = false\n[admin]\nsocket = \"{}\"\n\
-             [dns]\nresolvers = [\"10.77.2.53\"]\n[[keys]]\nid = \"alice\"\nfile = \"{}\"\n",
+             [dns]\nresolvers = [\"10.77.2.53\"]\n[[keys]]\nid = \"alice\"\nfile = \"{}\"\nallow_unbound = true\n",
             socket.display(),
             key.display()
         ),

@@ -19,8 +19,11 @@ pub struct KeyEntry {
     pub sources: Vec<IpNet>,
     /// Longest grant for this key, before the server's cap.
     pub max_ttl: Option<Duration>,
-    /// May a knock name an address other than its packet's source (NAT)?
+    /// May a knock name an address other than its packet's source?
     pub other_source: bool,
+    /// May a knock name no address at all (the grant is then for the packet's source,
+    /// which anyone who sees the knock can race: NAT mode)?
+    pub unbound: bool,
 }
 
 /// The keys by id: one lookup per knock, never a trial of every key.
@@ -80,6 +83,11 @@ pub enum PolicyRefusal {
     /// The key may not open this service.
     #[error("service {} not allowed for this key", .0.name())]
     Service(Service),
+    /// The knock names no address, and the key requires one.
+    #[error(
+        "knock is unbound (names no address) and the key requires a bound one (allow_unbound = false; an old client, or `source = \"packet\"`?)"
+    )]
+    Unbound,
     /// The knock names another address than the one it came from, and the key does
     /// not allow that.
     #[error("knock is bound to {claimed}, not to its source")]
@@ -113,6 +121,9 @@ pub fn decide(
 ) -> Result<Grant, PolicyRefusal> {
     if !key.services.contains(&service) {
         return Err(PolicyRefusal::Service(service));
+    }
+    if claim == AddressClaim::PacketSource && !key.unbound {
+        return Err(PolicyRefusal::Unbound);
     }
     let source = canonical(source);
     let address = match claim {
@@ -164,6 +175,7 @@ mod tests {
             sources: sources.iter().map(|s| s.parse().unwrap()).collect(),
             max_ttl: Some(Duration::from_secs(600)),
             other_source,
+            unbound: true,
         }
     }
 
@@ -240,6 +252,29 @@ mod tests {
         )
         .unwrap();
         assert_eq!(g.ttl, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn an_unbound_knock_needs_the_key_to_allow_it() {
+        let mut k = key(false, &["0.0.0.0/0"]);
+        k.unbound = false;
+        let source = ip("198.51.100.7");
+        assert_eq!(
+            decide(
+                &k,
+                Service::Ssh,
+                AddressClaim::PacketSource,
+                0,
+                source,
+                LIMITS
+            ),
+            Err(PolicyRefusal::Unbound)
+        );
+        let bound = AddressClaim::V4(Ipv4Addr::new(198, 51, 100, 7));
+        assert_eq!(
+            decide(&k, Service::Ssh, bound, 0, source, LIMITS).map(|g| g.address),
+            Ok(source)
+        );
     }
 
     #[test]

@@ -171,8 +171,34 @@ fn keygen_writes_a_private_key_and_prints_both_configs() {
         printed.contains("[hosts.web1]") && printed.contains("server_id = "),
         "{printed}"
     );
+    assert!(
+        printed.contains("allow_unbound = false") && !printed.contains("source = \"packet\""),
+        "keys require bound knocks by default: {printed}"
+    );
     let secret = std::fs::read_to_string(&key).unwrap();
     assert!(!printed.contains(secret.trim()), "the key is not printed");
+    // NAT mode says what it gives up, and the client stanza sends unbound knocks.
+    let nat = run(
+        env!("CARGO_BIN_EXE_knockgate"),
+        &[
+            "keygen",
+            "bob-phone",
+            "--nat",
+            "--dir",
+            dir.path().to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+        ],
+        &dir,
+    );
+    assert_eq!(nat.status.code(), Some(0), "{}", text(&nat.stderr));
+    let printed = text(&nat.stdout);
+    assert!(
+        printed.contains("allow_unbound = true")
+            && printed.contains("source = \"packet\"")
+            && printed.contains("can send the same datagram first from their own"),
+        "{printed}"
+    );
     // A second keygen never overwrites the key.
     let again = run(
         env!("CARGO_BIN_EXE_knockgate"),

@@ -132,6 +132,14 @@ fn crafted(
     seal(&knock, &secret, &ServerId::new(SERVER_ID).unwrap()).to_vec()
 }
 
+/// The claim of a knock bound to `address` (what `knock` sends by default).
+fn bound(address: IpAddr) -> AddressClaim {
+    match address {
+        IpAddr::V4(a) => AddressClaim::V4(a),
+        IpAddr::V6(a) => AddressClaim::V6(a),
+    }
+}
+
 fn knock_port(plan: &Plan, host: Host) -> SocketAddr {
     sa(plan.server_from_client_or_outside(host), 62201)
 }
@@ -213,14 +221,7 @@ fn a_captured_knock_opens_once_also_across_a_restart() {
     let to_v4 = knock_port(&four, Host::Client);
     // A capture: the first copy opens (for 2 s: a probe that misses costs 0.7 s, so a
     // 1 s grant could end between two probes on a loaded machine), the replay does not.
-    let capture = vec![crafted(
-        KEY_HEX,
-        "alice",
-        now(),
-        1,
-        2,
-        AddressClaim::PacketSource,
-    )];
+    let capture = vec![crafted(KEY_HEX, "alice", now(), 1, 2, bound(four.client))];
     k.lab.udp_send(Host::Client, four.client, to_v4, &capture);
     let open = || k.ssh_open_for(Host::Client, four.client, &four);
     assert!(
@@ -267,7 +268,7 @@ fn a_torn_replay_log_record_hides_no_later_knock() {
             now(),
             nonce,
             2,
-            AddressClaim::PacketSource,
+            bound(four.client),
         )]
     };
     let (first, later) = (knock(31), knock(32));
@@ -490,7 +491,7 @@ fn nothing_ever_answers_a_knock() {
     let _daemon = k.start();
     for plan in [v4(), v6()] {
         let port = knock_port(&plan, Host::Client);
-        let valid = crafted(KEY_HEX, "alice", now(), 9, 5, AddressClaim::PacketSource);
+        let valid = crafted(KEY_HEX, "alice", now(), 9, 5, bound(plan.client));
         let datagrams = vec![valid, b"junk".to_vec(), vec![0u8; 114]];
         assert_eq!(
             answers(&k.lab, plan.client, port, datagrams),

@@ -263,7 +263,7 @@ fn start_knockgated(lab: &Lab) -> support::Daemon {
         "knockgate.toml",
         &format!(
             "[knock]\nserver_id = \"bench\"\nmax_ttl = \"1h\"\n{meter}[knock.ban]\nenabled = false\n\
-             [dns]\nresolvers = [\"10.77.2.53\"]\n[[keys]]\nid = \"alice\"\nfile = \"{}\"\n",
+             [dns]\nresolvers = [\"10.77.2.53\"]\n[[keys]]\nid = \"alice\"\nfile = \"{}\"\nallow_unbound = true\n",
             key.display()
         ),
     );

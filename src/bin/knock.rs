@@ -105,6 +105,10 @@ fn build(
         .source
         .as_deref()
         .or(entry.and_then(|e| e.source.as_deref()));
+    let discover = a
+        .discover
+        .as_deref()
+        .or(entry.and_then(|e| e.discover.as_deref()));
     Ok(Target {
         host: host.to_owned(),
         port,
@@ -112,7 +116,8 @@ fn build(
         key_id,
         secret: keyfile::read(key_file)?,
         ttl: a.ttl.or(entry.and_then(|e| e.ttl.map(|d| d.0))),
-        claim: client::parse_claim(source)?,
+        binding: client::Binding::parse(source)?,
+        discovery: discover.map(client::Discovery::parse).transpose()?,
     })
 }
 

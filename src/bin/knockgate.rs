@@ -52,8 +52,16 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
             dir,
             address,
             owner,
+            nat,
         } => {
-            return keygen(&args.config, id, dir, address.as_deref(), owner.as_deref());
+            let key = NewKey {
+                id,
+                dir,
+                address: address.as_deref(),
+                owner: owner.as_deref(),
+                nat: *nat,
+            };
+            return keygen(&args.config, &key);
         }
         Command::Ruleset => {
             let loaded = config::load(&args.config)?;
@@ -208,14 +216,34 @@ fn when(unix: u64) -> String {
 /// The system user the packaged unit runs knockgated as.
 const DAEMON_USER: &str = "knockgated";
 
-fn keygen(
-    config_path: &Path,
-    id: &str,
-    dir: &Path,
-    address: Option<&str>,
-    owner: Option<&str>,
-) -> anyhow::Result<ExitCode> {
+/// What `knockgate keygen` was asked for.
+struct NewKey<'a> {
+    id: &'a str,
+    dir: &'a Path,
+    address: Option<&'a str>,
+    owner: Option<&'a str>,
+    nat: bool,
+}
+
+/// What NAT mode gives up, printed by `keygen --nat`.
+const NAT_TRADE_OFF: &str = "\
+# NAT mode: this key's knocks may name no address, and the grant is then for
+# whatever address the knock arrives from. Anyone who sees the knock on its way
+# (same Wi-Fi, on the path) can send the same datagram first from their own
+# address and get the grant; the laptop's own copy is then refused as a replay.
+# Prefer bound knocks: `knock` binds on its own when it can see the address the
+# server sees, and behind a NAT `discover` in its config learns it.
+";
+
+fn keygen(config_path: &Path, key: &NewKey) -> anyhow::Result<ExitCode> {
     use knockgate::knock::{KeyId, Secret};
+    let NewKey {
+        id,
+        dir,
+        address,
+        owner,
+        nat,
+    } = *key;
     KeyId::new(id)?;
     // Resolved before anything is written: a misspelt --owner leaves no key behind.
     let owner = match owner {
@@ -260,8 +288,11 @@ fn keygen(
         "# 1. On this server, add to {} and restart knockgated:",
         config_path.display()
     );
+    if nat {
+        print!("{NAT_TRADE_OFF}");
+    }
     println!(
-        "[[keys]]\nid = \"{id}\"\nfile = \"{}\"\nservices = [\"ssh\"]\n",
+        "[[keys]]\nid = \"{id}\"\nfile = \"{}\"\nservices = [\"ssh\"]\nallow_unbound = {nat}\n",
         file.display()
     );
     println!(
@@ -269,8 +300,13 @@ fn keygen(
         file.display()
     );
     println!("#    and add to ~/.config/knock/config.toml:");
+    let source = if nat {
+        "source = \"packet\"\n"
+    } else {
+        "# Behind a NAT, say how to learn your public address, e.g.:\n# discover = \"dns:myip.opendns.com@208.67.222.222\"\n"
+    };
     println!(
-        "[hosts.{}]\naddress = \"{address}\"\nkey_id = \"{id}\"\nkey_file = \"~/.config/knock/{id}.key\"\nserver_id = \"{server_id}\"\n",
+        "[hosts.{}]\naddress = \"{address}\"\nkey_id = \"{id}\"\nkey_file = \"~/.config/knock/{id}.key\"\nserver_id = \"{server_id}\"\n{source}",
         address.split('.').next().unwrap_or(address)
     );
     println!(

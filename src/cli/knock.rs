@@ -37,9 +37,13 @@ pub struct KnockArgs {
     /// Grant length to ask for, like 30m [default: the server's].
     #[arg(long, global = true, value_parser = humantime::parse_duration)]
     pub ttl: Option<Duration>,
-    /// Address the grant is for: `packet` (where the knock comes from) or an IP (NAT).
+    /// Address the knock is bound to: `auto` (the route's source, or --discover's answer
+    /// behind a NAT), an IP, or `packet` (unbound: the key must allow it) [default: auto].
     #[arg(long, global = true)]
     pub source: Option<String>,
+    /// How to learn the public address behind a NAT: `dns:NAME@RESOLVER` or an https:// URL.
+    #[arg(long, global = true)]
+    pub discover: Option<String>,
     /// After knocking, poll the opened port until it answers.
     #[arg(long)]
     pub wait: bool,

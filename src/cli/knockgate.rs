@@ -67,6 +67,11 @@ pub enum Command {
         /// stays), which needs root.
         #[arg(long)]
         owner: Option<String>,
+        /// NAT mode: let this key's knocks name no address (the grant is then for the
+        /// packet's source, and anyone who sees the knock can race it). Only for
+        /// clients behind a NAT that cannot learn their public address.
+        #[arg(long)]
+        nat: bool,
     },
     /// Print the nft ruleset the config produces (changes nothing).
     Ruleset,

@@ -8,7 +8,10 @@
 //! key_file = "~/.config/knock/alice-laptop.key"
 //! server_id = "web1"                 # the server's knock.server_id (`knockgate keygen` prints it)
 //! ttl = "30m"                        # default: the server's default
-//! source = "packet"                  # or an IP address the grant is for (NAT; the key must allow it)
+//! source = "auto"                    # bind the knock to the address the server sees (default);
+//!                                    # or an IP address; or "packet" (unbound: the key must allow it)
+//! discover = "dns:myip.opendns.com@208.67.222.222"  # behind a NAT: how to learn that address
+//!                                    # (or an https:// URL answering it; run with curl)
 //! ssh_port = 22                      # port `--wait` and `knock proxy` poll
 //! ```
 
@@ -50,9 +53,12 @@ pub struct HostEntry {
     /// Requested grant length; default: the server's.
     #[serde(default)]
     pub ttl: Option<Dur>,
-    /// `packet` (default) or the address the grant is for.
+    /// `auto` (default), `packet` (unbound) or the address the knock is bound to.
     #[serde(default)]
     pub source: Option<String>,
+    /// How to learn the public address behind a NAT (`dns:NAME@RESOLVER` or a URL).
+    #[serde(default)]
+    pub discover: Option<String>,
     /// The port opened by the knock (for `--wait` and `knock proxy`).
     #[serde(default = "default_ssh_port")]
     pub ssh_port: u16,

@@ -2,6 +2,7 @@
 //! ssh's `ProxyCommand`. Needs no firewall library: `knock` builds without the
 //! `daemon` feature.
 
+pub mod binding;
 pub mod config;
 
 use std::io::{Read, Write};
@@ -10,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use crate::keyfile::KeyFileError;
 use crate::knock::auth::{ServerId, seal};
-use crate::knock::{AddressClaim, KeyId, Knock, Secret, Service};
+use crate::knock::{KeyId, Knock, Secret, Service};
+
+pub use binding::{Binding, Discovery};
 
 /// Most addresses one name is knocked on (A and AAAA records).
 const MAX_ADDRESSES: usize = 4;
@@ -53,6 +56,20 @@ pub enum ClientError {
     /// A key id, server id or source address in the config or flags is wrong.
     #[error("{0}")]
     Invalid(String),
+    /// A NAT lies between this machine and the server, and nothing says what address
+    /// the server will see.
+    #[error(
+        "cannot bind the knock to {server}: this machine's address on the route ({local}) is private, so a NAT rewrites it. Set `discover` (e.g. `discover = \"dns:myip.opendns.com@208.67.222.222\"` or an https:// URL that answers your address), or `source = \"<your public address>\"`; or, if the key allows unbound knocks (keygen --nat), `source = \"packet\"`"
+    )]
+    BehindNat {
+        /// The route's source address.
+        local: IpAddr,
+        /// The server address.
+        server: SocketAddr,
+    },
+    /// Asking for the public address failed.
+    #[error("cannot learn this machine's public address from {0}")]
+    Discovery(String),
     /// The port did not open.
     #[error(
         "port {port} did not open within {} s after the knock (wrong key, server id or clock? the server's log says which)",
@@ -80,22 +97,10 @@ pub struct Target {
     pub secret: Secret,
     /// Requested grant length; `None` asks for the server's default.
     pub ttl: Option<Duration>,
-    /// Which address the grant is for.
-    pub claim: AddressClaim,
-}
-
-/// Parses `--source`: `packet` (or nothing) for the packet's source, else an address.
-pub fn parse_claim(text: Option<&str>) -> Result<AddressClaim, ClientError> {
-    match text {
-        None | Some("packet") => Ok(AddressClaim::PacketSource),
-        Some(text) => match text.parse::<IpAddr>() {
-            Ok(IpAddr::V4(a)) => Ok(AddressClaim::V4(a)),
-            Ok(IpAddr::V6(a)) => Ok(AddressClaim::V6(a)),
-            Err(_) => Err(ClientError::Invalid(format!(
-                "source `{text}` is neither `packet` nor an IP address"
-            ))),
-        },
-    }
+    /// Which address each knock is bound to.
+    pub binding: Binding,
+    /// How to learn the public address behind a NAT, if configured.
+    pub discovery: Option<Discovery>,
 }
 
 /// The addresses `host` (a name, an address, or `[v6]`) resolves to, at most four.
@@ -128,7 +133,24 @@ pub fn send(target: &Target) -> Result<Vec<SocketAddr>, ClientError> {
     let timestamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
+    let mut discovered = None;
     for &addr in &addrs {
+        let any: SocketAddr = if addr.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let send_error = |source| ClientError::Send { addr, source };
+        let socket = UdpSocket::bind(any).map_err(send_error)?;
+        // Connected, so the kernel has picked the route's source address.
+        socket.connect(addr).map_err(send_error)?;
+        let claim = binding::claim_for(
+            &target.binding,
+            target.discovery.as_ref(),
+            &mut discovered,
+            &socket,
+            addr,
+        )?;
         let mut nonce = [0u8; 16];
         getrandom::fill(&mut nonce).map_err(|e| ClientError::Random(e.to_string()))?;
         let knock = Knock {
@@ -137,17 +159,10 @@ pub fn send(target: &Target) -> Result<Vec<SocketAddr>, ClientError> {
             timestamp,
             nonce,
             ttl_secs,
-            address: target.claim,
+            address: claim,
         };
         let datagram = seal(&knock, &target.secret, &target.server_id);
-        let any: SocketAddr = if addr.is_ipv4() {
-            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-        } else {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-        };
-        let send_error = |source| ClientError::Send { addr, source };
-        let socket = UdpSocket::bind(any).map_err(send_error)?;
-        socket.send_to(&datagram, addr).map_err(send_error)?;
+        socket.send(&datagram).map_err(send_error)?;
     }
     Ok(addrs)
 }
@@ -214,20 +229,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn claims_parse() {
-        assert_eq!(parse_claim(None).unwrap(), AddressClaim::PacketSource);
-        assert_eq!(
-            parse_claim(Some("packet")).unwrap(),
-            AddressClaim::PacketSource
-        );
-        assert!(matches!(
-            parse_claim(Some("2001:db8::1")).unwrap(),
-            AddressClaim::V6(_)
-        ));
-        assert!(parse_claim(Some("laptop")).is_err());
-    }
-
-    #[test]
     fn literal_addresses_resolve_without_dns() {
         assert_eq!(
             resolve("192.0.2.1", 62201).unwrap(),
@@ -250,7 +251,8 @@ mod tests {
             key_id: KeyId::new("alice").unwrap(),
             secret: Secret::from_hex(&"11".repeat(32)).unwrap(),
             ttl: Some(Duration::from_secs(600)),
-            claim: AddressClaim::PacketSource,
+            binding: Binding::Auto,
+            discovery: None,
         };
         send(&target).unwrap();
         let mut buf = [0u8; 512];
@@ -272,5 +274,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(knock.ttl_secs, 600);
+        assert_eq!(
+            knock.address,
+            crate::knock::AddressClaim::V4(std::net::Ipv4Addr::LOCALHOST),
+            "bound to the route's source"
+        );
     }
 }

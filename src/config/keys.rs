@@ -58,5 +58,6 @@ fn load_key(config: &Path, key: &str, spec: &KeySpec) -> Result<KeyEntry, Config
             .collect(),
         max_ttl: spec.max_ttl.map(|d| d.0),
         other_source: spec.other_source,
+        unbound: spec.allow_unbound,
     })
 }

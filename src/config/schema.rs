@@ -203,9 +203,14 @@ pub struct KeySpec {
     /// Longest grant for this key (the server's `knock.max_ttl` caps it too).
     #[serde(default)]
     pub max_ttl: Option<Dur>,
-    /// Allow a knock to name an address other than the one it comes from (NAT).
+    /// Allow a knock to name an address other than the one it comes from.
     #[serde(default)]
     pub other_source: bool,
+    /// Allow knocks bound to no address (the grant is for the packet's source, so
+    /// anyone who sees the knock can race it from their own address): for clients
+    /// behind a NAT that cannot learn their public address. Off by default.
+    #[serde(default)]
+    pub allow_unbound: bool,
 }
 
 fn default_services() -> Vec<String> {

@@ -44,6 +44,9 @@ pub enum KnockOutcome {
         kind: Granted,
         /// Whether the requested TTL was cut to a cap.
         capped: bool,
+        /// Whether the knock named its address (bound) rather than leaving it to the
+        /// packet's source.
+        bound: bool,
     },
     /// Nothing was opened.
     Refused {
@@ -77,7 +80,9 @@ pub enum KnockRefusal {
 impl KnockRefusal {
     /// Whether the sender is to blame (counts toward a ban), rather than the server.
     fn is_invalid(&self) -> bool {
-        matches!(self, Self::Auth(_) | Self::Replay(_, ReplayError::Replayed))
+        // A replay is authentic: counting it would let anyone who races a knock get
+        // its owner banned when the owner's own copy arrives second.
+        matches!(self, Self::Auth(_))
     }
 }
 
@@ -217,10 +222,11 @@ impl<F: Firewall> Core<F> {
     /// Handles one datagram from `source` at Unix time `now`.
     pub fn knock(&mut self, datagram: &[u8], source: IpAddr, now: u64) -> KnockOutcome {
         match self.try_knock(datagram, source, now) {
-            Ok((record, kind, capped)) => KnockOutcome::Granted {
+            Ok((record, kind, capped, bound)) => KnockOutcome::Granted {
                 record,
                 kind,
                 capped,
+                bound,
             },
             Err(reason) => {
                 let banned = reason.is_invalid() && self.count_invalid(source);
@@ -234,7 +240,7 @@ impl<F: Firewall> Core<F> {
         datagram: &[u8],
         source: IpAddr,
         now: u64,
-    ) -> Result<(GrantRecord, Granted, bool), KnockRefusal> {
+    ) -> Result<(GrantRecord, Granted, bool, bool), KnockRefusal> {
         let keys = &self.keys;
         let skew = self.settings.skew.as_secs();
         let knock = authenticate(
@@ -279,7 +285,8 @@ impl<F: Firewall> Core<F> {
         }
         let _ = self.replay_log.compact(&self.guard);
         let (record, kind) = granted?;
-        Ok((record, kind, grant.capped))
+        let bound = knock.address != crate::knock::AddressClaim::PacketSource;
+        Ok((record, kind, grant.capped, bound))
     }
 
     /// How many nonces the replay guard remembers.

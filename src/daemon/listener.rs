@@ -14,6 +14,7 @@ use crate::grants::Granted;
 use crate::knock::replay::ReplayError;
 use crate::knock::verify::Refusal;
 use crate::logging::AUDIT;
+use crate::policy::PolicyRefusal;
 
 /// Receive buffer for the knock socket, so bursts queue rather than drop.
 const RECV_BUFFER: usize = 4 << 20;
@@ -49,6 +50,8 @@ fn reason_name(reason: &KnockRefusal) -> &'static str {
         KnockRefusal::Replay(_, ReplayError::Full) => "replay-guard-full",
         KnockRefusal::Replay(_, ReplayError::KeyQuota) => "replay-key-quota",
         KnockRefusal::Replay(_, ReplayError::BeforeFloor) => "replay-before-floor",
+        KnockRefusal::Policy(_, PolicyRefusal::Unbound) => "unbound",
+        KnockRefusal::Policy(_, PolicyRefusal::OtherSource { .. }) => "other-address",
         KnockRefusal::Policy(..) => "policy",
         KnockRefusal::State(_) => "state",
         KnockRefusal::Firewall(_) => "firewall",
@@ -85,6 +88,7 @@ impl KnockLog {
                 record,
                 kind,
                 capped,
+                bound,
             } => info!(
                 target: AUDIT,
                 event = "grant",
@@ -97,6 +101,7 @@ impl KnockLog {
                 ttl_secs = record.expires_at.saturating_sub(record.granted_at),
                 extended = *kind == Granted::Extended,
                 capped,
+                bound,
                 "knock accepted"
             ),
             KnockOutcome::Refused { reason, banned } => {

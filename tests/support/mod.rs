@@ -45,6 +45,9 @@ pub enum Host {
     Server,
     /// The internet: a mirror and a DNS resolver.
     Outside,
+    /// A laptop behind a NAT: made only by [`Lab::home_behind_nat`], with the client
+    /// namespace as its NAT router.
+    Home,
 }
 
 /// Addresses of the lab, per family.
@@ -219,12 +222,107 @@ impl Lab {
         }
     }
 
+    /// Gives the client–server link a public-looking IPv4 network (203.0.113.0/24, a
+    /// documentation range that stands for the internet in the lab): the server is
+    /// 203.0.113.1, the client 203.0.113.2. Returns (server, client).
+    pub fn public_link(&self) -> (IpAddr, IpAddr) {
+        ip(&[
+            "-n",
+            &self.ns(Host::Server),
+            "addr",
+            "add",
+            "203.0.113.1/24",
+            "dev",
+            "eth0",
+        ]);
+        ip(&[
+            "-n",
+            &self.ns(Host::Client),
+            "addr",
+            "add",
+            "203.0.113.2/24",
+            "dev",
+            "eth0",
+        ]);
+        // The outside reaches it through the server, as it reaches the client.
+        ip(&[
+            "-n",
+            &self.ns(Host::Outside),
+            "route",
+            "add",
+            "203.0.113.0/24",
+            "via",
+            "10.77.2.1",
+        ]);
+        (
+            "203.0.113.1".parse().unwrap(),
+            "203.0.113.2".parse().unwrap(),
+        )
+    }
+
+    /// Puts a laptop (`Host::Home`, 192.168.77.2) behind the client namespace, which
+    /// becomes a NAT router (SNAT by masquerade, in its own namespace) on the public
+    /// link of [`Lab::public_link`] (called here). Returns the laptop's address and the
+    /// address the server sees for it.
+    pub fn home_behind_nat(&self) -> (IpAddr, IpAddr) {
+        let (_, public) = self.public_link();
+        let (home, client) = (self.ns(Host::Home), self.ns(Host::Client));
+        let _ = Command::new("ip").args(["netns", "del", &home]).output();
+        ip(&["netns", "add", &home]);
+        ip(&["-n", &home, "link", "set", "lo", "up"]);
+        ip(&[
+            "-n", &home, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1", "netns",
+            &client,
+        ]);
+        ip(&["-n", &home, "addr", "add", "192.168.77.2/24", "dev", "eth0"]);
+        ip(&[
+            "-n",
+            &client,
+            "addr",
+            "add",
+            "192.168.77.1/24",
+            "dev",
+            "eth1",
+        ]);
+        ip(&["-n", &home, "link", "set", "eth0", "up"]);
+        ip(&["-n", &client, "link", "set", "eth1", "up"]);
+        ip(&[
+            "-n",
+            &home,
+            "route",
+            "add",
+            "default",
+            "via",
+            "192.168.77.1",
+        ]);
+        self.exec(Host::Client, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        let nat = "table ip lab_nat {\n chain post {\n  type nat hook postrouting priority srcnat; policy accept;\n  oifname \"eth0\" ip saddr 192.168.77.0/24 snat to 203.0.113.2\n }\n}\n";
+        let file = self.write_file("nat.nft", nat);
+        self.exec(Host::Client, &["nft", "-f", file.to_str().unwrap()]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for (ns, dev) in [(&home, "eth0"), (&client, "eth1")] {
+            loop {
+                let out = Command::new("ip")
+                    .args(["-n", ns, "-o", "link", "show", "dev", dev])
+                    .output()
+                    .expect("ip link show");
+                if String::from_utf8_lossy(&out.stdout).contains("state UP") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{dev} in {ns} never came up");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        ("192.168.77.2".parse().unwrap(), public)
+    }
+
     /// The namespace name of `host`.
     pub fn ns(&self, host: Host) -> String {
         let role = match host {
             Host::Client => "cli",
             Host::Server => "srv",
             Host::Outside => "out",
+            Host::Home => "home",
         };
         format!("{}-{role}", self.prefix)
     }
@@ -511,7 +609,7 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        for host in [Host::Client, Host::Server, Host::Outside] {
+        for host in [Host::Client, Host::Server, Host::Outside, Host::Home] {
             let _ = Command::new("ip")
                 .args(["netns", "del", &self.ns(host)])
                 .output();

@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_knock_global_optspecs
-    string join \n config= server= key-id= key-file= server-id= ttl= source= wait wait-port= timeout= h/help V/version
+    string join \n config= server= key-id= key-file= server-id= ttl= source= discover= wait wait-port= timeout= h/help V/version
 end
 
 function __fish_knock_needs_command
@@ -30,7 +30,8 @@ complete -c knock -n "__fish_knock_needs_command" -l key-id -d 'Key id (with --s
 complete -c knock -n "__fish_knock_needs_command" -l key-file -d 'Key file (with --server)' -r -F
 complete -c knock -n "__fish_knock_needs_command" -l server-id -d 'The server\'s id (its knock.server_id) [default: the server name as given]' -r
 complete -c knock -n "__fish_knock_needs_command" -l ttl -d 'Grant length to ask for, like 30m [default: the server\'s]' -r
-complete -c knock -n "__fish_knock_needs_command" -l source -d 'Address the grant is for: `packet` (where the knock comes from) or an IP (NAT)' -r
+complete -c knock -n "__fish_knock_needs_command" -l source -d 'Address the knock is bound to: `auto` (the route\'s source, or --discover\'s answer behind a NAT), an IP, or `packet` (unbound: the key must allow it) [default: auto]' -r
+complete -c knock -n "__fish_knock_needs_command" -l discover -d 'How to learn the public address behind a NAT: `dns:NAME@RESOLVER` or an https:// URL' -r
 complete -c knock -n "__fish_knock_needs_command" -l wait-port -d 'Port to poll with --wait [default: the host\'s ssh_port, or 22]' -r
 complete -c knock -n "__fish_knock_needs_command" -l timeout -d 'Longest wait for the port to open' -r
 complete -c knock -n "__fish_knock_needs_command" -l wait -d 'After knocking, poll the opened port until it answers'
@@ -41,7 +42,8 @@ complete -c knock -n "__fish_knock_needs_command" -a "help" -d 'Print this messa
 complete -c knock -n "__fish_knock_using_subcommand proxy" -l config -d 'Client config file [default: ~/.config/knock/config.toml]' -r -F
 complete -c knock -n "__fish_knock_using_subcommand proxy" -l server-id -d 'The server\'s id (its knock.server_id) [default: the server name as given]' -r
 complete -c knock -n "__fish_knock_using_subcommand proxy" -l ttl -d 'Grant length to ask for, like 30m [default: the server\'s]' -r
-complete -c knock -n "__fish_knock_using_subcommand proxy" -l source -d 'Address the grant is for: `packet` (where the knock comes from) or an IP (NAT)' -r
+complete -c knock -n "__fish_knock_using_subcommand proxy" -l source -d 'Address the knock is bound to: `auto` (the route\'s source, or --discover\'s answer behind a NAT), an IP, or `packet` (unbound: the key must allow it) [default: auto]' -r
+complete -c knock -n "__fish_knock_using_subcommand proxy" -l discover -d 'How to learn the public address behind a NAT: `dns:NAME@RESOLVER` or an https:// URL' -r
 complete -c knock -n "__fish_knock_using_subcommand proxy" -l wait-port -d 'Port to poll with --wait [default: the host\'s ssh_port, or 22]' -r
 complete -c knock -n "__fish_knock_using_subcommand proxy" -l timeout -d 'Longest wait for the port to open' -r
 complete -c knock -n "__fish_knock_using_subcommand proxy" -s h -l help -d 'Print help'

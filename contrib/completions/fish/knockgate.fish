@@ -76,6 +76,7 @@ complete -c knockgate -n "__fish_knockgate_using_subcommand keygen" -l address -
 complete -c knockgate -n "__fish_knockgate_using_subcommand keygen" -l owner -d 'The user knockgated runs as, who must be able to read the key [default: knockgated, when that user exists]. The key file is handed to it (mode 0600 stays), which needs root' -r
 complete -c knockgate -n "__fish_knockgate_using_subcommand keygen" -l config -d 'Config file (ruleset, check, keygen)' -r -F
 complete -c knockgate -n "__fish_knockgate_using_subcommand keygen" -l socket -d 'The daemon\'s admin socket' -r -F
+complete -c knockgate -n "__fish_knockgate_using_subcommand keygen" -l nat -d 'NAT mode: let this key\'s knocks name no address (the grant is then for the packet\'s source, and anyone who sees the knock can race it). Only for clients behind a NAT that cannot learn their public address'
 complete -c knockgate -n "__fish_knockgate_using_subcommand keygen" -s h -l help -d 'Print help'
 complete -c knockgate -n "__fish_knockgate_using_subcommand ruleset" -l config -d 'Config file (ruleset, check, keygen)' -r -F
 complete -c knockgate -n "__fish_knockgate_using_subcommand ruleset" -l socket -d 'The daemon\'s admin socket' -r -F

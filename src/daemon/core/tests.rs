@@ -34,13 +34,23 @@ struct Fixture {
 
 fn keys() -> KeyRing {
     let mut ring = KeyRing::default();
+    // Most keys here allow unbound knocks (the tests knock "for the packet's
+    // source"); `bound` requires the knock to name its address, as keygen's keys do.
     let entry = |services: Vec<Service>, other_source| KeyEntry {
         secret: secret(),
         services,
         sources: vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()],
         max_ttl: Some(Duration::from_secs(1800)),
         other_source,
+        unbound: true,
     };
+    ring.insert(
+        KeyId::new("bound").unwrap(),
+        KeyEntry {
+            unbound: false,
+            ..entry(vec![Service::Ssh], false)
+        },
+    );
     ring.insert(
         KeyId::new("alice").unwrap(),
         entry(vec![Service::Ssh], false),
@@ -116,13 +126,14 @@ fn a_valid_knock_opens_ssh_for_its_source_only() {
         record,
         kind,
         capped,
+        bound,
     } = outcome
     else {
         panic!("{outcome:?}")
     };
     assert_eq!(
-        (record.address, kind, capped),
-        (ip("198.51.100.7"), Granted::New, false)
+        (record.address, kind, capped, bound),
+        (ip("198.51.100.7"), Granted::New, false, false)
     );
     assert_eq!(record.expires_at, NOW + 900, "default ttl");
     assert_eq!(record.who, "key alice");
@@ -258,6 +269,103 @@ fn a_knock_bound_to_another_address_is_refused_unless_the_key_allows_nat() {
         panic!("{ok:?}")
     };
     assert_eq!(record.address, ip("198.51.100.7"));
+}
+
+#[test]
+fn an_unbound_knock_is_refused_when_the_key_requires_binding() {
+    let mut f = fixture();
+    let src = ip("198.51.100.7");
+    let outcome = f.core.knock(
+        &knock_bytes("bound", NOW, 60, AddressClaim::PacketSource, 1),
+        src,
+        NOW,
+    );
+    let KnockOutcome::Refused { reason, banned } = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert!(
+        matches!(reason, KnockRefusal::Policy(_, PolicyRefusal::Unbound)),
+        "{reason}"
+    );
+    assert!(
+        reason.to_string().contains("allow_unbound = false"),
+        "{reason}"
+    );
+    assert!(!banned);
+    assert!(elements(&mut f.core, SSH_GRANTS_V4).is_empty());
+    // Bound to its own source, the same key opens.
+    let claim = AddressClaim::V4(Ipv4Addr::new(198, 51, 100, 7));
+    let ok = f
+        .core
+        .knock(&knock_bytes("bound", NOW, 60, claim, 2), src, NOW);
+    assert!(
+        matches!(ok, KnockOutcome::Granted { bound: true, .. }),
+        "{ok:?}"
+    );
+}
+
+#[test]
+fn a_bound_knock_raced_from_another_address_opens_nothing_and_its_owner_still_gets_in() {
+    let mut f = fixture();
+    let laptop = ip("198.51.100.7");
+    let intruder = ip("203.0.113.66");
+    let bytes = knock_bytes(
+        "bound",
+        NOW,
+        60,
+        AddressClaim::V4(Ipv4Addr::new(198, 51, 100, 7)),
+        1,
+    );
+    // The intruder sends the captured datagram first, many times: it is refused as
+    // bound to another address, takes no room in the replay guard, and bans no one.
+    for _ in 0..10 {
+        let r = f.core.knock(&bytes, intruder, NOW);
+        assert!(
+            matches!(
+                r,
+                KnockOutcome::Refused {
+                    reason: KnockRefusal::Policy(_, PolicyRefusal::OtherSource { .. }),
+                    banned: false
+                }
+            ),
+            "{r:?}"
+        );
+    }
+    assert!(elements(&mut f.core, SSH_GRANTS_V4).is_empty());
+    assert!(elements(&mut f.core, KNOCK_BAN_V4).is_empty());
+    // The laptop's own copy, arriving after, opens for the laptop.
+    assert!(matches!(
+        f.core.knock(&bytes, laptop, NOW + 1),
+        KnockOutcome::Granted { .. }
+    ));
+    assert_eq!(elements(&mut f.core, SSH_GRANTS_V4), vec![laptop]);
+}
+
+#[test]
+fn replays_never_count_toward_a_ban() {
+    let mut f = fixture();
+    let src = ip("198.51.100.7");
+    let bytes = knock_bytes("alice", NOW, 60, AddressClaim::PacketSource, 1);
+    assert!(matches!(
+        f.core.knock(&bytes, src, NOW),
+        KnockOutcome::Granted { .. }
+    ));
+    // Past the ban limit (3 a minute here) many times over: a replay is refused and
+    // never bans (whoever raced the owner's copy must not get the owner banned).
+    for _ in 0..20 {
+        let r = f.core.knock(&bytes, src, NOW);
+        assert!(
+            matches!(
+                r,
+                KnockOutcome::Refused {
+                    reason: KnockRefusal::Replay(_, ReplayError::Replayed),
+                    banned: false
+                }
+            ),
+            "{r:?}"
+        );
+    }
+    assert!(elements(&mut f.core, KNOCK_BAN_V4).is_empty());
 }
 
 #[test]
