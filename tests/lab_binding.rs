@@ -239,7 +239,7 @@ fn a_captured_bound_knock_opens_nothing_for_the_intruder_and_replays_never_ban()
             Host::Outside,
             four.mirror,
             server_from_outside,
-            &[captured.clone()],
+            std::slice::from_ref(&captured),
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -256,8 +256,12 @@ fn a_captured_bound_knock_opens_nothing_for_the_intruder_and_replays_never_ban()
 
     // The laptop's own copy, sent after, opens for the laptop.
     let knock_port = sa(four.server_from_client, 62201);
-    s.lab
-        .udp_send(Host::Client, four.client, knock_port, &[captured.clone()]);
+    s.lab.udp_send(
+        Host::Client,
+        four.client,
+        knock_port,
+        std::slice::from_ref(&captured),
+    );
     assert!(
         eventually(Duration::from_secs(2), || s.ssh_from(
             Host::Client,
@@ -271,8 +275,12 @@ fn a_captured_bound_knock_opens_nothing_for_the_intruder_and_replays_never_ban()
 
     // Replays, well past the ban limit (5 a minute here), never ban the laptop.
     for _ in 0..15 {
-        s.lab
-            .udp_send(Host::Client, four.client, knock_port, &[captured.clone()]);
+        s.lab.udp_send(
+            Host::Client,
+            four.client,
+            knock_port,
+            std::slice::from_ref(&captured),
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(
