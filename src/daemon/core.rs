@@ -417,9 +417,10 @@ impl<F: Firewall> Core<F> {
         let ttl = ttl
             .min(self.settings.egress_max_ttl)
             .max(Duration::from_secs(1));
-        // Host-wide windows share one switch: it must last as long as the longest.
-        let shared = self.remaining_of_others(scope, "", now);
+        // An element another window also holds (the host-wide switch; a cgroup with
+        // two windows) must last as long as the longest of them.
         for (set, key) in window_elements(scope, to) {
+            let shared = self.remaining_of_others(set, key, "", now);
             let kernel_ttl = shared.map_or(ttl, |other| other.max(ttl));
             self.firewall
                 .add_element(&self.settings.table, set, key, kernel_ttl)?;
@@ -438,8 +439,11 @@ impl<F: Firewall> Core<F> {
         Ok((window, capped))
     }
 
-    /// Closes window `id` now; `Ok(None)` if there is no such window. The host-wide
-    /// switch stays on while another host-wide window is open.
+    /// Closes window `id` now; `Ok(None)` if there is no such window. Element by
+    /// element: one that another open window also holds (the host-wide switch, the
+    /// same cgroup or cgroup–address pair) stays for that window's time only; every
+    /// other goes — so an unrestricted window's end leaves a restricted window of the
+    /// same cgroup restricted.
     pub fn close_window(
         &mut self,
         id: &str,
@@ -449,7 +453,7 @@ impl<F: Firewall> Core<F> {
             return Ok(None);
         };
         for (set, key) in window_elements(window.scope, &window.to) {
-            match self.remaining_of_others(window.scope, id, now) {
+            match self.remaining_of_others(set, key, id, now) {
                 // Another window shares the element: it keeps it, for its own time only.
                 Some(left) => self
                     .firewall
@@ -464,12 +468,19 @@ impl<F: Firewall> Core<F> {
         Ok(Some(window))
     }
 
-    /// The longest time left of the other open windows with the same `scope` (only
-    /// host-wide windows ever share one), if any.
-    fn remaining_of_others(&self, scope: WindowScope, id: &str, now: u64) -> Option<Duration> {
+    /// The longest time left of the open windows other than `id` that hold element
+    /// `key` of `set`, if any.
+    fn remaining_of_others(
+        &self,
+        set: &str,
+        key: ElementKey,
+        id: &str,
+        now: u64,
+    ) -> Option<Duration> {
         self.book
             .windows()
-            .filter(|w| w.id != id && w.scope == scope && w.expires_at > now)
+            .filter(|w| w.id != id && w.expires_at > now)
+            .filter(|w| window_elements(w.scope, &w.to).contains(&(set, key)))
             .map(|w| Duration::from_secs(w.expires_at - now))
             .max()
     }

@@ -530,6 +530,58 @@ fn egress_windows_open_close_and_share_the_host_switch() {
 }
 
 #[test]
+fn an_unrestricted_windows_end_leaves_a_nested_restricted_window_restricted() {
+    use crate::ruleset::ElementKey;
+    let mut f = fixture();
+    let keys = |core: &mut Core<MemoryFirewall>, set| -> Vec<ElementKey> {
+        core.firewall
+            .elements("knockgate", set)
+            .unwrap()
+            .iter()
+            .map(|e| e.key)
+            .collect()
+    };
+    let open = |core: &mut Core<MemoryFirewall>, to: &[IpAddr], secs| {
+        core.open_window(
+            WindowScope::Cgroup(7),
+            to,
+            Duration::from_secs(secs),
+            "uid 0",
+            "apt",
+            NOW,
+        )
+        .unwrap()
+        .0
+    };
+    // An unrestricted window and, in the same cgroup, a longer one restricted to one
+    // destination (an egress-window --to inside another's systemd scope).
+    let outer = open(&mut f.core, &[], 60);
+    let inner = open(&mut f.core, &[ip("192.0.2.80")], 600);
+    assert_eq!(keys(&mut f.core, EGRESS_CGROUPS), vec![ElementKey::Cgroup(7)]);
+    f.core.close_window(&outer.id, NOW + 1).unwrap();
+    assert!(
+        keys(&mut f.core, EGRESS_CGROUPS).is_empty(),
+        "the cgroup is no longer open to everywhere"
+    );
+    assert_eq!(
+        keys(&mut f.core, EGRESS_TO_V4),
+        vec![ElementKey::CgroupAddr(7, ip("192.0.2.80"))],
+        "the restricted window keeps its destination"
+    );
+    // The other way round: the restricted one's end leaves the unrestricted one.
+    let outer = open(&mut f.core, &[], 60);
+    f.core.close_window(&inner.id, NOW + 2).unwrap();
+    assert!(keys(&mut f.core, EGRESS_TO_V4).is_empty());
+    assert_eq!(keys(&mut f.core, EGRESS_CGROUPS), vec![ElementKey::Cgroup(7)]);
+    // Two unrestricted windows of one cgroup: the element stays for the longer.
+    let longer = open(&mut f.core, &[], 300);
+    f.core.close_window(&outer.id, NOW + 3).unwrap();
+    assert_eq!(keys(&mut f.core, EGRESS_CGROUPS), vec![ElementKey::Cgroup(7)]);
+    f.core.close_window(&longer.id, NOW + 4).unwrap();
+    assert!(keys(&mut f.core, EGRESS_CGROUPS).is_empty());
+}
+
+#[test]
 fn a_window_restricted_to_destinations_holds_cgroup_address_pairs() {
     use crate::ruleset::ElementKey;
     let mut f = fixture();
