@@ -1,11 +1,19 @@
 //! `egress-window`: ask knockgated for an egress window, run one command inside it,
 //! and close the window when the command ends.
 //!
-//! Command scope: the command and all its descendants run in a fresh cgroup v2
-//! made under the cgroup2 root (this process moves into it before starting the
-//! command, and out again after); the daemon only needs the cgroup's id. The window
-//! lives as long as the admin connection: if this process dies, the daemon closes
-//! it; if the daemon dies, the kernel's timeout does.
+//! Command scope: the command and all its descendants run in a cgroup v2 of their
+//! own, which this process enters *before* it asks: the daemon reads the
+//! requester's cgroup from the kernel and opens a window only for that one. Where
+//! the cgroup comes from:
+//!
+//! * on a systemd host, a transient scope: `systemd-run --scope` for root,
+//!   `systemd-run --user --scope` (the user's own manager) for anyone else;
+//! * otherwise, for root, a fresh cgroup under the cgroup2 root;
+//! * otherwise, a child of this process's own cgroup, when that cgroup is delegated
+//!   to the user (writable) — nobody but root can make one anywhere else.
+//!
+//! The window lives as long as the admin connection: if this process dies, the
+//! daemon closes it; if the daemon dies, the kernel's timeout does.
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
@@ -20,7 +28,7 @@ use anyhow::Context;
 
 use crate::admin::client::{AdminError, call, connect};
 use crate::admin::{Request, Response};
-use crate::cgroup::{WindowCgroup, cgroup2_root, own_cgroup_path};
+use crate::cgroup::{CgroupError, WindowCgroup, cgroup2_root, own_cgroup_path};
 use crate::grants::WindowScope;
 use crate::ruleset::baseline::MAX_EGRESS_CGROUP_LEVEL;
 
@@ -52,13 +60,23 @@ pub enum EgressError {
     },
     /// The window's cgroup is deeper than the baseline's rules look.
     #[error(
-        "cgroup {path} is {level} levels deep; egress windows match cgroups up to 4 levels below the root"
+        "cgroup {path} is {level} levels deep; egress windows match cgroups up to {MAX_EGRESS_CGROUP_LEVEL} levels below the root"
     )]
     TooDeep {
         /// The cgroup.
         path: PathBuf,
         /// Its depth.
         level: u32,
+    },
+    /// A user other than root, with no cgroup it may make children in.
+    #[error(
+        "a command-scoped window needs a cgroup of its own, and this user may not make one below {own} ({why}); on a systemd host run it from a login session (it then asks your user manager: `systemd-run --user --scope`; `loginctl enable-linger` keeps one running), or use --host-wide, or run it as root"
+    )]
+    NoCgroupOfOwn {
+        /// This process's cgroup.
+        own: String,
+        /// Why the child could not be made.
+        why: String,
     },
     /// `--to` and `--host-wide` together.
     #[error("--to restricts a command's window; it cannot be combined with --host-wide")]
@@ -79,28 +97,48 @@ pub fn run(plan: &Plan) -> anyhow::Result<ExitCode> {
     }
     let to = resolve_all(&plan.to)?;
     let in_scope = std::env::var_os(IN_SCOPE_ENV).is_some();
+    let root_user = nix::unistd::geteuid().is_root();
     if !plan.host_wide && !in_scope && systemd_manages_cgroups() {
-        // The well-behaved way on a systemd host: run again inside a transient scope.
-        // exec only returns on failure; then make our own cgroup as below.
-        let err = rerun_in_scope();
-        eprintln!("egress-window: cannot run in a systemd scope ({err}); making its own cgroup");
+        // The well-behaved way on a systemd host: run again inside a transient scope
+        // (the user's own manager's, for anyone but root). exec only returns on
+        // failure; then make a cgroup as below.
+        if let Some(err) = rerun_in_scope(root_user) {
+            eprintln!(
+                "egress-window: cannot run in a systemd scope ({err}); making a cgroup of its own"
+            );
+        }
     }
     let cgroup = if plan.host_wide {
         None
     } else {
-        Some(window_cgroup(in_scope)?)
+        Some(window_cgroup(in_scope, root_user)?)
     };
-    // Inside a systemd scope the cgroup is already ours; otherwise move in.
+    // Into the window's cgroup before asking (inside a systemd scope we are there
+    // already): the daemon opens a window only for the cgroup its requester is in.
     let move_in = !in_scope;
-    let scope = cgroup
-        .as_ref()
-        .map_or(WindowScope::Host, |(cg, _)| WindowScope::Cgroup(cg.id()));
-    let described = describe(&plan.command);
-    let (hold, window_id) = open(&plan.socket, scope, &to, plan.duration, &described)?;
     let original = own_cgroup();
     if let (Some((cg, _)), true) = (&cgroup, move_in) {
         cg.add_process(std::process::id())?;
     }
+    let scope = cgroup
+        .as_ref()
+        .map_or(WindowScope::Host, |(cg, _)| WindowScope::Cgroup(cg.id()));
+    let described = describe(&plan.command);
+    let leave = || {
+        if let (Some((_, root)), Some(original), true) = (&cgroup, &original, move_in) {
+            let back = root
+                .join(original.trim_start_matches('/'))
+                .join("cgroup.procs");
+            let _ = std::fs::write(back, std::process::id().to_string());
+        }
+    };
+    let (hold, window_id) = match open(&plan.socket, scope, &to, plan.duration, &described) {
+        Ok(opened) => opened,
+        Err(e) => {
+            leave();
+            return Err(e);
+        }
+    };
     let status = run_command(plan);
     // Close at once (not at DURATION) and wait for the daemon to confirm, so a
     // connection made right after this returns is already refused.
@@ -108,12 +146,7 @@ pub fn run(plan: &Plan) -> anyhow::Result<ExitCode> {
     drop(hold);
     // Leave the window's cgroup, so it can be removed (on drop) once the command's
     // processes are gone.
-    if let (Some((_, root)), Some(original), true) = (&cgroup, original, move_in) {
-        let back = root
-            .join(original.trim_start_matches('/'))
-            .join("cgroup.procs");
-        let _ = std::fs::write(back, std::process::id().to_string());
-    }
+    leave();
     drop(cgroup);
     status
 }
@@ -151,13 +184,26 @@ fn own_cgroup() -> Option<String> {
     own_cgroup_path(&std::fs::read_to_string("/proc/self/cgroup").ok()?)
 }
 
-/// The window's cgroup: the systemd scope this process runs in, or a new one made
-/// under the cgroup2 root; with the root it lives under.
-fn window_cgroup(in_scope: bool) -> anyhow::Result<(WindowCgroup, PathBuf)> {
+/// The window's cgroup: the systemd scope this process runs in; for root a new one
+/// under the cgroup2 root; for anyone else a new child of its own (delegated)
+/// cgroup. With the root it lives under.
+fn window_cgroup(in_scope: bool, root_user: bool) -> anyhow::Result<(WindowCgroup, PathBuf)> {
     let root = cgroup2_root()?;
-    let cg = match own_cgroup().filter(|_| in_scope) {
-        Some(scope) => WindowCgroup::existing(&root, &scope)?,
-        None => WindowCgroup::create(&root, &format!("knockgate-egress-{}", std::process::id()))?,
+    let name = format!("knockgate-egress-{}", std::process::id());
+    let cg = match (own_cgroup(), in_scope, root_user) {
+        (Some(scope), true, _) => WindowCgroup::existing(&root, &scope)?,
+        (_, false, true) => WindowCgroup::create(&root, &name)?,
+        (own, false, false) => {
+            let own = own.unwrap_or_default();
+            let below = format!("{}/{name}", own.trim_matches('/'));
+            WindowCgroup::create(&root, below.trim_start_matches('/')).map_err(|e| {
+                EgressError::NoCgroupOfOwn {
+                    own: own.clone(),
+                    why: format!("{e:#}"),
+                }
+            })?
+        }
+        (None, true, _) => return Err(CgroupError::NoCgroup2.into()),
     };
     if cg.level() > MAX_EGRESS_CGROUP_LEVEL {
         let (path, level) = (cg.path().to_owned(), cg.level());
@@ -174,22 +220,40 @@ fn systemd_manages_cgroups() -> bool {
     Path::new("/run/systemd/system").is_dir()
 }
 
-/// Replaces this process with `systemd-run --scope … -- <this program> <same args>`;
-/// returns only if that cannot be started.
-fn rerun_in_scope() -> std::io::Error {
+/// Replaces this process with `systemd-run [--user] --scope … -- <this program>
+/// <same args>`; returns why not if that cannot be started. For anyone but root the
+/// scope is the user's own manager's (the system manager would ask polkit, and
+/// refuse); without a reachable user manager nothing is tried.
+fn rerun_in_scope(root_user: bool) -> Option<std::io::Error> {
     use std::os::unix::process::CommandExt;
+    if !root_user && !user_manager_reachable() {
+        return Some(std::io::Error::other(
+            "no systemd user manager for this user ($XDG_RUNTIME_DIR/systemd/private)",
+        ));
+    }
     let me = match std::env::current_exe() {
         Ok(me) => me,
-        Err(e) => return e,
+        Err(e) => return Some(e),
     };
-    std::process::Command::new("systemd-run")
+    let mut command = std::process::Command::new("systemd-run");
+    if !root_user {
+        command.arg("--user");
+    }
+    let err = command
         .args(["--scope", "--quiet", "--collect"])
         .arg(format!("--unit=knockgate-egress-{}", std::process::id()))
         .arg("--")
         .arg(me)
         .args(std::env::args_os().skip(1))
         .env(IN_SCOPE_ENV, "1")
-        .exec()
+        .exec();
+    Some(err)
+}
+
+/// Whether this user's systemd manager listens (what `systemd-run --user` connects to).
+fn user_manager_reachable() -> bool {
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .is_some_and(|dir| Path::new(&dir).join("systemd/private").exists())
 }
 
 /// Asks for the window and keeps the connection that holds it.

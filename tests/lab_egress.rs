@@ -158,13 +158,18 @@ struct Windows {
 }
 
 fn windows() -> (Windows, support::Daemon) {
+    windows_with("")
+}
+
+/// [`windows`] with `extra` at the top of the config.
+fn windows_with(extra: &str) -> (Windows, support::Daemon) {
     let lab = Lab::new();
     let mirrors = [80, 443]
         .map(|port| lab.tcp_echo(Host::Outside, sa(v4().mirror, port)))
         .into();
     let config = lab.write_file(
         "k.toml",
-        "[egress]\nmax_ttl = \"10m\"\n[dns]\nresolvers = [\"10.77.2.53\"]\n",
+        &format!("{extra}[egress]\nmax_ttl = \"10m\"\n[dns]\nresolvers = [\"10.77.2.53\"]\n"),
     );
     let daemon = lab.start_daemon(&config);
     let socket = lab.dir().join("admin.sock");
@@ -646,4 +651,280 @@ fn windows_are_listed_and_can_be_revoked_early() {
         running.wait().unwrap().success(),
         "the command itself runs on"
     );
+}
+
+/// A cgroup the test makes under the cgroup2 root, removed on drop (children first).
+struct TestCgroup(std::path::PathBuf);
+
+impl TestCgroup {
+    fn new(lab: &Lab, name: &str) -> Self {
+        let root = cgroup2_root().expect("cgroup2 is mounted on the test machines");
+        let path = root.join(format!("knockgate-test-{name}-{}", lab.ns(Host::Server)));
+        std::fs::create_dir(&path).unwrap();
+        Self(path)
+    }
+
+    fn id(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&self.0).unwrap().ino()
+    }
+
+    /// A shell line that moves the shell into this cgroup.
+    fn join(&self) -> String {
+        format!("echo $$ > {}/cgroup.procs", self.0.display())
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        if let Ok(children) = std::fs::read_dir(&self.0) {
+            for child in children.flatten().filter(|e| e.path().is_dir()) {
+                let _ = std::fs::remove_dir(child.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// Sends one `open_egress` request for cgroup `id`, claiming `claimed` as its command,
+/// from a python3 process inside `cgroup`; returns the daemon's answer line.
+fn python_asks(socket: &Path, cgroup: &TestCgroup, id: u64, claimed: &str) -> String {
+    let script = r#"
+import json, os, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+req = {"op": "open_egress", "scope": {"cgroup": int(sys.argv[2])}, "ttl_secs": 30, "command": os.environ["CLAIMED"]}
+s.sendall((json.dumps(req) + "\n").encode())
+print(s.makefile().readline(), end="")
+"#;
+    // The claim travels in the environment, so that it is nowhere in the real
+    // command line.
+    let line = format!(
+        "{} && exec python3 -c '{script}' {} {id}",
+        cgroup.join(),
+        socket.display()
+    );
+    let out = Command::new("sh")
+        .args(["-c", &line])
+        .env("CLAIMED", claimed)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_window_is_only_for_the_requesters_own_cgroup_and_the_log_names_its_real_command() {
+    if !lab_available(
+        "a_window_is_only_for_the_requesters_own_cgroup_and_the_log_names_its_real_command",
+    ) {
+        return;
+    }
+    let (w, daemon) = windows();
+    let (mine, other) = (
+        TestCgroup::new(&w.lab, "mine"),
+        TestCgroup::new(&w.lab, "other"),
+    );
+    // Another process's cgroup: refused, and nothing opens for it.
+    let answer = python_asks(&w.socket, &mine, other.id(), "apt upgrade");
+    assert!(
+        answer.contains("only for the requester's own cgroup") && answer.contains("python3"),
+        "{answer}"
+    );
+    assert!(!connects_from(&w.lab, Some(&other.0), sa(v4().mirror, 80)));
+    assert_eq!(w.open_windows(), 0);
+    assert!(
+        daemon.logged_soon("egress window refused"),
+        "{}",
+        daemon.log_text()
+    );
+    // Its own cgroup: opened, and what the log and the listing show is the command
+    // line the kernel has, not the one the request claimed.
+    let answer = python_asks(&w.socket, &mine, mine.id(), "apt upgrade");
+    assert!(answer.contains("window_opened"), "{answer}");
+    let opened = daemon
+        .log_text()
+        .lines()
+        .find(|l| l.contains("egress window opened"))
+        .map(ToOwned::to_owned)
+        .unwrap_or_default();
+    assert!(
+        opened.contains("python3 -c")
+            && opened.contains("CLAIMED")
+            && !opened.contains("apt upgrade"),
+        "{opened}"
+    );
+    assert!(
+        opened.contains(&format!(
+            "cgroup=Some(\"/{}\")",
+            mine.0.file_name().unwrap().to_string_lossy()
+        )),
+        "{opened}"
+    );
+}
+
+#[test]
+fn a_nested_to_window_is_restricted_once_the_outer_one_ends() {
+    if !lab_available("a_nested_to_window_is_restricted_once_the_outer_one_ends") {
+        return;
+    }
+    let (w, _daemon) = windows();
+    // The other host: the resolver's address also serves port 80.
+    let _other = w
+        .lab
+        .tcp_echo(Host::Outside, "10.77.2.53:80".parse().unwrap());
+    // Both windows in one (systemd-style) scope: egress-window inside egress-window.
+    let scope = TestCgroup::new(&w.lab, "nested");
+    let dir = w.lab.dir();
+    let probe = |host: &str| format!("timeout 1 bash -c \"exec 3<>/dev/tcp/{host}/80\"");
+    let script = format!(
+        "{} && {} && touch {d}/both && for i in $(seq 200); do [ -e {d}/revoked ] && break; sleep 0.05; done && {} && ! {}",
+        probe("10.77.2.2"),
+        probe("10.77.2.53"),
+        probe("10.77.2.2"),
+        probe("10.77.2.53"),
+        d = dir.display()
+    );
+    let ew = env!("CARGO_BIN_EXE_egress-window");
+    let sock = w.socket.display();
+    let line = format!(
+        "{} && KNOCKGATE_EGRESS_IN_SCOPE=1 exec nsenter --net=/run/netns/{} {ew} --socket {sock} 60s -- {ew} --socket {sock} --to 10.77.2.2 60s -- bash -c '{script}'",
+        scope.join(),
+        w.lab.ns(Host::Server),
+    );
+    let mut outer = Command::new("sh").args(["-c", &line]).spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !dir.join("both").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the inner command never ran"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The outer, unrestricted window ends (revoked) while the inner one runs on.
+    let out = Command::new(env!("CARGO_BIN_EXE_knockgate"))
+        .arg("--socket")
+        .arg(&w.socket)
+        .args(["grants", "--json"])
+        .output()
+        .unwrap();
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let windows = listed["windows"].as_array().unwrap();
+    assert_eq!(windows.len(), 2, "{listed}");
+    let unrestricted = windows
+        .iter()
+        .find(|w| w["to"].as_array().is_none_or(Vec::is_empty))
+        .unwrap();
+    let id = unrestricted["id"].as_str().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_knockgate"))
+        .arg("--socket")
+        .arg(&w.socket)
+        .args(["revoke", id])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(dir.join("revoked"), "").unwrap();
+    assert!(
+        outer.wait().unwrap().success(),
+        "after the outer window's end the inner command reaches its --to host and nothing else"
+    );
+}
+
+#[test]
+fn a_member_of_the_admin_group_runs_a_command_scoped_window_in_its_delegated_cgroup() {
+    if !lab_available(
+        "a_member_of_the_admin_group_runs_a_command_scoped_window_in_its_delegated_cgroup",
+    ) {
+        return;
+    }
+    // nobody (65534), whose primary group nogroup is the admin group here.
+    let (w, _daemon) = windows_with("[admin]\ngroup = \"nogroup\"\n");
+    std::fs::set_permissions(w.lab.dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // What systemd does for a user manager: a cgroup delegated to the user (its
+    // directory and its files are the user's), with the user's shell in it.
+    let delegated = TestCgroup::new(&w.lab, "user");
+    for file in [
+        "",
+        "cgroup.procs",
+        "cgroup.subtree_control",
+        "cgroup.threads",
+    ] {
+        let path = delegated.0.join(file);
+        nix::unistd::chown(
+            &path,
+            Some(nix::unistd::Uid::from_raw(65534)),
+            Some(nix::unistd::Gid::from_raw(65534)),
+        )
+        .unwrap();
+    }
+    // A directory nobody may write to, for the markers.
+    let dir = w.lab.dir().join("nobody");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let dir = dir.as_path();
+    let script = format!(
+        "{} && touch {d}/in && sleep 2",
+        probe_mirror(),
+        d = dir.display()
+    );
+    let as_nobody = |cgroup: &TestCgroup, script: &str| {
+        let file = w.lab.write_file(&format!("script-{}", cgroup.id()), script);
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        format!(
+            "{} && exec nsenter --net=/run/netns/{} setpriv --reuid=65534 --regid=65534 --clear-groups {} --socket {} 10s -- bash {}",
+            cgroup.join(),
+            w.lab.ns(Host::Server),
+            env!("CARGO_BIN_EXE_egress-window"),
+            w.socket.display(),
+            file.display()
+        )
+    };
+    let mut running = Command::new("sh")
+        .args(["-c", &as_nobody(&delegated, &script)])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !dir.join("in").exists() {
+        assert!(
+            std::time::Instant::now() < deadline && running.try_wait().unwrap().is_none(),
+            "the command did not get out: {:?}",
+            running
+                .wait_with_output()
+                .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Meanwhile only the command's own cgroup gets out: not the user's others.
+    assert!(!connects_from(
+        &w.lab,
+        Some(&delegated.0),
+        sa(v4().mirror, 80)
+    ));
+    assert!(!w.outside_gets_out());
+    assert!(running.wait().unwrap().success());
+
+    // From a cgroup that is not the user's, there is nothing to make: a clear error,
+    // and the command does not run.
+    let other = TestCgroup::new(&w.lab, "not-delegated");
+    let marker = dir.join("ran");
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            &as_nobody(&other, &format!("touch {}", marker.display())),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("needs a cgroup of its own"), "{said}");
+    assert!(!marker.exists(), "the command did not run");
 }

@@ -15,6 +15,7 @@ use crate::admin::{MAX_REQUEST, Request, Response};
 use crate::firewall::Firewall;
 use crate::grants::{Granted, WindowScope};
 use crate::logging::AUDIT;
+use crate::ruleset::baseline::MAX_EGRESS_CGROUP_LEVEL;
 
 /// Longest a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -117,7 +118,7 @@ pub fn bind(path: &Path, group: &str) -> Result<tokio::net::UnixListener, BindEr
 }
 
 /// The peer of one admin connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Peer {
     /// Its user id.
     pub uid: u32,
@@ -125,10 +126,13 @@ pub struct Peer {
     pub gid: u32,
     /// Its process id, for the log.
     pub pid: Option<i32>,
+    /// The process, as the kernel describes it (or why it could not be told): what
+    /// an egress window is checked against.
+    pub process: Result<super::peer::Process, String>,
 }
 
 /// Whether `peer` may use the socket: root always; others only as members of `group`.
-pub fn authorize(peer: Peer, group: &str) -> Result<(), String> {
+pub fn authorize(peer: &Peer, group: &str) -> Result<(), String> {
     if peer.uid == 0 {
         return Ok(());
     }
@@ -160,7 +164,7 @@ pub fn authorize(peer: Peer, group: &str) -> Result<(), String> {
 
 /// Whether `peer` (already authorized) may change the config: root always; the admin
 /// group only where `admin.group_may_change_config` says so.
-pub fn may_change_config(peer: Peer, admin: &crate::config::Admin) -> Result<(), String> {
+pub fn may_change_config(peer: &Peer, admin: &crate::config::Admin) -> Result<(), String> {
     if peer.uid == 0 || admin.group_may_change_config {
         return Ok(());
     }
@@ -179,18 +183,22 @@ pub type OnClose = Box<dyn FnOnce()>;
 pub async fn serve(
     stream: tokio::net::UnixStream,
     group: &str,
+    cgroup_root: Option<&Path>,
     handle: impl FnOnce(Request, Peer) -> (Response, Option<OnClose>),
 ) {
     let Ok(cred) = stream.peer_cred() else { return };
+    // Identified at once, while the connecting process is surely there to be seen.
+    let process = super::peer::identify(&stream, cgroup_root);
     let peer = Peer {
         uid: cred.uid(),
         gid: cred.gid(),
         pid: cred.pid(),
+        process,
     };
     let (read, mut write) = stream.into_split();
     let limit = u64::try_from(MAX_REQUEST).unwrap_or(u64::MAX);
     let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, limit));
-    let (response, on_close) = if let Err(why) = authorize(peer, group) {
+    let (response, on_close) = if let Err(why) = authorize(&peer, group) {
         warn!(target: AUDIT, event = "admin-refuse", uid = peer.uid, pid = ?peer.pid, reason = %why,
             "admin request refused");
         (Response::error("forbidden", why), None)
@@ -224,6 +232,63 @@ pub async fn serve(
     }
 }
 
+/// The requesting process, if it may have a window of `scope`: a command-scoped
+/// window only for the cgroup the requester itself is in (as the kernel says), at a
+/// depth the baseline's rules look at.
+fn verify_window_scope(peer: &Peer, scope: WindowScope) -> Result<super::peer::Process, String> {
+    let process = peer
+        .process
+        .clone()
+        .map_err(|e| format!("cannot identify the requesting process: {e}"))?;
+    let WindowScope::Cgroup(asked) = scope else {
+        return Ok(process);
+    };
+    let Some(own) = &process.cgroup else {
+        return Err(
+            "knockgated sees no cgroup2 file system, so it cannot check a command's cgroup; use --host-wide"
+                .to_owned(),
+        );
+    };
+    if own.id != asked {
+        return Err(format!(
+            "a window is only for the requester's own cgroup: pid {} (`{}`) is in {} (id {}), not cgroup {asked}",
+            process.pid, process.command, own.path, own.id
+        ));
+    }
+    if own.level == 0 || own.level > MAX_EGRESS_CGROUP_LEVEL {
+        return Err(format!(
+            "cgroup {} is {} levels deep; windows are for cgroups 1 to {MAX_EGRESS_CGROUP_LEVEL} levels below the root",
+            own.path, own.level
+        ));
+    }
+    Ok(process)
+}
+
+/// Opens the window for the verified `process`; its real command line is what the
+/// log and `knockgate grants` show.
+fn open_window<F: Firewall>(
+    core: &mut Core<F>,
+    scope: WindowScope,
+    to: &[std::net::IpAddr],
+    ttl_secs: u64,
+    who: &str,
+    process: &super::peer::Process,
+    now: u64,
+) -> Response {
+    let ttl = Duration::from_secs(ttl_secs);
+    match core.open_window(scope, to, ttl, who, &process.command, now) {
+        Ok((window, capped)) => {
+            let cgroup = process.cgroup.as_ref().map(|c| c.path.as_str());
+            info!(target: AUDIT, event = "egress-open", id = %window.id, scope = %window.scope,
+                cgroup = ?cgroup, to = ?window.to, who = %window.who, uid = process.uid,
+                pid = process.pid, command = ?window.command, expires_at = window.expires_at,
+                capped, "egress window opened");
+            Response::WindowOpened { window, capped }
+        }
+        Err(e) => Response::error("failed", format!("{e:#}")),
+    }
+}
+
 /// What `request` from `peer` does to `core` at Unix time `now`.
 pub fn dispatch<F: Firewall>(
     core: &mut Core<F>,
@@ -254,24 +319,20 @@ pub fn dispatch<F: Firewall>(
         Request::OpenEgress {
             scope,
             ttl_secs,
-            command,
+            command: claimed,
             to,
-        } => match core.open_window(
-            scope,
-            &to,
-            Duration::from_secs(ttl_secs),
-            &who,
-            &command,
-            now,
-        ) {
-            Ok((window, capped)) => {
-                info!(target: AUDIT, event = "egress-open", id = %window.id, scope = %window.scope,
-                    to = ?window.to, who = %window.who, pid = ?peer.pid, command = %window.command,
-                    expires_at = window.expires_at, capped, "egress window opened");
-                Response::WindowOpened { window, capped }
-            }
-            Err(e) => Response::error("failed", format!("{e:#}")),
-        },
+        } => {
+            let process = match verify_window_scope(&peer, scope) {
+                Ok(process) => process,
+                Err(why) => {
+                    warn!(target: AUDIT, event = "egress-refused", scope = %scope, who = %who,
+                        pid = ?peer.pid, claimed_command = ?claimed, reason = %why,
+                        "egress window refused");
+                    return Response::error("forbidden", why);
+                }
+            };
+            open_window(core, scope, &to, ttl_secs, &who, &process, now)
+        }
         Request::OpenSsh { from, ttl_secs } => {
             let ttl = ttl_secs.map(Duration::from_secs);
             match core.open_ssh(from, ttl, &who, now) {
@@ -325,8 +386,9 @@ mod tests {
             uid: 0,
             gid: 0,
             pid: None,
+            process: Err("not needed".to_owned()),
         };
-        assert!(authorize(root, "no-such-group-here").is_ok());
+        assert!(authorize(&root, "no-such-group-here").is_ok());
     }
 
     #[test]
@@ -335,17 +397,73 @@ mod tests {
             uid: 1000,
             gid: 1000,
             pid: Some(7),
+            process: Err("not needed".to_owned()),
         };
         let mut admin = crate::config::Admin::default();
-        let why = may_change_config(member, &admin).unwrap_err();
+        let why = may_change_config(&member, &admin).unwrap_err();
         assert!(
             why.contains("uid 1000") && why.contains("group_may_change_config = true"),
             "{why}"
         );
-        let root = Peer { uid: 0, ..member };
-        assert!(may_change_config(root, &admin).is_ok());
+        let root = Peer {
+            uid: 0,
+            ..member.clone()
+        };
+        assert!(may_change_config(&root, &admin).is_ok());
         admin.group_may_change_config = true;
-        assert!(may_change_config(member, &admin).is_ok());
+        assert!(may_change_config(&member, &admin).is_ok());
+    }
+
+    fn requester(cgroup: Option<(u64, u32)>) -> Peer {
+        use super::super::peer::{Cgroup, Process};
+        Peer {
+            uid: 1000,
+            gid: 1000,
+            pid: Some(4321),
+            process: Ok(Process {
+                pid: 4321,
+                uid: 1000,
+                command: "egress-window 10m -- apt upgrade".to_owned(),
+                cgroup: cgroup.map(|(id, level)| Cgroup {
+                    path: "/user.slice/run-1.scope".to_owned(),
+                    id,
+                    level,
+                }),
+            }),
+        }
+    }
+
+    #[test]
+    fn a_window_is_only_for_the_requesters_own_cgroup() {
+        let peer = requester(Some((5, 2)));
+        let process = verify_window_scope(&peer, WindowScope::Cgroup(5)).unwrap();
+        assert_eq!(process.command, "egress-window 10m -- apt upgrade");
+        let why = verify_window_scope(&peer, WindowScope::Cgroup(6)).unwrap_err();
+        assert!(
+            why.contains("only for the requester's own cgroup")
+                && why.contains("/user.slice/run-1.scope (id 5)")
+                && why.contains("apt upgrade"),
+            "{why}"
+        );
+        // Host-wide needs no cgroup, but still a process the kernel described.
+        assert!(verify_window_scope(&peer, WindowScope::Host).is_ok());
+        let unknown = Peer {
+            process: Err("cannot open /proc/4321".to_owned()),
+            ..peer
+        };
+        for scope in [WindowScope::Host, WindowScope::Cgroup(5)] {
+            let why = verify_window_scope(&unknown, scope).unwrap_err();
+            assert!(
+                why.contains("cannot identify the requesting process"),
+                "{why}"
+            );
+        }
+        let why = verify_window_scope(&requester(None), WindowScope::Cgroup(5)).unwrap_err();
+        assert!(why.contains("no cgroup2"), "{why}");
+        let deep = requester(Some((5, MAX_EGRESS_CGROUP_LEVEL + 1)));
+        assert!(verify_window_scope(&deep, WindowScope::Cgroup(5)).is_err());
+        let root = requester(Some((1, 0)));
+        assert!(verify_window_scope(&root, WindowScope::Cgroup(1)).is_err());
     }
 
     #[test]
@@ -354,21 +472,23 @@ mod tests {
             uid: 65534,
             gid: 65534,
             pid: None,
+            process: Err("not needed".to_owned()),
         };
-        let why = authorize(nobody, "no-such-group-here").unwrap_err();
+        let why = authorize(&nobody, "no-such-group-here").unwrap_err();
         assert!(
             why.contains("65534") && why.contains("no-such-group-here"),
             "{why}"
         );
         // "root" exists on every Linux system; nobody is not in it.
-        let why = authorize(nobody, "root").unwrap_err();
+        let why = authorize(&nobody, "root").unwrap_err();
         assert!(why.contains("not in the admin group `root`"), "{why}");
         // A primary group match is enough.
         let in_group = Peer {
             uid: 65534,
             gid: 0,
             pid: None,
+            process: Err("not needed".to_owned()),
         };
-        assert!(authorize(in_group, "root").is_ok());
+        assert!(authorize(&in_group, "root").is_ok());
     }
 }

@@ -7,6 +7,7 @@
 mod admin;
 pub mod core;
 mod listener;
+mod peer;
 mod repair;
 mod run;
 mod trial;

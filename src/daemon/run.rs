@@ -60,6 +60,14 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
     )?));
     let socket = listener::bind(port).with_context(|| format!("cannot bind udp port {port}"))?;
     let admin_socket = admin::bind(&admin_path, &group)?;
+    // Where the daemon reads a requester's cgroup, for command-scoped egress windows.
+    let cgroup_root: Option<Rc<std::path::Path>> = match crate::cgroup::cgroup2_root() {
+        Ok(root) => Some(Rc::from(root.as_path())),
+        Err(e) => {
+            tracing::warn!(error = %e, "no cgroup2 file system: command-scoped egress windows will be refused (--host-wide still works)");
+            None
+        }
+    };
     let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
     let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
@@ -95,8 +103,9 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
             accepted = admin_socket.accept() => {
                 if let Ok((stream, _)) = accepted {
                     let (daemon, group, wake) = (Rc::clone(&daemon), group.clone(), Rc::clone(&wake));
+                    let cgroup_root = cgroup_root.clone();
                     tokio::task::spawn_local(async move {
-                        admin::serve(stream, &group, |request, peer| {
+                        admin::serve(stream, &group, cgroup_root.as_deref(), |request, peer| {
                             let answer = answer(&daemon, request, peer);
                             // New grants, windows or a trial: the timers above must be recomputed.
                             wake.notify_one();
@@ -374,7 +383,7 @@ fn respond(daemon: &Shared, request: Request, peer: admin::Peer) -> Response {
         request,
         Request::Reload | Request::Apply { .. } | Request::Confirm
     ) {
-        let allowed = admin::may_change_config(peer, &daemon.borrow().loaded().config.admin);
+        let allowed = admin::may_change_config(&peer, &daemon.borrow().loaded().config.admin);
         if let Err(why) = allowed {
             tracing::warn!(target: AUDIT, event = "admin-refuse", uid = peer.uid, pid = ?peer.pid,
                 request = request.name(), reason = %why, "config change refused");

@@ -27,9 +27,10 @@ pub const EGRESS_TO_V4: &str = "egress_to_v4";
 pub const EGRESS_TO_V6: &str = "egress_to_v6";
 /// Name of the host-wide egress switch: holds `tcp` while a host-wide window is open.
 pub const EGRESS_HOST: &str = "egress_host";
-/// Deepest cgroup an egress window may live in (1 = a child of the cgroup2 root;
-/// a systemd scope sits at 2 or 3).
-pub const MAX_EGRESS_CGROUP_LEVEL: u32 = 4;
+/// Deepest cgroup an egress window may live in (1 = a child of the cgroup2 root; a
+/// system scope sits at 2, a user manager's scope at 5:
+/// `/user.slice/user-1000.slice/user@1000.service/app.slice/run-….scope`).
+pub const MAX_EGRESS_CGROUP_LEVEL: u32 = 6;
 const KNOCK_METER_V4: &str = "knock_meter_v4";
 const KNOCK_METER_V6: &str = "knock_meter_v6";
 /// The sources the meters track, in sets without per-element state: a lookup finds

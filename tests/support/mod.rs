@@ -587,10 +587,15 @@ impl Lab {
     }
 
     /// `ip netns exec SERVER [WRAPPER…] knockgated --config CONFIG`, with no stdin.
+    /// `ip netns exec` mounts a fresh /sys, without the cgroup2 file system: it is
+    /// mounted again (in that mount namespace only: the same hierarchy, the same ids),
+    /// as a systemd host has it, so the daemon can read an egress requester's cgroup.
     fn daemon_command(&self, config: &Path, wrapper: &[&str]) -> Command {
         let mut command = Command::new("ip");
         command
-            .args(["netns", "exec", &self.ns(Host::Server)])
+            .args(["netns", "exec", &self.ns(Host::Server), "sh", "-c"])
+            .arg("mount -t cgroup2 none /sys/fs/cgroup 2>/dev/null; exec \"$@\"")
+            .arg("sh")
             .args(wrapper)
             .arg(env!("CARGO_BIN_EXE_knockgated"))
             .arg("--config")

@@ -557,7 +557,10 @@ fn an_unrestricted_windows_end_leaves_a_nested_restricted_window_restricted() {
     // destination (an egress-window --to inside another's systemd scope).
     let outer = open(&mut f.core, &[], 60);
     let inner = open(&mut f.core, &[ip("192.0.2.80")], 600);
-    assert_eq!(keys(&mut f.core, EGRESS_CGROUPS), vec![ElementKey::Cgroup(7)]);
+    assert_eq!(
+        keys(&mut f.core, EGRESS_CGROUPS),
+        vec![ElementKey::Cgroup(7)]
+    );
     f.core.close_window(&outer.id, NOW + 1).unwrap();
     assert!(
         keys(&mut f.core, EGRESS_CGROUPS).is_empty(),
@@ -572,11 +575,17 @@ fn an_unrestricted_windows_end_leaves_a_nested_restricted_window_restricted() {
     let outer = open(&mut f.core, &[], 60);
     f.core.close_window(&inner.id, NOW + 2).unwrap();
     assert!(keys(&mut f.core, EGRESS_TO_V4).is_empty());
-    assert_eq!(keys(&mut f.core, EGRESS_CGROUPS), vec![ElementKey::Cgroup(7)]);
+    assert_eq!(
+        keys(&mut f.core, EGRESS_CGROUPS),
+        vec![ElementKey::Cgroup(7)]
+    );
     // Two unrestricted windows of one cgroup: the element stays for the longer.
     let longer = open(&mut f.core, &[], 300);
     f.core.close_window(&outer.id, NOW + 3).unwrap();
-    assert_eq!(keys(&mut f.core, EGRESS_CGROUPS), vec![ElementKey::Cgroup(7)]);
+    assert_eq!(
+        keys(&mut f.core, EGRESS_CGROUPS),
+        vec![ElementKey::Cgroup(7)]
+    );
     f.core.close_window(&longer.id, NOW + 4).unwrap();
     assert!(keys(&mut f.core, EGRESS_CGROUPS).is_empty());
 }

@@ -1,0 +1,246 @@
+//! Who is at the other end of an admin connection, as the kernel tells it — never as
+//! the client says. An egress window is for the requester's own cgroup, and the
+//! audit log names the requester's real command line.
+//!
+//! Identification happens when the connection is accepted, before its request is
+//! read:
+//!
+//! 1. `SO_PEERCRED`: the pid and uid the kernel recorded at `connect()`.
+//! 2. `SO_PEERPIDFD` (Linux ≥ 6.5): a pidfd of exactly that process.
+//! 3. `/proc/<pid>` is opened as a directory, and `status`, `cgroup` and `cmdline`
+//!    are read through it: a `/proc/<pid>` directory stays bound to the process it
+//!    was opened for, so the three reads describe one process.
+//! 4. With a pidfd, that process must still be alive after the open: a pid is not
+//!    reused while its process lives, so the directory was the connecting process's.
+//!    Without one (Debian 12's 6.1), the process behind the pid must at least have
+//!    the connecting uid: a pid reused between the requester's `connect()` and our
+//!    `accept()` by a process of *the same user* would be believed — a process that
+//!    user could have run inside a window anyway.
+
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use nix::fcntl::{OFlag, open, openat};
+use nix::sys::stat::Mode;
+
+/// Longest command line kept (the rest is cut, marked with `…`).
+const MAX_COMMAND: usize = 1024;
+/// Longest `/proc` file read.
+const MAX_PROC_FILE: u64 = 8192;
+
+/// The process behind an admin connection, read from the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Process {
+    /// Its process id.
+    pub pid: i32,
+    /// Its effective user id.
+    pub uid: u32,
+    /// Its command line, words joined by spaces, non-printable bytes escaped.
+    pub command: String,
+    /// Its cgroup v2 (path below the root, id, depth), when the daemon sees a cgroup2
+    /// file system.
+    pub cgroup: Option<Cgroup>,
+}
+
+/// A cgroup v2, as the daemon sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cgroup {
+    /// Path below the cgroup2 root, like `/system.slice/x.scope`.
+    pub path: String,
+    /// Its id (the directory's inode number), what `socket cgroupv2` compares.
+    pub id: u64,
+    /// Depth below the root.
+    pub level: u32,
+}
+
+/// Identifies the process at the other end of `stream` (a connected unix socket);
+/// `cgroup_root` is the daemon's cgroup2 mount, if it has one.
+pub fn identify(stream: &impl AsFd, cgroup_root: Option<&Path>) -> Result<Process, String> {
+    use nix::sys::socket::{getsockopt, sockopt};
+    let cred = getsockopt(stream, sockopt::PeerCredentials)
+        .map_err(|e| format!("no peer credentials: {e}"))?;
+    let (pid, uid) = (cred.pid(), cred.uid());
+    if pid <= 0 {
+        return Err("the peer has no pid in this pid namespace".to_owned());
+    }
+    // ENOPROTOOPT before Linux 6.5: then the uid check below is what we have.
+    let pidfd = getsockopt(stream, sockopt::PeerPidfd).ok();
+    if let Some(fd) = &pidfd {
+        let same = pid_of_pidfd(fd).is_some_and(|p| p == pid);
+        if !same {
+            return Err(format!("the peer's pidfd is not pid {pid}"));
+        }
+    }
+    let dir = open(
+        format!("/proc/{pid}").as_str(),
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("cannot open /proc/{pid}: {e} (is /proc hidden from knockgated?)"))?;
+    let status =
+        read_at(&dir, "status").map_err(|e| format!("cannot read /proc/{pid}/status: {e}"))?;
+    let effective =
+        effective_uid(&status).ok_or_else(|| format!("/proc/{pid}/status has no Uid line"))?;
+    if effective != uid {
+        return Err(format!(
+            "pid {pid} now belongs to uid {effective}, not the connecting uid {uid} (it exited?)"
+        ));
+    }
+    let cgroup_text =
+        read_at(&dir, "cgroup").map_err(|e| format!("cannot read /proc/{pid}/cgroup: {e}"))?;
+    let cmdline =
+        read_at(&dir, "cmdline").map_err(|e| format!("cannot read /proc/{pid}/cmdline: {e}"))?;
+    if let Some(fd) = &pidfd {
+        if exited(fd) {
+            return Err(format!("pid {pid} exited while it was being identified"));
+        }
+    }
+    let command = command_line(&cmdline);
+    if command.is_empty() {
+        return Err(format!("pid {pid} has no command line (exited?)"));
+    }
+    let cgroup = match (
+        cgroup_root,
+        crate::cgroup::own_cgroup_path(&String::from_utf8_lossy(&cgroup_text)),
+    ) {
+        (Some(root), Some(path)) => Some(cgroup_at(root, &path)?),
+        _ => None,
+    };
+    Ok(Process {
+        pid,
+        uid,
+        command,
+        cgroup,
+    })
+}
+
+/// The id and depth of cgroup `path` below `root`.
+fn cgroup_at(root: &Path, path: &str) -> Result<Cgroup, String> {
+    let relative = path.trim_start_matches('/');
+    let dir = root.join(relative);
+    let id = std::fs::metadata(&dir)
+        .map_err(|e| format!("cannot stat cgroup {}: {e}", dir.display()))?
+        .ino();
+    let level = u32::try_from(Path::new(relative).components().count()).unwrap_or(u32::MAX);
+    Ok(Cgroup {
+        path: format!("/{relative}"),
+        id,
+        level,
+    })
+}
+
+/// Reads `name` below the open `/proc/<pid>` directory, at most [`MAX_PROC_FILE`].
+fn read_at(dir: &OwnedFd, name: &str) -> std::io::Result<Vec<u8>> {
+    let fd = openat(dir, name, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())?;
+    let mut out = Vec::new();
+    std::fs::File::from(fd)
+        .take(MAX_PROC_FILE)
+        .read_to_end(&mut out)?;
+    Ok(out)
+}
+
+/// The effective uid in a `/proc/<pid>/status` text (`Uid: real effective saved fs`).
+fn effective_uid(status: &[u8]) -> Option<u32> {
+    String::from_utf8_lossy(status)
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|rest| rest.split_whitespace().nth(1))
+        .and_then(|uid| uid.parse().ok())
+}
+
+/// The pid a pidfd refers to (`Pid:` in its fdinfo); `None` if it cannot be told.
+fn pid_of_pidfd(fd: &OwnedFd) -> Option<i32> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("Pid:"))
+        .and_then(|p| p.trim().parse().ok())
+}
+
+/// Whether the process of a pidfd has exited (the pidfd polls readable).
+fn exited(fd: &OwnedFd) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(n) => n > 0,
+        Err(_) => true,
+    }
+}
+
+/// A `/proc/<pid>/cmdline` (NUL-separated words) as one line: words joined by
+/// spaces, control characters escaped (no terminal escapes or fake log lines reach
+/// `knockgate grants` or the journal; the log quotes the whole), invalid UTF-8
+/// replaced, at most [`MAX_COMMAND`] characters.
+#[must_use]
+pub fn command_line(cmdline: &[u8]) -> String {
+    let words: Vec<String> = cmdline
+        .split(|&b| b == 0)
+        .filter(|w| !w.is_empty())
+        .map(|w| {
+            String::from_utf8_lossy(w)
+                .chars()
+                .map(|c| {
+                    if c.is_control() {
+                        c.escape_default().to_string()
+                    } else {
+                        c.to_string()
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    let mut line = words.join(" ");
+    if line.chars().count() > MAX_COMMAND {
+        line = line.chars().take(MAX_COMMAND).collect::<String>() + "…";
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_lines_are_joined_escaped_and_bounded() {
+        assert_eq!(
+            command_line(b"egress-window\x0010m\x00--\x00apt\x00upgrade\x00"),
+            "egress-window 10m -- apt upgrade"
+        );
+        assert_eq!(command_line(b"a\nb\x00c\x1b[31m"), "a\\nb c\\u{1b}[31m");
+        assert_eq!(command_line(b"say \"hi\"\x00\xff"), "say \"hi\" \u{fffd}");
+        assert_eq!(command_line(b""), "");
+        let long = vec![b'x'; 5000];
+        assert_eq!(command_line(&long).chars().count(), MAX_COMMAND + 1);
+    }
+
+    #[test]
+    fn the_effective_uid_is_read_from_status() {
+        assert_eq!(
+            effective_uid(b"Name:\tx\nUid:\t1000\t0\t0\t0\nGid:\t1\t1\t1\t1\n"),
+            Some(0)
+        );
+        assert_eq!(effective_uid(b"Name:\tx\n"), None);
+        assert_eq!(effective_uid(b"Uid:\tjunk"), None);
+    }
+
+    #[test]
+    fn the_other_end_of_a_socket_pair_is_this_process() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let root = crate::cgroup::cgroup2_root().ok();
+        let me = identify(&a, root.as_deref()).unwrap();
+        assert_eq!(me.pid, i32::try_from(std::process::id()).unwrap());
+        assert_eq!(me.uid, nix::unistd::geteuid().as_raw());
+        let own = std::fs::read(format!("/proc/{}/cmdline", std::process::id())).unwrap();
+        assert_eq!(me.command, command_line(&own));
+        if let (Some(cg), Some(root)) = (me.cgroup, root) {
+            let path = crate::cgroup::own_cgroup_path(
+                &std::fs::read_to_string("/proc/self/cgroup").unwrap(),
+            )
+            .unwrap();
+            assert_eq!(cg.path, path);
+            let dir = root.join(path.trim_start_matches('/'));
+            assert_eq!(cg.id, std::fs::metadata(dir).unwrap().ino());
+        }
+    }
+}
