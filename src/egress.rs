@@ -102,11 +102,10 @@ pub fn run(plan: &Plan) -> anyhow::Result<ExitCode> {
         // The well-behaved way on a systemd host: run again inside a transient scope
         // (the user's own manager's, for anyone but root). exec only returns on
         // failure; then make a cgroup as below.
-        if let Some(err) = rerun_in_scope(root_user) {
-            eprintln!(
-                "egress-window: cannot run in a systemd scope ({err}); making a cgroup of its own"
-            );
-        }
+        let err = rerun_in_scope(root_user);
+        eprintln!(
+            "egress-window: cannot run in a systemd scope ({err}); making a cgroup of its own"
+        );
     }
     let cgroup = if plan.host_wide {
         None
@@ -224,30 +223,29 @@ fn systemd_manages_cgroups() -> bool {
 /// <same args>`; returns why not if that cannot be started. For anyone but root the
 /// scope is the user's own manager's (the system manager would ask polkit, and
 /// refuse); without a reachable user manager nothing is tried.
-fn rerun_in_scope(root_user: bool) -> Option<std::io::Error> {
+fn rerun_in_scope(root_user: bool) -> std::io::Error {
     use std::os::unix::process::CommandExt;
     if !root_user && !user_manager_reachable() {
-        return Some(std::io::Error::other(
+        return std::io::Error::other(
             "no systemd user manager for this user ($XDG_RUNTIME_DIR/systemd/private)",
-        ));
+        );
     }
     let me = match std::env::current_exe() {
         Ok(me) => me,
-        Err(e) => return Some(e),
+        Err(e) => return e,
     };
     let mut command = std::process::Command::new("systemd-run");
     if !root_user {
         command.arg("--user");
     }
-    let err = command
+    command
         .args(["--scope", "--quiet", "--collect"])
         .arg(format!("--unit=knockgate-egress-{}", std::process::id()))
         .arg("--")
         .arg(me)
         .args(std::env::args_os().skip(1))
         .env(IN_SCOPE_ENV, "1")
-        .exec();
-    Some(err)
+        .exec()
 }
 
 /// Whether this user's systemd manager listens (what `systemd-run --user` connects to).

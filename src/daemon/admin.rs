@@ -294,7 +294,7 @@ pub fn dispatch<F: Firewall>(
     core: &mut Core<F>,
     status: impl FnOnce(&mut Core<F>) -> Response,
     request: Request,
-    peer: Peer,
+    peer: &Peer,
     now: u64,
 ) -> Response {
     let who = format!("uid {}", peer.uid);
@@ -322,7 +322,7 @@ pub fn dispatch<F: Firewall>(
             command: claimed,
             to,
         } => {
-            let process = match verify_window_scope(&peer, scope) {
+            let process = match verify_window_scope(peer, scope) {
                 Ok(process) => process,
                 Err(why) => {
                     warn!(target: AUDIT, event = "egress-refused", scope = %scope, who = %who,

@@ -60,14 +60,7 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
     )?));
     let socket = listener::bind(port).with_context(|| format!("cannot bind udp port {port}"))?;
     let admin_socket = admin::bind(&admin_path, &group)?;
-    // Where the daemon reads a requester's cgroup, for command-scoped egress windows.
-    let cgroup_root: Option<Rc<std::path::Path>> = match crate::cgroup::cgroup2_root() {
-        Ok(root) => Some(Rc::from(root.as_path())),
-        Err(e) => {
-            tracing::warn!(error = %e, "no cgroup2 file system: command-scoped egress windows will be refused (--host-wide still works)");
-            None
-        }
-    };
+    let cgroup_root = cgroup_root();
     let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
     let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
@@ -106,7 +99,7 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
                     let cgroup_root = cgroup_root.clone();
                     tokio::task::spawn_local(async move {
                         admin::serve(stream, &group, cgroup_root.as_deref(), |request, peer| {
-                            let answer = answer(&daemon, request, peer);
+                            let answer = answer(&daemon, request, &peer);
                             // New grants, windows or a trial: the timers above must be recomputed.
                             wake.notify_one();
                             answer
@@ -313,10 +306,21 @@ fn on_tamper(daemon: &Shared, tamper: Tamper, seen: std::io::Result<Tampering>) 
     }
 }
 
+/// Where the daemon reads a requester's cgroup, for command-scoped egress windows.
+fn cgroup_root() -> Option<Rc<std::path::Path>> {
+    match crate::cgroup::cgroup2_root() {
+        Ok(root) => Some(Rc::from(root.as_path())),
+        Err(e) => {
+            tracing::warn!(error = %e, "no cgroup2 file system: command-scoped egress windows will be refused (--host-wide still works)");
+            None
+        }
+    }
+}
+
 fn answer(
     daemon: &Shared,
     request: Request,
-    peer: admin::Peer,
+    peer: &admin::Peer,
 ) -> (Response, Option<admin::OnClose>) {
     let response = respond(daemon, request, peer);
     let on_close = match &response {
@@ -378,12 +382,12 @@ fn reload(daemon: &Shared, by: &str) -> Response {
     }
 }
 
-fn respond(daemon: &Shared, request: Request, peer: admin::Peer) -> Response {
+fn respond(daemon: &Shared, request: Request, peer: &admin::Peer) -> Response {
     if matches!(
         request,
         Request::Reload | Request::Apply { .. } | Request::Confirm
     ) {
-        let allowed = admin::may_change_config(&peer, &daemon.borrow().loaded().config.admin);
+        let allowed = admin::may_change_config(peer, &daemon.borrow().loaded().config.admin);
         if let Err(why) = allowed {
             tracing::warn!(target: AUDIT, event = "admin-refuse", uid = peer.uid, pid = ?peer.pid,
                 request = request.name(), reason = %why, "config change refused");
