@@ -301,6 +301,9 @@ fn run_command(plan: &Plan) -> anyhow::Result<ExitCode> {
         let (program, args) = plan.command.split_first().context("no command given")?;
         let mut child = tokio::process::Command::new(program)
             .args(args)
+            // The marker is for this program's own re-run only: a later egress-window
+            // started by COMMAND must not take its cgroup for a scope of its own.
+            .env_remove(IN_SCOPE_ENV)
             .spawn()
             .with_context(|| format!("cannot run {}", program.to_string_lossy()))?;
         let pid = child.id().and_then(|p| i32::try_from(p).ok());

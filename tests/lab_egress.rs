@@ -792,7 +792,7 @@ fn a_nested_to_window_is_restricted_once_the_outer_one_ends() {
     let ew = env!("CARGO_BIN_EXE_egress-window");
     let sock = w.socket.display();
     let line = format!(
-        "{} && KNOCKGATE_EGRESS_IN_SCOPE=1 exec nsenter --net=/run/netns/{} {ew} --socket {sock} 60s -- {ew} --socket {sock} --to 10.77.2.2 60s -- bash -c '{script}'",
+        "{} && KNOCKGATE_EGRESS_IN_SCOPE=1 exec nsenter --net=/run/netns/{} {ew} --socket {sock} 60s -- env KNOCKGATE_EGRESS_IN_SCOPE=1 {ew} --socket {sock} --to 10.77.2.2 60s -- bash -c '{script}'",
         scope.join(),
         w.lab.ns(Host::Server),
     );

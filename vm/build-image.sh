@@ -35,6 +35,8 @@ cleanup() { rm -rf --one-file-system "$work"; }
 trap cleanup EXIT
 root=$work/root
 
+# libpam-systemd: users' own systemd managers (a standard Debian install has it);
+# a non-root member's command-scoped egress-window asks theirs for a scope.
 # iptables: the flush scenario keeps conntrack registered with a legacy rule, as a host
 # with Docker or an iptables script has it (nft flush ruleset does not touch those).
 pkgs=(
@@ -44,6 +46,7 @@ pkgs=(
     linux-image-cloud-amd64 initramfs-tools
     openssl e2fsprogs util-linux bsdutils less
     iptables
+    libpam-systemd
 )
 # The cloud kernel has virtio_pci/virtio_blk as modules: the initrd is required.
 # trixie is merged-/usr only; the hook sets the symlinks up before any package is unpacked

@@ -25,14 +25,14 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
     match &args.command {
         Some(Command::Proxy { host, port }) => {
             let (target, _) = target_for(Some(host), &args.knock)?;
-            let addrs = client::send(&target)?;
+            let addrs = knocked(client::send(&target)?);
             let stream = client::wait_open(&addrs, *port, args.knock.timeout)?;
             client::relay(&stream).context("relay ended with an error")?;
             Ok(ExitCode::SUCCESS)
         }
         None => {
             let (target, ssh_port) = target_for(args.host.as_deref(), &args.knock)?;
-            let addrs = client::send(&target)?;
+            let addrs = knocked(client::send(&target)?);
             let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
             eprintln!("knock: sent to {}", list.join(", "));
             if args.knock.wait {
@@ -46,6 +46,14 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The addresses knocked; a warning on stderr for each that was not.
+fn knocked(sent: client::Sent) -> Vec<std::net::SocketAddr> {
+    for (addr, why) in &sent.skipped {
+        eprintln!("knock: not sent to {addr}: {why}");
+    }
+    sent.knocked
 }
 
 /// The target from `--server` flags, or from the config entry `host`; and the port

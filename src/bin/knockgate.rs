@@ -303,7 +303,7 @@ fn keygen(config_path: &Path, key: &NewKey) -> anyhow::Result<ExitCode> {
     let source = if nat {
         "source = \"packet\"\n"
     } else {
-        "# Behind a NAT, say how to learn your public address, e.g.:\n# discover = \"dns:myip.opendns.com@208.67.222.222\"\n"
+        "# Behind a NAT, say how to learn your public address, e.g.:\n# discover = \"https://api.ipify.org\"\n"
     };
     println!(
         "[hosts.{}]\naddress = \"{address}\"\nkey_id = \"{id}\"\nkey_file = \"~/.config/knock/{id}.key\"\nserver_id = \"{server_id}\"\n{source}",

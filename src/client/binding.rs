@@ -20,6 +20,7 @@
 //! 203.0.113/24) count as public: they never appear on real networks, and the lab
 //! uses them to stand for the internet.
 
+use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::time::Duration;
 
@@ -138,7 +139,18 @@ pub fn classify(source: IpAddr, server: IpAddr) -> Route {
                 Route::BehindNat
             }
         }
-        (IpAddr::V6(src), _) if is_bindable_v6(src) => Route::Direct(source),
+        (IpAddr::V6(src), IpAddr::V6(dst)) if is_bindable_v6(src) => {
+            // A unique-local source reaches a global server only through NAT66 /
+            // NPTv6, and a NAT64 prefix (64:ff9b::/96) means an IPv4 server behind a
+            // translator: either way the server sees another address.
+            let ula = |a: Ipv6Addr| (a.segments()[0] & 0xfe00) == 0xfc00;
+            let nat64 = dst.segments()[..6] == [0x64, 0xff9b, 0, 0, 0, 0];
+            if nat64 || (ula(src) && !ula(dst)) {
+                Route::BehindNat
+            } else {
+                Route::Direct(source)
+            }
+        }
         _ => Route::BehindNat,
     }
 }
@@ -146,10 +158,19 @@ pub fn classify(source: IpAddr, server: IpAddr) -> Route {
 /// Whether `a` is a public IPv4 address (see the module docs).
 #[must_use]
 pub fn is_public_v4(a: Ipv4Addr) -> bool {
-    let shared = a.octets()[0] == 100 && (a.octets()[1] & 0xc0) == 64;
-    let this_network = a.octets()[0] == 0;
+    let [first, second, third, _] = a.octets();
+    let shared = first == 100 && (second & 0xc0) == 64;
+    let this_network = first == 0;
+    // 192.0.0.0/24: DS-Lite and 464XLAT's own addresses; 198.18.0.0/15: benchmarking,
+    // used by VPN and proxy tunnels; 240.0.0.0/4: reserved.
+    let ietf = first == 192 && second == 0 && third == 0;
+    let benchmarking = first == 198 && (second & 0xfe) == 18;
+    let reserved = first >= 240;
     !(a.is_private()
         || shared
+        || ietf
+        || benchmarking
+        || reserved
         || a.is_loopback()
         || a.is_link_local()
         || a.is_unspecified()
@@ -197,9 +218,13 @@ pub fn claim_for(
                         Some(found) => *found,
                         None => *discovered.insert(discovery.run()?),
                     };
-                    if found.is_ipv4() != server.is_ipv4() {
+                    let usable = match found {
+                        IpAddr::V4(a) => server.is_ipv4() && is_public_v4(a),
+                        IpAddr::V6(_) => false,
+                    };
+                    if !usable {
                         return Err(ClientError::Discovery(format!(
-                            "{discovery:?} answered {found}, which cannot be the source of a knock to {server}"
+                            "{discovery:?} answered {found}, which cannot be this machine's public address seen from {server}"
                         )));
                     }
                     found
@@ -278,12 +303,23 @@ fn dns_address(name: &str, resolver: SocketAddr) -> Result<Ipv4Addr, ClientError
     )))
 }
 
-/// Fetches `url` with curl (TLS and proxies are curl's business, and it is on every
-/// machine that has a package manager) and parses its trimmed body as an address.
+/// Fetches `url` with curl over IPv4 (TLS and proxies are curl's business, and it is
+/// on every machine that has a package manager) and parses its trimmed body as an
+/// address. No `~/.curlrc` (`-q`: it could turn certificate checks off), no URL
+/// globbing, and at most [`MAX_URL_ANSWER`] bytes read whatever the server sends.
 fn url_address(url: &str) -> Result<IpAddr, ClientError> {
+    use std::process::{Command, Stdio};
     let fail = |why: String| ClientError::Discovery(format!("{url}: {why}"));
-    let output = std::process::Command::new("curl")
-        .args(["--silent", "--show-error", "--fail", "--max-time"])
+    let mut child = Command::new("curl")
+        .args([
+            "-q",
+            "--ipv4",
+            "--globoff",
+            "--silent",
+            "--show-error",
+            "--fail",
+        ])
+        .arg("--max-time")
         .arg(DISCOVERY_TIMEOUT.as_secs().to_string())
         .args([
             "--max-filesize",
@@ -293,8 +329,10 @@ fn url_address(url: &str) -> Result<IpAddr, ClientError> {
             "--",
         ])
         .arg(url)
-        .stdin(std::process::Stdio::null())
-        .output()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .map_err(|e| {
             fail(if e.kind() == std::io::ErrorKind::NotFound {
                 "discovery by URL runs curl, which is not installed".to_owned()
@@ -302,23 +340,34 @@ fn url_address(url: &str) -> Result<IpAddr, ClientError> {
                 format!("cannot run curl: {e}")
             })
         })?;
-    if !output.status.success() {
+    let mut body = Vec::new();
+    let limit = u64::try_from(MAX_URL_ANSWER).unwrap_or(u64::MAX) + 1;
+    if let Some(out) = child.stdout.take() {
+        let _ = out.take(limit).read_to_end(&mut body);
+    }
+    let _ = child.kill();
+    let mut err = Vec::new();
+    if let Some(e) = child.stderr.take() {
+        let _ = e.take(1024).read_to_end(&mut err);
+    }
+    let status = child.wait().map_err(|e| fail(format!("curl: {e}")))?;
+    if body.len() > MAX_URL_ANSWER {
         return Err(fail(format!(
-            "curl failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
+            "the answer is longer than {MAX_URL_ANSWER} bytes"
         )));
     }
-    let body = output
-        .stdout
-        .get(..MAX_URL_ANSWER)
-        .unwrap_or(&output.stdout);
-    let text = String::from_utf8_lossy(body);
-    text.trim().parse().map_err(|_| {
-        fail(format!(
+    let text = String::from_utf8_lossy(&body);
+    match text.trim().parse() {
+        Ok(address) => Ok(address),
+        Err(_) if !status.success() => Err(fail(format!(
+            "curl failed: {}",
+            String::from_utf8_lossy(&err).trim()
+        ))),
+        Err(_) => Err(fail(format!(
             "the answer `{}` is not an IP address",
             text.trim().escape_debug()
-        ))
-    })
+        ))),
+    }
 }
 
 #[cfg(test)]
@@ -359,6 +408,12 @@ mod tests {
             Route::Direct(ip("fd77:1::2"))
         );
         assert_eq!(classify(ip("fe80::2"), ip("2001:db8::1")), Route::BehindNat);
+        // A unique-local source to a global server: NAT66. A NAT64 server: IPv4 behind.
+        assert_eq!(classify(ip("fd00::2"), ip("2001:db8::1")), Route::BehindNat);
+        assert_eq!(
+            classify(ip("2001:db8::2"), ip("64:ff9b::cb00:7101")),
+            Route::BehindNat
+        );
     }
 
     #[test]
@@ -373,6 +428,10 @@ mod tests {
             "0.0.0.0",
             "255.255.255.255",
             "224.0.0.1",
+            "192.0.0.4",
+            "198.18.0.1",
+            "198.19.255.1",
+            "240.0.0.1",
         ] {
             assert!(!is_public_v4(a.parse().unwrap()), "{a}");
         }

@@ -10,8 +10,8 @@
 //! ttl = "30m"                        # default: the server's default
 //! source = "auto"                    # bind the knock to the address the server sees (default);
 //!                                    # or an IP address; or "packet" (unbound: the key must allow it)
-//! discover = "dns:myip.opendns.com@208.67.222.222"  # behind a NAT: how to learn that address
-//!                                    # (or an https:// URL answering it; run with curl)
+//! discover = "https://api.ipify.org" # behind a NAT: how to learn that address (curl, IPv4);
+//!                                    # or "dns:myip.opendns.com@208.67.222.222" (plain DNS: forgeable)
 //! ssh_port = 22                      # port `--wait` and `knock proxy` poll
 //! ```
 

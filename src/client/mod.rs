@@ -59,7 +59,7 @@ pub enum ClientError {
     /// A NAT lies between this machine and the server, and nothing says what address
     /// the server will see.
     #[error(
-        "cannot bind the knock to {server}: this machine's address on the route ({local}) is private, so a NAT rewrites it. Set `discover` (e.g. `discover = \"dns:myip.opendns.com@208.67.222.222\"` or an https:// URL that answers your address), or `source = \"<your public address>\"`; or, if the key allows unbound knocks (keygen --nat), `source = \"packet\"`"
+        "cannot bind the knock to {server}: this machine's address on the route ({local}) is private, so a NAT rewrites it. Set `discover` (e.g. `discover = \"https://api.ipify.org\"`, a URL that answers your address, fetched with curl; or `dns:myip.opendns.com@208.67.222.222`, which anyone on your network can forge), or `source = \"<your public address>\"`; or, if the key allows unbound knocks (keygen --nat), `source = \"packet\"`"
     )]
     BehindNat {
         /// The route's source address.
@@ -72,7 +72,7 @@ pub enum ClientError {
     Discovery(String),
     /// The port did not open.
     #[error(
-        "port {port} did not open within {} s after the knock (wrong key, server id or clock? the server's log says which)",
+        "port {port} did not open within {} s after the knock (wrong key, server id or clock, or bound to an address the server does not see? the server's log says which: e.g. reason=\"other-address\" — then set `discover` or `source`)",
         .waited.as_secs()
     )]
     NotOpened {
@@ -123,9 +123,21 @@ pub fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, ClientError> {
     Ok(found)
 }
 
-/// Sends one knock, each with a fresh nonce, to every address of the target; returns
-/// the addresses knocked. Nothing ever answers, so success means "sent".
-pub fn send(target: &Target) -> Result<Vec<SocketAddr>, ClientError> {
+/// What one [`send`] did: the addresses knocked, and those it could not knock (no
+/// route, or no address to bind the knock to — a dual-stack server seen from behind
+/// an IPv4 NAT with native IPv6), with why.
+#[derive(Debug, Default)]
+pub struct Sent {
+    /// Knocked, in the resolver's order.
+    pub knocked: Vec<SocketAddr>,
+    /// Not knocked, and why.
+    pub skipped: Vec<(SocketAddr, ClientError)>,
+}
+
+/// Sends one knock, each with a fresh nonce, to every address of the target that it
+/// can bind a knock for. Nothing ever answers, so success means "sent"; it fails only
+/// if no address was knocked (with the first address's reason).
+pub fn send(target: &Target) -> Result<Sent, ClientError> {
     let addrs = resolve(&target.host, target.port)?;
     let ttl_secs = target
         .ttl
@@ -134,37 +146,58 @@ pub fn send(target: &Target) -> Result<Vec<SocketAddr>, ClientError> {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let mut discovered = None;
+    let mut sent = Sent::default();
     for &addr in &addrs {
-        let any: SocketAddr = if addr.is_ipv4() {
-            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-        } else {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-        };
-        let send_error = |source| ClientError::Send { addr, source };
-        let socket = UdpSocket::bind(any).map_err(send_error)?;
-        // Connected, so the kernel has picked the route's source address.
-        socket.connect(addr).map_err(send_error)?;
-        let claim = binding::claim_for(
-            &target.binding,
-            target.discovery.as_ref(),
-            &mut discovered,
-            &socket,
-            addr,
-        )?;
-        let mut nonce = [0u8; 16];
-        getrandom::fill(&mut nonce).map_err(|e| ClientError::Random(e.to_string()))?;
-        let knock = Knock {
-            key_id: target.key_id.clone(),
-            service: Service::Ssh,
-            timestamp,
-            nonce,
-            ttl_secs,
-            address: claim,
-        };
-        let datagram = seal(&knock, &target.secret, &target.server_id);
-        socket.send(&datagram).map_err(send_error)?;
+        match knock_one(target, addr, timestamp, ttl_secs, &mut discovered) {
+            Ok(()) => sent.knocked.push(addr),
+            Err(e @ ClientError::Random(_)) => return Err(e),
+            Err(e) => sent.skipped.push((addr, e)),
+        }
     }
-    Ok(addrs)
+    if sent.knocked.is_empty() && !sent.skipped.is_empty() {
+        let (_, first) = sent.skipped.swap_remove(0);
+        return Err(first);
+    }
+    Ok(sent)
+}
+
+/// Binds and sends one knock to `addr`.
+fn knock_one(
+    target: &Target,
+    addr: SocketAddr,
+    timestamp: u64,
+    ttl_secs: u32,
+    discovered: &mut Option<IpAddr>,
+) -> Result<(), ClientError> {
+    let any: SocketAddr = if addr.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let send_error = |source| ClientError::Send { addr, source };
+    let socket = UdpSocket::bind(any).map_err(send_error)?;
+    // Connected, so the kernel has picked the route's source address.
+    socket.connect(addr).map_err(send_error)?;
+    let claim = binding::claim_for(
+        &target.binding,
+        target.discovery.as_ref(),
+        discovered,
+        &socket,
+        addr,
+    )?;
+    let mut nonce = [0u8; 16];
+    getrandom::fill(&mut nonce).map_err(|e| ClientError::Random(e.to_string()))?;
+    let knock = Knock {
+        key_id: target.key_id.clone(),
+        service: Service::Ssh,
+        timestamp,
+        nonce,
+        ttl_secs,
+        address: claim,
+    };
+    let datagram = seal(&knock, &target.secret, &target.server_id);
+    socket.send(&datagram).map_err(send_error)?;
+    Ok(())
 }
 
 /// Polls `port` on `addrs` until one accepts a TCP connection or `timeout` passes;
@@ -254,7 +287,9 @@ mod tests {
             binding: Binding::Auto,
             discovery: None,
         };
-        send(&target).unwrap();
+        let sent = send(&target).unwrap();
+        assert_eq!(sent.knocked.len(), 1);
+        assert!(sent.skipped.is_empty());
         let mut buf = [0u8; 512];
         receiver
             .set_read_timeout(Some(Duration::from_secs(2)))

@@ -17,6 +17,10 @@ use crate::grants::{Granted, WindowScope};
 use crate::logging::AUDIT;
 use crate::ruleset::baseline::MAX_EGRESS_CGROUP_LEVEL;
 
+/// Most destinations one `--to` window may name: each is a set element, added on the
+/// daemon's one loop.
+pub const MAX_WINDOW_DESTINATIONS: usize = 64;
+
 /// Longest a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -255,6 +259,15 @@ fn verify_window_scope(peer: &Peer, scope: WindowScope) -> Result<super::peer::P
             process.pid, process.command, own.path, own.id
         ));
     }
+    // Anyone but root only for a cgroup delegated to them (theirs: a user manager's
+    // scope, or one they made): not a shared one such as a login session's scope or
+    // cron.service, where other users' (or root's) processes run too.
+    if process.uid != 0 && own.owner != process.uid {
+        return Err(format!(
+            "cgroup {} is not uid {}'s own (its owner is uid {}): a window is for a cgroup delegated to its requester; egress-window makes one",
+            own.path, process.uid, own.owner
+        ));
+    }
     if own.level == 0 || own.level > MAX_EGRESS_CGROUP_LEVEL {
         return Err(format!(
             "cgroup {} is {} levels deep; windows are for cgroups 1 to {MAX_EGRESS_CGROUP_LEVEL} levels below the root",
@@ -308,6 +321,15 @@ pub fn dispatch<F: Firewall>(
             grants: core.grants(now),
             windows: core.windows(now),
         },
+        Request::OpenEgress { ref to, .. } if to.len() > MAX_WINDOW_DESTINATIONS => {
+            Response::error(
+                "bad_request",
+                format!(
+                    "a window may name at most {MAX_WINDOW_DESTINATIONS} destinations, not {}",
+                    to.len()
+                ),
+            )
+        }
         Request::OpenEgress {
             scope: WindowScope::Host,
             ref to,
@@ -415,6 +437,10 @@ mod tests {
     }
 
     fn requester(cgroup: Option<(u64, u32)>) -> Peer {
+        requester_owning(cgroup, 1000)
+    }
+
+    fn requester_owning(cgroup: Option<(u64, u32)>, owner: u32) -> Peer {
         use super::super::peer::{Cgroup, Process};
         Peer {
             uid: 1000,
@@ -428,6 +454,7 @@ mod tests {
                     path: "/user.slice/run-1.scope".to_owned(),
                     id,
                     level,
+                    owner,
                 }),
             }),
         }
@@ -464,6 +491,14 @@ mod tests {
         assert!(verify_window_scope(&deep, WindowScope::Cgroup(5)).is_err());
         let root = requester(Some((1, 0)));
         assert!(verify_window_scope(&root, WindowScope::Cgroup(1)).is_err());
+        // A shared cgroup (root's, like cron.service or a session scope) is refused to
+        // a non-root member, whose own it is not.
+        let shared = requester_owning(Some((5, 2)), 0);
+        let why = verify_window_scope(&shared, WindowScope::Cgroup(5)).unwrap_err();
+        assert!(
+            why.contains("is not uid 1000's own (its owner is uid 0)"),
+            "{why}"
+        );
     }
 
     #[test]

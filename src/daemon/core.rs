@@ -419,11 +419,21 @@ impl<F: Firewall> Core<F> {
             .max(Duration::from_secs(1));
         // An element another window also holds (the host-wide switch; a cgroup with
         // two windows) must last as long as the longest of them.
-        for (set, key) in window_elements(scope, to) {
+        let elements = window_elements(scope, to);
+        for (n, &(set, key)) in elements.iter().enumerate() {
             let shared = self.remaining_of_others(set, key, "", now);
             let kernel_ttl = shared.map_or(ttl, |other| other.max(ttl));
-            self.firewall
-                .add_element(&self.settings.table, set, key, kernel_ttl)?;
+            if let Err(e) = self
+                .firewall
+                .add_element(&self.settings.table, set, key, kernel_ttl)
+            {
+                // Nothing half-open: what this window added goes again (or back to
+                // the time of the window that shares it).
+                for &(set, key) in &elements[..n] {
+                    let _ = self.release(set, key, "", now);
+                }
+                return Err(e);
+            }
         }
         let window = WindowRecord {
             id: self.book.fresh_id(&mut new_id),
@@ -452,20 +462,37 @@ impl<F: Firewall> Core<F> {
         let Some(window) = self.book.windows().find(|w| w.id == id).cloned() else {
             return Ok(None);
         };
+        // Every element is tried, and the window leaves the book even if one failed:
+        // the kernel's timeout still ends what could not be removed.
+        let mut failed = None;
         for (set, key) in window_elements(window.scope, &window.to) {
-            match self.remaining_of_others(set, key, id, now) {
-                // Another window shares the element: it keeps it, for its own time only.
-                Some(left) => self
-                    .firewall
-                    .add_element(&self.settings.table, set, key, left)?,
-                None => self
-                    .firewall
-                    .remove_element(&self.settings.table, set, key)?,
+            if let Err(e) = self.release(set, key, id, now) {
+                failed.get_or_insert(e);
             }
         }
         self.book.close_window(id);
         self.save_book();
-        Ok(Some(window))
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(Some(window)),
+        }
+    }
+
+    /// Lets go of element `key` of `set` for window `id`: another open window that
+    /// holds it keeps it, for its own time only; otherwise it goes.
+    fn release(
+        &mut self,
+        set: &'static str,
+        key: ElementKey,
+        id: &str,
+        now: u64,
+    ) -> Result<(), FirewallError> {
+        match self.remaining_of_others(set, key, id, now) {
+            Some(left) => self
+                .firewall
+                .add_element(&self.settings.table, set, key, left),
+            None => self.firewall.remove_element(&self.settings.table, set, key),
+        }
     }
 
     /// The longest time left of the open windows other than `id` that hold element

@@ -53,6 +53,8 @@ pub struct Cgroup {
     pub id: u64,
     /// Depth below the root.
     pub level: u32,
+    /// The uid that owns its directory (a cgroup delegated to a user is theirs).
+    pub owner: u32,
 }
 
 /// Identifies the process at the other end of `stream` (a connected unix socket);
@@ -65,8 +67,13 @@ pub fn identify(stream: &impl AsFd, cgroup_root: Option<&Path>) -> Result<Proces
     if pid <= 0 {
         return Err("the peer has no pid in this pid namespace".to_owned());
     }
-    // ENOPROTOOPT before Linux 6.5: then the uid check below is what we have.
-    let pidfd = getsockopt(stream, sockopt::PeerPidfd).ok();
+    // ENOPROTOOPT before Linux 6.5: then the uid check below is what we have. Any
+    // other error (the peer is gone already) refuses: the pid may be someone else's.
+    let pidfd = match getsockopt(stream, sockopt::PeerPidfd) {
+        Ok(fd) => Some(fd),
+        Err(nix::errno::Errno::ENOPROTOOPT) => None,
+        Err(e) => return Err(format!("no pidfd for peer pid {pid}: {e} (it exited?)")),
+    };
     if let Some(fd) = &pidfd {
         let same = pid_of_pidfd(fd).is_some_and(|p| p == pid);
         if !same {
@@ -101,12 +108,9 @@ pub fn identify(stream: &impl AsFd, cgroup_root: Option<&Path>) -> Result<Proces
     if command.is_empty() {
         return Err(format!("pid {pid} has no command line (exited?)"));
     }
-    let cgroup = match (
-        cgroup_root,
-        crate::cgroup::own_cgroup_path(&String::from_utf8_lossy(&cgroup_text)),
-    ) {
-        (Some(root), Some(path)) => Some(cgroup_at(root, &path)?),
-        _ => None,
+    let cgroup = match cgroup_root {
+        Some(root) => Some(cgroup_at(root, &cgroup_path(&cgroup_text)?)?),
+        None => None,
     };
     Ok(Process {
         pid,
@@ -116,18 +120,36 @@ pub fn identify(stream: &impl AsFd, cgroup_root: Option<&Path>) -> Result<Proces
     })
 }
 
-/// The id and depth of cgroup `path` below `root`.
+/// The cgroup v2 path in a whole `/proc/<pid>/cgroup` text: the `0::` line, which
+/// must be complete (a text cut at the read limit could name an ancestor) and must
+/// not climb (`..`: a requester in another cgroup namespace).
+fn cgroup_path(text: &[u8]) -> Result<String, String> {
+    let limit = usize::try_from(MAX_PROC_FILE).unwrap_or(0);
+    if !text.ends_with(b"\n") || text.len() >= limit {
+        return Err("its /proc cgroup file is cut short or too long".to_owned());
+    }
+    let path = crate::cgroup::own_cgroup_path(&String::from_utf8_lossy(text))
+        .ok_or_else(|| "it has no cgroup v2 (no 0:: line)".to_owned())?;
+    if !path.starts_with('/') || path.split('/').any(|part| part == ".." || part == ".") {
+        return Err(format!(
+            "its cgroup path {path:?} is outside the daemon's cgroup namespace"
+        ));
+    }
+    Ok(path)
+}
+
+/// The id, depth and owner of cgroup `path` below `root`.
 fn cgroup_at(root: &Path, path: &str) -> Result<Cgroup, String> {
     let relative = path.trim_start_matches('/');
     let dir = root.join(relative);
-    let id = std::fs::metadata(&dir)
-        .map_err(|e| format!("cannot stat cgroup {}: {e}", dir.display()))?
-        .ino();
+    let meta = std::fs::metadata(&dir)
+        .map_err(|e| format!("cannot stat cgroup {}: {e}", dir.display()))?;
     let level = u32::try_from(Path::new(relative).components().count()).unwrap_or(u32::MAX);
     Ok(Cgroup {
         path: format!("/{relative}"),
-        id,
+        id: meta.ino(),
         level,
+        owner: meta.uid(),
     })
 }
 
@@ -212,6 +234,27 @@ mod tests {
         assert_eq!(command_line(b""), "");
         let long = vec![b'x'; 5000];
         assert_eq!(command_line(&long).chars().count(), MAX_COMMAND + 1);
+    }
+
+    #[test]
+    fn cgroup_paths_must_be_whole_and_must_not_climb() {
+        assert_eq!(
+            cgroup_path(b"1:name=systemd:/x\n0::/user.slice/run-1.scope\n").unwrap(),
+            "/user.slice/run-1.scope"
+        );
+        assert_eq!(cgroup_path(b"0::/\n").unwrap(), "/");
+        for bad in [
+            &b"0::/user.slice/run-1.sc"[..],
+            b"1:cpu:/x\n",
+            b"0::/../../system.slice/cron.service\n",
+            b"0::relative\n",
+        ] {
+            assert!(cgroup_path(bad).is_err(), "{bad:?}");
+        }
+        let mut long = b"0::/".to_vec();
+        long.resize(usize::try_from(MAX_PROC_FILE).unwrap(), b'a');
+        long.push(b'\n');
+        assert!(cgroup_path(&long).is_err());
     }
 
     #[test]

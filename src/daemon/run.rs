@@ -328,9 +328,15 @@ fn answer(
             let (daemon, id) = (Rc::clone(daemon), window.id.clone());
             let close: admin::OnClose = Box::new(move || {
                 // Already closed by revoke or expiry: nothing to do.
-                if let Ok(Some(window)) = daemon.borrow_mut().core().close_window(&id, unix_now()) {
-                    info!(target: AUDIT, event = "egress-close", id = %window.id, scope = %window.scope,
-                        who = %window.who, "egress window closed: its requester is gone");
+                match daemon.borrow_mut().core().close_window(&id, unix_now()) {
+                    Ok(Some(window)) => {
+                        info!(target: AUDIT, event = "egress-close", id = %window.id, scope = %window.scope,
+                            who = %window.who, "egress window closed: its requester is gone");
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::error!(target: AUDIT, event = "egress-close", id = %id,
+                        error = %format!("{e:#}"),
+                        "egress window's requester is gone, but its elements could not all be removed; the kernel's timeout ends them"),
                 }
             });
             Some(close)

@@ -16,6 +16,8 @@ pub struct MemoryFirewall {
     pub tables: BTreeMap<String, Ruleset>,
     /// When set, the next change is refused (and nothing changes), as a kernel would.
     pub refuse_next: bool,
+    /// When set, this many more changes succeed and the one after is refused.
+    pub refuse_after: Option<usize>,
     /// When set, reading a set's elements fails, as a dump cut short would.
     pub fail_dumps: bool,
     /// How many changes were committed, to tell a re-apply from a no-op.
@@ -37,6 +39,14 @@ impl MemoryFirewall {
     }
 
     fn refuse(&mut self, table: &str) -> Result<(), FirewallError> {
+        match self.refuse_after {
+            Some(0) => {
+                self.refuse_after = None;
+                self.refuse_next = true;
+            }
+            Some(n) => self.refuse_after = Some(n - 1),
+            None => {}
+        }
         if std::mem::take(&mut self.refuse_next) {
             return Err(FirewallError::Refused {
                 table: table.to_owned(),

@@ -200,26 +200,12 @@ impl Lab {
     /// Waits (bounded) until every veth reports carrier: the kernel activates a link's
     /// queue some time after `link set up`, and drops packets until then.
     fn wait_for_carrier(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        for (host, dev) in [
-            (Host::Client, "eth0"),
-            (Host::Server, "eth0"),
-            (Host::Server, "eth1"),
-            (Host::Outside, "eth0"),
-        ] {
-            let ns = self.ns(host);
-            loop {
-                let out = Command::new("ip")
-                    .args(["-n", &ns, "-o", "link", "show", "dev", dev])
-                    .output()
-                    .expect("ip link show");
-                if String::from_utf8_lossy(&out.stdout).contains("state UP") {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "{dev} in {ns} never came up");
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
+        wait_for_links(&[
+            (self.ns(Host::Client), "eth0"),
+            (self.ns(Host::Server), "eth0"),
+            (self.ns(Host::Server), "eth1"),
+            (self.ns(Host::Outside), "eth0"),
+        ]);
     }
 
     /// Gives the client–server link a public-looking IPv4 network (203.0.113.0/24, a
@@ -299,20 +285,7 @@ impl Lab {
         let nat = "table ip lab_nat {\n chain post {\n  type nat hook postrouting priority srcnat; policy accept;\n  oifname \"eth0\" ip saddr 192.168.77.0/24 snat to 203.0.113.2\n }\n}\n";
         let file = self.write_file("nat.nft", nat);
         self.exec(Host::Client, &["nft", "-f", file.to_str().unwrap()]);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        for (ns, dev) in [(&home, "eth0"), (&client, "eth1")] {
-            loop {
-                let out = Command::new("ip")
-                    .args(["-n", ns, "-o", "link", "show", "dev", dev])
-                    .output()
-                    .expect("ip link show");
-                if String::from_utf8_lossy(&out.stdout).contains("state UP") {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "{dev} in {ns} never came up");
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
+        wait_for_links(&[(home, "eth0"), (client, "eth1")]);
         ("192.168.77.2".parse().unwrap(), public)
     }
 
@@ -619,6 +592,24 @@ impl Drop for Lab {
                 .args(["netns", "del", &self.ns(host)])
                 .output();
             let _ = std::fs::remove_dir_all(self.etc_dir(host));
+        }
+    }
+}
+
+/// Waits (at most 10 s) until every (namespace, device) reports carrier.
+fn wait_for_links(links: &[(String, &str)]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for (ns, dev) in links {
+        loop {
+            let out = Command::new("ip")
+                .args(["-n", ns, "-o", "link", "show", "dev", dev])
+                .output()
+                .expect("ip link show");
+            if String::from_utf8_lossy(&out.stdout).contains("state UP") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{dev} in {ns} never came up");
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 }

@@ -591,6 +591,25 @@ fn an_unrestricted_windows_end_leaves_a_nested_restricted_window_restricted() {
 }
 
 #[test]
+fn a_window_the_kernel_takes_only_in_part_is_taken_back_whole() {
+    let mut f = fixture();
+    let to = [ip("192.0.2.80"), ip("192.0.2.81"), ip("192.0.2.82")];
+    f.core.firewall.refuse_after = Some(1);
+    let opened = f.core.open_window(
+        WindowScope::Cgroup(9),
+        &to,
+        Duration::from_secs(60),
+        "uid 0",
+        "apt",
+        NOW,
+    );
+    assert!(opened.is_err());
+    let left = f.core.firewall.elements("knockgate", EGRESS_TO_V4).unwrap();
+    assert!(left.is_empty(), "nothing half-open: {left:?}");
+    assert!(f.core.windows(NOW).is_empty(), "and nothing booked");
+}
+
+#[test]
 fn a_window_restricted_to_destinations_holds_cgroup_address_pairs() {
     use crate::ruleset::ElementKey;
     let mut f = fixture();
