@@ -271,7 +271,12 @@ fn a_captured_bound_knock_opens_nothing_for_the_intruder_and_replays_never_ban()
         "{}",
         s.daemon.log_text()
     );
-    assert_eq!(s.bound_grants_for(four.client), 1);
+    assert!(
+        eventually(Duration::from_secs(2), || s.bound_grants_for(four.client)
+            == 1),
+        "{}",
+        s.daemon.log_text()
+    );
 
     // Replays, well past the ban limit (5 a minute here), never ban the laptop.
     for _ in 0..15 {
@@ -329,7 +334,11 @@ fn knock_binds_on_its_own_over_ipv6_and_a_public_ipv4_route_and_unbound_is_refus
         "{}",
         s.daemon.log_text()
     );
-    assert_eq!(s.bound_grants_for(client), 1, "{}", s.daemon.log_text());
+    assert!(
+        eventually(Duration::from_secs(2), || s.bound_grants_for(client) == 1),
+        "{}",
+        s.daemon.log_text()
+    );
 
     // IPv6: bound to the route's source.
     let six = v6();
@@ -344,7 +353,12 @@ fn knock_binds_on_its_own_over_ipv6_and_a_public_ipv4_route_and_unbound_is_refus
         "{}",
         s.daemon.log_text()
     );
-    assert_eq!(s.bound_grants_for(six.client), 1, "{}", s.daemon.log_text());
+    assert!(
+        eventually(Duration::from_secs(2), || s.bound_grants_for(six.client)
+            == 1),
+        "{}",
+        s.daemon.log_text()
+    );
 
     // Unbound, the key refuses it, and the log says why.
     let four = v4();
@@ -404,7 +418,11 @@ fn behind_a_nat_knock_asks_the_configured_discovery() {
         "{}",
         s.daemon.log_text()
     );
-    assert_eq!(s.bound_grants_for(public), 1, "{}", s.daemon.log_text());
+    assert!(
+        eventually(Duration::from_secs(2), || s.bound_grants_for(public) == 1),
+        "{}",
+        s.daemon.log_text()
+    );
 
     // URL discovery (curl), from a web server on the server's open port 80.
     let _http = whoami_http(&s.lab, Host::Server, sa(server, 80));
