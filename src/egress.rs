@@ -271,8 +271,7 @@ fn open(
     let stream = connect(socket)?;
     let mut line = serde_json::to_string(&request)?;
     line.push('\n');
-    (&stream)
-        .write_all(line.as_bytes())
+    send_with_proc_self(&stream, line.as_bytes())
         .context("cannot send the request to knockgated")?;
     let mut answer = String::new();
     BufReader::new(&stream)
@@ -288,6 +287,29 @@ fn open(
         Ok(Response::Error { message, .. }) => Err(EgressError::Refused { message }.into()),
         _ => Err(AdminError::Protocol(answer).into()),
     }
+}
+
+/// Sends `bytes` with this process's `/proc/self` directory attached (SCM_RIGHTS):
+/// the daemon reads who is asking — cgroup, uid, command line — from the kernel
+/// through it, as its own sandboxed /proc does not show other users' processes.
+fn send_with_proc_self(stream: &UnixStream, bytes: &[u8]) -> std::io::Result<()> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, sendmsg};
+    use std::mem::MaybeUninit;
+    use std::os::fd::AsFd;
+    let proc_self = std::fs::File::open("/proc/self")?;
+    let fds = [proc_self.as_fd()];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+        return Err(std::io::Error::other("no room for the descriptor"));
+    }
+    let sent = sendmsg(
+        stream,
+        &[std::io::IoSlice::new(bytes)],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )?;
+    (&*stream).write_all(&bytes[sent..])
 }
 
 /// Runs the command; forwards SIGTERM and SIGHUP to it (SIGINT and SIGQUIT reach it

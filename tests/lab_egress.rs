@@ -928,3 +928,73 @@ fn a_member_of_the_admin_group_runs_a_command_scoped_window_in_its_delegated_cgr
     assert!(said.contains("needs a cgroup of its own"), "{said}");
     assert!(!marker.exists(), "the command did not run");
 }
+
+#[test]
+fn a_daemon_blind_to_other_users_processes_still_identifies_egress_window() {
+    if !lab_available("a_daemon_blind_to_other_users_processes_still_identifies_egress_window") {
+        return;
+    }
+    // knockgated as its own user with only CAP_NET_ADMIN, and a /proc that hides other
+    // users' processes from it (what ProtectProc=invisible gives the packaged unit).
+    const DAEMON_UID: u32 = 64_124;
+    let lab = Lab::new();
+    let _mirror = lab.tcp_echo(Host::Outside, sa(v4().mirror, 80));
+    let config = lab.write_file(
+        "k.toml",
+        "[egress]\nmax_ttl = \"10m\"\n[dns]\nresolvers = [\"10.77.2.53\"]\n",
+    );
+    for path in [lab.dir().to_owned(), config.clone()] {
+        nix::unistd::chown(
+            &path,
+            Some(nix::unistd::Uid::from_raw(DAEMON_UID)),
+            Some(nix::unistd::Gid::from_raw(DAEMON_UID)),
+        )
+        .unwrap();
+    }
+    let id = DAEMON_UID.to_string();
+    let daemon = lab.start_daemon_wrapped(
+        &config,
+        &[],
+        &[
+            "sh",
+            "-c",
+            "mount -t proc -o hidepid=invisible proc /proc && exec \"$@\"",
+            "sh",
+            "setpriv",
+            "--reuid",
+            &id,
+            "--regid",
+            &id,
+            "--clear-groups",
+            "--inh-caps=-all,+net_admin",
+            "--ambient-caps=-all,+net_admin",
+            "--bounding-set=-all,+net_admin",
+            "--",
+        ],
+    );
+    let socket = lab.dir().join("admin.sock");
+    // egress-window passes its /proc/self: identified, and its command gets out.
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.ns(Host::Server)))
+        .arg(env!("CARGO_BIN_EXE_egress-window"))
+        .arg("--socket")
+        .arg(&socket)
+        .args(["10s", "--", "bash", "-c", &probe_mirror()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        daemon.log_text()
+    );
+    assert!(
+        daemon.log_text().contains("egress window opened"),
+        "{}",
+        daemon.log_text()
+    );
+    // A requester that passes nothing cannot be seen, so it gets no window.
+    let cgroup = TestCgroup::new(&lab, "blind");
+    let answer = python_asks(&socket, &cgroup, cgroup.id(), "apt upgrade");
+    assert!(answer.contains("hidden from knockgated"), "{answer}");
+}

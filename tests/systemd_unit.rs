@@ -6,9 +6,7 @@ use std::path::Path;
 use std::process::Command;
 
 /// The score the unit has now; a change that makes it worse fails here.
-/// (1.6 until issue 12: `ProtectProc=default` costs 0.2, the price of reading an
-/// egress requester's cgroup and command line from /proc instead of believing it.)
-const MAX_EXPOSURE: f64 = 1.8;
+const MAX_EXPOSURE: f64 = 1.6;
 
 /// The unit with its ExecStart paths pointing at the built daemon, so verify can
 /// check them.

@@ -178,6 +178,41 @@ pub fn may_change_config(peer: &Peer, admin: &crate::config::Admin) -> Result<()
     ))
 }
 
+/// Bytes of the first read of a request, and the one file descriptor it may carry
+/// (`SCM_RIGHTS`: the requester's `/proc/self`). Any further descriptors are closed
+/// by the kernel (no room for them) or dropped here.
+async fn receive_first(
+    stream: &tokio::net::UnixStream,
+) -> std::io::Result<(Vec<u8>, Option<std::os::fd::OwnedFd>)> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg};
+    use std::mem::MaybeUninit;
+    loop {
+        stream.readable().await?;
+        let received = stream.try_io(tokio::io::Interest::READABLE, || {
+            let mut buf = vec![0u8; 4096];
+            let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+            let mut control = RecvAncillaryBuffer::new(&mut space);
+            let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+            let msg = recvmsg(stream, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC)
+                .map_err(std::io::Error::from)?;
+            let mut passed = None;
+            for message in control.drain() {
+                if let RecvAncillaryMessage::ScmRights(fds) = message {
+                    for fd in fds {
+                        passed.get_or_insert(fd);
+                    }
+                }
+            }
+            buf.truncate(msg.bytes);
+            Ok((buf, passed))
+        });
+        match received {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => return other,
+        }
+    }
+}
+
 /// What to do when a held connection ends (an egress window's requester hung up).
 pub type OnClose = Box<dyn FnOnce()>;
 
@@ -191,8 +226,14 @@ pub async fn serve(
     handle: impl FnOnce(Request, Peer) -> (Response, Option<OnClose>),
 ) {
     let Ok(cred) = stream.peer_cred() else { return };
-    // Identified at once, while the connecting process is surely there to be seen.
-    let process = super::peer::identify(&stream, cgroup_root);
+    // Taken at once, while the connecting process is surely there to be seen.
+    let connected = super::peer::connected(&stream);
+    // The request's first bytes, with the /proc directory a requester may pass.
+    let (first, passed) = tokio::time::timeout(REQUEST_TIMEOUT, receive_first(&stream))
+        .await
+        .unwrap_or_else(|_| Ok((Vec::new(), None)))
+        .unwrap_or_default();
+    let process = connected.and_then(|c| super::peer::identify(&c, passed, cgroup_root));
     let peer = Peer {
         uid: cred.uid(),
         gid: cred.gid(),
@@ -201,7 +242,11 @@ pub async fn serve(
     };
     let (read, mut write) = stream.into_split();
     let limit = u64::try_from(MAX_REQUEST).unwrap_or(u64::MAX);
-    let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, limit));
+    let rest = tokio::io::AsyncReadExt::take(read, limit);
+    let mut reader = BufReader::new(tokio::io::AsyncReadExt::chain(
+        std::io::Cursor::new(first),
+        rest,
+    ));
     let (response, on_close) = if let Err(why) = authorize(&peer, group) {
         warn!(target: AUDIT, event = "admin-refuse", uid = peer.uid, pid = ?peer.pid, reason = %why,
             "admin request refused");

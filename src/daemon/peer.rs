@@ -57,9 +57,19 @@ pub struct Cgroup {
     pub owner: u32,
 }
 
-/// Identifies the process at the other end of `stream` (a connected unix socket);
-/// `cgroup_root` is the daemon's cgroup2 mount, if it has one.
-pub fn identify(stream: &impl AsFd, cgroup_root: Option<&Path>) -> Result<Process, String> {
+/// What the kernel recorded about the process that connected: taken at `accept()`.
+#[derive(Debug)]
+pub struct Connected {
+    /// Its pid (at `connect()`).
+    pid: i32,
+    /// Its effective uid (at `connect()`).
+    uid: u32,
+    /// A pidfd of exactly that process, where the kernel gives one (Linux ≥ 6.5).
+    pidfd: Option<OwnedFd>,
+}
+
+/// The credentials (and pidfd) of the peer of `stream`, a connected unix socket.
+pub fn connected(stream: &impl AsFd) -> Result<Connected, String> {
     use nix::sys::socket::{getsockopt, sockopt};
     let cred = getsockopt(stream, sockopt::PeerCredentials)
         .map_err(|e| format!("no peer credentials: {e}"))?;
@@ -67,29 +77,57 @@ pub fn identify(stream: &impl AsFd, cgroup_root: Option<&Path>) -> Result<Proces
     if pid <= 0 {
         return Err("the peer has no pid in this pid namespace".to_owned());
     }
-    // ENOPROTOOPT before Linux 6.5: then the uid check below is what we have. Any
-    // other error (the peer is gone already) refuses: the pid may be someone else's.
+    // ENOPROTOOPT before Linux 6.5: then the uid check is what we have. Any other
+    // error (the peer is gone already) refuses: the pid may be someone else's now.
     let pidfd = match getsockopt(stream, sockopt::PeerPidfd) {
         Ok(fd) => Some(fd),
         Err(nix::errno::Errno::ENOPROTOOPT) => None,
         Err(e) => return Err(format!("no pidfd for peer pid {pid}: {e} (it exited?)")),
     };
     if let Some(fd) = &pidfd {
-        let same = pid_of_pidfd(fd).is_some_and(|p| p == pid);
-        if !same {
+        if pid_of_pidfd(fd) != Some(pid) {
             return Err(format!("the peer's pidfd is not pid {pid}"));
         }
     }
-    let dir = open(
-        format!("/proc/{pid}").as_str(),
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| format!("cannot open /proc/{pid}: {e} (is /proc hidden from knockgated?)"))?;
+    Ok(Connected { pid, uid, pidfd })
+}
+
+/// Identifies the connected process. Its `/proc/<pid>` directory is the one the
+/// requester passed over the socket (`egress-window` sends its `/proc/self`: the
+/// daemon's own /proc hides other users' processes, `ProtectProc=invisible`), checked
+/// to be a procfs directory whose `Pid:` is the connecting pid; without one, the
+/// daemon opens `/proc/<pid>` itself. `cgroup_root` is the daemon's cgroup2 mount.
+pub fn identify(
+    peer: &Connected,
+    passed: Option<OwnedFd>,
+    cgroup_root: Option<&Path>,
+) -> Result<Process, String> {
+    let Connected { pid, uid, .. } = *peer;
+    let dir = match passed {
+        Some(fd) => {
+            proc_directory(&fd)?;
+            fd
+        }
+        None => open(
+            format!("/proc/{pid}").as_str(),
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| {
+            format!(
+                "cannot open /proc/{pid}: {e} (hidden from knockgated: a requester must pass its /proc/self, as egress-window does)"
+            )
+        })?,
+    };
     let status =
         read_at(&dir, "status").map_err(|e| format!("cannot read /proc/{pid}/status: {e}"))?;
-    let effective =
-        effective_uid(&status).ok_or_else(|| format!("/proc/{pid}/status has no Uid line"))?;
+    if status_field(&status, "Pid:", 0) != Some(pid_u32(pid)) {
+        return Err(format!(
+            "the /proc directory passed is not the connecting process's (pid {pid})"
+        ));
+    }
+    let effective = status_field(&status, "Uid:", 1)
+        .ok_or_else(|| format!("/proc/{pid}/status has no Uid line"))?;
     if effective != uid {
         return Err(format!(
             "pid {pid} now belongs to uid {effective}, not the connecting uid {uid} (it exited?)"
@@ -99,7 +137,7 @@ pub fn identify(stream: &impl AsFd, cgroup_root: Option<&Path>) -> Result<Proces
         read_at(&dir, "cgroup").map_err(|e| format!("cannot read /proc/{pid}/cgroup: {e}"))?;
     let cmdline =
         read_at(&dir, "cmdline").map_err(|e| format!("cannot read /proc/{pid}/cmdline: {e}"))?;
-    if let Some(fd) = &pidfd {
+    if let Some(fd) = &peer.pidfd {
         if exited(fd) {
             return Err(format!("pid {pid} exited while it was being identified"));
         }
@@ -118,6 +156,25 @@ pub fn identify(stream: &impl AsFd, cgroup_root: Option<&Path>) -> Result<Proces
         command,
         cgroup,
     })
+}
+
+/// Whether `fd` is a directory on procfs (not one the requester made up, with a
+/// `status` file of its own writing).
+fn proc_directory(fd: &OwnedFd) -> Result<(), String> {
+    use nix::sys::stat::{SFlag, fstat};
+    use nix::sys::statfs::{PROC_SUPER_MAGIC, fstatfs};
+    let on_proc = fstatfs(fd).is_ok_and(|s| s.filesystem_type() == PROC_SUPER_MAGIC);
+    let is_dir = fstat(fd)
+        .is_ok_and(|st| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR);
+    if on_proc && is_dir {
+        Ok(())
+    } else {
+        Err("what the requester passed is not a /proc directory".to_owned())
+    }
+}
+
+fn pid_u32(pid: i32) -> u32 {
+    u32::try_from(pid).unwrap_or(0)
 }
 
 /// The cgroup v2 path in a whole `/proc/<pid>/cgroup` text: the `0::` line, which
@@ -163,13 +220,14 @@ fn read_at(dir: &OwnedFd, name: &str) -> std::io::Result<Vec<u8>> {
     Ok(out)
 }
 
-/// The effective uid in a `/proc/<pid>/status` text (`Uid: real effective saved fs`).
-fn effective_uid(status: &[u8]) -> Option<u32> {
+/// Field `index` (0-based) of line `name` in a `/proc/<pid>/status` text, as a
+/// number: `("Uid:", 1)` is the effective uid, `("Pid:", 0)` the pid.
+fn status_field(status: &[u8], name: &str, index: usize) -> Option<u32> {
     String::from_utf8_lossy(status)
         .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|rest| rest.split_whitespace().nth(1))
-        .and_then(|uid| uid.parse().ok())
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|rest| rest.split_whitespace().nth(index))
+        .and_then(|value| value.parse().ok())
 }
 
 /// The pid a pidfd refers to (`Pid:` in its fdinfo); `None` if it cannot be told.
@@ -258,20 +316,59 @@ mod tests {
     }
 
     #[test]
-    fn the_effective_uid_is_read_from_status() {
-        assert_eq!(
-            effective_uid(b"Name:\tx\nUid:\t1000\t0\t0\t0\nGid:\t1\t1\t1\t1\n"),
-            Some(0)
-        );
-        assert_eq!(effective_uid(b"Name:\tx\n"), None);
-        assert_eq!(effective_uid(b"Uid:\tjunk"), None);
+    fn status_fields_are_read_by_name_and_position() {
+        let status = b"Name:\tx\nPid:\t42\nPPid:\t1\nUid:\t1000\t0\t0\t0\nGid:\t1\t1\t1\t1\n";
+        assert_eq!(status_field(status, "Uid:", 1), Some(0));
+        assert_eq!(status_field(status, "Pid:", 0), Some(42));
+        assert_eq!(status_field(b"Name:\tx\n", "Uid:", 1), None);
+        assert_eq!(status_field(b"Uid:\tjunk", "Uid:", 1), None);
+    }
+
+    fn proc_self() -> OwnedFd {
+        open(
+            "/proc/self",
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_passed_directory_must_be_the_peers_own_on_proc() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let peer = connected(&a).unwrap();
+        assert!(identify(&peer, Some(proc_self()), None).is_ok());
+        // A made-up directory with a status file of the requester's writing.
+        let fake = tempfile::tempdir().unwrap();
+        std::fs::write(
+            fake.path().join("status"),
+            format!("Pid:\t{}\nUid:\t0\t0\t0\t0\n", std::process::id()),
+        )
+        .unwrap();
+        let fd = open(
+            fake.path(),
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+            Mode::empty(),
+        )
+        .unwrap();
+        let why = identify(&peer, Some(fd), None).unwrap_err();
+        assert!(why.contains("not a /proc directory"), "{why}");
+        // Another process's /proc directory (pid 1's).
+        let init = open(
+            "/proc/1",
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+            Mode::empty(),
+        )
+        .unwrap();
+        let why = identify(&peer, Some(init), None).unwrap_err();
+        assert!(why.contains("not the connecting process's"), "{why}");
     }
 
     #[test]
     fn the_other_end_of_a_socket_pair_is_this_process() {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         let root = crate::cgroup::cgroup2_root().ok();
-        let me = identify(&a, root.as_deref()).unwrap();
+        let me = identify(&connected(&a).unwrap(), None, root.as_deref()).unwrap();
         assert_eq!(me.pid, i32::try_from(std::process::id()).unwrap());
         assert_eq!(me.uid, nix::unistd::geteuid().as_raw());
         let own = std::fs::read(format!("/proc/{}/cmdline", std::process::id())).unwrap();
