@@ -929,6 +929,9 @@ fn a_member_of_the_admin_group_runs_a_command_scoped_window_in_its_delegated_cgr
     assert!(!marker.exists(), "the command did not run");
 }
 
+/// The user the blind daemon runs as.
+const DAEMON_UID: u32 = 64_124;
+
 #[test]
 fn a_daemon_blind_to_other_users_processes_still_identifies_egress_window() {
     if !lab_available("a_daemon_blind_to_other_users_processes_still_identifies_egress_window") {
@@ -936,7 +939,6 @@ fn a_daemon_blind_to_other_users_processes_still_identifies_egress_window() {
     }
     // knockgated as its own user with only CAP_NET_ADMIN, and a /proc that hides other
     // users' processes from it (what ProtectProc=invisible gives the packaged unit).
-    const DAEMON_UID: u32 = 64_124;
     let lab = Lab::new();
     let _mirror = lab.tcp_echo(Host::Outside, sa(v4().mirror, 80));
     let config = lab.write_file(
