@@ -94,7 +94,9 @@ printf '\n[[keys]]\nid = "demo-laptop"\nfile = "%s"\n' "$work/keys/demo-laptop.k
 export KNOCKGATE_KNOCK__SERVER_ID=demo
 echo
 echo "== starting knockgated with examples/knockgate.toml"
-KNOCKGATE_KNOCK__STATE_DIR="$work/state" KNOCKGATE_ADMIN__SOCKET="$work/admin.sock" ip netns exec "$server" "$daemon" --config "$cfg" 2>"$work/daemon.log" & dpid=$!; pids+=("$dpid")
+# `ip netns exec` mounts a fresh /sys without cgroup2; mount it again (in that mount
+# namespace only) so the daemon can read egress-window's cgroup, as on a real host.
+KNOCKGATE_KNOCK__STATE_DIR="$work/state" KNOCKGATE_ADMIN__SOCKET="$work/admin.sock" ip netns exec "$server" sh -c 'mount -t cgroup2 none /sys/fs/cgroup 2>/dev/null; exec "$@"' sh "$daemon" --config "$cfg" 2>"$work/daemon.log" & dpid=$!; pids+=("$dpid")
 for _ in $(seq 100); do grep -q "listening for knocks" "$work/daemon.log" && break; sleep 0.05; done
 sed 's/^/  log: /' "$work/daemon.log"
 echo
