@@ -67,6 +67,7 @@ fn rejection_rates() {
             max_ttl: None,
             other_source: false,
             unbound: true,
+            max_grants: 64,
         },
     );
     let settings = Settings {

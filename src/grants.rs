@@ -89,6 +89,8 @@ pub struct GrantBook {
     windows: BTreeMap<String, WindowRecord>,
     /// (service, address) → id of its record.
     by_address: HashMap<(String, IpAddr), String>,
+    /// How many records each `who` holds (a key's quota is checked per knock).
+    by_who: HashMap<String, usize>,
     /// Nothing expires before this; it may be earlier than the first real expiry (an
     /// extension does not raise it), never later. `expire` makes it exact again.
     earliest: Option<u64>,
@@ -130,7 +132,11 @@ impl GrantBook {
             .get(&key)
             .and_then(|id| self.records.get_mut(id))
         {
-            who.clone_into(&mut existing.who);
+            if existing.who != who {
+                let previous = std::mem::replace(&mut existing.who, who.to_owned());
+                uncount(&mut self.by_who, &previous);
+                *self.by_who.entry(who.to_owned()).or_default() += 1;
+            }
             existing.granted_at = now;
             existing.expires_at = expires_at;
             return (existing.clone(), Granted::Extended);
@@ -144,8 +150,15 @@ impl GrantBook {
             expires_at,
         };
         self.by_address.insert(key, record.id.clone());
+        *self.by_who.entry(record.who.clone()).or_default() += 1;
         self.records.insert(record.id.clone(), record.clone());
         (record, Granted::New)
+    }
+
+    /// How many grants `who` (like `key alice`) holds open.
+    #[must_use]
+    pub fn held_by(&self, who: &str) -> usize {
+        self.by_who.get(who).copied().unwrap_or(0)
     }
 
     /// How many grants are open.
@@ -171,6 +184,7 @@ impl GrantBook {
         let record = self.records.remove(id)?;
         self.by_address
             .remove(&(record.service.clone(), record.address));
+        uncount(&mut self.by_who, &record.who);
         self.recompute_earliest();
         Some(record)
     }
@@ -180,6 +194,7 @@ impl GrantBook {
         let gone = drain_expired(&mut self.records, now, |r| r.expires_at);
         for r in &gone {
             self.by_address.remove(&(r.service.clone(), r.address));
+            uncount(&mut self.by_who, &r.who);
         }
         self.recompute_earliest();
         gone
@@ -210,6 +225,10 @@ impl GrantBook {
             .values()
             .map(|r| ((r.service.clone(), r.address), r.id.clone()))
             .collect();
+        self.by_who.clear();
+        for r in self.records.values() {
+            *self.by_who.entry(r.who.clone()).or_default() += 1;
+        }
         self.recompute_earliest();
     }
 
@@ -245,6 +264,7 @@ impl GrantBook {
                 };
                 self.by_address
                     .insert((service.to_owned(), address), record.id.clone());
+                *self.by_who.entry(record.who.clone()).or_default() += 1;
                 self.records.insert(record.id.clone(), record);
             }
         }
@@ -390,6 +410,16 @@ impl GrantBook {
 }
 
 /// Removes and returns the entries of `map` whose `expires_at` is not after `now`.
+/// One record fewer for `who`.
+fn uncount(by_who: &mut HashMap<String, usize>, who: &str) {
+    if let Some(n) = by_who.get_mut(who) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            by_who.remove(who);
+        }
+    }
+}
+
 fn drain_expired<T>(
     map: &mut BTreeMap<String, T>,
     now: u64,
@@ -471,6 +501,31 @@ mod tests {
             Some(ip("2001:db8::1"))
         );
         assert_eq!(book.iter().count(), 0);
+    }
+
+    #[test]
+    fn grants_are_counted_per_holder_through_every_change() {
+        let mut book = GrantBook::default();
+        let mut id = ids();
+        ssh(&mut book, "192.0.2.1", "key a", 100, 10, &mut id);
+        let (b, _) = ssh(&mut book, "192.0.2.2", "key a", 100, 100, &mut id);
+        ssh(&mut book, "192.0.2.3", "uid 0", 100, 100, &mut id);
+        assert_eq!((book.held_by("key a"), book.held_by("uid 0")), (2, 1));
+        // Extending another's grant moves it to the extender; extending one's own does not count twice.
+        ssh(&mut book, "192.0.2.3", "key a", 101, 100, &mut id);
+        ssh(&mut book, "192.0.2.2", "key a", 101, 100, &mut id);
+        assert_eq!((book.held_by("key a"), book.held_by("uid 0")), (3, 0));
+        book.expire(110);
+        assert_eq!(book.held_by("key a"), 2);
+        book.revoke(&b.id);
+        assert_eq!(book.held_by("key a"), 1);
+        // Saved and loaded, the counts are rebuilt.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("grants.json");
+        book.save(&path).unwrap();
+        let loaded = GrantBook::load(&path).unwrap();
+        assert_eq!(loaded.held_by("key a"), 1);
+        assert_eq!(loaded.held_by("nobody"), 0);
     }
 
     #[test]

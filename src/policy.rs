@@ -24,6 +24,8 @@ pub struct KeyEntry {
     /// May a knock name no address at all (the grant is then for the packet's source,
     /// which anyone who sees the knock can race: NAT mode)?
     pub unbound: bool,
+    /// Most grants the key may hold open at once.
+    pub max_grants: usize,
 }
 
 /// The keys by id: one lookup per knock, never a trial of every key.
@@ -98,6 +100,14 @@ pub enum PolicyRefusal {
     /// The address is outside the key's allowed networks.
     #[error("address {0} outside the key's allowed sources")]
     Source(IpAddr),
+    /// The key holds as many grants as it may (`max_grants`); renewals still work.
+    #[error(
+        "the key holds {max} grants already, its max_grants; a renewal works, a new address does not"
+    )]
+    KeyGrants {
+        /// The key's `max_grants`.
+        max: usize,
+    },
 }
 
 /// The address as the firewall sees it: IPv4-mapped IPv6 (`::ffff:a.b.c.d`, what a
@@ -176,6 +186,7 @@ mod tests {
             max_ttl: Some(Duration::from_secs(600)),
             other_source,
             unbound: true,
+            max_grants: 64,
         }
     }
 

@@ -30,13 +30,43 @@ fn v6_addr(n: u32) -> IpAddr {
     IpAddr::V6(Ipv6Addr::from((0xfd99_u128 << 112) | u128::from(n)))
 }
 
+/// The key knocks are sealed with here (key id `laptop`, server id `scale`).
+const KEY_HEX: &str = "7e1f6a0c4b2e9f7a3c5d8e1b0a6f4c2d9e7b5a3c1f0e8d6b4a2c0e9f7d5b3a1c";
+
 fn setup(lab: &Lab) -> (PathBuf, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
     let socket = lab.dir().join("admin.sock");
+    let key = lab.write_file("laptop.key", KEY_HEX);
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
     let config = lab.write_file(
         "k.toml",
-        "tamper = \"repair\"\n[knock]\nmax_ttl = \"24h\"\n[dns]\nresolvers = [\"10.77.2.53\"]\n",
+        &format!(
+            "tamper = \"repair\"\n[knock]\nmax_ttl = \"24h\"\nserver_id = \"scale\"\n[dns]\nresolvers = [\"10.77.2.53\"]\n\
+             [[keys]]\nid = \"laptop\"\nfile = \"{}\"\n",
+            key.display()
+        ),
     );
     (socket, config)
+}
+
+/// A knock of key `laptop` bound to `address` (and sent from it).
+fn knock_for(address: Ipv4Addr, nonce: u8) -> Vec<u8> {
+    use knockgate::knock::auth::{ServerId, seal};
+    use knockgate::knock::{AddressClaim, KeyId, Knock, Secret, Service};
+    let timestamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let knock = Knock {
+        key_id: KeyId::new("laptop").unwrap(),
+        service: Service::Ssh,
+        timestamp,
+        nonce: [nonce; 16],
+        ttl_secs: 60,
+        address: AddressClaim::V4(address),
+    };
+    let secret = Secret::from_hex(KEY_HEX).unwrap();
+    seal(&knock, &secret, &ServerId::new("scale").unwrap()).to_vec()
 }
 
 fn ask(socket: &Path, request: &Request) -> Response {
@@ -194,8 +224,14 @@ fn timed<T>(what: &str, f: impl FnOnce() -> T) -> T {
 }
 
 /// Opens `first` and then 99,999 more grants (half IPv6), the most the daemon holds;
-/// checks that one more is refused and a renewal still works.
-fn open_the_most_grants(socket: &Path, first: IpAddr) -> BTreeSet<IpAddr> {
+/// checks that one more is refused and a renewal still works — and, past 99,000,
+/// that knocks are refused while admins still open (the admins' reserve).
+fn open_the_most_grants(
+    lab: &Lab,
+    daemon: &support::Daemon,
+    socket: &Path,
+    first: IpAddr,
+) -> BTreeSet<IpAddr> {
     let mut opened = BTreeSet::new();
     open(socket, first);
     opened.insert(first);
@@ -204,6 +240,25 @@ fn open_the_most_grants(socket: &Path, first: IpAddr) -> BTreeSet<IpAddr> {
             for addr in [v4_addr(n), v6_addr(n)] {
                 open(socket, addr);
                 opened.insert(addr);
+            }
+            if n == 49_500 {
+                // 99,003 open: a valid knock for a new address is refused, its
+                // reason logged; the admins' opening goes on past it.
+                let plan = v4();
+                let IpAddr::V4(alt) = plan.client_alt else {
+                    unreachable!()
+                };
+                lab.udp_send(
+                    Host::Client,
+                    plan.client_alt,
+                    sa(plan.server_from_client, 62201),
+                    &[knock_for(alt, 1)],
+                );
+                assert!(
+                    daemon.logged_within("reason=\"grants-full\"", SCALE_WORK),
+                    "{}",
+                    daemon.log_text()
+                );
             }
         }
         open(socket, v4_addr(49_999));
@@ -238,7 +293,7 @@ fn a_hundred_thousand_grants_survive_every_whole_table_change() {
     let mut daemon = lab.start_daemon(&config);
     let plan = v4();
     let laptop = sa(plan.server_from_client, 22);
-    let opened = open_the_most_grants(&socket, plan.client);
+    let opened = open_the_most_grants(&lab, &daemon, &socket, plan.client);
     // Both ban sets at their cap (65,536 each), added by another process in one
     // transaction: the repair that follows carries them (bans only ever deny).
     fill_ban_sets(&lab);

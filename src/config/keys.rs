@@ -59,5 +59,6 @@ fn load_key(config: &Path, key: &str, spec: &KeySpec) -> Result<KeyEntry, Config
         max_ttl: spec.max_ttl.map(|d| d.0),
         other_source: spec.other_source,
         unbound: spec.allow_unbound,
+        max_grants: usize::try_from(spec.max_grants).unwrap_or(usize::MAX),
     })
 }

@@ -211,6 +211,16 @@ pub struct KeySpec {
     /// behind a NAT that cannot learn their public address. Off by default.
     #[serde(default)]
     pub allow_unbound: bool,
+    /// Most grants this key may hold open at once (a laptop needs a few: one per
+    /// family and network it moves through). Past it a knock for a new address is
+    /// refused; renewals work. Bounds what one key — or one stolen key, with spoofed
+    /// sources — can take of the server's 100,000.
+    #[serde(default = "default_key_max_grants")]
+    pub max_grants: u32,
+}
+
+fn default_key_max_grants() -> u32 {
+    64
 }
 
 fn default_services() -> Vec<String> {

@@ -78,6 +78,9 @@ pub(super) fn validate(path: &Path, config: &Config) -> Result<(), ConfigError> 
     Ok(())
 }
 
+/// Most grants one key may be allowed: what knocks may take of the daemon's 100,000
+/// (the rest is kept for admins).
+const MAX_KEY_GRANTS: u32 = 99_000;
 fn table(c: &Checker<'_>, config: &Config) -> Result<(), ConfigError> {
     let ok = !config.table.is_empty()
         && config.table.len() <= MAX_TABLE_NAME
@@ -176,6 +179,12 @@ fn keys(c: &Checker<'_>, config: &Config) -> Result<(), ConfigError> {
         }
         if let Some(max) = key.max_ttl {
             c.duration(&at("max_ttl"), max.0, MAX_GRANT)?;
+        }
+        if !(1..=MAX_KEY_GRANTS).contains(&key.max_grants) {
+            return Err(c.invalid(
+                &at("max_grants"),
+                format!("expected 1 to {MAX_KEY_GRANTS} grants"),
+            ));
         }
     }
     Ok(())

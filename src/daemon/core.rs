@@ -69,6 +69,12 @@ pub enum KnockRefusal {
     /// The key may not do this.
     #[error("{1} (key {0})")]
     Policy(KeyId, PolicyRefusal),
+    /// Knocks have taken all the grants they may: the last [`ADMIN_RESERVE`] are
+    /// kept for admins.
+    #[error(
+        "{0} grants are open, all that knocks may take (the last {ADMIN_RESERVE} are kept for admins); refused until some end"
+    )]
+    Full(usize),
     /// The nonce could not be made durable, so nothing was granted.
     #[error("cannot persist the replay guard: {0}")]
     State(String),
@@ -94,6 +100,9 @@ pub const MAX_COUNTED_SOURCES: usize = 65_536;
 /// whole-table replace are measured with this many (README); a key holder who binds
 /// knocks to address after address cannot grow the table past it.
 pub const MAX_GRANTS: usize = 100_000;
+/// Grants only an admin may open: knocks (whatever their keys' quotas add up to) stop
+/// short of [`MAX_GRANTS`] by this many, so an admin can always let someone in.
+pub const ADMIN_RESERVE: usize = 1_000;
 
 /// Why a grant was not opened.
 #[derive(Debug, thiserror::Error)]
@@ -266,6 +275,21 @@ impl<F: Firewall> Core<F> {
             self.settings.limits,
         )
         .map_err(|e| KnockRefusal::Policy(key_id.clone(), e))?;
+        // Room for a new hole (a renewal needs none), checked before the nonce is
+        // used, so a knock refused here can be sent again later.
+        let who = format!("key {key_id}");
+        if !self.book.holds(knock.service.name(), grant.address) {
+            if self.book.held_by(&who) >= key.max_grants {
+                let max = key.max_grants;
+                return Err(KnockRefusal::Policy(
+                    key_id,
+                    PolicyRefusal::KeyGrants { max },
+                ));
+            }
+            if self.book.len() >= MAX_GRANTS - ADMIN_RESERVE {
+                return Err(KnockRefusal::Full(self.book.len()));
+            }
+        }
         self.guard
             .admit_for(key_id.as_str(), knock.nonce, forget_after, now)
             .map_err(|e| KnockRefusal::Replay(key_id.clone(), e))?;
@@ -276,7 +300,6 @@ impl<F: Firewall> Core<F> {
         self.replay_log
             .append(&knock.nonce, forget_after)
             .map_err(|e| KnockRefusal::State(format!("{e:#}")))?;
-        let who = format!("key {key_id}");
         let granted = self
             .grant(knock.service, grant.address, &who, grant.ttl, now)
             .map_err(|e| KnockRefusal::Firewall(format!("{e:#}")));

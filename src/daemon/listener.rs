@@ -52,6 +52,8 @@ fn reason_name(reason: &KnockRefusal) -> &'static str {
         KnockRefusal::Replay(_, ReplayError::BeforeFloor) => "replay-before-floor",
         KnockRefusal::Policy(_, PolicyRefusal::Unbound) => "unbound",
         KnockRefusal::Policy(_, PolicyRefusal::OtherSource { .. }) => "other-address",
+        KnockRefusal::Policy(_, PolicyRefusal::KeyGrants { .. }) => "key-grants",
+        KnockRefusal::Full(_) => "grants-full",
         KnockRefusal::Policy(..) => "policy",
         KnockRefusal::State(_) => "state",
         KnockRefusal::Firewall(_) => "firewall",

@@ -43,7 +43,15 @@ fn keys() -> KeyRing {
         max_ttl: Some(Duration::from_secs(1800)),
         other_source,
         unbound: true,
+        max_grants: 64,
     };
+    ring.insert(
+        KeyId::new("two").unwrap(),
+        KeyEntry {
+            max_grants: 2,
+            ..entry(vec![Service::Ssh], false)
+        },
+    );
     ring.insert(
         KeyId::new("bound").unwrap(),
         KeyEntry {
@@ -339,6 +347,70 @@ fn a_bound_knock_raced_from_another_address_opens_nothing_and_its_owner_still_ge
         KnockOutcome::Granted { .. }
     ));
     assert_eq!(elements(&mut f.core, SSH_GRANTS_V4), vec![laptop]);
+}
+
+#[test]
+fn a_key_holds_at_most_its_max_grants_and_a_refused_knock_can_come_again() {
+    let mut f = fixture();
+    let knock = |core: &mut Core<MemoryFirewall>, from: &str, nonce: u8, at: u64| {
+        core.knock(
+            &knock_bytes("two", at, 60, AddressClaim::PacketSource, nonce),
+            ip(from),
+            at,
+        )
+    };
+    // Spoofed sources, each a valid knock of one key: two grants, no more.
+    assert!(matches!(
+        knock(&mut f.core, "198.51.100.1", 1, NOW),
+        KnockOutcome::Granted { .. }
+    ));
+    assert!(matches!(
+        knock(&mut f.core, "198.51.100.2", 2, NOW),
+        KnockOutcome::Granted { .. }
+    ));
+    let third = knock(&mut f.core, "198.51.100.3", 3, NOW);
+    let KnockOutcome::Refused { reason, banned } = third else {
+        panic!("{third:?}")
+    };
+    assert!(
+        matches!(
+            reason,
+            KnockRefusal::Policy(_, PolicyRefusal::KeyGrants { max: 2 })
+        ),
+        "{reason}"
+    );
+    assert!(!banned);
+    assert_eq!(elements(&mut f.core, SSH_GRANTS_V4).len(), 2);
+    // Renewing one of its own still works; other keys are not affected.
+    assert!(matches!(
+        knock(&mut f.core, "198.51.100.1", 4, NOW + 1),
+        KnockOutcome::Granted { .. }
+    ));
+    assert!(matches!(
+        f.core.knock(
+            &knock_bytes("alice", NOW, 60, AddressClaim::PacketSource, 5),
+            ip("198.51.100.9"),
+            NOW
+        ),
+        KnockOutcome::Granted { .. }
+    ));
+    // Once one of its grants ends, the refused knock itself (its nonce unused) opens.
+    let first = f
+        .core
+        .grants(NOW + 1)
+        .into_iter()
+        .find(|g| g.address == ip("198.51.100.2"))
+        .unwrap();
+    f.core.revoke(&first.id).unwrap();
+    let retried = f.core.knock(
+        &knock_bytes("two", NOW, 60, AddressClaim::PacketSource, 3),
+        ip("198.51.100.3"),
+        NOW + 2,
+    );
+    assert!(
+        matches!(retried, KnockOutcome::Granted { .. }),
+        "{retried:?}"
+    );
 }
 
 #[test]
