@@ -12,6 +12,17 @@ pub const USAGE: u8 = 2;
 /// Exit code for a failure at run time.
 pub const RUNTIME: u8 = 1;
 
+/// Writes `text` to stdout. A reader that went away (`knockgate ruleset | head`) is
+/// not an error: the rest is simply not wanted (`print!` would panic there).
+pub fn write_stdout(text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}
+
 /// Prints `err` with its whole cause chain (and a hint for the usual mistakes) to
 /// stderr as `PROGRAM: error: …`, and returns the exit code its kind calls for.
 #[must_use]

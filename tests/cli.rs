@@ -296,3 +296,36 @@ fn knock_refuses_a_group_readable_key() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn a_reader_that_goes_away_ends_the_output_quietly() {
+    // `knockgate ruleset | head -1`, `knockgated --check | head`: the pipe closes
+    // before the ruleset is written; no panic, no error, exit 0.
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/knockgate.toml");
+    for (program, args) in [
+        (
+            env!("CARGO_BIN_EXE_knockgate"),
+            vec!["--config", config, "ruleset"],
+        ),
+        (
+            env!("CARGO_BIN_EXE_knockgated"),
+            vec!["--config", config, "--check"],
+        ),
+    ] {
+        let mut child = std::process::Command::new(program)
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{program}: {}",
+            text(&out.stderr)
+        );
+        assert!(out.stderr.is_empty(), "{program}: {}", text(&out.stderr));
+    }
+}

@@ -65,7 +65,9 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
         }
         Command::Ruleset => {
             let loaded = config::load(&args.config)?;
-            print!("{}", baseline(&loaded.config, &loaded.resolvers));
+            knockgate::exit::write_stdout(
+                &baseline(&loaded.config, &loaded.resolvers).to_string(),
+            )?;
             return Ok(ExitCode::SUCCESS);
         }
         Command::Check => {
@@ -92,14 +94,18 @@ fn show(response: &Response, json: bool) -> ExitCode {
         ),
         Response::Grants { grants, windows } if json => {
             let both = serde_json::json!({ "grants": grants, "windows": windows });
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&both).unwrap_or_default()
-            );
+            let text = serde_json::to_string_pretty(&both).unwrap_or_default() + "\n";
+            if let Err(e) = knockgate::exit::write_stdout(&text) {
+                eprintln!("knockgate: cannot write the list: {e}");
+                return ExitCode::from(1);
+            }
         }
         Response::Grants { grants, windows } => {
-            print_grants(grants);
-            print_windows(windows);
+            let text = grants_table(grants) + &windows_table(windows);
+            if let Err(e) = knockgate::exit::write_stdout(&text) {
+                eprintln!("knockgate: cannot write the list: {e}");
+                return ExitCode::from(1);
+            }
         }
         Response::WindowOpened { window, capped } => {
             let cap = if *capped {
@@ -156,17 +162,19 @@ fn show(response: &Response, json: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn print_grants(grants: &[GrantRecord]) {
+/// The grants as a table (one line each: 100,000 grants are written at once).
+fn grants_table(grants: &[GrantRecord]) -> String {
+    use std::fmt::Write as _;
     if grants.is_empty() {
-        println!("no open grants");
-        return;
+        return "no open grants\n".to_owned();
     }
-    println!(
-        "{:<10} {:<8} {:<40} {:<20} EXPIRES",
+    let mut out = format!(
+        "{:<10} {:<8} {:<40} {:<20} EXPIRES\n",
         "ID", "SERVICE", "ADDRESS", "WHO"
     );
     for g in grants {
-        println!(
+        let _ = writeln!(
+            out,
             "{:<10} {:<8} {:<40} {:<20} {}",
             g.id,
             g.service,
@@ -175,31 +183,37 @@ fn print_grants(grants: &[GrantRecord]) {
             when(g.expires_at)
         );
     }
+    out
 }
 
-fn print_windows(windows: &[WindowRecord]) {
+/// The egress windows as a table, after a blank line; nothing if there are none.
+fn windows_table(windows: &[WindowRecord]) -> String {
+    use std::fmt::Write as _;
     if windows.is_empty() {
-        return;
+        return String::new();
     }
-    println!(
-        "\n{:<10} {:<22} {:<10} {:<14} COMMAND",
+    let mut out = format!(
+        "\n{:<10} {:<22} {:<10} {:<14} COMMAND\n",
         "WINDOW", "SCOPE", "WHO", "EXPIRES"
     );
     for w in windows {
-        println!(
+        let scope = if w.to.is_empty() {
+            w.scope.to_string()
+        } else {
+            let to: Vec<String> = w.to.iter().map(ToString::to_string).collect();
+            format!("{} to {}", w.scope, to.join(","))
+        };
+        let _ = writeln!(
+            out,
             "{:<10} {:<22} {:<10} {:<14} {}",
             w.id,
-            if w.to.is_empty() {
-                w.scope.to_string()
-            } else {
-                let to: Vec<String> = w.to.iter().map(ToString::to_string).collect();
-                format!("{} to {}", w.scope, to.join(","))
-            },
+            scope,
             w.who,
             when(w.expires_at),
             w.command
         );
     }
+    out
 }
 
 /// A Unix time as "in 14m 3s".

@@ -20,7 +20,7 @@ fn main() -> ExitCode {
 fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let loaded = config::load(&args.config)?;
     if args.check {
-        print!("{}", baseline(&loaded.config, &loaded.resolvers));
+        knockgate::exit::write_stdout(&baseline(&loaded.config, &loaded.resolvers).to_string())?;
         return Ok(ExitCode::SUCCESS);
     }
     let keys = config::load_keys(&loaded)?;
