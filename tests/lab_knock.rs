@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use knockgate::knock::auth::{ServerId, seal};
 use knockgate::knock::{AddressClaim, KeyId, Knock, Secret, Service};
-use support::{Daemon, Host, Lab, Plan, lab_available, sa, v4, v6};
+use support::{Daemon, Host, Lab, Plan, eventually, lab_available, sa, v4, v6};
 
 const SERVER_ID: &str = "lab-server";
 const KEY_HEX: &str = "8d1f6a0c4b2e9f7a3c5d8e1b0a6f4c2d9e7b5a3c1f0e8d6b4a2c0e9f7d5b3a1c";
@@ -142,20 +142,6 @@ fn bound(address: IpAddr) -> AddressClaim {
 
 fn knock_port(plan: &Plan, host: Host) -> SocketAddr {
     sa(plan.server_from_client_or_outside(host), 62201)
-}
-
-/// Waits (bounded) until `check` holds; returns whether it did.
-fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + within;
-    loop {
-        if check() {
-            return true;
-        }
-        if Instant::now() > end {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]

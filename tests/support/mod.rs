@@ -596,6 +596,21 @@ impl Drop for Lab {
     }
 }
 
+/// Waits (bounded by `within`) until `check` holds, polling every 20 ms; returns
+/// whether it did.
+pub fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Waits (at most 10 s) until every (namespace, device) reports carrier.
 fn wait_for_links(links: &[(String, &str)]) {
     let deadline = Instant::now() + Duration::from_secs(10);
