@@ -22,7 +22,7 @@ use knockgate::firewall::Firewall;
 use knockgate::firewall::memory::MemoryFirewall;
 use knockgate::grants::GrantBook;
 use knockgate::knock::auth::{ServerId, seal};
-use knockgate::knock::{AddressClaim, KeyId, Knock, Secret, Service};
+use knockgate::knock::{AddressClaim, KeyId, Knock, Secret, ServiceId};
 use knockgate::policy::{KeyEntry, KeyRing, Limits};
 use knockgate::state::ReplayLog;
 use support::{Host, Lab, sa, v4};
@@ -38,7 +38,7 @@ fn unix_now() -> u64 {
 fn knock(key_hex: &str, key_id: &str, nonce: [u8; 16]) -> Vec<u8> {
     let k = Knock {
         key_id: KeyId::new(key_id).unwrap(),
-        service: Service::Ssh,
+        service: ServiceId::ssh(),
         timestamp: unix_now(),
         nonce,
         ttl_secs: 60,
@@ -49,7 +49,6 @@ fn knock(key_hex: &str, key_id: &str, nonce: [u8; 16]) -> Vec<u8> {
         &Secret::from_hex(key_hex).unwrap(),
         &ServerId::new("bench").unwrap(),
     )
-    .to_vec()
 }
 
 fn rejection_rates() {
@@ -62,7 +61,7 @@ fn rejection_rates() {
         KeyId::new("alice").unwrap(),
         KeyEntry {
             secret: Secret::from_hex(KEY_HEX).unwrap(),
-            services: vec![Service::Ssh],
+            services: vec!["ssh".to_owned()],
             sources: vec!["0.0.0.0/0".parse().unwrap()],
             max_ttl: None,
             other_source: false,
@@ -82,6 +81,8 @@ fn rejection_rates() {
         ipv6_prefix: 64,
         book_path: dir.path().join("grants.json"),
         egress_max_ttl: Duration::from_secs(3600),
+        services: knockgate::service::port_services(&knockgate::config::Config::default()),
+        egress_service: false,
     };
     let replay = ReplayLog::open(dir.path(), REPLAY_CAPACITY, unix_now()).unwrap();
     let mut core = Core::new(fw, settings, keys, replay, GrantBook::default());

@@ -232,6 +232,26 @@ impl GrantBook {
         self.recompute_earliest();
     }
 
+    /// Drops the records of every service not in `services` and returns them (a
+    /// reload removed the service, and its sets with it).
+    pub fn drop_services_except(&mut self, services: &[&str]) -> Vec<GrantRecord> {
+        let gone: Vec<String> = self
+            .records
+            .values()
+            .filter(|r| !services.contains(&r.service.as_str()))
+            .map(|r| r.id.clone())
+            .collect();
+        if gone.is_empty() {
+            return Vec::new();
+        }
+        let dropped = gone
+            .iter()
+            .filter_map(|id| self.records.remove(id))
+            .collect();
+        self.rebuild_index();
+        dropped
+    }
+
     /// Makes the `service` records agree with what the kernel's set holds: records
     /// without an element are dropped; elements without a record get one marked
     /// `recovered`; expiry times are taken from the kernel.

@@ -33,4 +33,5 @@ pub mod knock;
 pub mod logging;
 pub mod policy;
 pub mod ruleset;
+pub mod service;
 pub mod state;

@@ -7,14 +7,14 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use crate::knock::{AddressClaim, KeyId, Secret, Service};
+use crate::knock::{AddressClaim, KeyId, Secret, ServiceId};
 
 /// One key's secret and what it may do.
 pub struct KeyEntry {
     /// The shared secret.
     pub secret: Secret,
-    /// Services it may open.
-    pub services: Vec<Service>,
+    /// Services it may open, by name.
+    pub services: Vec<String>,
     /// Networks a grant's address must lie in.
     pub sources: Vec<IpNet>,
     /// Longest grant for this key, before the server's cap.
@@ -80,11 +80,15 @@ pub struct Grant {
 }
 
 /// Why a verified knock opens nothing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PolicyRefusal {
+    /// No service on this server has the id the knock names (a service removed, or
+    /// not yet added, here; or a client's typo).
+    #[error("no service on this server has id {0} (a service name the config does not define?)")]
+    UnknownService(ServiceId),
     /// The key may not open this service.
-    #[error("service {} not allowed for this key", .0.name())]
-    Service(Service),
+    #[error("service `{0}` not allowed for this key")]
+    Service(String),
     /// The knock names no address, and the key requires one.
     #[error(
         "knock is unbound (names no address) and the key requires a bound one (allow_unbound = false; an old client, or `source = \"packet\"`?)"
@@ -123,14 +127,14 @@ pub fn canonical(addr: IpAddr) -> IpAddr {
 /// Decides what a knock verified for `key` and received from `source` may open.
 pub fn decide(
     key: &KeyEntry,
-    service: Service,
+    service: &str,
     claim: AddressClaim,
     requested_ttl_secs: u32,
     source: IpAddr,
     limits: Limits,
 ) -> Result<Grant, PolicyRefusal> {
-    if !key.services.contains(&service) {
-        return Err(PolicyRefusal::Service(service));
+    if !key.services.iter().any(|s| s == service) {
+        return Err(PolicyRefusal::Service(service.to_owned()));
     }
     if claim == AddressClaim::PacketSource && !key.unbound {
         return Err(PolicyRefusal::Unbound);
@@ -181,7 +185,7 @@ mod tests {
     fn key(other_source: bool, sources: &[&str]) -> KeyEntry {
         KeyEntry {
             secret: Secret::from_hex(&"ab".repeat(32)).unwrap(),
-            services: vec![Service::Ssh],
+            services: vec!["ssh".to_owned()],
             sources: sources.iter().map(|s| s.parse().unwrap()).collect(),
             max_ttl: Some(Duration::from_secs(600)),
             other_source,
@@ -204,7 +208,7 @@ mod tests {
         let k = key(false, &["0.0.0.0/0"]);
         let g = decide(
             &k,
-            Service::Ssh,
+            "ssh",
             AddressClaim::PacketSource,
             0,
             ip("198.51.100.7"),
@@ -225,7 +229,7 @@ mod tests {
         let k = key(false, &["198.51.100.0/24"]);
         let g = decide(
             &k,
-            Service::Ssh,
+            "ssh",
             AddressClaim::PacketSource,
             60,
             ip("::ffff:198.51.100.7"),
@@ -239,7 +243,7 @@ mod tests {
         let k = key(false, &["::/0", "0.0.0.0/0"]);
         let g = decide(
             &k,
-            Service::Ssh,
+            "ssh",
             AddressClaim::PacketSource,
             7200,
             ip("2001:db8::1"),
@@ -255,7 +259,7 @@ mod tests {
         k.max_ttl = None;
         let g = decide(
             &k,
-            Service::Ssh,
+            "ssh",
             AddressClaim::PacketSource,
             99_999,
             ip("192.0.2.1"),
@@ -271,19 +275,12 @@ mod tests {
         k.unbound = false;
         let source = ip("198.51.100.7");
         assert_eq!(
-            decide(
-                &k,
-                Service::Ssh,
-                AddressClaim::PacketSource,
-                0,
-                source,
-                LIMITS
-            ),
+            decide(&k, "ssh", AddressClaim::PacketSource, 0, source, LIMITS),
             Err(PolicyRefusal::Unbound)
         );
         let bound = AddressClaim::V4(Ipv4Addr::new(198, 51, 100, 7));
         assert_eq!(
-            decide(&k, Service::Ssh, bound, 0, source, LIMITS).map(|g| g.address),
+            decide(&k, "ssh", bound, 0, source, LIMITS).map(|g| g.address),
             Ok(source)
         );
     }
@@ -293,13 +290,13 @@ mod tests {
         let claim = AddressClaim::V4(Ipv4Addr::new(203, 0, 113, 9));
         let strict = key(false, &["0.0.0.0/0"]);
         assert_eq!(
-            decide(&strict, Service::Ssh, claim, 60, ip("198.51.100.7"), LIMITS),
+            decide(&strict, "ssh", claim, 60, ip("198.51.100.7"), LIMITS),
             Err(PolicyRefusal::OtherSource {
                 claimed: ip("203.0.113.9")
             })
         );
         let nat = key(true, &["0.0.0.0/0"]);
-        let g = decide(&nat, Service::Ssh, claim, 60, ip("198.51.100.7"), LIMITS).unwrap();
+        let g = decide(&nat, "ssh", claim, 60, ip("198.51.100.7"), LIMITS).unwrap();
         assert_eq!(g.address, ip("203.0.113.9"));
     }
 
@@ -307,7 +304,7 @@ mod tests {
     fn claiming_its_own_source_is_fine_without_nat_permission() {
         let k = key(false, &["0.0.0.0/0"]);
         let claim = AddressClaim::V4(Ipv4Addr::new(198, 51, 100, 7));
-        assert!(decide(&k, Service::Ssh, claim, 60, ip("198.51.100.7"), LIMITS).is_ok());
+        assert!(decide(&k, "ssh", claim, 60, ip("198.51.100.7"), LIMITS).is_ok());
     }
 
     #[test]
@@ -316,7 +313,7 @@ mod tests {
         assert_eq!(
             decide(
                 &k,
-                Service::Ssh,
+                "ssh",
                 AddressClaim::PacketSource,
                 60,
                 ip("203.0.113.1"),
@@ -333,13 +330,13 @@ mod tests {
         assert_eq!(
             decide(
                 &k,
-                Service::Ssh,
+                "ssh",
                 AddressClaim::PacketSource,
                 60,
                 ip("192.0.2.1"),
                 LIMITS
             ),
-            Err(PolicyRefusal::Service(Service::Ssh))
+            Err(PolicyRefusal::Service("ssh".to_owned()))
         );
     }
 }

@@ -295,6 +295,15 @@ pub enum Expr {
     TcpDport(u16),
     /// `udp dport N`.
     UdpDport(u16),
+    /// `tcp dport A-B` / `udp dport A-B`: a service's port range.
+    DportRange {
+        /// TCP or UDP.
+        protocol: crate::service::Protocol,
+        /// First port.
+        first: u16,
+        /// Last port.
+        last: u16,
+    },
     /// `ip saddr @set` / `ip6 saddr @set`; with a prefix, `ip6 saddr & MASK == @set`.
     SaddrInSet {
         /// Family of the set's keys.
@@ -497,6 +506,11 @@ impl fmt::Display for Expr {
             }
             Self::TcpDport(port) => write!(f, "tcp dport {port}"),
             Self::UdpDport(port) => write!(f, "udp dport {port}"),
+            Self::DportRange {
+                protocol,
+                first,
+                last,
+            } => write!(f, "{} dport {first}-{last}", protocol.name()),
             Self::SaddrInSet {
                 family,
                 set,

@@ -10,7 +10,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use knockgate::knock::auth::{ServerId, seal};
-use knockgate::knock::{AddressClaim, KeyId, Knock, Secret, Service};
+use knockgate::knock::{AddressClaim, KeyId, Knock, Secret, ServiceId};
 use support::{Daemon, Host, Lab, Plan, eventually, lab_available, sa, v4, v6};
 
 const SERVER_ID: &str = "lab-server";
@@ -122,14 +122,14 @@ fn crafted(
 ) -> Vec<u8> {
     let knock = Knock {
         key_id: KeyId::new(key_id).unwrap(),
-        service: Service::Ssh,
+        service: ServiceId::ssh(),
         timestamp,
         nonce: [nonce; 16],
         ttl_secs: ttl,
         address: claim,
     };
     let secret = Secret::from_hex(key_hex).unwrap();
-    seal(&knock, &secret, &ServerId::new(SERVER_ID).unwrap()).to_vec()
+    seal(&knock, &secret, &ServerId::new(SERVER_ID).unwrap())
 }
 
 /// The claim of a knock bound to `address` (what `knock` sends by default).

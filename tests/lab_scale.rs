@@ -52,21 +52,21 @@ fn setup(lab: &Lab) -> (PathBuf, PathBuf) {
 /// A knock of key `laptop` bound to `address` (and sent from it).
 fn knock_for(address: Ipv4Addr, nonce: u8) -> Vec<u8> {
     use knockgate::knock::auth::{ServerId, seal};
-    use knockgate::knock::{AddressClaim, KeyId, Knock, Secret, Service};
+    use knockgate::knock::{AddressClaim, KeyId, Knock, Secret, ServiceId};
     let timestamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
     let knock = Knock {
         key_id: KeyId::new("laptop").unwrap(),
-        service: Service::Ssh,
+        service: ServiceId::ssh(),
         timestamp,
         nonce: [nonce; 16],
         ttl_secs: 60,
         address: AddressClaim::V4(address),
     };
     let secret = Secret::from_hex(KEY_HEX).unwrap();
-    seal(&knock, &secret, &ServerId::new("scale").unwrap()).to_vec()
+    seal(&knock, &secret, &ServerId::new("scale").unwrap())
 }
 
 fn ask(socket: &Path, request: &Request) -> Response {
@@ -74,7 +74,8 @@ fn ask(socket: &Path, request: &Request) -> Response {
 }
 
 fn open(socket: &Path, from: IpAddr) {
-    let request = Request::OpenSsh {
+    let request = Request::Open {
+        service: "ssh".into(),
         from,
         ttl_secs: Some(20 * 3600),
     };
@@ -268,7 +269,8 @@ fn open_the_most_grants(
     // One more is refused, and says why; a renewal of one that is open still works.
     let refused = call(
         socket,
-        &Request::OpenSsh {
+        &Request::Open {
+            service: "ssh".into(),
             from: v6_addr(77_777),
             ttl_secs: Some(60),
         },

@@ -47,7 +47,8 @@ pub fn knockgate(
     let open = |from: IpAddr| {
         let answer = call(
             &socket,
-            &Request::OpenSsh {
+            &Request::Open {
+                service: "ssh".into(),
                 from,
                 ttl_secs: Some(3600),
             },

@@ -18,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use knockgate::knock::auth::{ServerId, seal};
-use knockgate::knock::{AddressClaim, KeyId, Knock, Secret, Service};
+use knockgate::knock::{AddressClaim, KeyId, Knock, Secret, ServiceId};
 
 use crate::support::{self, Host, Lab};
 
@@ -329,7 +329,7 @@ fn sealed(key_hex: &str, ttl_secs: u64) -> Vec<u8> {
     nonce[8..].copy_from_slice(&unix_now().to_le_bytes());
     let k = Knock {
         key_id: KeyId::new("alice").unwrap(),
-        service: Service::Ssh,
+        service: ServiceId::ssh(),
         timestamp: unix_now(),
         nonce,
         ttl_secs: u32::try_from(ttl_secs).unwrap(),
@@ -340,7 +340,6 @@ fn sealed(key_hex: &str, ttl_secs: u64) -> Vec<u8> {
         &Secret::from_hex(key_hex).unwrap(),
         &ServerId::new("bench").unwrap(),
     )
-    .to_vec()
 }
 
 /// `n` SPA packets from fwknop's own client (`-T -B`: built, saved, not sent),

@@ -16,6 +16,10 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 /// (100,000, ~150 bytes each in JSON) fits.
 pub const MAX_ANSWER: usize = 64 << 20;
 
+fn ssh() -> String {
+    crate::service::SSH.to_owned()
+}
+
 /// What an admin asks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -24,8 +28,13 @@ pub enum Request {
     Status,
     /// Every live grant.
     Grants,
-    /// Open SSH for `from` for `ttl_secs` (the server's default if absent; capped).
-    OpenSsh {
+    /// Open `service` for `from` for `ttl_secs` (the server's default if absent;
+    /// capped). Sent as `open`; `open_ssh` (knockgate 0.1's CLI) is read as `ssh`.
+    #[serde(alias = "open_ssh")]
+    Open {
+        /// The service to open (`ssh` when absent).
+        #[serde(default = "ssh")]
+        service: String,
         /// Source address the hole is for.
         from: IpAddr,
         /// Requested length in seconds.
@@ -73,7 +82,7 @@ impl Request {
         match self {
             Self::Status => "status",
             Self::Grants => "grants",
-            Self::OpenSsh { .. } => "open_ssh",
+            Self::Open { .. } => "open",
             Self::OpenEgress { .. } => "open_egress",
             Self::Reload => "reload",
             Self::Apply { .. } => "apply",
@@ -189,16 +198,27 @@ mod tests {
 
     #[test]
     fn requests_are_one_json_line_each() {
-        let r = Request::OpenSsh {
+        let r = Request::Open {
+            service: "wireguard".into(),
             from: "198.51.100.7".parse().unwrap(),
             ttl_secs: Some(1800),
         };
         let line = serde_json::to_string(&r).unwrap();
         assert_eq!(
             line,
-            r#"{"op":"open_ssh","from":"198.51.100.7","ttl_secs":1800}"#
+            r#"{"op":"open","service":"wireguard","from":"198.51.100.7","ttl_secs":1800}"#
         );
         assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), r);
+        // knockgate 0.1's CLI still opens SSH on this daemon.
+        let old = r#"{"op":"open_ssh","from":"198.51.100.7","ttl_secs":1800}"#;
+        assert_eq!(
+            serde_json::from_str::<Request>(old).unwrap(),
+            Request::Open {
+                service: "ssh".into(),
+                from: "198.51.100.7".parse().unwrap(),
+                ttl_secs: Some(1800),
+            }
+        );
         assert!(serde_json::from_str::<Request>(r#"{"op":"format_disk"}"#).is_err());
     }
 

@@ -6,10 +6,12 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use knockgate::client::config::{self as client_config, HostEntry};
-use knockgate::client::{self, Target};
+use knockgate::client::{self, Mode, Target};
 use knockgate::keyfile;
 use knockgate::knock::KeyId;
 use knockgate::knock::auth::ServerId;
+use knockgate::knock::{AddressClaim, ServiceId};
+use knockgate::service;
 
 use knockgate::cli::knock::{Args, Command, KnockArgs};
 
@@ -25,18 +27,33 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
     match &args.command {
         Some(Command::Proxy { host, port }) => {
             let (target, _) = target_for(Some(host), &args.knock)?;
-            let addrs = knocked(client::send(&target)?);
+            let addrs = knocked(client::send(&target, Mode::Send)?);
             let stream = client::wait_open(&addrs, *port, args.knock.timeout)?;
             client::relay(&stream).context("relay ended with an error")?;
             Ok(ExitCode::SUCCESS)
         }
         None => {
             let (target, ssh_port) = target_for(args.host.as_deref(), &args.knock)?;
-            let addrs = knocked(client::send(&target)?);
+            let a = &args.knock;
+            // Known before anything is sent: which port --wait polls.
+            let wait_port = match (a.wait, a.wait_port) {
+                (false, _) => None,
+                (true, Some(port)) => Some(port),
+                (true, None) if target.services.iter().any(|s| s == service::SSH) => Some(ssh_port),
+                (true, None) => anyhow::bail!(client::ClientError::Invalid(format!(
+                    "--wait: which port does `{}` open? give --wait-port",
+                    target.services.join(", ")
+                ))),
+            };
+            if a.dry_run || a.save_packet.is_some() {
+                return built_only(&target, a);
+            }
+            let sent = client::send(&target, Mode::Send)?;
+            let services = target.services.join(", ");
+            let addrs = knocked(sent);
             let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
-            eprintln!("knock: sent to {}", list.join(", "));
-            if args.knock.wait {
-                let port = args.knock.wait_port.unwrap_or(ssh_port);
+            eprintln!("knock: sent to {} ({services})", list.join(", "));
+            if let Some(port) = wait_port {
                 let stream = client::wait_open(&addrs, port, args.knock.timeout)?;
                 let peer = stream
                     .peer_addr()
@@ -46,6 +63,54 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `--dry-run` and `--save-packet`: the knocks built, printed or written, not sent.
+fn built_only(target: &Target, a: &KnockArgs) -> anyhow::Result<ExitCode> {
+    use std::fmt::Write as _;
+    let sent = client::send(target, Mode::Build)?;
+    knocked(client::Sent {
+        skipped: sent.skipped,
+        ..client::Sent::default()
+    });
+    let mut lines = String::new();
+    for p in &sent.packets {
+        let hex = p.datagram.iter().fold(String::new(), |mut out, b| {
+            let _ = write!(out, "{b:02x}");
+            out
+        });
+        let _ = writeln!(lines, "{} {} {hex}", p.to, p.service);
+    }
+    if let Some(file) = &a.save_packet {
+        std::fs::write(file, &lines).with_context(|| format!("cannot write {}", file.display()))?;
+        eprintln!(
+            "knock: {} knock(s) written to {}, nothing sent",
+            sent.packets.len(),
+            file.display()
+        );
+    }
+    if a.dry_run {
+        for p in &sent.packets {
+            let bound = match p.claim {
+                AddressClaim::PacketSource => "unbound (the packet's source)".to_owned(),
+                AddressClaim::V4(ip) => ip.to_string(),
+                AddressClaim::V6(ip) => ip.to_string(),
+            };
+            println!(
+                "would send {} bytes to {}: service {} (id {}), key {}, server id {}, bound to {bound}",
+                p.datagram.len(),
+                p.to,
+                p.service,
+                ServiceId::of(&p.service),
+                target.key_id,
+                target.server_id.as_str(),
+            );
+        }
+        if a.save_packet.is_none() {
+            knockgate::exit::write_stdout(&lines)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The addresses knocked; a warning on stderr for each that was not.
@@ -126,7 +191,34 @@ fn build(
         ttl: a.ttl.or(entry.and_then(|e| e.ttl.map(|d| d.0))),
         binding: client::Binding::parse(source)?,
         discovery: discover.map(client::Discovery::parse).transpose()?,
+        services: services(a, entry)?,
     })
+}
+
+/// `--service` (in order, without repeats), else the host's `services`, else ssh.
+fn services(a: &KnockArgs, entry: Option<&HostEntry>) -> anyhow::Result<Vec<String>> {
+    let asked: &[String] = if a.services.is_empty() {
+        entry.map_or(&[][..], |e| e.services.as_slice())
+    } else {
+        &a.services
+    };
+    let mut out: Vec<String> = Vec::new();
+    for name in asked {
+        if !service::valid_name(name) {
+            anyhow::bail!(client::ClientError::Invalid(format!(
+                "service `{}`: a service name is 1 to {} of a-z, 0-9 and `_`",
+                name.escape_debug(),
+                service::MAX_NAME_LEN
+            )));
+        }
+        if !out.contains(name) {
+            out.push(name.clone());
+        }
+    }
+    if out.is_empty() {
+        out.push(service::SSH.to_owned());
+    }
+    Ok(out)
 }
 
 /// `ADDR`, `ADDR:PORT`, `[V6]:PORT` or a bare IPv6 address.

@@ -11,7 +11,7 @@ use knockgate::config;
 use knockgate::grants::{GrantRecord, WindowRecord};
 use knockgate::ruleset::baseline;
 
-use knockgate::cli::knockgate::{Args, Command, OpenService};
+use knockgate::cli::knockgate::{Args, Command};
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -25,9 +25,8 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let request = match &args.command {
         Command::Status => Request::Status,
         Command::Grants { .. } => Request::Grants,
-        Command::Open {
-            service: OpenService::Ssh { from, ttl },
-        } => Request::OpenSsh {
+        Command::Open { service, from, ttl } => Request::Open {
+            service: service.clone(),
             from: *from,
             ttl_secs: ttl.map(|d| d.as_secs()),
         },
@@ -35,10 +34,10 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
         Command::Reload => Request::Reload,
         Command::Apply { confirm } => {
             let read_error = |source| config::ConfigError::ReadFile {
-                path: args.config.clone(),
+                path: args.config_path(),
                 source,
             };
-            let path = std::fs::canonicalize(&args.config).map_err(read_error)?;
+            let path = std::fs::canonicalize(args.config_path()).map_err(read_error)?;
             let text = std::fs::read_to_string(&path).map_err(read_error)?;
             Request::Apply {
                 config: path,
@@ -61,24 +60,24 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
                 owner: owner.as_deref(),
                 nat: *nat,
             };
-            return keygen(&args.config, &key);
+            return keygen(&args.config_path(), &key);
         }
         Command::Ruleset => {
-            let loaded = config::load(&args.config)?;
+            let loaded = config::load(&args.config_path())?;
             knockgate::exit::write_stdout(
                 &baseline(&loaded.config, &loaded.resolvers).to_string(),
             )?;
             return Ok(ExitCode::SUCCESS);
         }
         Command::Check => {
-            let loaded = config::load(&args.config)?;
+            let loaded = config::load(&args.config_path())?;
             let keys = config::load_keys(&loaded)?;
             println!("{}: ok ({} knock keys)", loaded.path.display(), keys.len());
             return Ok(ExitCode::SUCCESS);
         }
     };
     let json = matches!(args.command, Command::Grants { json: true });
-    Ok(show(&call(&args.socket, &request)?, json))
+    Ok(show(&call(&args.socket_path()?, &request)?, json))
 }
 
 fn show(response: &Response, json: bool) -> ExitCode {

@@ -44,10 +44,22 @@ pub struct KnockArgs {
     /// How to learn the public address behind a NAT: `dns:NAME@RESOLVER` or an https:// URL.
     #[arg(long, global = true)]
     pub discover: Option<String>,
+    /// Service to open, like ssh, wireguard or egress; repeat for several (one knock
+    /// each) [default: the host's `services`, or ssh].
+    #[arg(long = "service", global = true, value_name = "NAME")]
+    pub services: Vec<String>,
+    /// Build the knock(s) and print what would be sent where; send nothing.
+    #[arg(long, conflicts_with = "wait")]
+    pub dry_run: bool,
+    /// Write the knock(s) to FILE instead of sending them: one line each, `ADDR:PORT
+    /// SERVICE HEX` (to send later from elsewhere, or to debug).
+    #[arg(long, value_name = "FILE", conflicts_with = "wait")]
+    pub save_packet: Option<PathBuf>,
     /// After knocking, poll the opened port until it answers.
     #[arg(long)]
     pub wait: bool,
-    /// Port to poll with --wait [default: the host's ssh_port, or 22].
+    /// Port to poll with --wait [default: the host's ssh_port, or 22, when ssh is
+    /// among the services].
     #[arg(long, global = true)]
     pub wait_port: Option<u16>,
     /// Longest wait for the port to open.

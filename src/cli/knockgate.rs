@@ -12,14 +12,40 @@ use crate::config;
 #[derive(Parser)]
 #[command(name = "knockgate", version)]
 pub struct Args {
-    /// Config file (ruleset, check, keygen).
-    #[arg(long, global = true, default_value = config::DEFAULT_PATH)]
-    pub config: PathBuf,
-    /// The daemon's admin socket.
-    #[arg(long, global = true, default_value = DEFAULT_SOCKET)]
-    pub socket: PathBuf,
+    /// Config file (ruleset, check, keygen; and where the admin socket is) [default:
+    /// /etc/knockgate/knockgate.toml].
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    /// The daemon's admin socket [default: the config's `admin.socket`, else
+    /// /run/knockgate/admin.sock].
+    #[arg(long, global = true)]
+    pub socket: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Args {
+    /// The config file: `--config`, or the default path.
+    #[must_use]
+    pub fn config_path(&self) -> PathBuf {
+        self.config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH))
+    }
+
+    /// The admin socket: `--socket`; else the config's `admin.socket` — an error if
+    /// `--config` was given and cannot be read, the default socket if the default
+    /// config cannot (a member of the admin group need not read it).
+    pub fn socket_path(&self) -> Result<PathBuf, config::ConfigError> {
+        if let Some(socket) = &self.socket {
+            return Ok(socket.clone());
+        }
+        match (&self.config, config::load(&self.config_path())) {
+            (_, Ok(loaded)) => Ok(loaded.config.admin.socket),
+            (Some(_), Err(e)) => Err(e),
+            (None, Err(_)) => Ok(PathBuf::from(DEFAULT_SOCKET)),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -32,10 +58,16 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Open a service for one source address.
+    /// Open a service (ssh, or one of the config's [[services]]) for one source address.
     Open {
-        #[command(subcommand)]
-        service: OpenService,
+        /// The service, like ssh or wireguard.
+        service: String,
+        /// The source address.
+        #[arg(long)]
+        from: std::net::IpAddr,
+        /// How long, like 30m [default: the server's default; capped at its maximum].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
     },
     /// Re-read the config and apply it, keeping grants and windows (exit 2 if it is bad).
     Reload,
@@ -77,17 +109,4 @@ pub enum Command {
     Ruleset,
     /// Validate the config and its key files; exit 2 naming the file and key at fault.
     Check,
-}
-
-#[derive(Subcommand)]
-pub enum OpenService {
-    /// Open SSH for one address.
-    Ssh {
-        /// The source address.
-        #[arg(long)]
-        from: std::net::IpAddr,
-        /// How long, like 30m [default: the server's default; capped at its maximum].
-        #[arg(long, value_parser = humantime::parse_duration)]
-        ttl: Option<Duration>,
-    },
 }

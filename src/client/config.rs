@@ -12,7 +12,9 @@
 //!                                    # or an IP address; or "packet" (unbound: the key must allow it)
 //! discover = "https://api.ipify.org" # behind a NAT: how to learn that address (curl, IPv4);
 //!                                    # or "dns:myip.opendns.com@208.67.222.222" (plain DNS: forgeable)
-//! ssh_port = 22                      # port `--wait` and `knock proxy` poll
+//! ssh_port = 22                      # port `--wait` polls after an ssh knock
+//! services = ["ssh"]                 # what a plain `knock myserver` opens (default ["ssh"]);
+//!                                    # e.g. ["ssh", "egress"]: one knock each
 //! ```
 
 use std::collections::BTreeMap;
@@ -59,9 +61,16 @@ pub struct HostEntry {
     /// How to learn the public address behind a NAT (`dns:NAME@RESOLVER` or a URL).
     #[serde(default)]
     pub discover: Option<String>,
-    /// The port opened by the knock (for `--wait` and `knock proxy`).
+    /// The SSH port (what `--wait` polls after an ssh knock).
     #[serde(default = "default_ssh_port")]
     pub ssh_port: u16,
+    /// The services a knock opens unless `--service` says otherwise.
+    #[serde(default = "default_services")]
+    pub services: Vec<String>,
+}
+
+fn default_services() -> Vec<String> {
+    vec![crate::service::SSH.to_owned()]
 }
 
 fn default_port() -> u16 {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::keyfile::KeyFileError;
 use crate::knock::auth::{ServerId, seal};
-use crate::knock::{KeyId, Knock, Secret, Service};
+use crate::knock::{AddressClaim, KeyId, Knock, Secret, ServiceId};
 
 pub use binding::{Binding, Discovery};
 
@@ -101,6 +101,8 @@ pub struct Target {
     pub binding: Binding,
     /// How to learn the public address behind a NAT, if configured.
     pub discovery: Option<Discovery>,
+    /// The services to open: one knock each, to every address (`ssh` by default).
+    pub services: Vec<String>,
 }
 
 /// The addresses `host` (a name, an address, or `[v6]`) resolves to, at most four.
@@ -130,14 +132,39 @@ pub fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, ClientError> {
 pub struct Sent {
     /// Knocked, in the resolver's order.
     pub knocked: Vec<SocketAddr>,
+    /// Every datagram built (and sent, unless a dry run), in order.
+    pub packets: Vec<Built>,
     /// Not knocked, and why.
     pub skipped: Vec<(SocketAddr, ClientError)>,
+}
+
+/// One knock as built: where it goes, what it asks for, its bytes.
+#[derive(Debug, Clone)]
+pub struct Built {
+    /// The server address and knock port.
+    pub to: SocketAddr,
+    /// The service it asks for.
+    pub service: String,
+    /// The address it is bound to.
+    pub claim: AddressClaim,
+    /// The datagram (114 bytes for ssh, 118 for any other service).
+    pub datagram: Vec<u8>,
+}
+
+/// Whether [`send`] sends what it builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Build and send.
+    Send,
+    /// Build only (`--dry-run`, `--save-packet`): nothing leaves but what finding the
+    /// bound address needs (a discovery query behind a NAT).
+    Build,
 }
 
 /// Sends one knock, each with a fresh nonce, to every address of the target that it
 /// can bind a knock for. Nothing ever answers, so success means "sent"; it fails only
 /// if no address was knocked (with the first address's reason).
-pub fn send(target: &Target) -> Result<Sent, ClientError> {
+pub fn send(target: &Target, mode: Mode) -> Result<Sent, ClientError> {
     let addrs = resolve(&target.host, target.port)?;
     let ttl_secs = target
         .ttl
@@ -148,8 +175,11 @@ pub fn send(target: &Target) -> Result<Sent, ClientError> {
     let mut discovered = None;
     let mut sent = Sent::default();
     for &addr in &addrs {
-        match knock_one(target, addr, timestamp, ttl_secs, &mut discovered) {
-            Ok(()) => sent.knocked.push(addr),
+        match knock_one(target, addr, timestamp, ttl_secs, &mut discovered, mode) {
+            Ok(built) => {
+                sent.knocked.push(addr);
+                sent.packets.extend(built);
+            }
             Err(e @ ClientError::Random(_)) => return Err(e),
             Err(e) => sent.skipped.push((addr, e)),
         }
@@ -161,14 +191,15 @@ pub fn send(target: &Target) -> Result<Sent, ClientError> {
     Ok(sent)
 }
 
-/// Binds and sends one knock to `addr`.
+/// Binds and sends the knocks (one per service) to `addr`.
 fn knock_one(
     target: &Target,
     addr: SocketAddr,
     timestamp: u64,
     ttl_secs: u32,
     discovered: &mut Option<IpAddr>,
-) -> Result<(), ClientError> {
+    mode: Mode,
+) -> Result<Vec<Built>, ClientError> {
     let any: SocketAddr = if addr.is_ipv4() {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     } else {
@@ -185,19 +216,30 @@ fn knock_one(
         &socket,
         addr,
     )?;
-    let mut nonce = [0u8; 16];
-    getrandom::fill(&mut nonce).map_err(|e| ClientError::Random(e.to_string()))?;
-    let knock = Knock {
-        key_id: target.key_id.clone(),
-        service: Service::Ssh,
-        timestamp,
-        nonce,
-        ttl_secs,
-        address: claim,
-    };
-    let datagram = seal(&knock, &target.secret, &target.server_id);
-    socket.send(&datagram).map_err(send_error)?;
-    Ok(())
+    let mut built = Vec::with_capacity(target.services.len());
+    for service in &target.services {
+        let mut nonce = [0u8; 16];
+        getrandom::fill(&mut nonce).map_err(|e| ClientError::Random(e.to_string()))?;
+        let knock = Knock {
+            key_id: target.key_id.clone(),
+            service: ServiceId::of(service),
+            timestamp,
+            nonce,
+            ttl_secs,
+            address: claim,
+        };
+        let datagram = seal(&knock, &target.secret, &target.server_id);
+        if mode == Mode::Send {
+            socket.send(&datagram).map_err(send_error)?;
+        }
+        built.push(Built {
+            to: addr,
+            service: service.clone(),
+            claim,
+            datagram,
+        });
+    }
+    Ok(built)
 }
 
 /// Polls `port` on `addrs` until one accepts a TCP connection or `timeout` passes;
@@ -286,8 +328,9 @@ mod tests {
             ttl: Some(Duration::from_secs(600)),
             binding: Binding::Auto,
             discovery: None,
+            services: vec!["ssh".into()],
         };
-        let sent = send(&target).unwrap();
+        let sent = send(&target, Mode::Send).unwrap();
         assert_eq!(sent.knocked.len(), 1);
         assert!(sent.skipped.is_empty());
         let mut buf = [0u8; 512];

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use super::{ConfigError, KeySpec, Loaded};
 use crate::keyfile::{self, KeyFileError};
-use crate::knock::{KeyId, Service};
+use crate::knock::KeyId;
 use crate::policy::{KeyEntry, KeyRing};
 
 /// Reads every `[[keys]]` file of `loaded`.
@@ -45,12 +45,7 @@ fn load_key(config: &Path, key: &str, spec: &KeySpec) -> Result<KeyEntry, Config
     })?;
     Ok(KeyEntry {
         secret,
-        services: spec
-            .services
-            .iter()
-            .filter(|s| s.as_str() == "ssh")
-            .map(|_| Service::Ssh)
-            .collect(),
+        services: spec.services.clone(),
         sources: spec
             .sources
             .iter()

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::service::{Ports, Protocol};
+
 /// The conntrack mark bit knockgate uses unless configured: one high bit, clear of
 /// the low bits other tools (and `connmark` recipes) usually take.
 pub const DEFAULT_CONNTRACK_MARK: u32 = 0x1000_0000;
@@ -84,8 +86,71 @@ pub struct Config {
     pub egress: Egress,
     /// The local admin socket.
     pub admin: Admin,
+    /// Services knocks and admins can open besides `ssh` (`[[services]]`).
+    pub services: Vec<ServiceSpec>,
     /// Knock keys, each with its own policy.
     pub keys: Vec<KeySpec>,
+}
+
+/// A service: a port (or a range) of one protocol that opens, like SSH, only for
+/// granted source addresses, IPv4 and IPv6.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ServiceSpec {
+    /// Its name: what keys list, knocks ask for and logs say.
+    pub name: String,
+    /// `tcp` or `udp`.
+    pub protocol: Protocol,
+    /// One port (`51820`) or a range (`"8000-8010"`).
+    pub port: PortValue,
+}
+
+/// A port as written in the config: a number, or `"FIRST-LAST"`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum PortValue {
+    /// `port = 51820`.
+    Number(i64),
+    /// `port = "8000-8010"` (or `"8443"`).
+    Text(String),
+}
+
+impl PortValue {
+    /// The port range, or what is wrong with it.
+    pub fn parse(&self) -> Result<Ports, String> {
+        let port = |n: i64| -> Result<u16, String> {
+            match u16::try_from(n) {
+                Ok(0) => Err("port 0 is not a port; expected 1-65535".to_owned()),
+                Ok(p) => Ok(p),
+                Err(_) => Err(format!("found {n}, expected a port from 1 to 65535")),
+            }
+        };
+        let number = |t: &str| -> Result<u16, String> {
+            t.trim()
+                .parse::<i64>()
+                .map_err(|_| {
+                    format!(
+                        "found \"{}\", expected a port (22) or a range (\"8000-8010\")",
+                        t.escape_debug()
+                    )
+                })
+                .and_then(port)
+        };
+        match self {
+            Self::Number(n) => port(*n).map(Ports::one),
+            Self::Text(text) => {
+                let (first, last) = if let Some((a, b)) = text.split_once('-') {
+                    (number(a)?, number(b)?)
+                } else {
+                    let p = number(text)?;
+                    (p, p)
+                };
+                if first > last {
+                    return Err(format!("range {first}-{last} ends before it starts"));
+                }
+                Ok(Ports { first, last })
+            }
+        }
+    }
 }
 
 /// Inbound services and ICMP.
@@ -295,6 +360,7 @@ macro_rules! config_words {
 config_words!(Outbound { "locked" => Locked, "open" => Open });
 config_words!(Forward { "drop" => Drop, "leave" => Leave });
 config_words!(OnStop { "keep" => Keep, "remove" => Remove });
+config_words!(Protocol { "tcp" => Tcp, "udp" => Udp });
 config_words!(Tamper { "lock" => Lock, "repair" => Repair, "warn" => Warn });
 
 impl Default for Config {
@@ -312,6 +378,7 @@ impl Default for Config {
             log: Log::default(),
             egress: Egress::default(),
             admin: Admin::default(),
+            services: Vec::new(),
             keys: Vec::new(),
         }
     }

@@ -310,7 +310,7 @@ fn key_files_load_into_the_ring() {
         entry.sources,
         vec!["198.51.100.0/24".parse::<ipnet::IpNet>().unwrap()]
     );
-    assert_eq!(entry.services, vec![crate::knock::Service::Ssh]);
+    assert_eq!(entry.services, vec!["ssh".to_owned()]);
 }
 
 #[test]
@@ -434,4 +434,119 @@ proptest::proptest! {
             proptest::prop_assert!(e.to_string().contains("k.toml"), "{}", e);
         }
     }
+}
+
+const SERVICES: &str = r#"
+[[services]]
+name = "wireguard"
+protocol = "udp"
+port = 51820
+
+[[services]]
+name = "staging"
+protocol = "tcp"
+port = "8443-8445"
+
+[[keys]]
+id = "alice"
+file = "/nonexistent"
+services = ["ssh", "wireguard", "egress"]
+"#;
+
+#[test]
+fn services_are_read_with_ports_and_ranges() {
+    let loaded = load_text(SERVICES).unwrap();
+    let services = crate::service::port_services(&loaded.config);
+    let described: Vec<String> = services
+        .iter()
+        .map(|s| format!("{} {} {}", s.name, s.protocol.name(), s.ports))
+        .collect();
+    assert_eq!(
+        described,
+        ["ssh tcp 22", "wireguard udp 51820", "staging tcp 8443-8445"]
+    );
+}
+
+#[test]
+fn bad_services_are_refused_naming_the_key() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "[[services]]\nname = \"vpn\"\nprotocol = \"sctp\"\nport = 1",
+            // The parser's own key path (`services[0]protocol`).
+            "services[0]",
+            "expected one of: \"tcp\", \"udp\"",
+        ),
+        (
+            "[[services]]\nname = \"vpn\"\nprotocol = \"udp\"\nport = 0",
+            "services[0].port",
+            "port 0",
+        ),
+        (
+            "[[services]]\nname = \"vpn\"\nprotocol = \"udp\"\nport = 70000",
+            "services[0].port",
+            "1 to 65535",
+        ),
+        (
+            "[[services]]\nname = \"vpn\"\nprotocol = \"udp\"\nport = \"9-3\"",
+            "services[0].port",
+            "ends before it starts",
+        ),
+        (
+            "[[services]]\nname = \"web\"\nprotocol = \"tcp\"\nport = \"440-450\"",
+            "services[0].port",
+            "public port 443",
+        ),
+        (
+            "[[services]]\nname = \"k\"\nprotocol = \"udp\"\nport = 62201",
+            "services[0].port",
+            "knock port",
+        ),
+        (
+            "[[services]]\nname = \"alt\"\nprotocol = \"tcp\"\nport = 22",
+            "services[0].port",
+            "service `ssh`",
+        ),
+        (
+            "[[services]]\nname = \"a\"\nprotocol = \"tcp\"\nport = \"8000-8010\"\n[[services]]\nname = \"b\"\nprotocol = \"tcp\"\nport = 8010",
+            "services[1].port",
+            "service `a`",
+        ),
+        (
+            "[[services]]\nname = \"a\"\nprotocol = \"tcp\"\nport = 8000\n[[services]]\nname = \"a\"\nprotocol = \"udp\"\nport = 9000",
+            "services[1].name",
+            "defined twice",
+        ),
+        (
+            "[[services]]\nname = \"ssh\"\nprotocol = \"tcp\"\nport = 2222",
+            "services[0].name",
+            "built in",
+        ),
+        (
+            "[[services]]\nname = \"Wire-Guard\"\nprotocol = \"udp\"\nport = 51820",
+            "services[0].name",
+            "not a service name",
+        ),
+        (
+            "[[keys]]\nid = \"alice\"\nfile = \"/k\"\nservices = [\"ssh\", \"postgres\"]",
+            "keys[0].services[1]",
+            "unknown service `postgres`",
+        ),
+        (
+            "[[keys]]\nid = \"alice\"\nfile = \"/k\"\nservices = [\"ssh\", \"ssh\"]",
+            "keys[0].services[1]",
+            "listed twice",
+        ),
+        (
+            "outbound = \"open\"\n[[keys]]\nid = \"alice\"\nfile = \"/k\"\nservices = [\"egress\"]",
+            "keys[0].services[0]",
+            "outbound",
+        ),
+    ];
+    for (text, key, words) in cases {
+        let err = error_text(text);
+        assert!(err.contains(key), "{text}\n→ {err}\n(should name {key})");
+        assert!(err.contains(words), "{text}\n→ {err}\n(should say {words})");
+    }
+    // Same port, other protocol: no overlap.
+    load_text("[[services]]\nname = \"dns_udp\"\nprotocol = \"udp\"\nport = 443").unwrap();
 }

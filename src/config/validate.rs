@@ -62,6 +62,7 @@ pub(super) fn validate(path: &Path, config: &Config) -> Result<(), ConfigError> 
     table(&c, config)?;
     inbound(&c, config)?;
     knock(&c, config)?;
+    services(&c, config)?;
     keys(&c, config)?;
     log(&c, config)?;
     dns(&c, config)?;
@@ -164,10 +165,27 @@ fn keys(c: &Checker<'_>, config: &Config) -> Result<(), ConfigError> {
         if !ids.insert(key.id.as_str()) {
             return Err(c.invalid(&at("id"), format!("key id `{}` is used twice", key.id)));
         }
+        let mut listed = HashSet::new();
         for (j, service) in key.services.iter().enumerate() {
-            if service != "ssh" {
-                let expected = format!("unknown service `{service}`; expected \"ssh\"");
-                return Err(c.invalid(&at(&format!("services[{j}]")), expected));
+            let at = at(&format!("services[{j}]"));
+            let known = service == crate::service::SSH
+                || service == crate::service::EGRESS
+                || config.services.iter().any(|s| &s.name == service);
+            if !known {
+                let mut names = vec!["\"ssh\"".to_owned(), "\"egress\"".to_owned()];
+                names.extend(config.services.iter().map(|s| format!("\"{}\"", s.name)));
+                let expected = format!(
+                    "unknown service `{service}`; define it under [[services]] or use one of: {}",
+                    names.join(", ")
+                );
+                return Err(c.invalid(&at, expected));
+            }
+            if !listed.insert(service.as_str()) {
+                return Err(c.invalid(&at, format!("service `{service}` is listed twice")));
+            }
+            if service == crate::service::EGRESS && config.outbound != super::Outbound::Locked {
+                let expected = "`egress` opens outbound HTTP/HTTPS, which outbound = \"open\" never closes; remove it or set outbound = \"locked\"";
+                return Err(c.invalid(&at, expected));
             }
         }
         for (j, net) in key.sources.iter().enumerate() {
@@ -186,6 +204,96 @@ fn keys(c: &Checker<'_>, config: &Config) -> Result<(), ConfigError> {
                 format!("expected 1 to {MAX_KEY_GRANTS} grants"),
             ));
         }
+    }
+    Ok(())
+}
+
+/// `[[services]]`: good names, used once, not `ssh` or `egress`; ports that are not
+/// public, not the knock port, and not another service's (same protocol).
+fn services(c: &Checker<'_>, config: &Config) -> Result<(), ConfigError> {
+    use crate::service::{self, Ports, Protocol};
+    if config.services.len() > service::MAX_SERVICES {
+        return Err(c.invalid(
+            "services",
+            format!(
+                "{} services; at most {} are supported",
+                config.services.len(),
+                service::MAX_SERVICES
+            ),
+        ));
+    }
+    // Everything a service may not overlap: the public ports, the knock port, and
+    // every service before it (ssh first).
+    let mut taken: Vec<(Protocol, Ports, String)> = config
+        .inbound
+        .tcp_ports
+        .iter()
+        .map(|&p| {
+            (
+                Protocol::Tcp,
+                Ports::one(p),
+                format!("public port {p} (inbound.tcp_ports)"),
+            )
+        })
+        .collect();
+    taken.push((
+        Protocol::Udp,
+        Ports::one(config.knock.port),
+        format!("the knock port {} (knock.port)", config.knock.port),
+    ));
+    taken.push((
+        Protocol::Tcp,
+        Ports::one(config.inbound.ssh_port),
+        format!("service `ssh` (port {})", config.inbound.ssh_port),
+    ));
+    let mut names = HashSet::new();
+    for (i, spec) in config.services.iter().enumerate() {
+        let at = |field: &str| format!("services[{i}].{field}");
+        let name = spec.name.as_str();
+        if !service::valid_name(name) {
+            let expected = format!(
+                "`{}` is not a service name; expected 1 to {} of a-z, 0-9 and `_`, starting with a letter",
+                name.escape_debug(),
+                service::MAX_NAME_LEN
+            );
+            return Err(c.invalid(&at("name"), expected));
+        }
+        if name == service::SSH || name == service::EGRESS {
+            let expected = format!(
+                "`{name}` is built in (ssh: inbound.ssh_port; egress: an egress window); choose another name"
+            );
+            return Err(c.invalid(&at("name"), expected));
+        }
+        if !names.insert(name) {
+            return Err(c.invalid(&at("name"), format!("service `{name}` is defined twice")));
+        }
+        let ports = spec.port.parse().map_err(|e| c.invalid(&at("port"), e))?;
+        if let Some((_, _, what)) = taken
+            .iter()
+            .find(|(proto, p, _)| *proto == spec.protocol && p.overlaps(ports))
+        {
+            let expected = format!(
+                "{} {ports} overlaps {what}; a service's port opens only for grants",
+                spec.protocol.name()
+            );
+            return Err(c.invalid(&at("port"), expected));
+        }
+        let id = service::ServiceId::of(name);
+        if let Some(other) = config.services[..i]
+            .iter()
+            .map(|s| s.name.as_str())
+            .chain([service::SSH, service::EGRESS])
+            .find(|other| service::ServiceId::of(other) == id)
+        {
+            // One in four billion; refused rather than letting two names share knocks.
+            let expected = format!("`{name}` has the same wire id ({id}) as `{other}`; rename one");
+            return Err(c.invalid(&at("name"), expected));
+        }
+        taken.push((
+            spec.protocol,
+            ports,
+            format!("service `{name}` ({} {ports})", spec.protocol.name()),
+        ));
     }
     Ok(())
 }

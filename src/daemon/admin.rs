@@ -400,9 +400,13 @@ pub fn dispatch<F: Firewall>(
             };
             open_window(core, scope, &to, ttl_secs, &who, &process, now)
         }
-        Request::OpenSsh { from, ttl_secs } => {
+        Request::Open {
+            service,
+            from,
+            ttl_secs,
+        } => {
             let ttl = ttl_secs.map(Duration::from_secs);
-            match core.open_ssh(from, ttl, &who, now) {
+            match core.open(&service, from, ttl, &who, now) {
                 Ok((grant, kind, capped)) => {
                     info!(target: AUDIT, event = "grant", id = %grant.id, service = %grant.service,
                         address = %grant.address, who = %grant.who, pid = ?peer.pid,
@@ -415,7 +419,7 @@ pub fn dispatch<F: Firewall>(
                     }
                 }
                 Err(e) => {
-                    warn!(target: AUDIT, event = "grant-refused", address = %from, who = %who,
+                    warn!(target: AUDIT, event = "grant-refused", service = %service, address = %from, who = %who,
                         pid = ?peer.pid, error = %format!("{e:#}"), "admin's grant refused");
                     Response::error("failed", format!("{e:#}"))
                 }

@@ -19,13 +19,13 @@ use crate::grants::{GrantBook, GrantRecord, Granted, WindowRecord, WindowScope, 
 use crate::knock::auth::ServerId;
 use crate::knock::replay::{ReplayError, ReplayGuard};
 use crate::knock::verify::{Refusal, authenticate};
-use crate::knock::{KeyId, Service};
+use crate::knock::{KeyId, ServiceId};
 use crate::policy::{self, KeyRing, Limits, PolicyRefusal};
 use crate::ruleset::baseline::{
     EGRESS_CGROUPS, EGRESS_HOST, EGRESS_TO_V4, EGRESS_TO_V6, KNOCK_BAN_V4, KNOCK_BAN_V6,
-    SSH_GRANTS_V4, SSH_GRANTS_V6,
 };
 use crate::ruleset::{Element, ElementKey, IpFamily};
+use crate::service::{self, PortService};
 use crate::state::{ReplayLog, SnapshotWriter};
 
 /// Most live nonces remembered; beyond it knocks are refused until old ones expire.
@@ -46,6 +46,17 @@ pub enum KnockOutcome {
         capped: bool,
         /// Whether the knock named its address (bound) rather than leaving it to the
         /// packet's source.
+        bound: bool,
+    },
+    /// A knock for `egress`: a host-wide egress window was opened (or renewed).
+    Window {
+        /// The window as booked.
+        window: WindowRecord,
+        /// Whether it replaced a window the same key had open.
+        renewed: bool,
+        /// Whether the requested TTL was cut to a cap.
+        capped: bool,
+        /// Whether the knock named its address.
         bound: bool,
     },
     /// Nothing was opened.
@@ -110,6 +121,9 @@ pub enum GrantError {
     /// [`MAX_GRANTS`] holes are open already; renewing one of them still works.
     #[error("{0} grants are open, the most knockgated holds; refused until some end")]
     Full(usize),
+    /// No port service of that name in the config.
+    #[error("no service `{0}` (ssh, or one of [[services]])")]
+    UnknownService(String),
     /// The kernel refused the element.
     #[error(transparent)]
     Firewall(#[from] FirewallError),
@@ -133,6 +147,28 @@ pub struct Settings {
     pub book_path: PathBuf,
     /// Longest egress window.
     pub egress_max_ttl: Duration,
+    /// The port services (ssh first).
+    pub services: Vec<PortService>,
+    /// Whether `egress` can be opened by a knock (outbound is locked).
+    pub egress_service: bool,
+}
+
+impl Settings {
+    /// The name of the service with wire id `id`, if this server has one.
+    fn service_named_by(&self, id: ServiceId) -> Option<&str> {
+        if self.egress_service && id == ServiceId::of(service::EGRESS) {
+            return Some(service::EGRESS);
+        }
+        self.services
+            .iter()
+            .find(|s| s.id() == id)
+            .map(|s| s.name.as_str())
+    }
+
+    /// The port service called `name`.
+    fn port_service(&self, name: &str) -> Option<&PortService> {
+        self.services.iter().find(|s| s.name == name)
+    }
 }
 
 /// The daemon's state and decisions.
@@ -155,12 +191,18 @@ pub struct Core<F: Firewall> {
     counter_swept: Option<std::time::Instant>,
 }
 
-fn grant_set(addr: IpAddr) -> &'static str {
-    match IpFamily::of(addr) {
-        IpFamily::V4 => SSH_GRANTS_V4,
-        IpFamily::V6 => SSH_GRANTS_V6,
-    }
+fn grant_set(service: &str, addr: IpAddr) -> String {
+    service::grant_set(service, IpFamily::of(addr))
 }
+
+/// What a knock opened.
+enum Opened {
+    Grant(GrantRecord, Granted),
+    Window(WindowRecord, bool),
+}
+
+/// The `command` of a window a knock opened (one per key; a new knock replaces it).
+pub const KNOCK_WINDOW_COMMAND: &str = "(knock)";
 
 /// The per-source counter of invalid knocks, when banning is on.
 fn invalid_limiter(
@@ -231,9 +273,15 @@ impl<F: Firewall> Core<F> {
     /// Handles one datagram from `source` at Unix time `now`.
     pub fn knock(&mut self, datagram: &[u8], source: IpAddr, now: u64) -> KnockOutcome {
         match self.try_knock(datagram, source, now) {
-            Ok((record, kind, capped, bound)) => KnockOutcome::Granted {
+            Ok((Opened::Grant(record, kind), capped, bound)) => KnockOutcome::Granted {
                 record,
                 kind,
+                capped,
+                bound,
+            },
+            Ok((Opened::Window(window, renewed), capped, bound)) => KnockOutcome::Window {
+                window,
+                renewed,
                 capped,
                 bound,
             },
@@ -249,7 +297,7 @@ impl<F: Firewall> Core<F> {
         datagram: &[u8],
         source: IpAddr,
         now: u64,
-    ) -> Result<(GrantRecord, Granted, bool, bool), KnockRefusal> {
+    ) -> Result<(Opened, bool, bool), KnockRefusal> {
         let keys = &self.keys;
         let skew = self.settings.skew.as_secs();
         let knock = authenticate(
@@ -266,9 +314,14 @@ impl<F: Firewall> Core<F> {
         };
         // The policy first: a knock it refuses takes no room in the replay guard, so a
         // key allowed nothing cannot fill it.
+        let Some(service) = self.settings.service_named_by(knock.service) else {
+            let refusal = PolicyRefusal::UnknownService(knock.service);
+            return Err(KnockRefusal::Policy(key_id, refusal));
+        };
+        let service = service.to_owned();
         let grant = policy::decide(
             key,
-            knock.service,
+            &service,
             knock.address,
             knock.ttl_secs,
             source,
@@ -276,9 +329,11 @@ impl<F: Firewall> Core<F> {
         )
         .map_err(|e| KnockRefusal::Policy(key_id.clone(), e))?;
         // Room for a new hole (a renewal needs none), checked before the nonce is
-        // used, so a knock refused here can be sent again later.
+        // used, so a knock refused here can be sent again later. An egress window
+        // takes no grant: a key has at most one, which a new knock replaces.
         let who = format!("key {key_id}");
-        if !self.book.holds(knock.service.name(), grant.address) {
+        let is_window = service == service::EGRESS;
+        if !is_window && !self.book.holds(&service, grant.address) {
             if self.book.held_by(&who) >= key.max_grants {
                 let max = key.max_grants;
                 return Err(KnockRefusal::Policy(
@@ -300,16 +355,48 @@ impl<F: Firewall> Core<F> {
         self.replay_log
             .append(&knock.nonce, forget_after)
             .map_err(|e| KnockRefusal::State(format!("{e:#}")))?;
-        let granted = self
-            .grant(knock.service, grant.address, &who, grant.ttl, now)
-            .map_err(|e| KnockRefusal::Firewall(format!("{e:#}")));
+        let mut capped = grant.capped;
+        let opened = if is_window {
+            capped |= grant.ttl > self.settings.egress_max_ttl;
+            self.open_knock_window(&who, grant.address, grant.ttl, now)
+                .map(|(w, renewed)| Opened::Window(w, renewed))
+                .map_err(|e| KnockRefusal::Firewall(format!("{e:#}")))
+        } else {
+            self.grant(&service, grant.address, &who, grant.ttl, now)
+                .map(|(r, kind)| Opened::Grant(r, kind))
+                .map_err(|e| KnockRefusal::Firewall(format!("{e:#}")))
+        };
         if let Err(e) = self.replay_log.sync() {
             tracing::error!(error = %format!("{e:#}"), "cannot flush the replay log to disk");
         }
         let _ = self.replay_log.compact(&self.guard);
-        let (record, kind) = granted?;
         let bound = knock.address != crate::knock::AddressClaim::PacketSource;
-        Ok((record, kind, grant.capped, bound))
+        Ok((opened?, capped, bound))
+    }
+
+    /// A knock's `egress`: a host-wide window for `ttl` (capped at `egress.max_ttl`),
+    /// replacing the window the same key opened before, if any (the new one is opened
+    /// first, so the switch never blinks off).
+    fn open_knock_window(
+        &mut self,
+        who: &str,
+        address: IpAddr,
+        ttl: Duration,
+        now: u64,
+    ) -> Result<(WindowRecord, bool), FirewallError> {
+        let previous: Vec<String> = self
+            .book
+            .windows()
+            .filter(|w| w.who == who && w.command == KNOCK_WINDOW_COMMAND)
+            .map(|w| w.id.clone())
+            .collect();
+        let (mut window, _) =
+            self.open_window(WindowScope::Host, &[], ttl, who, KNOCK_WINDOW_COMMAND, now)?;
+        for id in &previous {
+            self.close_window(id, now)?;
+        }
+        window.command = format!("{KNOCK_WINDOW_COMMAND} for {address}");
+        Ok((window, !previous.is_empty()))
     }
 
     /// How many nonces the replay guard remembers.
@@ -387,32 +474,34 @@ impl<F: Firewall> Core<F> {
     /// and then in the book.
     pub fn grant(
         &mut self,
-        service: Service,
+        service: &str,
         address: IpAddr,
         who: &str,
         ttl: Duration,
         now: u64,
     ) -> Result<(GrantRecord, Granted), GrantError> {
+        if self.settings.port_service(service).is_none() {
+            return Err(GrantError::UnknownService(service.to_owned()));
+        }
         let address = policy::canonical(address);
-        if self.book.len() >= MAX_GRANTS && !self.book.holds(service.name(), address) {
+        if self.book.len() >= MAX_GRANTS && !self.book.holds(service, address) {
             return Err(GrantError::Full(MAX_GRANTS));
         }
         self.firewall.add_element(
             &self.settings.table,
-            grant_set(address),
+            &grant_set(service, address),
             address.into(),
             ttl,
         )?;
-        let booked = self
-            .book
-            .grant(service.name(), address, who, now, ttl, new_id);
+        let booked = self.book.grant(service, address, who, now, ttl, new_id);
         self.save_book();
         Ok(booked)
     }
 
-    /// An admin's request to open SSH: the server's cap applies, as for knocks.
-    pub fn open_ssh(
+    /// An admin's request to open `service`: the server's cap applies, as for knocks.
+    pub fn open(
         &mut self,
+        service: &str,
         address: IpAddr,
         ttl: Option<Duration>,
         who: &str,
@@ -421,7 +510,7 @@ impl<F: Firewall> Core<F> {
         let limits = self.settings.limits;
         let requested = ttl.map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX));
         let (ttl, capped) = policy::cap_ttl(requested, None, limits);
-        let (record, kind) = self.grant(Service::Ssh, address, who, ttl, now)?;
+        let (record, kind) = self.grant(service, address, who, ttl, now)?;
         Ok((record, kind, capped))
     }
 
@@ -548,7 +637,7 @@ impl<F: Firewall> Core<F> {
         };
         self.firewall.remove_element(
             &self.settings.table,
-            grant_set(record.address),
+            &grant_set(&record.service, record.address),
             record.address.into(),
         )?;
         self.book.revoke(id);
@@ -593,12 +682,20 @@ impl<F: Firewall> Core<F> {
 
     /// New settings and keys after a reload; the grant book, replay guard and bans
     /// carry on.
-    pub fn reconfigure(&mut self, settings: Settings, keys: KeyRing) {
+    /// Returns the grants of services the new config no longer has: the new ruleset
+    /// has no set for them, so the kernel closed them with the replace.
+    pub fn reconfigure(&mut self, settings: Settings, keys: KeyRing) -> Vec<GrantRecord> {
         if settings.ban != self.settings.ban {
             self.invalid = invalid_limiter(settings.ban);
         }
+        let kept: Vec<&str> = settings.services.iter().map(|s| s.name.as_str()).collect();
+        let dropped = self.book.drop_services_except(&kept);
+        if !dropped.is_empty() {
+            self.save_book();
+        }
         self.settings = settings;
         self.keys = keys;
+        dropped
     }
 
     /// The firewall, for the daemon's stop.
@@ -610,9 +707,9 @@ impl<F: Firewall> Core<F> {
     /// set: each element with the time its longest booking has left. The book, not the
     /// kernel, is the truth after someone else changed the table.
     #[must_use]
-    pub fn booked_elements(&self, now: u64) -> HashMap<&'static str, Vec<Element>> {
-        let mut until: HashMap<(&'static str, ElementKey), u64> = HashMap::new();
-        let mut book = |set, key, expires_at: u64| {
+    pub fn booked_elements(&self, now: u64) -> HashMap<String, Vec<Element>> {
+        let mut until: HashMap<(String, ElementKey), u64> = HashMap::new();
+        let mut book = |set: String, key, expires_at: u64| {
             if expires_at > now {
                 let at = until.entry((set, key)).or_insert(expires_at);
                 *at = (*at).max(expires_at);
@@ -620,14 +717,18 @@ impl<F: Firewall> Core<F> {
         };
         for grant in self.book.iter() {
             let addr = policy::canonical(grant.address);
-            book(grant_set(addr), ElementKey::Addr(addr), grant.expires_at);
+            book(
+                grant_set(&grant.service, addr),
+                ElementKey::Addr(addr),
+                grant.expires_at,
+            );
         }
         for window in self.book.windows() {
             for (set, key) in window_elements(window.scope, &window.to) {
-                book(set, key, window.expires_at);
+                book(set.to_owned(), key, window.expires_at);
             }
         }
-        let mut out: HashMap<&'static str, Vec<Element>> = HashMap::new();
+        let mut out: HashMap<String, Vec<Element>> = HashMap::new();
         for ((set, key), at) in until {
             out.entry(set).or_default().push(Element {
                 key,

@@ -106,6 +106,27 @@ impl KnockLog {
                 bound,
                 "knock accepted"
             ),
+            KnockOutcome::Window {
+                window,
+                renewed,
+                capped,
+                bound,
+            } => info!(
+                target: AUDIT,
+                event = "egress-open",
+                id = %window.id,
+                service = crate::service::EGRESS,
+                scope = %window.scope,
+                source = %source,
+                who = %window.who,
+                command = ?window.command,
+                expires_at = window.expires_at,
+                ttl_secs = window.expires_at.saturating_sub(window.granted_at),
+                renewed = *renewed,
+                capped,
+                bound,
+                "knock accepted: host-wide egress window"
+            ),
             KnockOutcome::Refused { reason, banned } => {
                 let name = reason_name(reason);
                 *self.refused.entry(name).or_default() += 1;

@@ -25,11 +25,8 @@ use crate::firewall::{Firewall, FirewallError};
 use crate::grants::{GrantBook, WindowScope, new_id};
 use crate::logging::AUDIT;
 use crate::policy::{KeyRing, Limits};
-use crate::ruleset::baseline::{
-    EGRESS_CGROUPS, EGRESS_HOST, EGRESS_TO_V4, EGRESS_TO_V6, KNOCK_BAN_V4, KNOCK_BAN_V6,
-    SSH_GRANTS_V4, SSH_GRANTS_V6,
-};
-use crate::ruleset::{Element, ElementKey, Hook, Ruleset, baseline};
+use crate::ruleset::baseline::{EGRESS_CGROUPS, EGRESS_HOST, EGRESS_TO_V4, EGRESS_TO_V6};
+use crate::ruleset::{Element, ElementKey, Hook, IpFamily, Ruleset, baseline};
 use crate::state::{ReplayLog, StateError};
 
 /// Why the daemon could not start. The baseline goes into the kernel first, so
@@ -64,17 +61,14 @@ pub enum ReloadError {
     NeedsRestart(&'static str),
 }
 
-/// The sets whose contents (grants, bans, egress windows) survive a re-apply.
-const LIVE_SETS: [&str; 8] = [
-    EGRESS_TO_V4,
-    EGRESS_TO_V6,
-    SSH_GRANTS_V4,
-    SSH_GRANTS_V6,
-    KNOCK_BAN_V4,
-    KNOCK_BAN_V6,
-    EGRESS_CGROUPS,
-    EGRESS_HOST,
-];
+/// Whether `set`'s contents (grants of every service, bans, egress windows) survive
+/// a re-apply: every set whose elements end on their own time. Meters start empty.
+fn is_live(set: &crate::ruleset::SetDef) -> bool {
+    matches!(
+        set.kind,
+        crate::ruleset::SetKind::Grants | crate::ruleset::SetKind::Bans { .. }
+    )
+}
 
 /// Grants still open at a start that get a log line each; the rest get one line.
 const RECOVER_LINES: usize = 100;
@@ -115,13 +109,23 @@ impl<F: Firewall> Daemon<F> {
             warn!(error = %format!("{e:#}"), "cannot read the grant book; rebuilding it from the kernel");
             GrantBook::default()
         });
-        let live: Vec<Element> = ruleset
-            .sets
-            .iter()
-            .filter(|s| s.name == SSH_GRANTS_V4 || s.name == SSH_GRANTS_V6)
-            .flat_map(|s| s.elements.iter().copied())
-            .collect();
-        book.reconcile("ssh", &live, now, new_id);
+        let services = crate::service::port_services(&loaded.config);
+        let names: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
+        for gone in book.drop_services_except(&names) {
+            info!(target: AUDIT, event = "expire", id = %gone.id, service = %gone.service,
+                address = %gone.address, who = %gone.who,
+                "grant ended: its service is no longer in the config");
+        }
+        for service in &services {
+            let sets = [IpFamily::V4, IpFamily::V6].map(|f| service.grant_set(f));
+            let live: Vec<Element> = ruleset
+                .sets
+                .iter()
+                .filter(|s| sets.contains(&s.name))
+                .flat_map(|s| s.elements.iter().copied())
+                .collect();
+            book.reconcile(&service.name, &live, now, new_id);
+        }
         let windows: Vec<(WindowScope, Option<Duration>)> = ruleset
             .sets
             .iter()
@@ -185,7 +189,11 @@ impl<F: Firewall> Daemon<F> {
         self.core.firewall_mut().replace(&ruleset)?;
         log_applied(&loaded, &ruleset, started.elapsed());
         let book_path = loaded.config.knock.state_dir.join(BOOK_FILE);
-        self.core.reconfigure(settings(&loaded, book_path), keys);
+        for gone in self.core.reconfigure(settings(&loaded, book_path), keys) {
+            info!(target: AUDIT, event = "expire", id = %gone.id, service = %gone.service,
+                address = %gone.address, who = %gone.who,
+                "grant closed: its service was removed from the config");
+        }
         self.loaded = loaded;
         self.ruleset = ruleset;
         Ok(())
@@ -266,7 +274,7 @@ fn baseline_with_live_elements<F: Firewall>(
 ) -> Result<Ruleset, FirewallError> {
     let mut ruleset = baseline(&loaded.config, &loaded.resolvers);
     for set in &mut ruleset.sets {
-        if LIVE_SETS.contains(&set.name.as_str()) {
+        if is_live(set) {
             set.elements = firewall.elements(&ruleset.table, &set.name)?;
             set.trim_to_size();
         }
@@ -293,6 +301,8 @@ fn settings(loaded: &Loaded, book_path: std::path::PathBuf) -> Settings {
         ipv6_prefix: loaded.config.knock.ipv6_prefix,
         book_path,
         egress_max_ttl: loaded.config.egress.max_ttl.0,
+        services: crate::service::port_services(&loaded.config),
+        egress_service: loaded.config.outbound == crate::config::Outbound::Locked,
     }
 }
 
@@ -439,7 +449,7 @@ mod tests {
         let addr: IpAddr = "198.51.100.7".parse().unwrap();
         let (record, _, _) = daemon
             .core()
-            .open_ssh(addr, Some(Duration::from_secs(600)), "uid 0", NOW)
+            .open("ssh", addr, Some(Duration::from_secs(600)), "uid 0", NOW)
             .unwrap();
         let fw = daemon.stop().unwrap();
         let mut again = start(fw, OnStop::Keep, &dir).unwrap();
@@ -453,7 +463,7 @@ mod tests {
         let set = fw.tables["knockgate"]
             .sets
             .iter()
-            .find(|s| s.name == SSH_GRANTS_V4)
+            .find(|s| s.name == crate::ruleset::baseline::SSH_GRANTS_V4)
             .unwrap();
         assert_eq!(
             set.elements.len(),

@@ -119,7 +119,7 @@ mod tests {
         let mut d = daemon(&dir);
         let laptop: IpAddr = "198.51.100.7".parse().unwrap();
         d.core()
-            .open_ssh(laptop, Some(Duration::from_secs(600)), "uid 0", NOW)
+            .open("ssh", laptop, Some(Duration::from_secs(600)), "uid 0", NOW)
             .unwrap();
         let applied = d.ruleset().clone();
         d.core().firewall_mut().tables.clear();
@@ -181,7 +181,7 @@ mod tests {
         let mut d = daemon(&dir);
         let laptop: IpAddr = "198.51.100.7".parse().unwrap();
         d.core()
-            .open_ssh(laptop, Some(Duration::from_secs(60)), "uid 0", NOW)
+            .open("ssh", laptop, Some(Duration::from_secs(60)), "uid 0", NOW)
             .unwrap();
         assert_eq!(d.repair(NOW + 61).unwrap(), 0);
         d.core().firewall_mut().refuse_next = true;
@@ -196,7 +196,7 @@ mod tests {
         let mut d = daemon(&dir);
         let laptop: IpAddr = "198.51.100.7".parse().unwrap();
         d.core()
-            .open_ssh(laptop, Some(Duration::from_secs(600)), "uid 0", NOW)
+            .open("ssh", laptop, Some(Duration::from_secs(600)), "uid 0", NOW)
             .unwrap();
         d.core().firewall_mut().tables.clear();
         d.core().firewall_mut().fail_dumps = true;
@@ -275,7 +275,7 @@ mod tests {
         let laptop: IpAddr = "198.51.100.7".parse().unwrap();
         let stranger: IpAddr = "203.0.113.66".parse().unwrap();
         d.core()
-            .open_ssh(laptop, Some(Duration::from_secs(600)), "uid 0", now)
+            .open("ssh", laptop, Some(Duration::from_secs(600)), "uid 0", now)
             .unwrap();
         d.core()
             .firewall_mut()

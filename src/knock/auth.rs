@@ -7,7 +7,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
-use super::packet::{Knock, MAC_LEN, PACKET_LEN, SIGNED_LEN};
+use super::packet::{Knock, MAC_LEN, MAX_PACKET_LEN};
 
 /// Length of a key in bytes (256 bits).
 pub const SECRET_LEN: usize = 32;
@@ -149,12 +149,12 @@ fn hex_digit(c: u8) -> Option<u8> {
 
 /// The full datagram for `knock`, signed with `secret` for `server`.
 #[must_use]
-pub fn seal(knock: &Knock, secret: &Secret, server: &ServerId) -> [u8; PACKET_LEN] {
-    let signed = knock.signed_bytes();
-    let tag = secret.hmac(server, &signed).finalize().into_bytes();
-    let mut out = [0u8; PACKET_LEN];
-    out[..SIGNED_LEN].copy_from_slice(&signed);
-    out[SIGNED_LEN..].copy_from_slice(&tag[..MAC_LEN]);
+pub fn seal(knock: &Knock, secret: &Secret, server: &ServerId) -> Vec<u8> {
+    let (signed, len) = knock.signed_bytes();
+    let tag = secret.hmac(server, &signed[..len]).finalize().into_bytes();
+    let mut out = Vec::with_capacity(MAX_PACKET_LEN);
+    out.extend_from_slice(&signed[..len]);
+    out.extend_from_slice(&tag[..MAC_LEN]);
     out
 }
 

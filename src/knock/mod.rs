@@ -11,7 +11,7 @@ pub mod replay;
 pub mod verify;
 
 pub use auth::{KeyId, Secret};
-pub use packet::{AddressClaim, Knock, Service};
+pub use packet::{AddressClaim, Knock, ServiceId};
 
 #[cfg(test)]
 mod tests;

@@ -1,51 +1,34 @@
-//! The 114-byte knock datagram: layout, encoding and bounded decoding.
+//! The knock datagram: layout, encoding and bounded decoding. Version 1 (114 bytes)
+//! can only ask for `ssh`; version 2 (118 bytes) names any service by its id.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use super::auth::KeyId;
+pub use crate::service::ServiceId;
 
 /// Exact size of a version-1 knock.
 pub const PACKET_LEN: usize = 114;
-/// Bytes covered by the MAC (everything before it).
+/// Exact size of a version-2 knock (a version-1 knock and a 4-byte service id).
+pub const PACKET_V2_LEN: usize = 118;
+/// The longest knock of any version.
+pub const MAX_PACKET_LEN: usize = PACKET_V2_LEN;
+/// Bytes covered by the MAC of a version-1 knock (everything before it).
 pub const SIGNED_LEN: usize = 82;
+/// Bytes covered by the MAC of a version-2 knock.
+pub const SIGNED_V2_LEN: usize = 86;
 /// Length of the MAC at the end.
 pub const MAC_LEN: usize = 32;
 /// Length of the random nonce.
 pub const NONCE_LEN: usize = 16;
 
 const MAGIC: [u8; 2] = *b"KG";
-const VERSION: u8 = 1;
+const VERSION_1: u8 = 1;
+const VERSION_2: u8 = 2;
+/// Byte 3 of a version-1 knock: the only service it can name, `ssh`.
+const V1_SSH: u8 = 1;
+/// Byte 3 of a version-2 knock: the service is named by the id after the key id.
+const V2_BY_ID: u8 = 0;
 const KEY_ID_MAX: usize = 32;
-
-/// What a knock asks to open.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Service {
-    /// The SSH port, for one source address.
-    Ssh,
-}
-
-impl Service {
-    fn code(self) -> u8 {
-        match self {
-            Self::Ssh => 1,
-        }
-    }
-
-    fn from_code(code: u8) -> Option<Self> {
-        match code {
-            1 => Some(Self::Ssh),
-            _ => None,
-        }
-    }
-
-    /// The name used in configs and logs.
-    #[must_use]
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Ssh => "ssh",
-        }
-    }
-}
 
 /// The address a knock asks the grant for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -65,7 +48,7 @@ pub struct Knock {
     /// Which key signed it.
     pub key_id: KeyId,
     /// What it asks to open.
-    pub service: Service,
+    pub service: ServiceId,
     /// Unix seconds on the client's clock.
     pub timestamp: u64,
     /// Random per knock; the replay guard remembers it.
@@ -79,7 +62,7 @@ pub struct Knock {
 /// Why a datagram is not a well-formed knock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ShapeError {
-    /// Not exactly [`PACKET_LEN`] bytes.
+    /// Not exactly [`PACKET_LEN`] or [`PACKET_V2_LEN`] bytes.
     #[error("wrong size {0}")]
     Size(usize),
     /// Not the knockgate magic.
@@ -88,8 +71,8 @@ pub enum ShapeError {
     /// A version this server does not speak.
     #[error("unsupported version {0}")]
     Version(u8),
-    /// A service number this server does not know.
-    #[error("unknown service {0}")]
+    /// A service byte that does not fit the version.
+    #[error("bad service byte {0}")]
     Service(u8),
     /// Address kind not 0, 4 or 6, or non-zero padding.
     #[error("malformed address")]
@@ -110,13 +93,31 @@ pub struct Decoded<'a> {
 }
 
 impl Knock {
-    /// The 82 signed bytes of this knock (everything but the MAC).
+    /// The version this knock is sent as: 1 for `ssh` (every knockgate server takes
+    /// it), 2 for any other service.
     #[must_use]
-    pub fn signed_bytes(&self) -> [u8; SIGNED_LEN] {
-        let mut b = [0u8; SIGNED_LEN];
+    pub fn version(&self) -> u8 {
+        if self.service == ServiceId::ssh() {
+            VERSION_1
+        } else {
+            VERSION_2
+        }
+    }
+
+    /// The signed bytes of this knock (everything but the MAC): 82 for version 1,
+    /// 86 for version 2. The returned buffer is [`SIGNED_V2_LEN`] long; use the
+    /// length returned with it.
+    #[must_use]
+    pub fn signed_bytes(&self) -> ([u8; SIGNED_V2_LEN], usize) {
+        let mut b = [0u8; SIGNED_V2_LEN];
         b[0..2].copy_from_slice(&MAGIC);
-        b[2] = VERSION;
-        b[3] = self.service.code();
+        let version = self.version();
+        b[2] = version;
+        b[3] = if version == VERSION_1 {
+            V1_SSH
+        } else {
+            V2_BY_ID
+        };
         b[4..12].copy_from_slice(&self.timestamp.to_be_bytes());
         b[12..28].copy_from_slice(&self.nonce);
         b[28..32].copy_from_slice(&self.ttl_secs.to_be_bytes());
@@ -134,22 +135,38 @@ impl Knock {
         let id = self.key_id.as_bytes();
         b[49] = u8::try_from(id.len()).unwrap_or(0);
         b[50..50 + id.len()].copy_from_slice(id);
-        b
+        if version == VERSION_1 {
+            (b, SIGNED_LEN)
+        } else {
+            b[SIGNED_LEN..SIGNED_V2_LEN].copy_from_slice(&self.service.0.to_be_bytes());
+            (b, SIGNED_V2_LEN)
+        }
     }
 }
 
 /// Checks the shape of `datagram` and splits it; never panics, on any input.
 pub fn decode(datagram: &[u8]) -> Result<Decoded<'_>, ShapeError> {
-    let bytes: &[u8; PACKET_LEN] = datagram
-        .try_into()
-        .map_err(|_| ShapeError::Size(datagram.len()))?;
+    let signed_len = match datagram.len() {
+        PACKET_LEN => SIGNED_LEN,
+        PACKET_V2_LEN => SIGNED_V2_LEN,
+        n => return Err(ShapeError::Size(n)),
+    };
+    let bytes = datagram;
     if bytes[0..2] != MAGIC {
         return Err(ShapeError::Magic);
     }
-    if bytes[2] != VERSION {
-        return Err(ShapeError::Version(bytes[2]));
-    }
-    let service = Service::from_code(bytes[3]).ok_or(ShapeError::Service(bytes[3]))?;
+    let service = match (bytes[2], signed_len) {
+        (VERSION_1, SIGNED_LEN) if bytes[3] == V1_SSH => ServiceId::ssh(),
+        (VERSION_2, SIGNED_V2_LEN) if bytes[3] == V2_BY_ID => {
+            ServiceId(u32::from_be_bytes(array(&bytes[SIGNED_LEN..SIGNED_V2_LEN])))
+        }
+        (VERSION_1, SIGNED_LEN) | (VERSION_2, SIGNED_V2_LEN) => {
+            return Err(ShapeError::Service(bytes[3]));
+        }
+        // A known version at the other version's length.
+        (VERSION_1 | VERSION_2, _) => return Err(ShapeError::Size(datagram.len())),
+        (version, _) => return Err(ShapeError::Version(version)),
+    };
     let timestamp = u64::from_be_bytes(array(&bytes[4..12]));
     let nonce: [u8; NONCE_LEN] = array(&bytes[12..28]);
     let ttl_secs = u32::from_be_bytes(array(&bytes[28..32]));
@@ -164,8 +181,8 @@ pub fn decode(datagram: &[u8]) -> Result<Decoded<'_>, ShapeError> {
             ttl_secs,
             address,
         },
-        signed: &bytes[..SIGNED_LEN],
-        mac: &bytes[SIGNED_LEN..],
+        signed: &bytes[..signed_len],
+        mac: &bytes[signed_len..],
     })
 }
 

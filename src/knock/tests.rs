@@ -21,7 +21,7 @@ fn server() -> ServerId {
 fn knock(address: AddressClaim) -> Knock {
     Knock {
         key_id: KeyId::new("alice-laptop").unwrap(),
-        service: Service::Ssh,
+        service: ServiceId::ssh(),
         timestamp: 1_790_000_000,
         nonce: [7; 16],
         ttl_secs: 1800,
@@ -66,7 +66,7 @@ fn knock_for_another_server_fails_the_mac() {
 fn every_shape_error_is_reported() {
     let good = seal(&knock(AddressClaim::PacketSource), &secret(1), &server());
     let with = |i: usize, v: u8| {
-        let mut b = good;
+        let mut b = good.clone();
         b[i] = v;
         b
     };
@@ -74,7 +74,12 @@ fn every_shape_error_is_reported() {
     assert_eq!(decode(&good[..113]).err(), Some(ShapeError::Size(113)));
     assert_eq!(decode(&[0u8; 300]).err(), Some(ShapeError::Size(300)));
     assert_eq!(decode(&with(0, b'X')).err(), Some(ShapeError::Magic));
-    assert_eq!(decode(&with(2, 2)).err(), Some(ShapeError::Version(2)));
+    assert_eq!(decode(&with(2, 3)).err(), Some(ShapeError::Version(3)));
+    assert_eq!(
+        decode(&with(2, 2)).err(),
+        Some(ShapeError::Size(114)),
+        "version 2 is 118 bytes"
+    );
     assert_eq!(decode(&with(3, 9)).err(), Some(ShapeError::Service(9)));
     assert_eq!(decode(&with(32, 5)).err(), Some(ShapeError::Address));
     assert_eq!(
@@ -90,6 +95,34 @@ fn every_shape_error_is_reported() {
         Some(ShapeError::KeyId),
         "key id padding"
     );
+}
+
+#[test]
+fn version_2_names_any_service_by_id_and_keeps_ssh_on_version_1() {
+    let mut k = knock(AddressClaim::PacketSource);
+    k.service = ServiceId::of("wireguard");
+    let v2 = seal(&k, &secret(1), &server());
+    assert_eq!((v2.len(), v2[2], v2[3]), (118, 2, 0));
+    assert_eq!(v2[82..86], ServiceId::of("wireguard").0.to_be_bytes());
+    let decoded = decode(&v2).unwrap();
+    assert_eq!(decoded.knock, k);
+    assert_eq!(decoded.signed.len(), 86);
+    assert!(accepts(&v2, &secret(1), &server()));
+    // The service id is signed: another id fails the MAC.
+    let mut other = v2.clone();
+    other[85] ^= 1;
+    assert!(!accepts(&other, &secret(1), &server()));
+    // Byte 3 must be 0 in version 2; version 1 at 118 bytes is no knock.
+    let mut bad = v2.clone();
+    bad[3] = 1;
+    assert_eq!(decode(&bad).err(), Some(ShapeError::Service(1)));
+    let mut v1_long = v2.clone();
+    v1_long[2] = 1;
+    assert_eq!(decode(&v1_long).err(), Some(ShapeError::Size(118)));
+    // ssh goes out as version 1, which every knockgate server takes.
+    k.service = ServiceId::ssh();
+    let v1 = seal(&k, &secret(1), &server());
+    assert_eq!((v1.len(), v1[2], v1[3]), (114, 1, 1));
 }
 
 #[test]
@@ -204,7 +237,7 @@ fn any_knock() -> impl Strategy<Value = Knock> {
     )
         .prop_map(|(id, timestamp, nonce, ttl_secs, address)| Knock {
             key_id: KeyId::new(&id).unwrap(),
-            service: Service::Ssh,
+            service: ServiceId::ssh(),
             timestamp,
             nonce,
             ttl_secs,
@@ -252,7 +285,7 @@ mod authenticate {
         (id.as_str() == "alice-laptop").then(|| KEY.get_or_init(|| secret(1)))
     }
 
-    fn sealed(timestamp: u64, key: u8, id: &str) -> [u8; PACKET_LEN] {
+    fn sealed(timestamp: u64, key: u8, id: &str) -> Vec<u8> {
         let mut k = knock(AddressClaim::PacketSource);
         k.timestamp = timestamp;
         k.key_id = KeyId::new(id).unwrap();

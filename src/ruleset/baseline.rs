@@ -10,8 +10,10 @@ use super::{
     SetKind, Verdict, icmp, icmpv6,
 };
 use crate::config::{Config, Forward, Outbound};
+use crate::service::{PortService, Ports, Protocol, port_services};
 
-/// Name of the set of IPv4 sources granted SSH.
+/// Name of the set of IPv4 sources granted SSH (every service `NAME` has its
+/// `NAME_grants_v4` and `NAME_grants_v6`: [`crate::service::grant_set`]).
 pub const SSH_GRANTS_V4: &str = "ssh_grants_v4";
 /// Name of the set of IPv6 sources granted SSH.
 pub const SSH_GRANTS_V6: &str = "ssh_grants_v6";
@@ -94,10 +96,14 @@ fn sets(config: &Config) -> Vec<SetDef> {
         size: config.knock.meter_size.saturating_add(METER_HEADROOM),
         timeout_secs: KNOCK_METER_TIMEOUT_SECS,
     };
-    let mut sets = vec![
-        (SSH_GRANTS_V4, IpFamily::V4, SetKind::Grants),
-        (SSH_GRANTS_V6, IpFamily::V6, SetKind::Grants),
-    ];
+    let grant_sets: Vec<(String, IpFamily)> = port_services(config)
+        .iter()
+        .flat_map(|s| [IpFamily::V4, IpFamily::V6].map(|f| (s.grant_set(f), f)))
+        .collect();
+    let mut sets: Vec<(&str, IpFamily, SetKind)> = grant_sets
+        .iter()
+        .map(|(name, family)| (name.as_str(), *family, SetKind::Grants))
+        .collect();
     if config.knock.ban.enabled {
         let bans = SetKind::Bans {
             size: config.knock.ban.max,
@@ -150,7 +156,7 @@ fn input_chain(config: &Config) -> ChainDef {
         accept_ping(&mut rules, config.inbound.ping_rate_per_second, mark);
     }
     allow_public_tcp(&mut rules, &config.inbound.tcp_ports, mark);
-    allow_ssh_from_grants(&mut rules, config.inbound.ssh_port, mark);
+    allow_services_from_grants(&mut rules, &port_services(config), mark);
     if config.knock.ban.enabled {
         drop_banned_knockers(&mut rules, config);
     }
@@ -263,19 +269,34 @@ fn allow_public_tcp(rules: &mut Vec<Rule>, ports: &[u16], mark: u32) {
     }
 }
 
-fn allow_ssh_from_grants(rules: &mut Vec<Rule>, ssh_port: u16, mark: u32) {
-    for (family, set) in [(IpFamily::V4, SSH_GRANTS_V4), (IpFamily::V6, SSH_GRANTS_V6)] {
-        rules.push(admit(
-            vec![
-                Expr::TcpDport(ssh_port),
-                Expr::SaddrInSet {
-                    family,
-                    set: set.into(),
-                    prefix: None,
-                },
-            ],
-            mark,
-        ));
+/// Each service's port(s), for the sources in its grant sets (ssh first).
+fn allow_services_from_grants(rules: &mut Vec<Rule>, services: &[PortService], mark: u32) {
+    for service in services {
+        for family in [IpFamily::V4, IpFamily::V6] {
+            rules.push(admit(
+                vec![
+                    dport(service.protocol, service.ports),
+                    Expr::SaddrInSet {
+                        family,
+                        set: service.grant_set(family),
+                        prefix: None,
+                    },
+                ],
+                mark,
+            ));
+        }
+    }
+}
+
+fn dport(protocol: Protocol, ports: Ports) -> Expr {
+    match (protocol, ports.first == ports.last) {
+        (Protocol::Tcp, true) => Expr::TcpDport(ports.first),
+        (Protocol::Udp, true) => Expr::UdpDport(ports.first),
+        (protocol, false) => Expr::DportRange {
+            protocol,
+            first: ports.first,
+            last: ports.last,
+        },
     }
 }
 

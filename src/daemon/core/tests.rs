@@ -12,6 +12,7 @@ use crate::knock::auth::seal;
 use crate::knock::{AddressClaim, Knock, Secret};
 use crate::policy::KeyEntry;
 use crate::ruleset::baseline;
+use crate::ruleset::baseline::{SSH_GRANTS_V4, SSH_GRANTS_V6};
 
 const NOW: u64 = 1_790_000_000;
 
@@ -36,9 +37,9 @@ fn keys() -> KeyRing {
     let mut ring = KeyRing::default();
     // Most keys here allow unbound knocks (the tests knock "for the packet's
     // source"); `bound` requires the knock to name its address, as keygen's keys do.
-    let entry = |services: Vec<Service>, other_source| KeyEntry {
+    let entry = |services: Vec<&str>, other_source| KeyEntry {
         secret: secret(),
-        services,
+        services: services.into_iter().map(str::to_owned).collect(),
         sources: vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()],
         max_ttl: Some(Duration::from_secs(1800)),
         other_source,
@@ -49,29 +50,49 @@ fn keys() -> KeyRing {
         KeyId::new("two").unwrap(),
         KeyEntry {
             max_grants: 2,
-            ..entry(vec![Service::Ssh], false)
+            ..entry(vec!["ssh"], false)
         },
     );
     ring.insert(
         KeyId::new("bound").unwrap(),
         KeyEntry {
             unbound: false,
-            ..entry(vec![Service::Ssh], false)
+            ..entry(vec!["ssh"], false)
         },
     );
-    ring.insert(
-        KeyId::new("alice").unwrap(),
-        entry(vec![Service::Ssh], false),
-    );
-    ring.insert(KeyId::new("nat").unwrap(), entry(vec![Service::Ssh], true));
+    ring.insert(KeyId::new("alice").unwrap(), entry(vec!["ssh"], false));
+    ring.insert(KeyId::new("nat").unwrap(), entry(vec!["ssh"], true));
     ring.insert(KeyId::new("no-ssh").unwrap(), entry(vec![], false));
+    ring.insert(
+        KeyId::new("multi").unwrap(),
+        entry(vec!["ssh", "wireguard", "web", "egress"], false),
+    );
     ring
 }
 
-fn core_in(dir: &std::path::Path, now: u64) -> Core<MemoryFirewall> {
-    let mut fw = MemoryFirewall::default();
-    fw.replace(&baseline(&Config::default(), &[])).unwrap();
-    let settings = Settings {
+/// The default config with two services: `wireguard` (udp 51820) and `web` (tcp
+/// 8000-8010).
+fn config() -> Config {
+    use crate::config::{PortValue, Protocol, ServiceSpec};
+    Config {
+        services: vec![
+            ServiceSpec {
+                name: "wireguard".into(),
+                protocol: Protocol::Udp,
+                port: PortValue::Number(51820),
+            },
+            ServiceSpec {
+                name: "web".into(),
+                protocol: Protocol::Tcp,
+                port: PortValue::Text("8000-8010".into()),
+            },
+        ],
+        ..Config::default()
+    }
+}
+
+fn settings(dir: &std::path::Path, config: &Config) -> Settings {
+    Settings {
         table: "knockgate".into(),
         server_id: server(),
         skew: Duration::from_secs(30),
@@ -83,7 +104,16 @@ fn core_in(dir: &std::path::Path, now: u64) -> Core<MemoryFirewall> {
         ipv6_prefix: 64,
         book_path: dir.join(BOOK_FILE),
         egress_max_ttl: Duration::from_secs(600),
-    };
+        services: crate::service::port_services(config),
+        egress_service: true,
+    }
+}
+
+fn core_in(dir: &std::path::Path, now: u64) -> Core<MemoryFirewall> {
+    let mut fw = MemoryFirewall::default();
+    let config = config();
+    fw.replace(&baseline(&config, &[])).unwrap();
+    let settings = settings(dir, &config);
     let replay = ReplayLog::open(dir, REPLAY_CAPACITY, now).unwrap();
     Core::new(fw, settings, keys(), replay, GrantBook::default())
 }
@@ -95,15 +125,26 @@ fn fixture() -> Fixture {
 }
 
 fn knock_bytes(key: &str, ts: u64, ttl: u32, address: AddressClaim, nonce: u8) -> Vec<u8> {
+    knock_for("ssh", key, ts, ttl, address, nonce)
+}
+
+fn knock_for(
+    service: &str,
+    key: &str,
+    ts: u64,
+    ttl: u32,
+    address: AddressClaim,
+    nonce: u8,
+) -> Vec<u8> {
     let k = Knock {
         key_id: KeyId::new(key).unwrap(),
-        service: Service::Ssh,
+        service: crate::knock::ServiceId::of(service),
         timestamp: ts,
         nonce: [nonce; 16],
         ttl_secs: ttl,
         address,
     };
-    seal(&k, &secret(), &server()).to_vec()
+    seal(&k, &secret(), &server())
 }
 
 fn elements(core: &mut Core<MemoryFirewall>, set: &str) -> Vec<IpAddr> {
@@ -119,6 +160,7 @@ fn refusal(outcome: KnockOutcome) -> KnockRefusal {
     match outcome {
         KnockOutcome::Refused { reason, .. } => reason,
         KnockOutcome::Granted { record, .. } => panic!("granted {record:?}"),
+        KnockOutcome::Window { window, .. } => panic!("window {window:?}"),
     }
 }
 
@@ -501,7 +543,8 @@ fn admin_open_revoke_and_expiry() {
     let mut f = fixture();
     let (record, _, capped) = f
         .core
-        .open_ssh(
+        .open(
+            "ssh",
             ip("2001:db8::9"),
             Some(Duration::from_secs(7200)),
             "uid 0",
@@ -523,7 +566,13 @@ fn admin_open_revoke_and_expiry() {
 
     let (short, _, _) = f
         .core
-        .open_ssh(ip("192.0.2.1"), Some(Duration::from_secs(5)), "uid 0", NOW)
+        .open(
+            "ssh",
+            ip("192.0.2.1"),
+            Some(Duration::from_secs(5)),
+            "uid 0",
+            NOW,
+        )
         .unwrap();
     assert_eq!(f.core.next_expiry(NOW), Some(5));
     let gone = f.core.expire(NOW + 5);
@@ -814,4 +863,217 @@ fn the_invalid_knock_counter_stays_bounded_under_spoofed_sources() {
         )
     });
     assert!(banned);
+}
+
+#[test]
+fn a_knock_for_a_service_opens_that_service_only() {
+    let mut f = fixture();
+    let laptop = ip("198.51.100.7");
+    let outcome = f.core.knock(
+        &knock_for("wireguard", "multi", NOW, 60, AddressClaim::PacketSource, 1),
+        laptop,
+        NOW,
+    );
+    let KnockOutcome::Granted { record, .. } = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(
+        (record.service.as_str(), record.address),
+        ("wireguard", laptop)
+    );
+    assert_eq!(elements(&mut f.core, "wireguard_grants_v4"), vec![laptop]);
+    assert!(elements(&mut f.core, SSH_GRANTS_V4).is_empty());
+    assert!(elements(&mut f.core, "web_grants_v4").is_empty());
+    // The same address may hold ssh too: two grants, one per service.
+    let outcome = f.core.knock(
+        &knock_for("ssh", "multi", NOW, 60, AddressClaim::PacketSource, 2),
+        laptop,
+        NOW,
+    );
+    assert!(
+        matches!(outcome, KnockOutcome::Granted { .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(f.core.grants(NOW).len(), 2);
+    // Revoking one leaves the other.
+    let id = f
+        .core
+        .grants(NOW)
+        .into_iter()
+        .find(|g| g.service == "wireguard")
+        .unwrap()
+        .id;
+    f.core.revoke(&id).unwrap().unwrap();
+    assert!(elements(&mut f.core, "wireguard_grants_v4").is_empty());
+    assert_eq!(elements(&mut f.core, SSH_GRANTS_V4), vec![laptop]);
+}
+
+#[test]
+fn a_key_not_allowed_a_service_gets_nothing_and_no_ban() {
+    let mut f = fixture();
+    let source = ip("198.51.100.7");
+    for nonce in 1..=5 {
+        let outcome = f.core.knock(
+            &knock_for(
+                "wireguard",
+                "alice",
+                NOW,
+                60,
+                AddressClaim::PacketSource,
+                nonce,
+            ),
+            source,
+            NOW,
+        );
+        let KnockOutcome::Refused { reason, banned } = outcome else {
+            panic!("{outcome:?}")
+        };
+        assert!(
+            matches!(&reason, KnockRefusal::Policy(_, PolicyRefusal::Service(s)) if s == "wireguard"),
+            "{reason}"
+        );
+        assert!(reason.to_string().contains("`wireguard`"), "{reason}");
+        assert!(!banned, "an authentic knock never counts toward a ban");
+    }
+    assert!(elements(&mut f.core, "wireguard_grants_v4").is_empty());
+    assert_eq!(
+        f.core.replay_guard_len(),
+        0,
+        "refused knocks take no nonce room"
+    );
+}
+
+#[test]
+fn a_service_the_server_does_not_define_is_refused_by_id() {
+    let mut f = fixture();
+    let outcome = f.core.knock(
+        &knock_for("postgres", "multi", NOW, 60, AddressClaim::PacketSource, 1),
+        ip("198.51.100.7"),
+        NOW,
+    );
+    let KnockOutcome::Refused { reason, banned } = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert!(
+        matches!(
+            reason,
+            KnockRefusal::Policy(_, PolicyRefusal::UnknownService(id))
+                if id == crate::knock::ServiceId::of("postgres")
+        ),
+        "{reason}"
+    );
+    assert!(!banned);
+}
+
+#[test]
+fn an_egress_knock_opens_one_host_window_per_key_and_renews_it() {
+    let mut f = fixture();
+    let outcome = f.core.knock(
+        &knock_for("egress", "multi", NOW, 3000, AddressClaim::PacketSource, 1),
+        ip("198.51.100.7"),
+        NOW,
+    );
+    let KnockOutcome::Window {
+        window,
+        renewed,
+        capped,
+        ..
+    } = outcome
+    else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(window.scope, WindowScope::Host);
+    assert_eq!(window.who, "key multi");
+    assert!(!renewed);
+    assert!(capped, "3000 s is cut to egress.max_ttl (600 s)");
+    assert_eq!(window.expires_at, NOW + 600);
+    assert_eq!(f.core.grants(NOW).len(), 0, "a window is no grant");
+    let host = |core: &mut Core<MemoryFirewall>| {
+        core.firewall
+            .elements("knockgate", EGRESS_HOST)
+            .unwrap()
+            .len()
+    };
+    assert_eq!(host(&mut f.core), 1);
+    // A second knock replaces the window: still one, with the new time.
+    let outcome = f.core.knock(
+        &knock_for(
+            "egress",
+            "multi",
+            NOW + 10,
+            60,
+            AddressClaim::PacketSource,
+            2,
+        ),
+        ip("198.51.100.7"),
+        NOW + 10,
+    );
+    let KnockOutcome::Window {
+        window, renewed, ..
+    } = outcome
+    else {
+        panic!("{outcome:?}")
+    };
+    assert!(renewed);
+    assert_eq!(window.expires_at, NOW + 70);
+    let windows = f.core.windows(NOW + 10);
+    assert_eq!(windows.len(), 1, "{windows:?}");
+    assert_eq!(host(&mut f.core), 1, "the switch stayed on");
+    // Revocable like every window; the switch goes with it.
+    f.core
+        .close_window(&windows[0].id, NOW + 11)
+        .unwrap()
+        .unwrap();
+    assert_eq!(host(&mut f.core), 0);
+}
+
+#[test]
+fn a_key_without_egress_opens_no_window() {
+    let mut f = fixture();
+    let outcome = f.core.knock(
+        &knock_for("egress", "alice", NOW, 60, AddressClaim::PacketSource, 1),
+        ip("198.51.100.7"),
+        NOW,
+    );
+    assert!(
+        matches!(
+            &outcome,
+            KnockOutcome::Refused { reason: KnockRefusal::Policy(_, PolicyRefusal::Service(s)), .. } if s == "egress"
+        ),
+        "{outcome:?}"
+    );
+    assert!(f.core.windows(NOW).is_empty());
+}
+
+#[test]
+fn a_reload_that_drops_a_service_drops_its_grants_and_keeps_the_rest() {
+    let mut f = fixture();
+    for (service, nonce) in [("wireguard", 1), ("web", 2), ("ssh", 3)] {
+        let outcome = f.core.knock(
+            &knock_for(service, "multi", NOW, 60, AddressClaim::PacketSource, nonce),
+            ip("198.51.100.7"),
+            NOW,
+        );
+        assert!(
+            matches!(outcome, KnockOutcome::Granted { .. }),
+            "{outcome:?}"
+        );
+    }
+    let mut config = config();
+    config.services.retain(|s| s.name != "wireguard");
+    let dropped = f.core.reconfigure(settings(f.dir.path(), &config), keys());
+    assert_eq!(dropped.len(), 1);
+    assert_eq!(dropped[0].service, "wireguard");
+    let mut left: Vec<String> = f.core.grants(NOW).into_iter().map(|g| g.service).collect();
+    left.sort();
+    assert_eq!(left, ["ssh", "web"]);
+    let booked = f.core.booked_elements(NOW);
+    assert!(!booked.contains_key("wireguard_grants_v4"));
+    assert!(booked.contains_key("web_grants_v4"));
+    // An admin cannot open a service that is not there.
+    let err = f
+        .core
+        .open("wireguard", ip("192.0.2.1"), None, "uid 0", NOW)
+        .unwrap_err();
+    assert!(err.to_string().contains("no service `wireguard`"), "{err}");
 }

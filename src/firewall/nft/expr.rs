@@ -54,6 +54,11 @@ pub(super) fn add(
             )));
             rule.add_expr(&Cmp::new(CmpOp::Eq, port.to_be()));
         }
+        Expr::DportRange {
+            protocol,
+            first,
+            last,
+        } => dport_range(rule, *protocol, *first, *last),
         Expr::SaddrInSet { .. } | Expr::MeterSaddr { .. } => by_source(rule, expr, set_id)?,
         Expr::Daddr(addr) => {
             let family = IpFamily::of(*addr);
@@ -113,6 +118,32 @@ pub(super) fn add(
         Expr::Verdict(Verdict::Drop) => rule.add_expr(&NftVerdict::Drop),
     }
     Ok(())
+}
+
+/// `tcp dport A-B` / `udp dport A-B`. Ports are compared as the packet's big-endian
+/// bytes (the kernel's cmp is a memcmp), which orders them as numbers.
+fn dport_range(
+    rule: &mut nftnl::Rule<'_>,
+    protocol: crate::service::Protocol,
+    first: u16,
+    last: u16,
+) {
+    match protocol {
+        crate::service::Protocol::Tcp => {
+            l4proto(rule, libc::IPPROTO_TCP);
+            rule.add_expr(&Payload::Transport(TransportHeaderField::Tcp(
+                TcpHeaderField::Dport,
+            )));
+        }
+        crate::service::Protocol::Udp => {
+            l4proto(rule, libc::IPPROTO_UDP);
+            rule.add_expr(&Payload::Transport(TransportHeaderField::Udp(
+                UdpHeaderField::Dport,
+            )));
+        }
+    }
+    rule.add_expr(&Cmp::new(CmpOp::Gte, first.to_be()));
+    rule.add_expr(&Cmp::new(CmpOp::Lte, last.to_be()));
 }
 
 fn ct_bit(state: CtState) -> States {

@@ -338,3 +338,59 @@ fn every_rule_that_admits_a_connection_marks_it_and_only_marked_ones_continue() 
         }
     }
 }
+
+/// The default config with a UDP service and a TCP range.
+fn with_services() -> Config {
+    use crate::config::{PortValue, Protocol, ServiceSpec};
+    Config {
+        services: vec![
+            ServiceSpec {
+                name: "wireguard".into(),
+                protocol: Protocol::Udp,
+                port: PortValue::Number(51820),
+            },
+            ServiceSpec {
+                name: "staging".into(),
+                protocol: Protocol::Tcp,
+                port: PortValue::Text("8443-8445".into()),
+            },
+        ],
+        ..Config::default()
+    }
+}
+
+#[test]
+fn services_match_the_golden_text() {
+    let text = baseline(&with_services(), &resolvers()).to_string();
+    let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/services.nft");
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&golden, &text).unwrap();
+    }
+    let want = std::fs::read_to_string(&golden).unwrap();
+    assert_eq!(text, want, "rerun with UPDATE_GOLDEN=1 and review the diff");
+}
+
+#[test]
+fn each_service_opens_its_ports_for_its_own_grant_sets_only() {
+    let ruleset = baseline(&with_services(), &resolvers());
+    let input = rules_text(&ruleset, Hook::Input);
+    for (matches, set) in [
+        ("tcp dport 22", "ssh_grants_v4"),
+        ("tcp dport 22", "ssh_grants_v6"),
+        ("udp dport 51820", "wireguard_grants_v4"),
+        ("udp dport 51820", "wireguard_grants_v6"),
+        ("tcp dport 8443-8445", "staging_grants_v4"),
+        ("tcp dport 8443-8445", "staging_grants_v6"),
+    ] {
+        let family = if set.ends_with("v4") { "ip" } else { "ip6" };
+        let rule = admitted(&format!("{matches} {family} saddr @{set}"));
+        assert!(input.contains(&rule), "missing: {rule}\n{input:#?}");
+    }
+    for set in ["wireguard_grants_v4", "staging_grants_v6"] {
+        let def = ruleset.sets.iter().find(|s| s.name == set).unwrap();
+        assert_eq!(def.kind, SetKind::Grants, "{set} has element timeouts");
+    }
+    // Nothing else mentions the service ports.
+    let mentions = input.iter().filter(|r| r.contains("51820")).count();
+    assert_eq!(mentions, 2);
+}
