@@ -42,8 +42,34 @@ pub struct Plan {
     pub to: Vec<String>,
     /// How long the window may stay open.
     pub duration: Duration,
-    /// The command and its arguments.
+    /// The command and its arguments; empty for an admin's session: the user's
+    /// login shell (`$SHELL -l`) runs inside the window.
     pub command: Vec<OsString>,
+}
+
+/// Set in a session window's shell (and everything it runs): when the window ends,
+/// as Unix seconds — for a prompt (`PS1='[egress] \$ '` when it is set, say).
+pub const SESSION_UNTIL_ENV: &str = "KNOCKGATE_EGRESS_UNTIL";
+
+impl Plan {
+    /// Whether this is a session window (no command: a login shell).
+    #[must_use]
+    pub fn is_session(&self) -> bool {
+        self.command.is_empty()
+    }
+
+    /// What runs: the command, or `$SHELL -l` (`/bin/sh -l` without `$SHELL`).
+    #[must_use]
+    pub fn program(&self) -> Vec<OsString> {
+        if self.is_session() {
+            let shell = std::env::var_os("SHELL")
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "/bin/sh".into());
+            vec![shell, "-l".into()]
+        } else {
+            self.command.clone()
+        }
+    }
 }
 
 /// Why the window was not opened; the command did not run.
@@ -122,7 +148,12 @@ pub fn run(plan: &Plan) -> anyhow::Result<ExitCode> {
     let scope = cgroup
         .as_ref()
         .map_or(WindowScope::Host, |(cg, _)| WindowScope::Cgroup(cg.id()));
-    let described = describe(&plan.command);
+    let program = plan.program();
+    let described = if plan.is_session() {
+        format!("{} (session)", describe(&program))
+    } else {
+        describe(&program)
+    };
     let leave = || {
         if let (Some((_, root)), Some(original), true) = (&cgroup, &original, move_in) {
             let back = root
@@ -138,7 +169,18 @@ pub fn run(plan: &Plan) -> anyhow::Result<ExitCode> {
             return Err(e);
         }
     };
-    let status = run_command(plan);
+    let until = std::time::SystemTime::now() + plan.duration;
+    if plan.is_session() {
+        eprintln!(
+            "egress-window: egress open until {} ({}) for this shell and what it runs; `exit` closes it",
+            humantime::format_rfc3339_seconds(until),
+            humantime::format_duration(plan.duration)
+        );
+    }
+    let status = run_command(plan, &program, until);
+    if plan.is_session() {
+        eprintln!("egress-window: session ended; egress closed");
+    }
     // Close at once (not at DURATION) and wait for the daemon to confirm, so a
     // connection made right after this returns is already refused.
     let _ = call(&plan.socket, &Request::Revoke { id: window_id });
@@ -314,15 +356,23 @@ fn send_with_proc_self(stream: &UnixStream, bytes: &[u8]) -> std::io::Result<()>
 
 /// Runs the command; forwards SIGTERM and SIGHUP to it (SIGINT and SIGQUIT reach it
 /// from the terminal directly); warns once when the window's time is over.
-fn run_command(plan: &Plan) -> anyhow::Result<ExitCode> {
+fn run_command(
+    plan: &Plan,
+    program: &[OsString],
+    until: std::time::SystemTime,
+) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
         use tokio::signal::unix::{SignalKind, signal};
-        let (program, args) = plan.command.split_first().context("no command given")?;
+        let (program, args) = program.split_first().context("no command given")?;
+        let until = until
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         let mut child = tokio::process::Command::new(program)
             .args(args)
+            .env(SESSION_UNTIL_ENV, until.to_string())
             // The marker is for this program's own re-run only: a later egress-window
             // started by COMMAND must not take its cgroup for a scope of its own.
             .env_remove(IN_SCOPE_ENV)
@@ -346,8 +396,9 @@ fn run_command(plan: &Plan) -> anyhow::Result<ExitCode> {
                 status = child.wait() => break status?,
                 () = &mut deadline, if !warned => {
                     warned = true;
+                    let what = if plan.is_session() { "this shell stays" } else { "the command still runs" };
                     eprintln!(
-                        "egress-window: the window ended after {}; the command still runs, but its new connections will fail",
+                        "egress-window: the window ended after {}; {what}, but its new connections will fail",
                         humantime::format_duration(plan.duration)
                     );
                 }

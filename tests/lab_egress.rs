@@ -1000,3 +1000,67 @@ fn a_daemon_blind_to_other_users_processes_still_identifies_egress_window() {
     let answer = python_asks(&socket, &cgroup, cgroup.id(), "apt upgrade");
     assert!(answer.contains("hidden from knockgated"), "{answer}");
 }
+
+#[test]
+fn a_session_window_lets_the_shell_out_and_ends_with_exit() {
+    if !lab_available("a_session_window_lets_the_shell_out_and_ends_with_exit") {
+        return;
+    }
+    use std::io::Write as _;
+    let (w, daemon) = windows();
+    let probe = probe_mirror();
+    assert!(!w.outside_gets_out(), "no egress before the session");
+    // No COMMAND: egress-window runs $SHELL -l, here on a pseudo-terminal (`script`),
+    // with what a user types on its stdin.
+    let line = w.command(&["5s"]);
+    let words: Vec<String> = std::iter::once(line.get_program())
+        .chain(line.get_args())
+        .map(|w| w.to_string_lossy().into_owned())
+        .collect();
+    let mut session = Command::new("script")
+        .args(["-q", "-e", "-c", &words.join(" "), "/dev/null"])
+        .env("SHELL", "/bin/bash")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("script (util-linux)");
+    let mut typed = session.stdin.take().unwrap();
+    assert!(
+        support::eventually(Duration::from_secs(10), || w.open_windows() == 1),
+        "the session's window opens"
+    );
+    writeln!(
+        typed,
+        "{probe} && echo \"IN-$((40+2))\" || echo \"OUT-$((40+2))\"; echo \"until=$KNOCKGATE_EGRESS_UNTIL\""
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(
+        !w.outside_gets_out(),
+        "a process outside the shell stays in during the session"
+    );
+    writeln!(typed, "exit").unwrap();
+    drop(typed);
+    let out = session.wait_with_output().unwrap();
+    let seen = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(seen.contains("IN-42"), "the typed command got out:\n{seen}");
+    assert!(!seen.contains("OUT-42"), "{seen}");
+    assert!(
+        seen.contains("egress open until"),
+        "the start line:\n{seen}"
+    );
+    assert!(seen.contains("until=1"), "the prompt variable:\n{seen}");
+    assert_eq!(w.open_windows(), 0, "exit closed the window");
+    assert!(!w.outside_gets_out(), "nothing gets out after exit");
+    // The daemon logs what the kernel says egress-window runs (not what it claims).
+    assert!(
+        daemon.logged_soon("admin.sock 5s\" expires_at="),
+        "the log names the real command line:\n{}",
+        daemon.log_text()
+    );
+}

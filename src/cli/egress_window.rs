@@ -9,7 +9,8 @@ use clap::Parser;
 use crate::admin::client::DEFAULT_SOCKET;
 
 /// Run COMMAND with outbound HTTP/HTTPS (and DNS to the resolvers) for it and its
-/// children only; exit with COMMAND's exit code.
+/// children only; exit with COMMAND's exit code. Without COMMAND, run your login
+/// shell ($SHELL -l) in the window: a session that ends with `exit` or at DURATION.
 #[derive(Parser)]
 #[command(name = "egress-window", version, trailing_var_arg = true)]
 pub struct Args {
@@ -25,7 +26,7 @@ pub struct Args {
     /// Longest the window stays open, like 10m.
     #[arg(value_parser = humantime::parse_duration)]
     pub duration: Duration,
-    /// The command and its arguments (after --).
-    #[arg(required = true, num_args = 1.., allow_hyphen_values = true)]
+    /// The command and its arguments (after --) [default: $SHELL -l, a session].
+    #[arg(num_args = 0.., allow_hyphen_values = true)]
     pub command: Vec<OsString>,
 }
