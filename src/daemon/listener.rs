@@ -53,6 +53,8 @@ fn reason_name(reason: &KnockRefusal) -> &'static str {
         KnockRefusal::Policy(_, PolicyRefusal::Unbound) => "unbound",
         KnockRefusal::Policy(_, PolicyRefusal::OtherSource { .. }) => "other-address",
         KnockRefusal::Policy(_, PolicyRefusal::KeyGrants { .. }) => "key-grants",
+        KnockRefusal::Policy(_, PolicyRefusal::Service(_)) => "service-not-allowed",
+        KnockRefusal::Policy(_, PolicyRefusal::UnknownService(_)) => "unknown-service",
         KnockRefusal::Full(_) => "grants-full",
         KnockRefusal::Policy(..) => "policy",
         KnockRefusal::State(_) => "state",
