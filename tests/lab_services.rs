@@ -194,7 +194,7 @@ fn a_knock_for_a_service_opens_that_service_only_for_the_laptop_until_its_ttl() 
         knocked.elapsed() < ttl,
         "the checks above ran within the TTL"
     );
-    std::thread::sleep(ttl - knocked.elapsed());
+    std::thread::sleep(ttl.saturating_sub(knocked.elapsed()));
     for plan in [v4(), v6()] {
         assert!(
             eventually(Duration::from_secs(3), || !s
