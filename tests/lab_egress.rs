@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
@@ -1006,7 +1007,6 @@ fn a_session_window_lets_the_shell_out_and_ends_with_exit() {
     if !lab_available("a_session_window_lets_the_shell_out_and_ends_with_exit") {
         return;
     }
-    use std::io::Write as _;
     let (w, daemon) = windows();
     let probe = probe_mirror();
     assert!(!w.outside_gets_out(), "no egress before the session");
