@@ -207,10 +207,17 @@ fn keygen_writes_a_private_key_and_prints_both_configs() {
             "alice-laptop",
             "--dir",
             dir.path().to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
         ],
         &dir,
     );
     assert_ne!(again.status.code(), Some(0));
+    assert!(
+        text(&again.stderr).contains("exists"),
+        "{}",
+        text(&again.stderr)
+    );
     assert_eq!(std::fs::read_to_string(&key).unwrap(), secret);
 }
 
@@ -219,9 +226,20 @@ fn keygen_hands_the_key_to_the_daemon_user_and_refuses_an_unknown_one() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().to_str().unwrap();
+    let cfg = example();
+    let cfg = cfg.to_str().unwrap();
     let unknown = run(
         env!("CARGO_BIN_EXE_knockgate"),
-        &["keygen", "k1", "--dir", keys, "--owner", "no-such-user-kg"],
+        &[
+            "keygen",
+            "k1",
+            "--dir",
+            keys,
+            "--owner",
+            "no-such-user-kg",
+            "--config",
+            cfg,
+        ],
         &dir,
     );
     assert_ne!(unknown.status.code(), Some(0));
@@ -240,7 +258,9 @@ fn keygen_hands_the_key_to_the_daemon_user_and_refuses_an_unknown_one() {
         .expect("user nobody");
     let out = run(
         env!("CARGO_BIN_EXE_knockgate"),
-        &["keygen", "k1", "--dir", keys, "--owner", "nobody"],
+        &[
+            "keygen", "k1", "--dir", keys, "--owner", "nobody", "--config", cfg,
+        ],
         &dir,
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
@@ -328,4 +348,187 @@ fn a_reader_that_goes_away_ends_the_output_quietly() {
         );
         assert!(out.stderr.is_empty(), "{program}: {}", text(&out.stderr));
     }
+}
+
+#[test]
+fn keygen_with_a_config_it_cannot_read_writes_nothing_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(&broken, "[knock]\nport = \"many\"\n").unwrap();
+    let missing = dir.path().join("missing.toml");
+    for (config, says) in [
+        (&broken, "knock.port"),
+        (&missing, "cannot read config file"),
+    ] {
+        let out = run(
+            env!("CARGO_BIN_EXE_knockgate"),
+            &[
+                "keygen",
+                "k1",
+                "--dir",
+                keys.to_str().unwrap(),
+                "--config",
+                config.to_str().unwrap(),
+            ],
+            &dir,
+        );
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+        assert!(text(&out.stderr).contains(says), "{}", text(&out.stderr));
+        assert!(
+            text(&out.stdout).is_empty(),
+            "no stanza with a guessed server id"
+        );
+        assert!(!keys.join("k1.key").exists(), "no key written");
+    }
+}
+
+#[test]
+fn keygen_names_a_host_given_by_ip_address_by_the_whole_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = example();
+    for (address, stanza, command) in [
+        (
+            "10.203.9.1",
+            "[hosts.\"10.203.9.1\"]",
+            "knock 10.203.9.1 --wait",
+        ),
+        (
+            "2001:db8::7",
+            "[hosts.\"2001:db8::7\"]",
+            "knock 2001:db8::7 --wait",
+        ),
+        ("web1.example.org", "[hosts.web1]", "knock web1 --wait"),
+    ] {
+        let keys = dir.path().join(address.replace(':', "_"));
+        let out = run(
+            env!("CARGO_BIN_EXE_knockgate"),
+            &[
+                "keygen",
+                "k1",
+                "--dir",
+                keys.to_str().unwrap(),
+                "--address",
+                address,
+                "--config",
+                cfg.to_str().unwrap(),
+            ],
+            &dir,
+        );
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let printed = text(&out.stdout);
+        assert!(printed.contains(stanza), "{address}: {printed}");
+        assert!(printed.contains(command), "{address}: {printed}");
+        // The printed client stanza is a config the client reads.
+        let start = printed.find("[hosts.").unwrap();
+        let file = dir.path().join("client.toml");
+        std::fs::write(&file, &printed[start..]).unwrap();
+        let client = knockgate::client::config::load(&file).unwrap();
+        let name = command.split(' ').nth(1).unwrap();
+        assert!(client.hosts.contains_key(name), "{printed}");
+    }
+}
+
+#[test]
+fn knockgate_takes_the_admin_socket_from_the_config_it_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("elsewhere.sock");
+    let config = dir.path().join("k.toml");
+    std::fs::write(
+        &config,
+        format!("[admin]\nsocket = \"{}\"\n", socket.display()),
+    )
+    .unwrap();
+    let out = run(
+        env!("CARGO_BIN_EXE_knockgate"),
+        &["--config", config.to_str().unwrap(), "grants"],
+        &dir,
+    );
+    assert_ne!(out.status.code(), Some(0));
+    let said = text(&out.stderr);
+    assert!(said.contains(socket.to_str().unwrap()), "{said}");
+    assert!(!said.contains("/run/knockgate"), "{said}");
+    // --socket still wins; a --config that cannot be read is an error (exit 2).
+    let out = run(
+        env!("CARGO_BIN_EXE_knockgate"),
+        &["--config", "/nonexistent/k.toml", "grants"],
+        &dir,
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+}
+
+#[test]
+fn knock_dry_run_and_save_packet_build_without_sending() {
+    use knockgate::knock::auth::{ServerId, verify};
+    use knockgate::knock::packet::decode;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k.key");
+    let hex = "ab".repeat(32);
+    std::fs::write(&key, &hex).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // A socket on the knock port: nothing may arrive on it.
+    let receiver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    receiver.set_nonblocking(true).unwrap();
+    let server = receiver.local_addr().unwrap().to_string();
+    let base = [
+        "--server",
+        server.as_str(),
+        "--key-id",
+        "alice",
+        "--key-file",
+        key.to_str().unwrap(),
+        "--server-id",
+        "web1",
+        "--service",
+        "ssh",
+        "--service",
+        "wireguard",
+    ];
+    let mut args = base.to_vec();
+    args.push("--dry-run");
+    let out = run(env!("CARGO_BIN_EXE_knock"), &args, &dir);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let printed = text(&out.stdout);
+    assert!(
+        printed.contains("would send 114 bytes to 127.0.0.1"),
+        "{printed}"
+    );
+    assert!(printed.contains("would send 118 bytes"), "{printed}");
+    assert!(
+        printed.contains("service wireguard (id 0xefcb86de)"),
+        "{printed}"
+    );
+    let saved = dir.path().join("knock.txt");
+    let mut args = base.to_vec();
+    args.extend(["--save-packet", saved.to_str().unwrap()]);
+    let out = run(env!("CARGO_BIN_EXE_knock"), &args, &dir);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(receiver.recv(&mut [0u8; 256]).is_err(), "nothing was sent");
+    // Each saved line is a whole knock that verifies with the key.
+    let lines = std::fs::read_to_string(&saved).unwrap();
+    let secret = knockgate::knock::Secret::from_hex(&hex).unwrap();
+    let mut services = Vec::new();
+    for line in lines.lines() {
+        let words: Vec<&str> = line.split(' ').collect();
+        assert_eq!(words.len(), 3, "{line}");
+        assert_eq!(words[0], server);
+        let bytes: Vec<u8> = (0..words[2].len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&words[2][i..i + 2], 16).unwrap())
+            .collect();
+        let decoded = decode(&bytes).unwrap();
+        assert!(verify(
+            &secret,
+            &ServerId::new("web1").unwrap(),
+            decoded.signed,
+            decoded.mac
+        ));
+        assert_eq!(
+            decoded.knock.service,
+            knockgate::knock::ServiceId::of(words[1])
+        );
+        services.push(words[1].to_owned());
+    }
+    assert_eq!(services, ["ssh", "wireguard"]);
 }

@@ -248,6 +248,30 @@ const NAT_TRADE_OFF: &str = "\
 # server sees, and behind a NAT `discover` in its config learns it.
 ";
 
+/// The name the laptop's config knows the server by: the first label of a host name
+/// (`web1` for web1.example.org), an IP address whole.
+fn host_name(address: &str) -> String {
+    let bare = address.trim_start_matches('[').trim_end_matches(']');
+    if bare.parse::<std::net::IpAddr>().is_ok() {
+        bare.to_owned()
+    } else {
+        address.split('.').next().unwrap_or(address).to_owned()
+    }
+}
+
+/// `name` as a TOML key: bare when it can be, quoted otherwise (`"10.203.9.1"`).
+fn toml_key(name: &str) -> String {
+    let bare = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if bare {
+        name.to_owned()
+    } else {
+        format!("\"{}\"", name.escape_default())
+    }
+}
+
 fn keygen(config_path: &Path, key: &NewKey) -> anyhow::Result<ExitCode> {
     use knockgate::knock::{KeyId, Secret};
     let NewKey {
@@ -266,13 +290,9 @@ fn keygen(config_path: &Path, key: &NewKey) -> anyhow::Result<ExitCode> {
         ),
         None => nix::unistd::User::from_name(DAEMON_USER).ok().flatten(),
     };
-    let server_id = match config::load(config_path) {
-        Ok(loaded) => loaded.server_id.as_str().to_owned(),
-        Err(_) => nix::unistd::gethostname()
-            .ok()
-            .and_then(|h| h.into_string().ok())
-            .unwrap_or_default(),
-    };
+    // The server id laptops must use comes from the config: one that cannot be read
+    // is an error (exit 2) before any key is written, never a guess.
+    let server_id = config::load(config_path)?.server_id.as_str().to_owned();
     std::fs::create_dir_all(dir)?;
     let file = dir.join(format!("{id}.key"));
     let secret = Secret::generate().map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
@@ -318,13 +338,11 @@ fn keygen(config_path: &Path, key: &NewKey) -> anyhow::Result<ExitCode> {
     } else {
         "# Behind a NAT, say how to learn your public address, e.g.:\n# discover = \"https://api.ipify.org\"\n"
     };
+    let host = host_name(address);
     println!(
         "[hosts.{}]\naddress = \"{address}\"\nkey_id = \"{id}\"\nkey_file = \"~/.config/knock/{id}.key\"\nserver_id = \"{server_id}\"\n{source}",
-        address.split('.').next().unwrap_or(address)
+        toml_key(&host)
     );
-    println!(
-        "# 3. Then: knock {} --wait && ssh {address}",
-        address.split('.').next().unwrap_or(address)
-    );
+    println!("# 3. Then: knock {host} --wait && ssh {address}");
     Ok(ExitCode::SUCCESS)
 }
