@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_knock_global_optspecs
-    string join \n config= server= key-id= key-file= server-id= ttl= source= discover= wait wait-port= timeout= h/help V/version
+    string join \n config= server= key-id= key-file= server-id= ttl= source= discover= service= dry-run save-packet= wait wait-port= timeout= h/help V/version
 end
 
 function __fish_knock_needs_command
@@ -32,8 +32,11 @@ complete -c knock -n "__fish_knock_needs_command" -l server-id -d 'The server\'s
 complete -c knock -n "__fish_knock_needs_command" -l ttl -d 'Grant length to ask for, like 30m [default: the server\'s]' -r
 complete -c knock -n "__fish_knock_needs_command" -l source -d 'Address the knock is bound to: `auto` (the route\'s source, or --discover\'s answer behind a NAT), an IP, or `packet` (unbound: the key must allow it) [default: auto]' -r
 complete -c knock -n "__fish_knock_needs_command" -l discover -d 'How to learn the public address behind a NAT: `dns:NAME@RESOLVER` or an https:// URL' -r
-complete -c knock -n "__fish_knock_needs_command" -l wait-port -d 'Port to poll with --wait [default: the host\'s ssh_port, or 22]' -r
+complete -c knock -n "__fish_knock_needs_command" -l service -d 'Service to open, like ssh, wireguard or egress; repeat for several (one knock each) [default: the host\'s `services`, or ssh]' -r
+complete -c knock -n "__fish_knock_needs_command" -l save-packet -d 'Write the knock(s) to FILE instead of sending them: one line each, `ADDR:PORT SERVICE HEX` (to send later from elsewhere, or to debug)' -r -F
+complete -c knock -n "__fish_knock_needs_command" -l wait-port -d 'Port to poll with --wait [default: the host\'s ssh_port, or 22, when ssh is among the services]' -r
 complete -c knock -n "__fish_knock_needs_command" -l timeout -d 'Longest wait for the port to open' -r
+complete -c knock -n "__fish_knock_needs_command" -l dry-run -d 'Build the knock(s) and print what would be sent where; send nothing'
 complete -c knock -n "__fish_knock_needs_command" -l wait -d 'After knocking, poll the opened port until it answers'
 complete -c knock -n "__fish_knock_needs_command" -s h -l help -d 'Print help'
 complete -c knock -n "__fish_knock_needs_command" -s V -l version -d 'Print version'
@@ -44,7 +47,8 @@ complete -c knock -n "__fish_knock_using_subcommand proxy" -l server-id -d 'The 
 complete -c knock -n "__fish_knock_using_subcommand proxy" -l ttl -d 'Grant length to ask for, like 30m [default: the server\'s]' -r
 complete -c knock -n "__fish_knock_using_subcommand proxy" -l source -d 'Address the knock is bound to: `auto` (the route\'s source, or --discover\'s answer behind a NAT), an IP, or `packet` (unbound: the key must allow it) [default: auto]' -r
 complete -c knock -n "__fish_knock_using_subcommand proxy" -l discover -d 'How to learn the public address behind a NAT: `dns:NAME@RESOLVER` or an https:// URL' -r
-complete -c knock -n "__fish_knock_using_subcommand proxy" -l wait-port -d 'Port to poll with --wait [default: the host\'s ssh_port, or 22]' -r
+complete -c knock -n "__fish_knock_using_subcommand proxy" -l service -d 'Service to open, like ssh, wireguard or egress; repeat for several (one knock each) [default: the host\'s `services`, or ssh]' -r
+complete -c knock -n "__fish_knock_using_subcommand proxy" -l wait-port -d 'Port to poll with --wait [default: the host\'s ssh_port, or 22, when ssh is among the services]' -r
 complete -c knock -n "__fish_knock_using_subcommand proxy" -l timeout -d 'Longest wait for the port to open' -r
 complete -c knock -n "__fish_knock_using_subcommand proxy" -s h -l help -d 'Print help'
 complete -c knock -n "__fish_knock_using_subcommand help; and not __fish_seen_subcommand_from proxy help" -f -a "proxy" -d 'Knock, wait for PORT to open, then relay stdin/stdout to it (for ssh\'s ProxyCommand)'
