@@ -29,7 +29,7 @@ use anyhow::Context;
 use crate::admin::client::{AdminError, call, connect};
 use crate::admin::{Request, Response};
 use crate::cgroup::{CgroupError, WindowCgroup, cgroup2_root, own_cgroup_path};
-use crate::grants::WindowScope;
+use crate::grants::{WindowRecord, WindowScope};
 use crate::ruleset::baseline::MAX_EGRESS_CGROUP_LEVEL;
 
 /// What to run, where, for how long.
@@ -104,6 +104,11 @@ pub enum EgressError {
         /// Why the child could not be made.
         why: String,
     },
+    /// No COMMAND, and no terminal to run a session's shell on.
+    #[error(
+        "no COMMAND given and standard input is not a terminal; a session (a login shell in the window) needs one — give a COMMAND after --"
+    )]
+    SessionWithoutTerminal,
     /// `--to` and `--host-wide` together.
     #[error("--to restricts a command's window; it cannot be combined with --host-wide")]
     ToWithHostWide,
@@ -120,6 +125,10 @@ pub enum EgressError {
 pub fn run(plan: &Plan) -> anyhow::Result<ExitCode> {
     if plan.host_wide && !plan.to.is_empty() {
         return Err(EgressError::ToWithHostWide.into());
+    }
+    if plan.is_session() && !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        // A script whose command came out empty must not get a shell reading its input.
+        return Err(EgressError::SessionWithoutTerminal.into());
     }
     let to = resolve_all(&plan.to)?;
     let in_scope = std::env::var_os(IN_SCOPE_ENV).is_some();
@@ -162,21 +171,24 @@ pub fn run(plan: &Plan) -> anyhow::Result<ExitCode> {
             let _ = std::fs::write(back, std::process::id().to_string());
         }
     };
-    let (hold, window_id) = match open(&plan.socket, scope, &to, plan.duration, &described) {
+    let (hold, window) = match open(&plan.socket, scope, &to, plan.duration, &described) {
         Ok(opened) => opened,
         Err(e) => {
             leave();
             return Err(e);
         }
     };
-    let until = std::time::SystemTime::now() + plan.duration;
+    // The server's end, not the one asked for: it may have capped the window.
+    let until = std::time::UNIX_EPOCH + Duration::from_millis(window.ends().0);
+    let length = Duration::from_secs(window.expires_at.saturating_sub(window.granted_at));
     if plan.is_session() {
         eprintln!(
             "egress-window: egress open until {} ({}) for this shell and what it runs; `exit` closes it",
             humantime::format_rfc3339_seconds(until),
-            humantime::format_duration(plan.duration)
+            humantime::format_duration(length)
         );
     }
+    let window_id = window.id;
     let status = run_command(plan, &program, until);
     if plan.is_session() {
         eprintln!("egress-window: session ended; egress closed");
@@ -303,7 +315,7 @@ fn open(
     to: &[IpAddr],
     duration: Duration,
     command: &str,
-) -> anyhow::Result<(UnixStream, String)> {
+) -> anyhow::Result<(UnixStream, WindowRecord)> {
     let request = Request::OpenEgress {
         scope,
         ttl_secs: duration.as_secs().max(1),
@@ -324,7 +336,7 @@ fn open(
             if capped {
                 eprintln!("egress-window: window capped at the server's egress.max_ttl");
             }
-            Ok((stream, window.id))
+            Ok((stream, window))
         }
         Ok(Response::Error { message, .. }) => Err(EgressError::Refused { message }.into()),
         _ => Err(AdminError::Protocol(answer).into()),
@@ -367,12 +379,12 @@ fn run_command(
     runtime.block_on(async {
         use tokio::signal::unix::{SignalKind, signal};
         let (program, args) = program.split_first().context("no command given")?;
-        let until = until
+        let until_secs = until
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let mut child = tokio::process::Command::new(program)
             .args(args)
-            .env(SESSION_UNTIL_ENV, until.to_string())
+            .env(SESSION_UNTIL_ENV, until_secs.to_string())
             // The marker is for this program's own re-run only: a later egress-window
             // started by COMMAND must not take its cgroup for a scope of its own.
             .env_remove(IN_SCOPE_ENV)
@@ -383,7 +395,10 @@ fn run_command(
         let mut hup = signal(SignalKind::hangup())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut quit = signal(SignalKind::quit())?;
-        let deadline = tokio::time::sleep(plan.duration);
+        let left = until
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        let deadline = tokio::time::sleep(left);
         tokio::pin!(deadline);
         let mut warned = false;
         let forward = |sig: nix::sys::signal::Signal| {
@@ -398,8 +413,8 @@ fn run_command(
                     warned = true;
                     let what = if plan.is_session() { "this shell stays" } else { "the command still runs" };
                     eprintln!(
-                        "egress-window: the window ended after {}; {what}, but its new connections will fail",
-                        humantime::format_duration(plan.duration)
+                        "egress-window: the window ended at {}; {what}, but its new connections will fail",
+                        humantime::format_rfc3339_seconds(until)
                     );
                 }
                 _ = term.recv() => forward(nix::sys::signal::Signal::SIGTERM),

@@ -48,7 +48,10 @@ fn is_usage(e: &(dyn std::error::Error + 'static)) -> bool {
         || e.is::<crate::knock::auth::IdError>()
         || matches!(
             e.downcast_ref(),
-            Some(crate::egress::EgressError::ToWithHostWide)
+            Some(
+                crate::egress::EgressError::ToWithHostWide
+                    | crate::egress::EgressError::SessionWithoutTerminal
+            )
         )
         || matches!(
             e.downcast_ref::<ClientError>(),

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::clock::UnixMs;
 use crate::ruleset::Element;
 use crate::state::{StateError, write_atomically};
 
@@ -27,10 +28,44 @@ pub struct GrantRecord {
     /// Who asked: `key alice-laptop`, `uid 0`, or `recovered` (found in the kernel at
     /// start with no record).
     pub who: String,
-    /// Unix seconds when it was granted (or last extended).
+    /// Unix seconds when it was granted (or last extended), rounded down.
     pub granted_at: u64,
-    /// Unix seconds when the kernel closes it.
+    /// Unix seconds when it ends, rounded up.
     pub expires_at: u64,
+    /// Unix milliseconds when it was granted: the book's own time.
+    #[serde(default)]
+    pub granted_at_ms: u64,
+    /// Unix milliseconds when it ends (its TTL after the grant; the kernel closes the
+    /// port within a timer tick or two after it, never before).
+    #[serde(default)]
+    pub expires_at_ms: u64,
+}
+
+impl GrantRecord {
+    /// When it ends, in milliseconds.
+    #[must_use]
+    pub fn ends(&self) -> UnixMs {
+        UnixMs(self.expires_at_ms)
+    }
+
+    fn set_times(&mut self, granted: UnixMs, expires: UnixMs) {
+        (self.granted_at, self.granted_at_ms) = (granted.secs(), granted.0);
+        (self.expires_at, self.expires_at_ms) = (expires.secs_ceil(), expires.0);
+    }
+}
+
+impl WindowRecord {
+    /// When it ends, in milliseconds.
+    #[must_use]
+    pub fn ends(&self) -> UnixMs {
+        UnixMs(self.expires_at_ms)
+    }
+
+    /// Sets when it opened and when it ends (seconds and milliseconds alike).
+    pub fn set_times(&mut self, granted: UnixMs, expires: UnixMs) {
+        (self.granted_at, self.granted_at_ms) = (granted.secs(), granted.0);
+        (self.expires_at, self.expires_at_ms) = (expires.secs_ceil(), expires.0);
+    }
 }
 
 /// What an egress window opens.
@@ -66,10 +101,16 @@ pub struct WindowRecord {
     /// Destinations it is restricted to (`--to`); empty means any.
     #[serde(default)]
     pub to: Vec<IpAddr>,
-    /// Unix seconds when it opened.
+    /// Unix seconds when it opened, rounded down.
     pub granted_at: u64,
-    /// Unix seconds when the kernel closes it.
+    /// Unix seconds when it ends, rounded up.
     pub expires_at: u64,
+    /// Unix milliseconds when it opened.
+    #[serde(default)]
+    pub granted_at_ms: u64,
+    /// Unix milliseconds when it ends.
+    #[serde(default)]
+    pub expires_at_ms: u64,
 }
 
 /// Whether a grant opened a new hole or extended one.
@@ -93,7 +134,7 @@ pub struct GrantBook {
     by_who: HashMap<String, usize>,
     /// Nothing expires before this; it may be earlier than the first real expiry (an
     /// extension does not raise it), never later. `expire` makes it exact again.
-    earliest: Option<u64>,
+    earliest: Option<UnixMs>,
 }
 
 impl PartialEq for GrantBook {
@@ -114,19 +155,30 @@ struct Saved {
 
 impl GrantBook {
     /// Records a grant of `service` for `address` until `now + ttl`; returns the record
-    /// and whether it is new. `new_id` is called only for a new hole.
+    /// and whether it is new. `new_id` is called only for a new hole. A record whose
+    /// time is over (and not yet expired from the book) is not extended: it ended, and
+    /// this is a new grant.
     pub fn grant(
         &mut self,
         service: &str,
         address: IpAddr,
         who: &str,
-        now: u64,
+        now: UnixMs,
         ttl: Duration,
         mut new_id: impl FnMut() -> String,
     ) -> (GrantRecord, Granted) {
-        let expires_at = now.saturating_add(ttl.as_secs());
-        self.note_expiry(expires_at);
+        let expires_at = now.plus(ttl);
         let key = (service.to_owned(), address);
+        let ended = self
+            .by_address
+            .get(&key)
+            .and_then(|id| self.records.get(id))
+            .filter(|r| r.ends() <= now)
+            .map(|r| r.id.clone());
+        if let Some(id) = ended {
+            self.revoke(&id);
+        }
+        self.note_expiry(expires_at);
         if let Some(existing) = self
             .by_address
             .get(&key)
@@ -137,18 +189,20 @@ impl GrantBook {
                 uncount(&mut self.by_who, &previous);
                 *self.by_who.entry(who.to_owned()).or_default() += 1;
             }
-            existing.granted_at = now;
-            existing.expires_at = expires_at;
+            existing.set_times(now, expires_at);
             return (existing.clone(), Granted::Extended);
         }
-        let record = GrantRecord {
+        let mut record = GrantRecord {
             id: self.fresh_id(&mut new_id),
             service: service.to_owned(),
             address,
             who: who.to_owned(),
-            granted_at: now,
-            expires_at,
+            granted_at: 0,
+            expires_at: 0,
+            granted_at_ms: 0,
+            expires_at_ms: 0,
         };
+        record.set_times(now, expires_at);
         self.by_address.insert(key, record.id.clone());
         *self.by_who.entry(record.who.clone()).or_default() += 1;
         self.records.insert(record.id.clone(), record.clone());
@@ -179,6 +233,19 @@ impl GrantBook {
         self.by_address.contains_key(&(service.to_owned(), address))
     }
 
+    /// Books `record` again as it was (a rolled-back trial's grants), replacing any
+    /// record for the same service and address.
+    pub fn restore(&mut self, record: GrantRecord) {
+        let key = (record.service.clone(), record.address);
+        if let Some(id) = self.by_address.get(&key).cloned() {
+            self.revoke(&id);
+        }
+        self.note_expiry(record.ends());
+        self.by_address.insert(key, record.id.clone());
+        *self.by_who.entry(record.who.clone()).or_default() += 1;
+        self.records.insert(record.id.clone(), record);
+    }
+
     /// Removes the grant `id`.
     pub fn revoke(&mut self, id: &str) -> Option<GrantRecord> {
         let record = self.records.remove(id)?;
@@ -190,8 +257,8 @@ impl GrantBook {
     }
 
     /// Removes and returns the grants whose time is over.
-    pub fn expire(&mut self, now: u64) -> Vec<GrantRecord> {
-        let gone = drain_expired(&mut self.records, now, |r| r.expires_at);
+    pub fn expire(&mut self, now: UnixMs) -> Vec<GrantRecord> {
+        let gone = drain_expired(&mut self.records, now, GrantRecord::ends);
         for r in &gone {
             self.by_address.remove(&(r.service.clone(), r.address));
             uncount(&mut self.by_who, &r.who);
@@ -200,13 +267,13 @@ impl GrantBook {
         gone
     }
 
-    /// Unix second of the first expiry (or earlier, never later), if anything is open.
+    /// The first expiry (or earlier, never later), if anything is open.
     #[must_use]
-    pub fn next_expiry(&self) -> Option<u64> {
+    pub fn next_expiry(&self) -> Option<UnixMs> {
         self.earliest
     }
 
-    fn note_expiry(&mut self, at: u64) {
+    fn note_expiry(&mut self, at: UnixMs) {
         self.earliest = Some(self.earliest.map_or(at, |e| e.min(at)));
     }
 
@@ -214,8 +281,8 @@ impl GrantBook {
         self.earliest = self
             .records
             .values()
-            .map(|r| r.expires_at)
-            .chain(self.windows.values().map(|w| w.expires_at))
+            .map(GrantRecord::ends)
+            .chain(self.windows.values().map(WindowRecord::ends))
             .min();
     }
 
@@ -259,7 +326,7 @@ impl GrantBook {
         &mut self,
         service: &str,
         kernel: &[Element],
-        now: u64,
+        now: UnixMs,
         mut new_id: impl FnMut() -> String,
     ) {
         let in_kernel: HashSet<IpAddr> = kernel.iter().filter_map(Element::addr).collect();
@@ -267,21 +334,23 @@ impl GrantBook {
             .retain(|_, r| r.service != service || in_kernel.contains(&r.address));
         self.rebuild_index();
         for (element, address) in kernel.iter().filter_map(|e| Some((e, e.addr()?))) {
-            let expires_at = element
-                .expires_in
-                .map_or(u64::MAX, |d| now.saturating_add(d.as_secs()));
+            let expires_at = kernel_end(now, element.expires_in);
             let known = self.by_address.get(&(service.to_owned(), address));
             if let Some(record) = known.and_then(|id| self.records.get_mut(id)) {
-                record.expires_at = expires_at;
+                let granted = UnixMs(record.granted_at_ms);
+                record.set_times(granted, expires_at);
             } else {
-                let record = GrantRecord {
+                let mut record = GrantRecord {
                     id: self.fresh_id(&mut new_id),
                     service: service.to_owned(),
                     address,
                     who: "recovered".to_owned(),
-                    granted_at: now,
-                    expires_at,
+                    granted_at: 0,
+                    expires_at: 0,
+                    granted_at_ms: 0,
+                    expires_at_ms: 0,
                 };
+                record.set_times(now, expires_at);
                 self.by_address
                     .insert((service.to_owned(), address), record.id.clone());
                 *self.by_who.entry(record.who.clone()).or_default() += 1;
@@ -298,29 +367,37 @@ impl GrantBook {
     pub fn reconcile_windows(
         &mut self,
         elements: &[(WindowScope, Option<Duration>)],
-        now: u64,
+        now: UnixMs,
         mut new_id: impl FnMut() -> String,
     ) {
         self.windows
             .retain(|_, w| elements.iter().any(|(scope, _)| *scope == w.scope));
         for &(scope, expires_in) in elements {
-            let expires_at = expires_in.map_or(u64::MAX, |d| now.saturating_add(d.as_secs()));
+            let expires_at = kernel_end(now, expires_in);
             let mut found = false;
+            // The kernel has one element per scope, lasting as long as the longest
+            // window that shares it: a booked window keeps its own (earlier) end.
             for w in self.windows.values_mut().filter(|w| w.scope == scope) {
-                w.expires_at = expires_at;
+                let granted = UnixMs(w.granted_at_ms);
+                let ends = w.ends().min(expires_at);
+                w.set_times(granted, ends);
                 found = true;
             }
             if !found {
                 let id = self.fresh_id(&mut new_id);
-                self.open_window(WindowRecord {
+                let mut window = WindowRecord {
                     id,
                     scope,
                     who: "recovered".to_owned(),
                     command: String::new(),
                     to: Vec::new(),
-                    granted_at: now,
-                    expires_at,
-                });
+                    granted_at: 0,
+                    expires_at: 0,
+                    granted_at_ms: 0,
+                    expires_at_ms: 0,
+                };
+                window.set_times(now, expires_at);
+                self.open_window(window);
             }
         }
         self.recompute_earliest();
@@ -347,7 +424,7 @@ impl GrantBook {
 
     /// Books a new egress window.
     pub fn open_window(&mut self, window: WindowRecord) {
-        self.note_expiry(window.expires_at);
+        self.note_expiry(window.ends());
         self.windows.insert(window.id.clone(), window);
     }
 
@@ -359,8 +436,8 @@ impl GrantBook {
     }
 
     /// Removes and returns the windows whose time is over.
-    pub fn expire_windows(&mut self, now: u64) -> Vec<WindowRecord> {
-        let gone = drain_expired(&mut self.windows, now, |w| w.expires_at);
+    pub fn expire_windows(&mut self, now: UnixMs) -> Vec<WindowRecord> {
+        let gone = drain_expired(&mut self.windows, now, WindowRecord::ends);
         self.recompute_earliest();
         gone
     }
@@ -395,7 +472,20 @@ impl GrantBook {
         };
         // A damaged book is not fatal: the kernel's sets are the truth, and
         // `reconcile` rebuilds the records from them.
-        let saved: Saved = serde_json::from_str(&text).unwrap_or_default();
+        let mut saved: Saved = serde_json::from_str(&text).unwrap_or_default();
+        // A book written in whole seconds (knockgate 0.1): the same times in ms.
+        for r in &mut saved.grants {
+            if r.expires_at_ms == 0 {
+                r.granted_at_ms = r.granted_at.saturating_mul(1000);
+                r.expires_at_ms = r.expires_at.saturating_mul(1000);
+            }
+        }
+        for w in &mut saved.windows {
+            if w.expires_at_ms == 0 {
+                w.granted_at_ms = w.granted_at.saturating_mul(1000);
+                w.expires_at_ms = w.expires_at.saturating_mul(1000);
+            }
+        }
         let mut book = Self {
             records: saved
                 .grants
@@ -442,8 +532,8 @@ fn uncount(by_who: &mut HashMap<String, usize>, who: &str) {
 
 fn drain_expired<T>(
     map: &mut BTreeMap<String, T>,
-    now: u64,
-    expires_at: impl Fn(&T) -> u64,
+    now: UnixMs,
+    expires_at: impl Fn(&T) -> UnixMs,
 ) -> Vec<T> {
     let gone: Vec<String> = map
         .iter()
@@ -451,6 +541,15 @@ fn drain_expired<T>(
         .map(|(id, _)| id.clone())
         .collect();
     gone.iter().filter_map(|id| map.remove(id)).collect()
+}
+
+/// When a kernel element with `expires_in` left at `now` ends, as the book counts
+/// it: without the slack every timeout knockgate sets adds (so a time read back and
+/// set again does not creep later).
+fn kernel_end(now: UnixMs, expires_in: Option<Duration>) -> UnixMs {
+    expires_in.map_or(UnixMs::NEVER, |d| {
+        now.plus(d.saturating_sub(crate::clock::KERNEL_TIMER_SLACK))
+    })
 }
 
 /// A fresh random grant id: 8 hex digits.
@@ -484,7 +583,14 @@ mod tests {
         ttl: u64,
         id: &mut impl FnMut() -> String,
     ) -> (GrantRecord, Granted) {
-        book.grant("ssh", ip(addr), who, now, Duration::from_secs(ttl), id)
+        book.grant(
+            "ssh",
+            ip(addr),
+            who,
+            UnixMs::from_secs(now),
+            Duration::from_secs(ttl),
+            id,
+        )
     }
 
     fn ids() -> impl FnMut() -> String {
@@ -514,7 +620,7 @@ mod tests {
         let mut id = ids();
         ssh(&mut book, "192.0.2.1", "key a", 100, 10, &mut id);
         let (b, _) = ssh(&mut book, "2001:db8::1", "uid 0", 100, 100, &mut id);
-        let gone = book.expire(110);
+        let gone = book.expire(UnixMs::from_secs(110));
         assert_eq!(gone.len(), 1);
         assert_eq!(
             book.revoke(&b.id).map(|r| r.address),
@@ -535,7 +641,7 @@ mod tests {
         ssh(&mut book, "192.0.2.3", "key a", 101, 100, &mut id);
         ssh(&mut book, "192.0.2.2", "key a", 101, 100, &mut id);
         assert_eq!((book.held_by("key a"), book.held_by("uid 0")), (3, 0));
-        book.expire(110);
+        book.expire(UnixMs::from_secs(110));
         assert_eq!(book.held_by("key a"), 2);
         book.revoke(&b.id);
         assert_eq!(book.held_by("key a"), 1);
@@ -564,7 +670,7 @@ mod tests {
                 expires_in: Some(Duration::from_secs(5)),
             },
         ];
-        book.reconcile("ssh", &kernel, 120, &mut id);
+        book.reconcile("ssh", &kernel, UnixMs::from_secs(120), &mut id);
         let mut seen: Vec<(IpAddr, String, u64)> = book
             .iter()
             .map(|r| (r.address, r.who.clone(), r.expires_at))
@@ -589,7 +695,7 @@ mod tests {
             "ssh",
             ip("192.0.2.1"),
             "key a",
-            100,
+            UnixMs::from_secs(100),
             Duration::from_secs(60),
             new_id,
         );
@@ -607,7 +713,7 @@ mod tests {
             "ssh",
             ip("192.0.2.1"),
             "k",
-            100,
+            UnixMs::from_secs(100),
             Duration::from_secs(10),
             &mut id,
         );
@@ -615,23 +721,23 @@ mod tests {
             "ssh",
             ip("192.0.2.2"),
             "k",
-            100,
+            UnixMs::from_secs(100),
             Duration::from_secs(50),
             &mut id,
         );
-        assert_eq!(book.next_expiry(), Some(110));
+        assert_eq!(book.next_expiry(), Some(UnixMs::from_secs(110)));
         // Extending the first makes 110 too early, which is allowed; expire corrects it.
         book.grant(
             "ssh",
             ip("192.0.2.1"),
             "k",
-            105,
+            UnixMs::from_secs(105),
             Duration::from_secs(100),
             &mut id,
         );
-        assert!(book.next_expiry() <= Some(150));
-        assert!(book.expire(110).is_empty());
-        assert_eq!(book.next_expiry(), Some(150));
+        assert!(book.next_expiry() <= Some(UnixMs::from_secs(150)));
+        assert!(book.expire(UnixMs::from_secs(110)).is_empty());
+        assert_eq!(book.next_expiry(), Some(UnixMs::from_secs(150)));
         let second = book
             .iter()
             .find(|r| r.address == ip("192.0.2.2"))
@@ -639,8 +745,8 @@ mod tests {
             .id
             .clone();
         book.revoke(&second);
-        assert_eq!(book.next_expiry(), Some(205));
-        assert_eq!(book.expire(205).len(), 1);
+        assert_eq!(book.next_expiry(), Some(UnixMs::from_secs(205)));
+        assert_eq!(book.expire(UnixMs::from_secs(205)).len(), 1);
         assert_eq!(book.next_expiry(), None);
     }
 
@@ -660,5 +766,21 @@ mod tests {
         assert_ne!(a.id, b.id);
         assert_eq!(book.len(), 2);
         assert!(book.get(&a.id).is_some() && book.get(&b.id).is_some());
+    }
+
+    #[test]
+    fn a_book_in_whole_seconds_is_read_in_milliseconds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("grants.json");
+        // What knockgate 0.1 wrote: seconds only.
+        std::fs::write(
+            &path,
+            r#"{"grants":[{"id":"a1","service":"ssh","address":"192.0.2.1","who":"uid 0","granted_at":100,"expires_at":160}],"windows":[]}"#,
+        )
+        .unwrap();
+        let book = GrantBook::load(&path).unwrap();
+        let record = book.get("a1").unwrap();
+        assert_eq!((record.granted_at_ms, record.expires_at_ms), (100_000, 160_000));
+        assert_eq!(book.next_expiry(), Some(UnixMs::from_secs(160)));
     }
 }

@@ -21,6 +21,7 @@ pub mod admin;
 pub mod cgroup;
 pub mod cli;
 pub mod client;
+pub mod clock;
 pub mod config;
 #[cfg(feature = "daemon")]
 pub mod daemon;

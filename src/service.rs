@@ -43,7 +43,15 @@ impl ServiceId {
     /// The id of `ssh`, the one service version-1 knocks can name.
     #[must_use]
     pub fn ssh() -> Self {
-        Self::of(SSH)
+        static ID: std::sync::OnceLock<ServiceId> = std::sync::OnceLock::new();
+        *ID.get_or_init(|| Self::of(SSH))
+    }
+
+    /// The id of `egress`.
+    #[must_use]
+    pub fn egress() -> Self {
+        static ID: std::sync::OnceLock<ServiceId> = std::sync::OnceLock::new();
+        *ID.get_or_init(|| Self::of(EGRESS))
     }
 }
 
@@ -133,6 +141,8 @@ impl std::fmt::Display for Ports {
 pub struct PortService {
     /// Its name (config, CLI, logs, set names).
     pub name: String,
+    /// Its wire id (derived from the name once, not per knock).
+    pub id: ServiceId,
     /// TCP or UDP.
     pub protocol: Protocol,
     /// The port(s) it opens.
@@ -140,12 +150,6 @@ pub struct PortService {
 }
 
 impl PortService {
-    /// Its wire id.
-    #[must_use]
-    pub fn id(&self) -> ServiceId {
-        ServiceId::of(&self.name)
-    }
-
     /// The grant set of this service for `family`.
     #[must_use]
     pub fn grant_set(&self, family: IpFamily) -> String {
@@ -169,12 +173,14 @@ pub fn grant_set(name: &str, family: IpFamily) -> String {
 pub fn port_services(config: &crate::config::Config) -> Vec<PortService> {
     let mut out = vec![PortService {
         name: SSH.to_owned(),
+        id: ServiceId::ssh(),
         protocol: Protocol::Tcp,
         ports: Ports::one(config.inbound.ssh_port),
     }];
     out.extend(config.services.iter().filter_map(|spec| {
         Some(PortService {
             name: spec.name.clone(),
+            id: ServiceId::of(&spec.name),
             protocol: spec.protocol,
             ports: spec.port.parse().ok()?,
         })

@@ -532,3 +532,20 @@ fn knock_dry_run_and_save_packet_build_without_sending() {
     }
     assert_eq!(services, ["ssh", "wireguard"]);
 }
+
+#[test]
+fn egress_window_without_command_and_without_a_terminal_runs_no_shell() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_egress-window"))
+        .args(["--socket", "/nonexistent.sock", "5m"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("not a terminal"),
+        "{}",
+        text(&out.stderr)
+    );
+    drop(dir);
+}

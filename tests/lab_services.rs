@@ -63,6 +63,11 @@ fn services() -> Services {
             listeners.push(lab.tcp_echo(Host::Server, sa(server, 22)));
         }
     }
+    // The range's edges and beyond, and one port 256 higher (a byte-order slip in the
+    // range compare would let it in).
+    for port in [8442, 8443, 8445, 8446, 8444 + 256] {
+        listeners.push(lab.tcp_echo(Host::Server, sa(v4().server_from_client, port)));
+    }
     listeners.push(lab.tcp_echo(Host::Outside, sa(v4().mirror, 80)));
     Services {
         lab,
@@ -207,6 +212,20 @@ fn a_knock_for_a_service_opens_that_service_only_for_the_laptop_until_its_ttl() 
         s.open_from_client(v4().server_from_client).1,
         "staging still open"
     );
+    let server = v4().server_from_client;
+    for (port, open) in [
+        (8442, false),
+        (8443, true),
+        (8445, true),
+        (8446, false),
+        (8700, false),
+    ] {
+        assert_eq!(
+            s.lab.tcp_works(Host::Client, sa(server, port)),
+            open,
+            "port {port} of the range 8443-8445"
+        );
+    }
     assert!(!s.open_from_outside());
 }
 
@@ -364,4 +383,84 @@ fn a_reload_that_drops_a_service_closes_its_grants_and_keeps_the_others() {
     let grants = String::from_utf8_lossy(&admin(&s.socket(), &["grants"]).stdout).into_owned();
     assert!(!grants.contains("wireguard"), "{grants}");
     assert!(grants.contains("staging"), "{grants}");
+}
+
+#[test]
+fn a_grant_never_closes_before_its_ttl_and_is_logged_ended_only_once_closed() {
+    if !lab_available("a_grant_never_closes_before_its_ttl_and_is_logged_ended_only_once_closed") {
+        return;
+    }
+    let s = services();
+    let daemon = s.start();
+    let ssh = sa(v4().server_from_client, 22);
+    let client = v4().client.to_string();
+    let open = || {
+        admin(
+            &s.socket(),
+            &["open", "ssh", "--from", &client, "--ttl", "1s"],
+        )
+    };
+    let probe = || {
+        s.lab.in_ns(Host::Client, || {
+            std::net::TcpStream::connect_timeout(&ssh, Duration::from_millis(30)).is_ok()
+        })
+    };
+    let ended = || daemon.log_text().matches("grant ended").count();
+    // Three grants: the kernel's tick falls differently each time.
+    for round in 1..=3 {
+        let ended_before = ended();
+        let out = open();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(probe(), "open after the grant");
+        // The grant's end as the daemon booked it: its start (the daemon's clock, in
+        // ms) plus the TTL.
+        let listed: serde_json::Value =
+            serde_json::from_slice(&admin(&s.socket(), &["grants", "--json"]).stdout).unwrap();
+        let ends_ms = listed["grants"][0]["expires_at_ms"].as_u64().unwrap();
+        let ends = std::time::UNIX_EPOCH + Duration::from_millis(ends_ms);
+        let until_end = ends
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        std::thread::sleep(until_end.saturating_sub(Duration::from_millis(100)));
+        // Probe until the port closes (a probe that connects takes ~0.1 ms, so the first
+        // failing one starts right after the close): never before the booked end; while
+        // it answers, the daemon has not said "ended". Bounded: 3 s past the end.
+        let closed_at = loop {
+            // Read before the probe: a line logged before a probe that still connects
+            // came too early.
+            let logged = ended();
+            let at = std::time::SystemTime::now();
+            if !probe() {
+                break at;
+            }
+            assert_eq!(
+                logged, ended_before,
+                "round {round}: \"grant ended\" logged while the port still answers"
+            );
+            assert!(
+                at < ends + Duration::from_secs(3),
+                "round {round}: never closed"
+            );
+        };
+        assert!(
+            closed_at >= ends,
+            "round {round}: closed {:?} early",
+            ends.duration_since(closed_at).unwrap_or_default()
+        );
+        assert!(
+            eventually(Duration::from_secs(2), || ended() == ended_before + 1),
+            "round {round}: the end is logged once closed"
+        );
+        // Opened again after the end: a new grant, not an extension.
+        let said = String::from_utf8_lossy(&open().stdout).into_owned();
+        assert!(
+            said.contains("opened") && !said.contains("extended"),
+            "round {round}: {said}"
+        );
+        assert!(eventually(Duration::from_secs(3), || ended() == ended_before + 2));
+    }
 }

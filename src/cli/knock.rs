@@ -51,8 +51,9 @@ pub struct KnockArgs {
     /// Build the knock(s) and print what would be sent where; send nothing.
     #[arg(long, conflicts_with = "wait")]
     pub dry_run: bool,
-    /// Write the knock(s) to FILE instead of sending them: one line each, `ADDR:PORT
-    /// SERVICE HEX` (to send later from elsewhere, or to debug).
+    /// Write the knock(s) to a new FILE (mode 0600) instead of sending them: one line
+    /// each, `ADDR:PORT SERVICE HEX` — to debug, or to send from elsewhere within the
+    /// server's clock skew (30 s by default).
     #[arg(long, value_name = "FILE", conflicts_with = "wait")]
     pub save_packet: Option<PathBuf>,
     /// After knocking, poll the opened port until it answers.

@@ -43,7 +43,12 @@ impl Args {
         match (&self.config, config::load(&self.config_path())) {
             (_, Ok(loaded)) => Ok(loaded.config.admin.socket),
             (Some(_), Err(e)) => Err(e),
-            (None, Err(_)) => Ok(PathBuf::from(DEFAULT_SOCKET)),
+            (None, Err(e)) => {
+                if self.config_path().exists() {
+                    eprintln!("knockgate: warning: {e}; using the default socket {DEFAULT_SOCKET}");
+                }
+                Ok(PathBuf::from(DEFAULT_SOCKET))
+            }
         }
     }
 }

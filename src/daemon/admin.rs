@@ -331,7 +331,7 @@ fn open_window<F: Firewall>(
     ttl_secs: u64,
     who: &str,
     process: &super::peer::Process,
-    now: u64,
+    now: crate::clock::UnixMs,
 ) -> Response {
     let ttl = Duration::from_secs(ttl_secs);
     match core.open_window(scope, to, ttl, who, &process.command, now) {
@@ -353,7 +353,7 @@ pub fn dispatch<F: Firewall>(
     status: impl FnOnce(&mut Core<F>) -> Response,
     request: Request,
     peer: &Peer,
-    now: u64,
+    now: crate::clock::UnixMs,
 ) -> Response {
     let who = format!("uid {}", peer.uid);
     match request {

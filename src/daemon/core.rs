@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
+use crate::clock::{KERNEL_TIMER_SLACK, UnixMs};
 use crate::firewall::{Firewall, FirewallError};
 use crate::grants::{GrantBook, GrantRecord, Granted, WindowRecord, WindowScope, new_id};
 use crate::knock::auth::ServerId;
@@ -156,12 +157,12 @@ pub struct Settings {
 impl Settings {
     /// The name of the service with wire id `id`, if this server has one.
     fn service_named_by(&self, id: ServiceId) -> Option<&str> {
-        if self.egress_service && id == ServiceId::of(service::EGRESS) {
+        if self.egress_service && id == ServiceId::egress() {
             return Some(service::EGRESS);
         }
         self.services
             .iter()
-            .find(|s| s.id() == id)
+            .find(|s| s.id == id)
             .map(|s| s.name.as_str())
     }
 
@@ -193,6 +194,10 @@ pub struct Core<F: Firewall> {
 
 fn grant_set(service: &str, addr: IpAddr) -> String {
     service::grant_set(service, IpFamily::of(addr))
+}
+
+fn slack_ms() -> u64 {
+    u64::try_from(KERNEL_TIMER_SLACK.as_millis()).unwrap_or(0)
 }
 
 /// What a knock opened.
@@ -270,8 +275,8 @@ impl<F: Firewall> Core<F> {
         }
     }
 
-    /// Handles one datagram from `source` at Unix time `now`.
-    pub fn knock(&mut self, datagram: &[u8], source: IpAddr, now: u64) -> KnockOutcome {
+    /// Handles one datagram from `source` at `now`.
+    pub fn knock(&mut self, datagram: &[u8], source: IpAddr, now: UnixMs) -> KnockOutcome {
         match self.try_knock(datagram, source, now) {
             Ok((Opened::Grant(record, kind), capped, bound)) => KnockOutcome::Granted {
                 record,
@@ -296,7 +301,7 @@ impl<F: Firewall> Core<F> {
         &mut self,
         datagram: &[u8],
         source: IpAddr,
-        now: u64,
+        now: UnixMs,
     ) -> Result<(Opened, bool, bool), KnockRefusal> {
         let keys = &self.keys;
         let skew = self.settings.skew.as_secs();
@@ -304,7 +309,7 @@ impl<F: Firewall> Core<F> {
             datagram,
             |id| keys.get(id).map(|k| &k.secret),
             &self.settings.server_id,
-            now,
+            now.secs(),
             skew,
         )?;
         let key_id = knock.key_id.clone();
@@ -346,7 +351,7 @@ impl<F: Firewall> Core<F> {
             }
         }
         self.guard
-            .admit_for(key_id.as_str(), knock.nonce, forget_after, now)
+            .admit_for(key_id.as_str(), knock.nonce, forget_after, now.secs())
             .map_err(|e| KnockRefusal::Replay(key_id.clone(), e))?;
         // The nonce is written before the hole opens, so no restart of the daemon can
         // reopen it; it is forced to the disk right after (decision 14: a disk flush
@@ -382,20 +387,28 @@ impl<F: Firewall> Core<F> {
         who: &str,
         address: IpAddr,
         ttl: Duration,
-        now: u64,
+        now: UnixMs,
     ) -> Result<(WindowRecord, bool), FirewallError> {
         let previous: Vec<String> = self
             .book
             .windows()
-            .filter(|w| w.who == who && w.command == KNOCK_WINDOW_COMMAND)
+            .filter(|w| w.who == who && w.command.starts_with(KNOCK_WINDOW_COMMAND))
             .map(|w| w.id.clone())
             .collect();
-        let (mut window, _) =
-            self.open_window(WindowScope::Host, &[], ttl, who, KNOCK_WINDOW_COMMAND, now)?;
+        let command = format!("{KNOCK_WINDOW_COMMAND} for {address}");
+        let (window, _) = self.open_window(WindowScope::Host, &[], ttl, who, &command, now)?;
+        // The new window is open and booked: a failure to close the old one is
+        // logged, never reported as a refused knock (the kernel still ends it).
         for id in &previous {
-            self.close_window(id, now)?;
+            match self.close_window(id, now) {
+                Ok(_) => tracing::info!(target: crate::logging::AUDIT, event = "egress-close",
+                    id = %id, by = %who, replaced_by = %window.id,
+                    "egress window replaced by a new knock"),
+                Err(e) => tracing::warn!(target: crate::logging::AUDIT, event = "egress-close",
+                    id = %id, by = %who, error = %format!("{e:#}"),
+                    "cannot close the egress window a new knock replaces; it ends at its time"),
+            }
         }
-        window.command = format!("{KNOCK_WINDOW_COMMAND} for {address}");
         Ok((window, !previous.is_empty()))
     }
 
@@ -478,7 +491,7 @@ impl<F: Firewall> Core<F> {
         address: IpAddr,
         who: &str,
         ttl: Duration,
-        now: u64,
+        now: UnixMs,
     ) -> Result<(GrantRecord, Granted), GrantError> {
         if self.settings.port_service(service).is_none() {
             return Err(GrantError::UnknownService(service.to_owned()));
@@ -487,11 +500,13 @@ impl<F: Firewall> Core<F> {
         if self.book.len() >= MAX_GRANTS && !self.book.holds(service, address) {
             return Err(GrantError::Full(MAX_GRANTS));
         }
+        // The kernel is asked for a little more than the TTL, so the port never
+        // closes early; the book keeps the TTL.
         self.firewall.add_element(
             &self.settings.table,
             &grant_set(service, address),
             address.into(),
-            ttl,
+            ttl + KERNEL_TIMER_SLACK,
         )?;
         let booked = self.book.grant(service, address, who, now, ttl, new_id);
         self.save_book();
@@ -505,7 +520,7 @@ impl<F: Firewall> Core<F> {
         address: IpAddr,
         ttl: Option<Duration>,
         who: &str,
-        now: u64,
+        now: UnixMs,
     ) -> Result<(GrantRecord, Granted, bool), GrantError> {
         let limits = self.settings.limits;
         let requested = ttl.map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX));
@@ -523,7 +538,7 @@ impl<F: Firewall> Core<F> {
         ttl: Duration,
         who: &str,
         command: &str,
-        now: u64,
+        now: UnixMs,
     ) -> Result<(WindowRecord, bool), FirewallError> {
         let capped = ttl > self.settings.egress_max_ttl;
         let ttl = ttl
@@ -534,7 +549,7 @@ impl<F: Firewall> Core<F> {
         let elements = window_elements(scope, to);
         for (n, &(set, key)) in elements.iter().enumerate() {
             let shared = self.remaining_of_others(set, key, "", now);
-            let kernel_ttl = shared.map_or(ttl, |other| other.max(ttl));
+            let kernel_ttl = shared.map_or(ttl, |other| other.max(ttl)) + KERNEL_TIMER_SLACK;
             if let Err(e) = self
                 .firewall
                 .add_element(&self.settings.table, set, key, kernel_ttl)
@@ -547,15 +562,18 @@ impl<F: Firewall> Core<F> {
                 return Err(e);
             }
         }
-        let window = WindowRecord {
+        let mut window = WindowRecord {
             id: self.book.fresh_id(&mut new_id),
             scope,
             who: who.to_owned(),
             command: command.to_owned(),
             to: to.iter().map(|&a| policy::canonical(a)).collect(),
-            granted_at: now,
-            expires_at: now.saturating_add(ttl.as_secs()),
+            granted_at: 0,
+            expires_at: 0,
+            granted_at_ms: 0,
+            expires_at_ms: 0,
         };
+        window.set_times(now, now.plus(ttl));
         self.book.open_window(window.clone());
         self.save_book();
         Ok((window, capped))
@@ -569,7 +587,7 @@ impl<F: Firewall> Core<F> {
     pub fn close_window(
         &mut self,
         id: &str,
-        now: u64,
+        now: UnixMs,
     ) -> Result<Option<WindowRecord>, FirewallError> {
         let Some(window) = self.book.windows().find(|w| w.id == id).cloned() else {
             return Ok(None);
@@ -597,12 +615,13 @@ impl<F: Firewall> Core<F> {
         set: &'static str,
         key: ElementKey,
         id: &str,
-        now: u64,
+        now: UnixMs,
     ) -> Result<(), FirewallError> {
         match self.remaining_of_others(set, key, id, now) {
-            Some(left) => self
-                .firewall
-                .add_element(&self.settings.table, set, key, left),
+            Some(left) => {
+                self.firewall
+                    .add_element(&self.settings.table, set, key, left + KERNEL_TIMER_SLACK)
+            }
             None => self.firewall.remove_element(&self.settings.table, set, key),
         }
     }
@@ -614,18 +633,18 @@ impl<F: Firewall> Core<F> {
         set: &str,
         key: ElementKey,
         id: &str,
-        now: u64,
+        now: UnixMs,
     ) -> Option<Duration> {
         self.book
             .windows()
-            .filter(|w| w.id != id && w.expires_at > now)
+            .filter(|w| w.id != id && w.ends() > now)
             .filter(|w| window_elements(w.scope, &w.to).contains(&(set, key)))
-            .map(|w| Duration::from_secs(w.expires_at - now))
+            .map(|w| now.until(w.ends()))
             .max()
     }
 
     /// The open egress windows.
-    pub fn windows(&mut self, now: u64) -> Vec<WindowRecord> {
+    pub fn windows(&mut self, now: UnixMs) -> Vec<WindowRecord> {
         self.expire(now);
         self.book.windows().cloned().collect()
     }
@@ -647,18 +666,59 @@ impl<F: Firewall> Core<F> {
 
     /// Drops grants whose time is over from the book (the kernel closed them
     /// already) and returns them, for the expiry log lines.
-    pub fn expire(&mut self, now: u64) -> Vec<GrantRecord> {
-        self.guard.expire(now);
-        let gone = self.book.expire(now);
-        let windows_gone = self.book.expire_windows(now);
+    pub fn expire(&mut self, now: UnixMs) -> Vec<GrantRecord> {
+        self.expire_all(now).0
+    }
+
+    /// [`Core::expire`], with the windows that ended too.
+    pub fn expire_all(&mut self, now: UnixMs) -> (Vec<GrantRecord>, Vec<WindowRecord>) {
+        self.guard.expire(now.secs());
+        // Ended in the book once the kernel has surely closed it (the TTL plus the
+        // slack its timeout was given), so "grant ended" never comes before the port
+        // closes. A knock in between is a new grant, not an extension (the book's
+        // `grant` looks at the time, not at whether the record is still there).
+        let settled = UnixMs(now.0.saturating_sub(slack_ms()));
+        let gone = self.book.expire(settled);
+        let windows_gone = self.book.expire_windows(settled);
         if !gone.is_empty() || !windows_gone.is_empty() {
             self.save_book();
         }
-        gone
+        (gone, windows_gone)
+    }
+
+    /// Puts back `records` (grants a trial config closed, now rolled back) with the
+    /// time each has left, under their own ids; those whose time is over or whose
+    /// service is not in the config stay closed. Returns how many came back.
+    pub fn restore_grants(&mut self, records: Vec<GrantRecord>, now: UnixMs) -> usize {
+        let mut restored = 0;
+        for record in records {
+            let left = now.until(record.ends());
+            if left.is_zero() || self.settings.port_service(&record.service).is_none() {
+                continue;
+            }
+            let added = self.firewall.add_element(
+                &self.settings.table,
+                &grant_set(&record.service, record.address),
+                record.address.into(),
+                left + KERNEL_TIMER_SLACK,
+            );
+            match added {
+                Ok(()) => {
+                    self.book.restore(record);
+                    restored += 1;
+                }
+                Err(e) => tracing::warn!(target: crate::logging::AUDIT, event = "rollback",
+                    id = %record.id, error = %format!("{e:#}"), "cannot put a grant back"),
+            }
+        }
+        if restored > 0 {
+            self.save_book();
+        }
+        restored
     }
 
     /// The live grants.
-    pub fn grants(&mut self, now: u64) -> Vec<GrantRecord> {
+    pub fn grants(&mut self, now: UnixMs) -> Vec<GrantRecord> {
         self.expire(now);
         self.book.iter().cloned().collect()
     }
@@ -669,10 +729,12 @@ impl<F: Firewall> Core<F> {
         self.keys.len()
     }
 
-    /// Seconds until the next grant expires, for the daemon's expiry timer.
+    /// How long until the next grant or window ends, for the daemon's expiry timer.
     #[must_use]
-    pub fn next_expiry(&self, now: u64) -> Option<u64> {
-        self.book.next_expiry().map(|at| at.saturating_sub(now))
+    pub fn next_expiry(&self, now: UnixMs) -> Option<Duration> {
+        self.book
+            .next_expiry()
+            .map(|at| now.until(at.plus(KERNEL_TIMER_SLACK)))
     }
 
     /// The firewall, for the daemon's stop.
@@ -707,9 +769,9 @@ impl<F: Firewall> Core<F> {
     /// set: each element with the time its longest booking has left. The book, not the
     /// kernel, is the truth after someone else changed the table.
     #[must_use]
-    pub fn booked_elements(&self, now: u64) -> HashMap<String, Vec<Element>> {
-        let mut until: HashMap<(String, ElementKey), u64> = HashMap::new();
-        let mut book = |set: String, key, expires_at: u64| {
+    pub fn booked_elements(&self, now: UnixMs) -> HashMap<String, Vec<Element>> {
+        let mut until: HashMap<(String, ElementKey), UnixMs> = HashMap::new();
+        let mut book = |set: String, key, expires_at: UnixMs| {
             if expires_at > now {
                 let at = until.entry((set, key)).or_insert(expires_at);
                 *at = (*at).max(expires_at);
@@ -720,19 +782,19 @@ impl<F: Firewall> Core<F> {
             book(
                 grant_set(&grant.service, addr),
                 ElementKey::Addr(addr),
-                grant.expires_at,
+                grant.ends(),
             );
         }
         for window in self.book.windows() {
             for (set, key) in window_elements(window.scope, &window.to) {
-                book(set.to_owned(), key, window.expires_at);
+                book(set.to_owned(), key, window.ends());
             }
         }
         let mut out: HashMap<String, Vec<Element>> = HashMap::new();
         for ((set, key), at) in until {
             out.entry(set).or_default().push(Element {
                 key,
-                expires_in: Some(Duration::from_secs(at - now)),
+                expires_in: (at != UnixMs::NEVER).then(|| now.until(at) + KERNEL_TIMER_SLACK),
             });
         }
         out

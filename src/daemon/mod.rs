@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use self::core::{BOOK_FILE, Core, REPLAY_CAPACITY, Settings};
+use crate::clock::UnixMs;
 use crate::config::{Loaded, OnStop};
 use crate::firewall::{Firewall, FirewallError};
 use crate::grants::{GrantBook, WindowScope, new_id};
@@ -87,12 +88,12 @@ impl<F: Firewall> Daemon<F> {
     /// grants and bans the kernel holds with their remaining time, then opens the
     /// state directory and reconciles the grant book with the kernel. The baseline
     /// comes first so that nothing that can fail leaves the host without it.
-    /// `now` is Unix seconds.
+    /// `now` is the wall clock (milliseconds).
     pub fn start(
         mut firewall: F,
         loaded: Loaded,
         keys: KeyRing,
-        now: u64,
+        now: UnixMs,
     ) -> Result<Self, StartError> {
         let first_takeover = !firewall.table_exists(&loaded.config.table)?;
         let ruleset = baseline_with_live_elements(&mut firewall, &loaded)?;
@@ -103,7 +104,7 @@ impl<F: Firewall> Daemon<F> {
             adopt_connections(&mut firewall, loaded.config.conntrack_mark);
         }
         let state_dir = loaded.config.knock.state_dir.clone();
-        let replay = ReplayLog::open(&state_dir, REPLAY_CAPACITY, now)?;
+        let replay = ReplayLog::open(&state_dir, REPLAY_CAPACITY, now.secs())?;
         let book_path = state_dir.join(BOOK_FILE);
         let mut book = GrantBook::load(&book_path).unwrap_or_else(|e| {
             warn!(error = %format!("{e:#}"), "cannot read the grant book; rebuilding it from the kernel");
@@ -144,7 +145,7 @@ impl<F: Firewall> Daemon<F> {
         book.reconcile_windows(&windows, now, new_id);
         // One line per grant up to a point: with 100,000 grants the journal gets a count.
         for record in book.iter().take(RECOVER_LINES) {
-            info!(target: AUDIT, event = "recover", id = %record.id, address = %record.address,
+            info!(target: AUDIT, event = "recover", id = %record.id, service = %record.service, address = %record.address,
                 who = %record.who, expires_at = record.expires_at, "grant still open from before the start");
         }
         if book.len() > RECOVER_LINES {
@@ -172,31 +173,37 @@ impl<F: Firewall> Daemon<F> {
         }
         let loaded = crate::config::load(&self.loaded.path)?;
         let keys = crate::config::load_keys(&loaded)?;
-        self.switch_to(loaded, keys)
+        self.switch_to(loaded, keys).map(drop)
     }
 
     /// Applies `loaded` (and `keys`) in place of the config in force, carrying live
-    /// state; on any error nothing changes.
-    fn switch_to(&mut self, loaded: Loaded, keys: KeyRing) -> Result<(), ReloadError> {
+    /// state; on any error nothing changes. Returns the grants it closed because
+    /// their service is gone (a rollback puts them back).
+    fn switch_to(
+        &mut self,
+        loaded: Loaded,
+        keys: KeyRing,
+    ) -> Result<Vec<crate::grants::GrantRecord>, ReloadError> {
         if loaded.config.table != self.loaded.config.table {
             return Err(ReloadError::NeedsRestart("table"));
         }
         if loaded.config.knock.state_dir != self.loaded.config.knock.state_dir {
             return Err(ReloadError::NeedsRestart("knock.state_dir"));
         }
-        let ruleset = self.ruleset_from_book(&loaded, unix_now(), repair::BanRead::Required)?;
+        let ruleset = self.ruleset_from_book(&loaded, UnixMs::now(), repair::BanRead::Required)?;
         let started = Instant::now();
         self.core.firewall_mut().replace(&ruleset)?;
         log_applied(&loaded, &ruleset, started.elapsed());
         let book_path = loaded.config.knock.state_dir.join(BOOK_FILE);
-        for gone in self.core.reconfigure(settings(&loaded, book_path), keys) {
+        let dropped = self.core.reconfigure(settings(&loaded, book_path), keys);
+        for gone in &dropped {
             info!(target: AUDIT, event = "expire", id = %gone.id, service = %gone.service,
                 address = %gone.address, who = %gone.who,
                 "grant closed: its service was removed from the config");
         }
         self.loaded = loaded;
         self.ruleset = ruleset;
-        Ok(())
+        Ok(dropped)
     }
 
     /// The ruleset in force.
@@ -376,7 +383,12 @@ mod tests {
         on_stop: OnStop,
         dir: &tempfile::TempDir,
     ) -> Result<Daemon<MemoryFirewall>, StartError> {
-        Daemon::start(fw, loaded(on_stop, dir.path()), KeyRing::default(), NOW)
+        Daemon::start(
+            fw,
+            loaded(on_stop, dir.path()),
+            KeyRing::default(),
+            UnixMs::from_secs(NOW),
+        )
     }
 
     #[test]
@@ -412,7 +424,7 @@ mod tests {
             &mut fw,
             loaded(OnStop::Keep, &file),
             KeyRing::default(),
-            NOW,
+            UnixMs::from_secs(NOW),
         );
         assert!(matches!(result, Err(StartError::State(_))));
         assert_eq!(fw.commits, 1, "the baseline went in first");
@@ -449,11 +461,17 @@ mod tests {
         let addr: IpAddr = "198.51.100.7".parse().unwrap();
         let (record, _, _) = daemon
             .core()
-            .open("ssh", addr, Some(Duration::from_secs(600)), "uid 0", NOW)
+            .open(
+                "ssh",
+                addr,
+                Some(Duration::from_secs(600)),
+                "uid 0",
+                UnixMs::from_secs(NOW),
+            )
             .unwrap();
         let fw = daemon.stop().unwrap();
         let mut again = start(fw, OnStop::Keep, &dir).unwrap();
-        let grants = again.core().grants(NOW + 1);
+        let grants = again.core().grants(UnixMs::from_secs(NOW + 1));
         assert_eq!(grants.len(), 1);
         assert_eq!(
             (grants[0].id.as_str(), grants[0].address),
@@ -494,5 +512,51 @@ mod tests {
         let fw = daemon.stop().unwrap();
         assert!(!fw.tables.contains_key("knockgate"));
         assert_eq!(fw.tables.get("other"), Some(&other));
+    }
+
+    #[test]
+    fn a_rolled_back_trial_puts_back_the_grants_of_a_service_it_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().display().to_string();
+        let text = |services: &str| {
+            format!(
+                "{services}[knock]\nstate_dir = \"{state}\"\n[dns]\nresolvers = [\"192.0.2.53\"]\n"
+            )
+        };
+        let with = text("[[services]]\nname = \"wireguard\"\nprotocol = \"udp\"\nport = 51820\n");
+        let path = dir.path().join("k.toml");
+        let loaded = crate::config::load_str(&path, &with, std::env::vars()).unwrap();
+        let now = UnixMs::now();
+        let mut daemon =
+            Daemon::start(MemoryFirewall::default(), loaded, KeyRing::default(), now).unwrap();
+        let addr: IpAddr = "198.51.100.7".parse().unwrap();
+        let (record, _, _) = daemon
+            .core()
+            .open(
+                "wireguard",
+                addr,
+                Some(Duration::from_secs(600)),
+                "uid 0",
+                now,
+            )
+            .unwrap();
+        daemon
+            .apply_trial(&path, &text(""), Duration::from_secs(30), now.secs())
+            .unwrap();
+        assert!(daemon.core().grants(now).is_empty(), "the trial closed it");
+        daemon.rollback_if_due(Instant::now() + Duration::from_secs(3600));
+        let grants = daemon.core().grants(UnixMs::now());
+        assert_eq!(grants.len(), 1, "the rollback put it back");
+        assert_eq!(
+            (grants[0].id.as_str(), grants[0].address),
+            (record.id.as_str(), addr)
+        );
+        let fw = daemon.stop().unwrap();
+        let set = fw.tables["knockgate"]
+            .sets
+            .iter()
+            .find(|s| s.name == "wireguard_grants_v4")
+            .unwrap();
+        assert_eq!(set.elements.len(), 1, "and the kernel holds it again");
     }
 }

@@ -18,7 +18,7 @@ impl<F: Firewall> Daemon<F> {
     /// Re-applies the baseline in one transaction with the booked grants and windows
     /// (and the kernel's surviving bans); returns how many elements it put back. On a
     /// refusal nothing changed, as with every replace.
-    pub fn repair(&mut self, now: u64) -> Result<usize, FirewallError> {
+    pub fn repair(&mut self, now: crate::clock::UnixMs) -> Result<usize, FirewallError> {
         let loaded = self.loaded.clone();
         let ruleset = self.ruleset_from_book(&loaded, now, BanRead::BestEffort)?;
         self.core.firewall_mut().replace(&ruleset)?;
@@ -34,7 +34,7 @@ impl<F: Firewall> Daemon<F> {
     pub(super) fn ruleset_from_book(
         &mut self,
         loaded: &crate::config::Loaded,
-        now: u64,
+        now: crate::clock::UnixMs,
         bans: BanRead,
     ) -> Result<Ruleset, FirewallError> {
         let mut ruleset = baseline(&loaded.config, &loaded.resolvers);
@@ -76,6 +76,8 @@ pub(super) enum BanRead {
 #[cfg(test)]
 mod tests {
     use std::net::IpAddr;
+
+    use crate::clock::UnixMs;
     use std::path::PathBuf;
     use std::time::Duration;
 
@@ -98,7 +100,13 @@ mod tests {
             resolvers: vec!["192.0.2.53".parse().unwrap()],
             server_id: crate::knock::auth::ServerId::new("test").unwrap(),
         };
-        Daemon::start(MemoryFirewall::default(), loaded, KeyRing::default(), NOW).unwrap()
+        Daemon::start(
+            MemoryFirewall::default(),
+            loaded,
+            KeyRing::default(),
+            UnixMs::from_secs(NOW),
+        )
+        .unwrap()
     }
 
     fn keys_of(daemon: &mut Daemon<MemoryFirewall>, set: &str) -> Vec<(ElementKey, u64)> {
@@ -119,12 +127,18 @@ mod tests {
         let mut d = daemon(&dir);
         let laptop: IpAddr = "198.51.100.7".parse().unwrap();
         d.core()
-            .open("ssh", laptop, Some(Duration::from_secs(600)), "uid 0", NOW)
+            .open(
+                "ssh",
+                laptop,
+                Some(Duration::from_secs(600)),
+                "uid 0",
+                UnixMs::from_secs(NOW),
+            )
             .unwrap();
         let applied = d.ruleset().clone();
         d.core().firewall_mut().tables.clear();
 
-        let restored = d.repair(NOW + 100).unwrap();
+        let restored = d.repair(UnixMs::from_secs(NOW + 100)).unwrap();
 
         assert_eq!(restored, 1);
         assert_eq!(
@@ -166,7 +180,7 @@ mod tests {
         )
         .unwrap();
 
-        d.repair(NOW + 1).unwrap();
+        d.repair(UnixMs::from_secs(NOW + 1)).unwrap();
 
         assert_eq!(keys_of(&mut d, SSH_GRANTS_V4), vec![]);
         assert_eq!(
@@ -181,12 +195,18 @@ mod tests {
         let mut d = daemon(&dir);
         let laptop: IpAddr = "198.51.100.7".parse().unwrap();
         d.core()
-            .open("ssh", laptop, Some(Duration::from_secs(60)), "uid 0", NOW)
+            .open(
+                "ssh",
+                laptop,
+                Some(Duration::from_secs(60)),
+                "uid 0",
+                UnixMs::from_secs(NOW),
+            )
             .unwrap();
-        assert_eq!(d.repair(NOW + 61).unwrap(), 0);
+        assert_eq!(d.repair(UnixMs::from_secs(NOW + 61)).unwrap(), 0);
         d.core().firewall_mut().refuse_next = true;
         let before = d.ruleset().clone();
-        assert!(d.repair(NOW + 62).is_err());
+        assert!(d.repair(UnixMs::from_secs(NOW + 62)).is_err());
         assert_eq!(d.ruleset(), &before);
     }
 
@@ -196,12 +216,18 @@ mod tests {
         let mut d = daemon(&dir);
         let laptop: IpAddr = "198.51.100.7".parse().unwrap();
         d.core()
-            .open("ssh", laptop, Some(Duration::from_secs(600)), "uid 0", NOW)
+            .open(
+                "ssh",
+                laptop,
+                Some(Duration::from_secs(600)),
+                "uid 0",
+                UnixMs::from_secs(NOW),
+            )
             .unwrap();
         d.core().firewall_mut().tables.clear();
         d.core().firewall_mut().fail_dumps = true;
 
-        assert_eq!(d.repair(NOW + 1).unwrap(), 1);
+        assert_eq!(d.repair(UnixMs::from_secs(NOW + 1)).unwrap(), 1);
 
         d.core().firewall_mut().fail_dumps = false;
         assert_eq!(
@@ -275,7 +301,13 @@ mod tests {
         let laptop: IpAddr = "198.51.100.7".parse().unwrap();
         let stranger: IpAddr = "203.0.113.66".parse().unwrap();
         d.core()
-            .open("ssh", laptop, Some(Duration::from_secs(600)), "uid 0", now)
+            .open(
+                "ssh",
+                laptop,
+                Some(Duration::from_secs(600)),
+                "uid 0",
+                UnixMs::from_secs(now),
+            )
             .unwrap();
         d.core()
             .firewall_mut()

@@ -14,6 +14,7 @@ use super::admin;
 use super::listener::{self, KnockLog};
 use super::{Daemon, source_of, unix_now};
 use crate::admin::{Request, Response};
+use crate::clock::UnixMs;
 use crate::config::{Loaded, Tamper};
 use crate::firewall::nft::events::Tampering;
 use crate::firewall::nft::{NftFirewall, TableLock, TamperWatch};
@@ -56,7 +57,7 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
         firewall,
         loaded,
         keys,
-        unix_now(),
+        UnixMs::now(),
     )?));
     let socket = listener::bind(port).with_context(|| format!("cannot bind udp port {port}"))?;
     let admin_socket = admin::bind(&admin_path, &group)?;
@@ -82,7 +83,7 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
             received = socket.recv_from(&mut buf) => {
                 let Ok((len, from)) = received else { continue };
                 let mut d = daemon.borrow_mut();
-                let now = unix_now();
+                let now = UnixMs::now();
                 let source = source_of(from);
                 log.outcome(&d.core().knock(&buf[..len], source, now), source);
                 // Whatever else is queued, without going round the loop (and its timers)
@@ -150,7 +151,12 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
 
 /// Books the grants whose time is up as ended, one log line each.
 fn expire(daemon: &Shared) {
-    for record in daemon.borrow_mut().core().expire(unix_now()) {
+    let (grants, windows) = daemon.borrow_mut().core().expire_all(UnixMs::now());
+    for window in windows {
+        info!(target: AUDIT, event = "egress-expire", id = %window.id, scope = %window.scope,
+            who = %window.who, command = ?window.command, "egress window ended");
+    }
+    for record in grants {
         info!(target: AUDIT, event = "expire", id = %record.id, service = %record.service,
             address = %record.address, who = %record.who, "grant ended");
     }
@@ -207,8 +213,8 @@ impl Timers {
         let core = d.core();
         Self {
             next_expiry: core
-                .next_expiry(unix_now())
-                .map_or(IDLE_EXPIRY_CHECK, Duration::from_secs),
+                .next_expiry(UnixMs::now())
+                .map_or(IDLE_EXPIRY_CHECK, |d| d.min(IDLE_EXPIRY_CHECK)),
             book_due: core
                 .book_dirty_since()
                 .map(|since| tokio::time::Instant::from_std(since + BOOK_SAVE_DELAY)),
@@ -295,7 +301,7 @@ fn on_tamper(daemon: &Shared, tamper: Tamper, seen: std::io::Result<Tampering>) 
         return;
     }
     let started = std::time::Instant::now();
-    let result = daemon.borrow_mut().repair(unix_now());
+    let result = daemon.borrow_mut().repair(UnixMs::now());
     match result {
         Ok(restored) => warn!(target: AUDIT, event = "tamper", changes = %changes, by = %by,
             action = "repaired", restored_elements = restored, repair_us = started.elapsed().as_micros(),
@@ -328,7 +334,7 @@ fn answer(
             let (daemon, id) = (Rc::clone(daemon), window.id.clone());
             let close: admin::OnClose = Box::new(move || {
                 // Already closed by revoke or expiry: nothing to do.
-                match daemon.borrow_mut().core().close_window(&id, unix_now()) {
+                match daemon.borrow_mut().core().close_window(&id, UnixMs::now()) {
                     Ok(Some(window)) => {
                         info!(target: AUDIT, event = "egress-close", id = %window.id, scope = %window.scope,
                             who = %window.who, "egress window closed: its requester is gone");
@@ -424,7 +430,7 @@ fn respond(daemon: &Shared, request: Request, peer: &admin::Peer) -> Response {
         server_id,
         knock_port,
         keys: core.key_count(),
-        grants: core.grants(unix_now()).len(),
+        grants: core.grants(UnixMs::now()).len(),
     };
-    admin::dispatch(d.core(), status, request, peer, unix_now())
+    admin::dispatch(d.core(), status, request, peer, UnixMs::now())
 }

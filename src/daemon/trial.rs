@@ -23,6 +23,9 @@ pub(super) struct Trial {
     due: Instant,
     /// The config to return to.
     previous: Loaded,
+    /// Grants the trial config closed (their service is not in it): a rollback puts
+    /// them back with the time they have left.
+    closed: Vec<crate::grants::GrantRecord>,
     /// The trial config's text, as applied (a confirm saves exactly this).
     text: String,
 }
@@ -54,7 +57,7 @@ impl<F: Firewall> Daemon<F> {
         let loaded = crate::config::load_str(path, text, std::env::vars())?;
         let keys = crate::config::load_keys(&loaded)?;
         let previous = self.loaded.clone();
-        self.switch_to(loaded, keys)?;
+        let closed = self.switch_to(loaded, keys)?;
         // The Unix second by which it has rolled back, for the requester; the rollback
         // itself is due exactly `confirm` from now (the monotonic `due`).
         let deadline = now
@@ -64,6 +67,7 @@ impl<F: Firewall> Daemon<F> {
             due: Instant::now() + confirm.max(Duration::from_secs(1)),
             previous,
             text: text.to_owned(),
+            closed,
         });
         info!(target: AUDIT, event = "apply-trial", config = %path.display(), deadline,
             "new config in force until confirmed, else rolled back");
@@ -108,8 +112,13 @@ impl<F: Firewall> Daemon<F> {
             .map_err(ReloadError::from)
             .and_then(|keys| self.switch_to(trial.previous, keys));
         match result {
-            Ok(()) => warn!(target: AUDIT, event = "rollback",
-                "no confirmation in time: previous config restored"),
+            Ok(_) => {
+                let restored = self
+                    .core
+                    .restore_grants(trial.closed, crate::clock::UnixMs::now());
+                warn!(target: AUDIT, event = "rollback", grants_restored = restored,
+                    "no confirmation in time: previous config restored");
+            }
             Err(e) => warn!(target: AUDIT, event = "rollback-failed", error = %format!("{e:#}"),
                 "could not restore the previous config; the trial config stays in force"),
         }
