@@ -36,9 +36,13 @@ fn unix_now() -> u64 {
 }
 
 fn knock(key_hex: &str, key_id: &str, nonce: [u8; 16]) -> Vec<u8> {
+    knock_for("ssh", key_hex, key_id, nonce)
+}
+
+fn knock_for(service: &str, key_hex: &str, key_id: &str, nonce: [u8; 16]) -> Vec<u8> {
     let k = Knock {
         key_id: KeyId::new(key_id).unwrap(),
-        service: ServiceId::ssh(),
+        service: ServiceId::of(service),
         timestamp: unix_now(),
         nonce,
         ttl_secs: 60,
@@ -121,13 +125,14 @@ fn percentile(sorted: &[Duration], p: usize) -> Duration {
     sorted[(p * last).div_ceil(100).min(last)]
 }
 
-fn knock_to_open() {
+/// Knock → open for `service`, whose TCP port is `port` (ssh: 22; `staging`: 8443).
+fn knock_to_open(service: &str, port: u16) {
     if !nix::unistd::geteuid().is_root() {
         println!("\n(knock → open skipped: the lab needs root)");
         return;
     }
     let lab = Lab::new();
-    let _ssh = lab.tcp_echo(Host::Server, "[::]:22".parse().unwrap());
+    let _ssh = lab.tcp_echo(Host::Server, SocketAddr::new("::".parse().unwrap(), port));
     let key = lab.write_file("alice.key", KEY_HEX);
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let socket = lab.dir().join("admin.sock");
@@ -135,7 +140,8 @@ fn knock_to_open() {
         "k.toml",
         &format!(
             "[knock]\nserver_id = \"bench\"\nrate_per_second = 1000\nburst = 1000\n[knock.ban]\nenabled = false\n[admin]\nsocket = \"{}\"\n\
-             [dns]\nresolvers = [\"10.77.2.53\"]\n[[keys]]\nid = \"alice\"\nfile = \"{}\"\nallow_unbound = true\n",
+             [dns]\nresolvers = [\"10.77.2.53\"]\n[[services]]\nname = \"staging\"\nprotocol = \"tcp\"\nport = 8443\n\
+             [[keys]]\nid = \"alice\"\nfile = \"{}\"\nallow_unbound = true\nservices = [\"ssh\", \"staging\"]\n",
             socket.display(),
             key.display()
         ),
@@ -144,7 +150,7 @@ fn knock_to_open() {
     let plan = v4();
     let (to_knock, to_ssh) = (
         sa(plan.server_from_client, 62201),
-        sa(plan.server_from_client, 22),
+        sa(plan.server_from_client, port),
     );
     let runs = 200u8;
     let mut samples = Vec::new();
@@ -152,7 +158,7 @@ fn knock_to_open() {
         let mut nonce = [0u8; 16];
         nonce[0] = i;
         nonce[1] = 0xbe;
-        let datagram = knock(KEY_HEX, "alice", nonce);
+        let datagram = knock_for(service, KEY_HEX, "alice", nonce);
         let took = lab.in_ns(Host::Client, || {
             let udp = std::net::UdpSocket::bind(SocketAddr::new(plan.client, 0)).unwrap();
             let started = Instant::now();
@@ -187,7 +193,9 @@ fn knock_to_open() {
         }
     }
     samples.sort();
-    println!("\n## Knock → open in the lab (IPv4, {runs} runs, connect polled every 1 ms)\n");
+    println!(
+        "\n## Knock → open in the lab: {service} (tcp/{port}, IPv4, {runs} runs, connect polled every 1 ms)\n"
+    );
     println!("| median | p90 | p99 | max |\n|---:|---:|---:|---:|");
     println!(
         "| {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms |",
@@ -202,7 +210,58 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// The table with 1, 10 and 50 port services (ssh and N-1 more): rules, sets, the
+/// nft text, and the time of a whole-table replace in the lab.
+fn ruleset_sizes() {
+    use knockgate::config::{PortValue, Protocol, ServiceSpec};
+    println!("\n## Ruleset size by number of services (ssh included)\n");
+    println!("| services | sets | input rules | all rules | nft text | replace (median of 20) |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    let lab = nix::unistd::geteuid().is_root().then(Lab::new);
+    for n in [1usize, 10, 50] {
+        let config = Config {
+            services: (1..n)
+                .map(|i| ServiceSpec {
+                    name: format!("svc{i}"),
+                    protocol: if i % 2 == 0 { Protocol::Udp } else { Protocol::Tcp },
+                    port: PortValue::Number(i64::try_from(20_000 + i).unwrap()),
+                })
+                .collect(),
+            ..Config::default()
+        };
+        let ruleset = knockgate::ruleset::baseline(&config, &["10.77.2.53".parse().unwrap()]);
+        let rules: usize = ruleset.chains.iter().map(|c| c.rules.len()).sum();
+        let input = ruleset.chains[0].rules.len();
+        let text = ruleset.to_string();
+        let replace = lab.as_ref().map_or_else(
+            || "(needs root)".to_owned(),
+            |lab| {
+                let mut times: Vec<Duration> = lab.in_ns(Host::Server, || {
+                    let mut fw = knockgate::firewall::nft::NftFirewall::open().unwrap();
+                    (0..20)
+                        .map(|_| {
+                            let started = Instant::now();
+                            fw.replace(&ruleset).unwrap();
+                            started.elapsed()
+                        })
+                        .collect()
+                });
+                times.sort();
+                format!("{:.2} ms", ms(times[times.len() / 2]))
+            },
+        );
+        println!(
+            "| {n} | {} | {input} | {rules} | {} lines, {} bytes | {replace} |",
+            ruleset.sets.len(),
+            text.lines().count(),
+            text.len()
+        );
+    }
+}
+
 fn main() {
     rejection_rates();
-    knock_to_open();
+    knock_to_open("ssh", 22);
+    knock_to_open("staging", 8443);
+    ruleset_sizes();
 }
