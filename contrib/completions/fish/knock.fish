@@ -33,7 +33,7 @@ complete -c knock -n "__fish_knock_needs_command" -l ttl -d 'Grant length to ask
 complete -c knock -n "__fish_knock_needs_command" -l source -d 'Address the knock is bound to: `auto` (the route\'s source, or --discover\'s answer behind a NAT), an IP, or `packet` (unbound: the key must allow it) [default: auto]' -r
 complete -c knock -n "__fish_knock_needs_command" -l discover -d 'How to learn the public address behind a NAT: `dns:NAME@RESOLVER` or an https:// URL' -r
 complete -c knock -n "__fish_knock_needs_command" -l service -d 'Service to open, like ssh, wireguard or egress; repeat for several (one knock each) [default: the host\'s `services`, or ssh]' -r
-complete -c knock -n "__fish_knock_needs_command" -l save-packet -d 'Write the knock(s) to FILE instead of sending them: one line each, `ADDR:PORT SERVICE HEX` (to send later from elsewhere, or to debug)' -r -F
+complete -c knock -n "__fish_knock_needs_command" -l save-packet -d 'Write the knock(s) to a new FILE (mode 0600) instead of sending them: one line each, `ADDR:PORT SERVICE HEX` — to debug, or to send from elsewhere within the server\'s clock skew (30 s by default)' -r -F
 complete -c knock -n "__fish_knock_needs_command" -l wait-port -d 'Port to poll with --wait [default: the host\'s ssh_port, or 22, when ssh is among the services]' -r
 complete -c knock -n "__fish_knock_needs_command" -l timeout -d 'Longest wait for the port to open' -r
 complete -c knock -n "__fish_knock_needs_command" -l dry-run -d 'Build the knock(s) and print what would be sent where; send nothing'
