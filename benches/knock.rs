@@ -223,7 +223,11 @@ fn ruleset_sizes() {
             services: (1..n)
                 .map(|i| ServiceSpec {
                     name: format!("svc{i}"),
-                    protocol: if i % 2 == 0 { Protocol::Udp } else { Protocol::Tcp },
+                    protocol: if i % 2 == 0 {
+                        Protocol::Udp
+                    } else {
+                        Protocol::Tcp
+                    },
                     port: PortValue::Number(i64::try_from(20_000 + i).unwrap()),
                 })
                 .collect(),

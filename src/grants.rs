@@ -780,7 +780,10 @@ mod tests {
         .unwrap();
         let book = GrantBook::load(&path).unwrap();
         let record = book.get("a1").unwrap();
-        assert_eq!((record.granted_at_ms, record.expires_at_ms), (100_000, 160_000));
+        assert_eq!(
+            (record.granted_at_ms, record.expires_at_ms),
+            (100_000, 160_000)
+        );
         assert_eq!(book.next_expiry(), Some(UnixMs::from_secs(160)));
     }
 }
