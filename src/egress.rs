@@ -180,7 +180,8 @@ pub fn run(plan: &Plan) -> anyhow::Result<ExitCode> {
     };
     // The server's end, not the one asked for: it may have capped the window.
     let until = std::time::UNIX_EPOCH + Duration::from_millis(window.ends().0);
-    let length = Duration::from_secs(window.expires_at.saturating_sub(window.granted_at));
+    let length =
+        Duration::from_secs(window.expires_at_ms.saturating_sub(window.granted_at_ms) / 1000);
     if plan.is_session() {
         eprintln!(
             "egress-window: egress open until {} ({}) for this shell and what it runs; `exit` closes it",

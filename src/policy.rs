@@ -339,4 +339,25 @@ mod tests {
             Err(PolicyRefusal::Service("ssh".to_owned()))
         );
     }
+
+    #[test]
+    fn a_key_opens_the_services_it_lists_and_no_other() {
+        let mut k = key(false, &["0.0.0.0/0"]);
+        k.services = vec!["ssh".to_owned(), "wireguard".to_owned()];
+        let source = ip("192.0.2.1");
+        let claim = AddressClaim::V4("192.0.2.1".parse().unwrap());
+        for allowed in ["ssh", "wireguard"] {
+            assert!(
+                decide(&k, allowed, claim, 60, source, LIMITS).is_ok(),
+                "{allowed}"
+            );
+        }
+        for refused in ["staging", "egress", "Wireguard"] {
+            assert_eq!(
+                decide(&k, refused, claim, 60, source, LIMITS),
+                Err(PolicyRefusal::Service(refused.to_owned())),
+                "{refused}"
+            );
+        }
+    }
 }

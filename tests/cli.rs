@@ -549,3 +549,25 @@ fn egress_window_without_command_and_without_a_terminal_runs_no_shell() {
     );
     drop(dir);
 }
+
+#[test]
+fn a_bad_service_definition_exits_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("k.toml");
+    std::fs::write(
+        &config,
+        "[[services]]\nname = \"web\"\nprotocol = \"tcp\"\nport = 443\n",
+    )
+    .unwrap();
+    let out = run(
+        env!("CARGO_BIN_EXE_knockgate"),
+        &["check", "--config", config.to_str().unwrap()],
+        &dir,
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let said = text(&out.stderr);
+    assert!(
+        said.contains("services[0].port") && said.contains("public port 443"),
+        "{said}"
+    );
+}

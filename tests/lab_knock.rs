@@ -371,7 +371,13 @@ fn forged_stale_foreign_and_malformed_knocks_open_nothing() {
         daemon.log_text()
     );
     let log = daemon.log_text();
-    for reason in ["clock", "bad-mac", "unknown-key", "policy", "malformed"] {
+    for reason in [
+        "clock",
+        "bad-mac",
+        "unknown-key",
+        "service-not-allowed",
+        "malformed",
+    ] {
         assert!(
             log.contains(&format!("reason=\"{reason}\"")),
             "{reason} is logged: {log}"

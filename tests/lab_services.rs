@@ -69,6 +69,7 @@ fn services() -> Services {
         listeners.push(lab.tcp_echo(Host::Server, sa(v4().server_from_client, port)));
     }
     listeners.push(lab.tcp_echo(Host::Outside, sa(v4().mirror, 80)));
+    listeners.push(lab.tcp_echo(Host::Outside, sa(v4().mirror, 443)));
     Services {
         lab,
         config,
@@ -135,8 +136,12 @@ impl Services {
         })
     }
 
-    fn server_gets_out(&self) -> bool {
-        self.lab.tcp_works(Host::Server, sa(v4().mirror, 80))
+    /// Whether the server reaches the mirror over HTTP and over HTTPS.
+    fn server_out(&self) -> (bool, bool) {
+        (
+            self.lab.tcp_works(Host::Server, sa(v4().mirror, 80)),
+            self.lab.tcp_works(Host::Server, sa(v4().mirror, 443)),
+        )
     }
 }
 
@@ -185,11 +190,13 @@ fn a_knock_for_a_service_opens_that_service_only_for_the_laptop_until_its_ttl() 
         daemon.log_text()
     );
     // A TCP range: a knock for `staging` opens its ports, not the others.
-    s.knock(
-        "alice",
-        v4().server_from_client,
-        &["--service", "staging", "--ttl", "30s"],
-    );
+    for plan in [v4(), v6()] {
+        s.knock(
+            "alice",
+            plan.server_from_client,
+            &["--service", "staging", "--ttl", "30s"],
+        );
+    }
     assert!(eventually(Duration::from_secs(5), || s
         .open_from_client(v4().server_from_client)
         .1));
@@ -208,10 +215,13 @@ fn a_knock_for_a_service_opens_that_service_only_for_the_laptop_until_its_ttl() 
             "wireguard closed at its TTL"
         );
     }
-    assert!(
-        s.open_from_client(v4().server_from_client).1,
-        "staging still open"
-    );
+    for plan in [v4(), v6()] {
+        assert!(
+            s.open_from_client(plan.server_from_client).1,
+            "staging still open ({})",
+            plan.server_from_client
+        );
+    }
     let server = v4().server_from_client;
     for (port, open) in [
         (8442, false),
@@ -247,7 +257,10 @@ fn a_key_not_allowed_a_service_gets_nothing_and_the_log_names_the_service() {
     assert!(daemon.logged_soon("service `egress` not allowed"));
     assert!(daemon.log_text().contains("reason=\"service-not-allowed\""));
     assert_eq!(s.open_from_client(server), (false, false, false));
-    assert!(!s.server_gets_out(), "bob's egress knock opened nothing");
+    assert!(
+        s.server_out() == (false, false),
+        "bob's egress knock opened nothing"
+    );
     // A service this server does not define: refused by id, logged.
     s.knock("alice", server, &["--service", "postgres"]);
     assert!(daemon.logged_soon("reason=\"unknown-service\""));
@@ -299,14 +312,17 @@ fn a_knock_for_egress_lets_the_server_out_for_its_ttl_only() {
     }
     let s = services();
     let daemon = s.start();
-    assert!(!s.server_gets_out(), "locked down before the knock");
+    assert!(
+        s.server_out() == (false, false),
+        "locked down before the knock"
+    );
     s.knock(
         "alice",
         v4().server_from_client,
         &["--service", "ssh", "--service", "egress", "--ttl", "3s"],
     );
     assert!(
-        eventually(Duration::from_secs(5), || s.server_gets_out()),
+        eventually(Duration::from_secs(5), || s.server_out() == (true, true)),
         "the server reaches the mirror during the window"
     );
     assert!(
@@ -322,7 +338,7 @@ fn a_knock_for_egress_lets_the_server_out_for_its_ttl_only() {
     assert!(daemon.logged_soon("host-wide egress window"));
     std::thread::sleep(Duration::from_secs(3));
     assert!(
-        eventually(Duration::from_secs(3), || !s.server_gets_out()),
+        eventually(Duration::from_secs(3), || s.server_out() == (false, false)),
         "closed by the kernel at its TTL"
     );
     // Another knock, revoked early like every window.
@@ -331,12 +347,12 @@ fn a_knock_for_egress_lets_the_server_out_for_its_ttl_only() {
         v4().server_from_client,
         &["--service", "egress", "--ttl", "60s"],
     );
-    assert!(eventually(Duration::from_secs(5), || s.server_gets_out()));
+    assert!(eventually(Duration::from_secs(5), || s.server_out() == (true, true)));
     let listed: serde_json::Value =
         serde_json::from_slice(&admin(&s.socket(), &["grants", "--json"]).stdout).unwrap();
     let id = listed["windows"][0]["id"].as_str().unwrap().to_owned();
     assert!(admin(&s.socket(), &["revoke", &id]).status.success());
-    assert!(!s.server_gets_out(), "revoked: closed at once");
+    assert!(s.server_out() == (false, false), "revoked: closed at once");
 }
 
 #[test]
@@ -383,6 +399,29 @@ fn a_reload_that_drops_a_service_closes_its_grants_and_keeps_the_others() {
     let grants = String::from_utf8_lossy(&admin(&s.socket(), &["grants"]).stdout).into_owned();
     assert!(!grants.contains("wireguard"), "{grants}");
     assert!(grants.contains("staging"), "{grants}");
+    // The admin socket covers every service, and only the ones there are.
+    let alt = v4().client_alt.to_string();
+    let out = admin(&s.socket(), &["open", "wireguard", "--from", &alt]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no service `wireguard`"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = admin(
+        &s.socket(),
+        &["open", "staging", "--from", &alt, "--ttl", "5m"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        s.lab
+            .tcp_works_from(Host::Client, v4().client_alt, sa(server, STAGING)),
+        "an admin's staging grant opens for that address"
+    );
 }
 
 #[test]
