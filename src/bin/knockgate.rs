@@ -168,13 +168,13 @@ fn grants_table(grants: &[GrantRecord]) -> String {
         return "no open grants\n".to_owned();
     }
     let mut out = format!(
-        "{:<10} {:<8} {:<40} {:<20} EXPIRES\n",
+        "{:<10} {:<12} {:<40} {:<20} EXPIRES\n",
         "ID", "SERVICE", "ADDRESS", "WHO"
     );
     for g in grants {
         let _ = writeln!(
             out,
-            "{:<10} {:<8} {:<40} {:<20} {}",
+            "{:<10} {:<12} {:<40} {:<20} {}",
             g.id,
             g.service,
             g.address,
