@@ -123,7 +123,9 @@ pub enum GrantError {
     #[error("{0} grants are open, the most knockgated holds; refused until some end")]
     Full(usize),
     /// No port service of that name in the config.
-    #[error("no service `{0}` (ssh, or one of [[services]])")]
+    #[error(
+        "no service `{0}` (ssh, or one of [[services]]; egress windows open with egress-window)"
+    )]
     UnknownService(String),
     /// The kernel refused the element.
     #[error(transparent)]
