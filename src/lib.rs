@@ -28,6 +28,7 @@ pub mod daemon;
 pub mod egress;
 pub mod exit;
 pub mod firewall;
+pub mod fwknop;
 pub mod grants;
 pub mod keyfile;
 pub mod knock;
