@@ -41,6 +41,19 @@ fn lenient_b64() -> GeneralPurpose {
     )
 }
 
+/// Base64 of the HMAC tag: no padding, and no spare bits in the last symbol. A tag of
+/// 43 symbols carries 258 bits for 256: with the spare bits ignored, one MAC would
+/// have four spellings, and a captured packet respelt would slip past the replay
+/// guard (which remembers the packet's digest) — fwknop compares the text.
+fn strict_tag_b64() -> GeneralPurpose {
+    GeneralPurpose::new(
+        &STANDARD,
+        GeneralPurposeConfig::new()
+            .with_decode_padding_mode(DecodePaddingMode::RequireNone)
+            .with_decode_allow_trailing_bits(false),
+    )
+}
+
 fn b64_no_pad() -> GeneralPurpose {
     GeneralPurpose::new(
         &STANDARD,
@@ -216,7 +229,7 @@ pub fn open(datagram: &[u8], keys: &[SpaKeys]) -> Result<Opened, Refusal> {
             continue;
         };
         let (body, tag_text) = datagram.split_at(body_len);
-        let Ok(tag) = lenient_b64().decode(tag_text) else {
+        let Ok(tag) = strict_tag_b64().decode(tag_text) else {
             continue;
         };
         // The MAC covers the base64 text with fwknop's prefix put back.

@@ -111,6 +111,19 @@ fn a_wrong_hmac_key_or_a_wrong_encryption_key_opens_nothing() {
 }
 
 #[test]
+fn a_tag_respelt_in_its_spare_bits_is_refused() {
+    // 'U' and 'V' differ only in the last symbol's two spare bits: the same MAC bytes,
+    // another packet (and another replay digest) — refused, as fwknop compares text.
+    let mut respelt = PKT1.as_bytes().to_vec();
+    assert_eq!(respelt[203], b'U');
+    respelt[203] = b'V';
+    assert_eq!(
+        open(&respelt, &[keys(HmacDigest::Sha256)]),
+        Err(Refusal::NoKeyMatched)
+    );
+}
+
+#[test]
 fn the_key_derivation_matches_openssls() {
     // pkt1's intermediate values (research file): salt → AES key and IV.
     let salt = [0xf1, 0xa7, 0x33, 0xc8, 0x3b, 0xec, 0xb8, 0xe4];
