@@ -19,7 +19,7 @@ demo: build ## the baseline at work in throwaway network namespaces
 
 test: test-unit test-vm ## the whole suite: unit, CLI, netns lab, and the VM lab (root)
 
-test-unit: deps ## unit, CLI and the network-namespace lab on this kernel (the lab needs root)
+test-unit: deps peers ## unit, CLI and the network-namespace lab on this kernel (the lab needs root; the fwknop lab uses the real client from `make peers`)
 	cargo test --locked
 
 vm: ## Debian 12 (6.1) and 13 (6.12) images for the VM lab, under target/vm (root)

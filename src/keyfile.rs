@@ -40,6 +40,14 @@ pub enum KeyFileError {
         /// The file.
         path: PathBuf,
     },
+    /// Not an fwknop key pair.
+    #[error(
+        "key file {path} does not hold an fwknop key pair (expected a KEY_BASE64 line with 1-32 bytes and an HMAC_KEY_BASE64 line with 1-136 bytes, different keys)"
+    )]
+    FwknopContent {
+        /// The file.
+        path: PathBuf,
+    },
     /// Cannot be created (it exists, or the directory is missing).
     #[error("cannot create key file {path}")]
     Create {
@@ -53,6 +61,14 @@ pub enum KeyFileError {
 
 /// Reads the key in `path`, refusing files that group or others can read.
 pub fn read(path: &Path) -> Result<Secret, KeyFileError> {
+    let text = read_private(path, MAX_KEY_FILE)?;
+    Secret::from_hex(&text).map_err(|_| KeyFileError::Content {
+        path: path.to_owned(),
+    })
+}
+
+/// At most `max` bytes of `path`, refusing a file that group or others can read.
+fn read_private(path: &Path, max: u64) -> Result<zeroize::Zeroizing<String>, KeyFileError> {
     let read_error = |source| KeyFileError::Read {
         path: path.to_owned(),
         source,
@@ -66,12 +82,63 @@ pub fn read(path: &Path) -> Result<Secret, KeyFileError> {
         });
     }
     let mut text = zeroize::Zeroizing::new(String::new());
-    file.take(MAX_KEY_FILE)
+    file.take(max)
         .read_to_string(&mut text)
         .map_err(read_error)?;
-    Secret::from_hex(&text).map_err(|_| KeyFileError::Content {
+    Ok(text)
+}
+
+/// Longest fwknop key file read (two base64 keys and their names).
+const MAX_FWKNOP_FILE: u64 = 1024;
+
+/// An fwknop stanza's two keys, raw (base64-decoded).
+pub struct FwknopKeys {
+    /// The Rijndael key: 1 to 32 bytes.
+    pub encryption: zeroize::Zeroizing<Vec<u8>>,
+    /// The HMAC key: 1 to 136 bytes.
+    pub hmac: zeroize::Zeroizing<Vec<u8>>,
+}
+
+/// Reads an fwknop key file: a `KEY_BASE64` and an `HMAC_KEY_BASE64` line, as in
+/// access.conf (and as `fwknop --key-gen` prints them, with or without the colon).
+/// Refused: group/world-readable files, missing or repeated lines, keys of the wrong
+/// size, and the two keys equal (fwknopd refuses that too).
+pub fn read_fwknop(path: &Path) -> Result<FwknopKeys, KeyFileError> {
+    use base64::Engine as _;
+    let text = read_private(path, MAX_FWKNOP_FILE)?;
+    let content = || KeyFileError::FwknopContent {
         path: path.to_owned(),
-    })
+    };
+    let (mut encryption, mut hmac) = (None, None);
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (name, value) = line
+            .split_once(|c: char| c == ':' || c.is_whitespace())
+            .ok_or_else(content)?;
+        let value = base64::engine::general_purpose::STANDARD
+            .decode(value.trim())
+            .map_err(|_| content())?;
+        let slot = match name {
+            "KEY_BASE64" => &mut encryption,
+            "HMAC_KEY_BASE64" => &mut hmac,
+            _ => return Err(content()),
+        };
+        if slot.replace(zeroize::Zeroizing::new(value)).is_some() {
+            return Err(content());
+        }
+    }
+    let (Some(encryption), Some(hmac)) = (encryption, hmac) else {
+        return Err(content());
+    };
+    let sizes_ok = (1..=crate::fwknop::MAX_KEY_LEN).contains(&encryption.len())
+        && (1..=crate::fwknop::MAX_HMAC_KEY_LEN).contains(&hmac.len());
+    if !sizes_ok || encryption.as_slice() == hmac.as_slice() {
+        return Err(content());
+    }
+    Ok(FwknopKeys { encryption, hmac })
 }
 
 /// Writes `secret` to a new file `path` with mode 0600; never overwrites.

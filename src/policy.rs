@@ -28,10 +28,85 @@ pub struct KeyEntry {
     pub max_grants: usize,
 }
 
-/// The keys by id: one lookup per knock, never a trial of every key.
+/// An fwknop client's stanza: its keys and what it may open.
+pub struct FwknopEntry {
+    /// Its name (logs, grants: `fwknop NAME`).
+    pub name: String,
+    /// Its two keys and HMAC type.
+    pub keys: crate::fwknop::SpaKeys,
+    /// Services its ports may open.
+    pub services: Vec<String>,
+    /// Networks a grant's address must lie in.
+    pub sources: Vec<IpNet>,
+    /// Grant length when the client asks none.
+    pub ttl: Duration,
+    /// Longest grant (also for the client's `-f`), before the server's cap.
+    pub max_ttl: Option<Duration>,
+    /// May a request name no address (`0.0.0.0`: the packet's source)?
+    pub unbound: bool,
+    /// May the request's address differ from the packet's source?
+    pub other_source: bool,
+    /// Most grants it may hold open at once.
+    pub max_grants: usize,
+}
+
+/// What [`decide`] needs to know of whoever asks: a native key or an fwknop stanza.
+pub trait Asker {
+    /// Services it may open.
+    fn services(&self) -> &[String];
+    /// Networks a grant's address must lie in.
+    fn sources(&self) -> &[IpNet];
+    /// Its own cap on grant length.
+    fn max_ttl(&self) -> Option<Duration>;
+    /// May it name no address?
+    fn unbound(&self) -> bool;
+    /// May it name another address than its packet's source?
+    fn other_source(&self) -> bool;
+}
+
+impl Asker for KeyEntry {
+    fn services(&self) -> &[String] {
+        &self.services
+    }
+    fn sources(&self) -> &[IpNet] {
+        &self.sources
+    }
+    fn max_ttl(&self) -> Option<Duration> {
+        self.max_ttl
+    }
+    fn unbound(&self) -> bool {
+        self.unbound
+    }
+    fn other_source(&self) -> bool {
+        self.other_source
+    }
+}
+
+impl Asker for FwknopEntry {
+    fn services(&self) -> &[String] {
+        &self.services
+    }
+    fn sources(&self) -> &[IpNet] {
+        &self.sources
+    }
+    fn max_ttl(&self) -> Option<Duration> {
+        self.max_ttl
+    }
+    fn unbound(&self) -> bool {
+        self.unbound
+    }
+    fn other_source(&self) -> bool {
+        self.other_source
+    }
+}
+
+/// The keys by id: one lookup per knock, never a trial of every key. fwknop stanzas
+/// (whose packets name no key) are a list, tried in order.
 #[derive(Default)]
 pub struct KeyRing {
     keys: HashMap<KeyId, KeyEntry>,
+    fwknop: Vec<FwknopEntry>,
+    fwknop_keys: Vec<crate::fwknop::SpaKeys>,
 }
 
 impl KeyRing {
@@ -46,16 +121,42 @@ impl KeyRing {
         self.keys.get(id)
     }
 
-    /// Number of keys.
+    /// Number of keys (native and fwknop).
     #[must_use]
     pub fn len(&self) -> usize {
-        self.keys.len()
+        self.keys.len() + self.fwknop.len()
+    }
+
+    /// Sets the fwknop stanzas, in the order they are tried.
+    pub fn set_fwknop(&mut self, mut entries: Vec<FwknopEntry>) {
+        // The decoder takes the keys as one slice; the entries keep the rest.
+        self.fwknop_keys = entries
+            .iter_mut()
+            .map(|e| crate::fwknop::SpaKeys {
+                encryption: std::mem::take(&mut e.keys.encryption),
+                hmac: std::mem::take(&mut e.keys.hmac),
+                digest: e.keys.digest,
+            })
+            .collect();
+        self.fwknop = entries;
+    }
+
+    /// The fwknop stanzas' keys, in order (for [`crate::fwknop::open`]).
+    #[must_use]
+    pub fn fwknop_keys(&self) -> &[crate::fwknop::SpaKeys] {
+        &self.fwknop_keys
+    }
+
+    /// The fwknop stanza at `index`.
+    #[must_use]
+    pub fn fwknop(&self, index: usize) -> Option<&FwknopEntry> {
+        self.fwknop.get(index)
     }
 
     /// Whether there are no keys (knocks can then open nothing).
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
+        self.keys.is_empty() && self.fwknop.is_empty()
     }
 }
 
@@ -126,17 +227,17 @@ pub fn canonical(addr: IpAddr) -> IpAddr {
 
 /// Decides what a knock verified for `key` and received from `source` may open.
 pub fn decide(
-    key: &KeyEntry,
+    key: &impl Asker,
     service: &str,
     claim: AddressClaim,
     requested_ttl_secs: u32,
     source: IpAddr,
     limits: Limits,
 ) -> Result<Grant, PolicyRefusal> {
-    if !key.services.iter().any(|s| s == service) {
+    if !key.services().iter().any(|s| s == service) {
         return Err(PolicyRefusal::Service(service.to_owned()));
     }
-    if claim == AddressClaim::PacketSource && !key.unbound {
+    if claim == AddressClaim::PacketSource && !key.unbound() {
         return Err(PolicyRefusal::Unbound);
     }
     let source = canonical(source);
@@ -145,13 +246,13 @@ pub fn decide(
         AddressClaim::V4(a) => canonical(IpAddr::V4(a)),
         AddressClaim::V6(a) => canonical(IpAddr::V6(a)),
     };
-    if address != source && !key.other_source {
+    if address != source && !key.other_source() {
         return Err(PolicyRefusal::OtherSource { claimed: address });
     }
-    if !key.sources.iter().any(|net| net.contains(&address)) {
+    if !key.sources().iter().any(|net| net.contains(&address)) {
         return Err(PolicyRefusal::Source(address));
     }
-    let (ttl, capped) = cap_ttl(requested_ttl_secs, key.max_ttl, limits);
+    let (ttl, capped) = cap_ttl(requested_ttl_secs, key.max_ttl(), limits);
     Ok(Grant {
         address,
         ttl,

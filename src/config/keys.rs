@@ -7,7 +7,7 @@ use std::path::Path;
 use super::{ConfigError, KeySpec, Loaded};
 use crate::keyfile::{self, KeyFileError};
 use crate::knock::KeyId;
-use crate::policy::{KeyEntry, KeyRing};
+use crate::policy::{FwknopEntry, KeyEntry, KeyRing};
 
 /// Reads every `[[keys]]` file of `loaded`.
 pub fn load_keys(loaded: &Loaded) -> Result<KeyRing, ConfigError> {
@@ -19,7 +19,64 @@ pub fn load_keys(loaded: &Loaded) -> Result<KeyRing, ConfigError> {
             ring.insert(id, entry);
         }
     }
+    ring.set_fwknop(load_fwknop(loaded)?);
     Ok(ring)
+}
+
+/// A key file error as a config error naming the config file and key.
+fn key_file_error(config: &Path, key: &str, file: &Path, e: KeyFileError) -> ConfigError {
+    let (path, key, file) = (config.to_owned(), key.to_owned(), file.to_owned());
+    match e {
+        KeyFileError::Mode { mode, .. } => ConfigError::KeyFileMode {
+            path,
+            key,
+            file,
+            mode,
+        },
+        KeyFileError::Content { .. } => ConfigError::KeyFileContent { path, key, file },
+        KeyFileError::FwknopContent { .. } => ConfigError::FwknopKeyFileContent { path, key, file },
+        KeyFileError::Read { source, .. } | KeyFileError::Create { source, .. } => {
+            ConfigError::ReadKeyFile {
+                path,
+                key,
+                file,
+                source,
+            }
+        }
+    }
+}
+
+/// Reads every `[[fwknop_keys]]` file of `loaded`, in config order (the order the
+/// daemon tries them in).
+fn load_fwknop(loaded: &Loaded) -> Result<Vec<FwknopEntry>, ConfigError> {
+    let mut out = Vec::new();
+    for (i, spec) in loaded.config.fwknop_keys.iter().enumerate() {
+        let key = format!("fwknop_keys[{i}].file");
+        let keys = keyfile::read_fwknop(&spec.file)
+            .map_err(|e| key_file_error(&loaded.path, &key, &spec.file, e))?;
+        let digest = crate::fwknop::HmacDigest::from_name(&spec.hmac_digest)
+            .unwrap_or(crate::fwknop::HmacDigest::Sha256);
+        out.push(FwknopEntry {
+            name: spec.name.clone(),
+            keys: crate::fwknop::SpaKeys {
+                encryption: keys.encryption,
+                hmac: keys.hmac,
+                digest,
+            },
+            services: spec.services.clone(),
+            sources: spec
+                .sources
+                .iter()
+                .filter_map(|s| super::parse_network(s))
+                .collect(),
+            ttl: spec.ttl.0,
+            max_ttl: spec.max_ttl.map(|d| d.0),
+            unbound: !spec.require_source_address,
+            other_source: spec.other_source,
+            max_grants: usize::try_from(spec.max_grants).unwrap_or(usize::MAX),
+        });
+    }
+    Ok(out)
 }
 
 fn load_key(config: &Path, key: &str, spec: &KeySpec) -> Result<KeyEntry, ConfigError> {
@@ -32,7 +89,9 @@ fn load_key(config: &Path, key: &str, spec: &KeySpec) -> Result<KeyEntry, Config
                 file,
                 mode,
             },
-            KeyFileError::Content { .. } => ConfigError::KeyFileContent { path, key, file },
+            KeyFileError::Content { .. } | KeyFileError::FwknopContent { .. } => {
+                ConfigError::KeyFileContent { path, key, file }
+            }
             KeyFileError::Read { source, .. } | KeyFileError::Create { source, .. } => {
                 ConfigError::ReadKeyFile {
                     path,

@@ -101,6 +101,18 @@ pub enum ConfigError {
         /// The key file.
         file: PathBuf,
     },
+    /// An fwknop key file that does not hold a usable key pair.
+    #[error(
+        "{path}: key `{key}`: key file {file} does not hold an fwknop key pair (expected a KEY_BASE64 line of 1-32 bytes and an HMAC_KEY_BASE64 line of 1-136 bytes, different keys)"
+    )]
+    FwknopKeyFileContent {
+        /// The config file.
+        path: PathBuf,
+        /// The key path.
+        key: String,
+        /// The key file.
+        file: PathBuf,
+    },
     /// No resolvers were listed and the resolv.conf to take them from is unreadable.
     #[error("{path}: key `dns.resolvers` is empty and {resolv_conf} cannot be read")]
     ReadResolvConf {

@@ -90,6 +90,56 @@ pub struct Config {
     pub services: Vec<ServiceSpec>,
     /// Knock keys, each with its own policy.
     pub keys: Vec<KeySpec>,
+    /// Keys of fwknop clients (`[[fwknop_keys]]`), tried in this order.
+    pub fwknop_keys: Vec<FwknopKeySpec>,
+}
+
+/// An fwknop client's stanza (what an access.conf `SOURCE` block says): its keys in a
+/// file, and what its packets may open.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct FwknopKeySpec {
+    /// A name for logs and grants (`fwknop NAME`); like a key id.
+    pub name: String,
+    /// File with `KEY_BASE64` and `HMAC_KEY_BASE64` lines, mode 0600.
+    pub file: PathBuf,
+    /// `HMAC_DIGEST_TYPE`: `sha256` (default), `sha384` or `sha512`.
+    #[serde(default = "default_hmac_digest")]
+    pub hmac_digest: String,
+    /// Services its requested ports may open (`OPEN_PORTS`, mapped to services).
+    #[serde(default = "default_services")]
+    pub services: Vec<String>,
+    /// Networks a grant's address must lie in (`SOURCE`).
+    #[serde(default = "default_sources")]
+    pub sources: Vec<String>,
+    /// Grant length when the client asks none (`FW_ACCESS_TIMEOUT`, default 30 s).
+    #[serde(default = "default_fwknop_ttl")]
+    pub ttl: Dur,
+    /// Longest grant, also for the client's own `-f` (`MAX_FW_TIMEOUT`); the server's
+    /// `knock.max_ttl` caps it too.
+    #[serde(default)]
+    pub max_ttl: Option<Dur>,
+    /// Refuse a request that names no address (the client's `-s`, `0.0.0.0`):
+    /// `REQUIRE_SOURCE_ADDRESS`. On by default.
+    #[serde(default = "default_true")]
+    pub require_source_address: bool,
+    /// Allow the request's address to differ from the packet's source.
+    #[serde(default)]
+    pub other_source: bool,
+    /// Most grants this stanza may hold open at once.
+    #[serde(default = "default_key_max_grants")]
+    pub max_grants: u32,
+}
+
+fn default_hmac_digest() -> String {
+    "sha256".to_owned()
+}
+
+fn default_fwknop_ttl() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// A service: a port (or a range) of one protocol that opens, like SSH, only for
@@ -380,6 +430,7 @@ impl Default for Config {
             admin: Admin::default(),
             services: Vec::new(),
             keys: Vec::new(),
+            fwknop_keys: Vec::new(),
         }
     }
 }

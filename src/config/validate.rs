@@ -64,6 +64,7 @@ pub(super) fn validate(path: &Path, config: &Config) -> Result<(), ConfigError> 
     knock(&c, config)?;
     services(&c, config)?;
     keys(&c, config)?;
+    fwknop_keys(&c, config)?;
     log(&c, config)?;
     dns(&c, config)?;
     egress(&c, config)?;
@@ -294,6 +295,79 @@ fn services(c: &Checker<'_>, config: &Config) -> Result<(), ConfigError> {
             ports,
             format!("service `{name}` ({} {ports})", spec.protocol.name()),
         ));
+    }
+    Ok(())
+}
+
+/// Most fwknop stanzas: each costs one HMAC per packet that looks like fwknop's
+/// (the bench measures 1, 10 and 100).
+pub const MAX_FWKNOP_KEYS: usize = 100;
+
+fn fwknop_keys(c: &Checker<'_>, config: &Config) -> Result<(), ConfigError> {
+    if config.fwknop_keys.len() > MAX_FWKNOP_KEYS {
+        return Err(c.invalid(
+            "fwknop_keys",
+            format!(
+                "{} stanzas; at most {MAX_FWKNOP_KEYS} (each costs one HMAC per packet)",
+                config.fwknop_keys.len()
+            ),
+        ));
+    }
+    let mut names: HashSet<&str> = config.keys.iter().map(|k| k.id.as_str()).collect();
+    for (i, spec) in config.fwknop_keys.iter().enumerate() {
+        let at = |field: &str| format!("fwknop_keys[{i}].{field}");
+        if KeyId::new(&spec.name).is_err() {
+            return Err(c.invalid(
+                &at("name"),
+                "expected 1 to 32 letters, digits, `.`, `_` or `-`",
+            ));
+        }
+        if !names.insert(spec.name.as_str()) {
+            return Err(c.invalid(
+                &at("name"),
+                format!(
+                    "`{}` is already the name of a key or another fwknop stanza",
+                    spec.name
+                ),
+            ));
+        }
+        if crate::fwknop::HmacDigest::from_name(&spec.hmac_digest).is_none() {
+            return Err(c.invalid(
+                &at("hmac_digest"),
+                format!(
+                    "found \"{}\", expected one of: \"sha256\", \"sha384\", \"sha512\"",
+                    spec.hmac_digest.escape_debug()
+                ),
+            ));
+        }
+        for (j, service) in spec.services.iter().enumerate() {
+            let known = service == crate::service::SSH
+                || config.services.iter().any(|s| &s.name == service);
+            if !known {
+                return Err(c.invalid(
+                    &at(&format!("services[{j}]")),
+                    format!("unknown service `{service}`; fwknop clients open ports: ssh or one of [[services]] (not egress)"),
+                ));
+            }
+        }
+        for (j, net) in spec.sources.iter().enumerate() {
+            if super::parse_network(net).is_none() {
+                return Err(c.invalid(
+                    &at(&format!("sources[{j}]")),
+                    format!("`{net}` is not an address or a network like 198.51.100.0/24"),
+                ));
+            }
+        }
+        c.duration(&at("ttl"), spec.ttl.0, MAX_GRANT)?;
+        if let Some(max) = spec.max_ttl {
+            c.duration(&at("max_ttl"), max.0, MAX_GRANT)?;
+        }
+        if !(1..=MAX_KEY_GRANTS).contains(&spec.max_grants) {
+            return Err(c.invalid(
+                &at("max_grants"),
+                format!("expected 1 to {MAX_KEY_GRANTS} grants"),
+            ));
+        }
     }
     Ok(())
 }

@@ -48,6 +48,8 @@ pub enum KnockOutcome {
         /// Whether the knock named its address (bound) rather than leaving it to the
         /// packet's source.
         bound: bool,
+        /// Further grants the same packet opened (an fwknop request for several ports).
+        more: Vec<GrantRecord>,
     },
     /// A knock for `egress`: a host-wide egress window was opened (or renewed).
     Window {
@@ -93,14 +95,35 @@ pub enum KnockRefusal {
     /// The kernel refused the grant.
     #[error("cannot add the grant: {0}")]
     Firewall(String),
+    /// An fwknop packet that is not authentic, or not one knockgate carries out.
+    #[error(transparent)]
+    Fwknop(#[from] crate::fwknop::Refusal),
+    /// An authentic fwknop packet whose timestamp is outside the allowed skew.
+    #[error(
+        "fwknop packet timestamp off by {skew_secs} s for stanza {stanza} (client clock wrong?)"
+    )]
+    FwknopClock {
+        /// The stanza whose keys matched.
+        stanza: String,
+        /// Client time minus server time, in seconds.
+        skew_secs: i64,
+    },
 }
 
 impl KnockRefusal {
     /// Whether the sender is to blame (counts toward a ban), rather than the server.
     fn is_invalid(&self) -> bool {
         // A replay is authentic: counting it would let anyone who races a knock get
-        // its owner banned when the owner's own copy arrives second.
-        matches!(self, Self::Auth(_))
+        // its owner banned when the owner's own copy arrives second. For fwknop
+        // packets: the shape, no matching HMAC, and the clock (as for native knocks).
+        matches!(
+            self,
+            Self::Auth(_)
+                | Self::FwknopClock { .. }
+                | Self::Fwknop(
+                    crate::fwknop::Refusal::Shape(_) | crate::fwknop::Refusal::NoKeyMatched
+                )
+        )
     }
 }
 
@@ -205,6 +228,8 @@ fn slack_ms() -> u64 {
 /// What a knock opened.
 enum Opened {
     Grant(GrantRecord, Granted),
+    /// At least one (an fwknop packet may ask for several ports).
+    Grants(Vec<(GrantRecord, Granted)>),
     Window(WindowRecord, bool),
 }
 
@@ -285,7 +310,18 @@ impl<F: Firewall> Core<F> {
                 kind,
                 capped,
                 bound,
+                more: Vec::new(),
             },
+            Ok((Opened::Grants(mut records), capped, bound)) => {
+                let (record, kind) = records.remove(0);
+                KnockOutcome::Granted {
+                    record,
+                    kind,
+                    capped,
+                    bound,
+                    more: records.into_iter().map(|(r, _)| r).collect(),
+                }
+            }
             Ok((Opened::Window(window, renewed), capped, bound)) => KnockOutcome::Window {
                 window,
                 renewed,
@@ -305,6 +341,11 @@ impl<F: Firewall> Core<F> {
         source: IpAddr,
         now: UnixMs,
     ) -> Result<(Opened, bool, bool), KnockRefusal> {
+        // fwknop packets are base64 text; native knocks are binary with a magic: told
+        // apart by shape before any MAC.
+        if !self.keys.fwknop_keys().is_empty() && crate::fwknop::looks_like_spa(datagram) {
+            return self.try_fwknop(datagram, source, now);
+        }
         let keys = &self.keys;
         let skew = self.settings.skew.as_secs();
         let knock = authenticate(
@@ -379,6 +420,117 @@ impl<F: Firewall> Core<F> {
         let _ = self.replay_log.compact(&self.guard);
         let bound = knock.address != crate::knock::AddressClaim::PacketSource;
         Ok((opened?, capped, bound))
+    }
+
+    /// An fwknop packet: the stanza whose HMAC matches, the clock, the policy for each
+    /// port asked (each must be a service the stanza may open), the replay guard (the
+    /// packet's digest, fwknop's own rule), then the grants.
+    fn try_fwknop(
+        &mut self,
+        datagram: &[u8],
+        source: IpAddr,
+        now: UnixMs,
+    ) -> Result<(Opened, bool, bool), KnockRefusal> {
+        let opened = crate::fwknop::open(datagram, self.keys.fwknop_keys())?;
+        let Some(entry) = self.keys.fwknop(opened.key) else {
+            return Err(crate::fwknop::Refusal::NoKeyMatched.into());
+        };
+        let request = &opened.request;
+        let skew = self.settings.skew.as_secs();
+        let off = i128::from(request.timestamp) - i128::from(now.secs());
+        if off.unsigned_abs() > u128::from(skew) {
+            return Err(KnockRefusal::FwknopClock {
+                stanza: entry.name.clone(),
+                skew_secs: i64::try_from(off).unwrap_or(i64::MAX),
+            });
+        }
+        // The name was checked to be a valid key id when the config was loaded.
+        let id = KeyId::new(&entry.name).map_err(|_| crate::fwknop::Refusal::NoKeyMatched)?;
+        let claim = request
+            .address
+            .map_or(crate::knock::AddressClaim::PacketSource, |a| {
+                crate::knock::AddressClaim::V4(a)
+            });
+        let wanted = request.client_timeout.map_or(entry.ttl, |t| {
+            let asked = Duration::from_secs(u64::from(t.max(1)));
+            entry.max_ttl.map_or(asked, |max| asked.min(max))
+        });
+        let ttl_secs = u32::try_from(wanted.as_secs()).unwrap_or(u32::MAX).max(1);
+        let mut decided = Vec::new();
+        for &(protocol, port) in &request.ports {
+            let service = self
+                .settings
+                .services
+                .iter()
+                .find(|s| s.protocol == protocol && s.ports.contains(port))
+                .filter(|s| entry.services.contains(&s.name))
+                .map(|s| s.name.clone())
+                .ok_or_else(|| {
+                    let asked = format!("{}/{port}", protocol.name());
+                    KnockRefusal::Policy(id.clone(), PolicyRefusal::Service(asked))
+                })?;
+            let grant = policy::decide(
+                entry,
+                &service,
+                claim,
+                ttl_secs,
+                source,
+                self.settings.limits,
+            )
+            .map_err(|e| KnockRefusal::Policy(id.clone(), e))?;
+            if !decided.iter().any(|(s, _)| *s == service) {
+                decided.push((service, grant));
+            }
+        }
+        let who = format!("fwknop {}", entry.name);
+        let new_holes = decided
+            .iter()
+            .filter(|(s, g)| !self.book.holds(s, g.address))
+            .count();
+        if new_holes > 0 {
+            if self.book.held_by(&who) + new_holes > entry.max_grants {
+                let max = entry.max_grants;
+                return Err(KnockRefusal::Policy(id, PolicyRefusal::KeyGrants { max }));
+            }
+            if self.book.len() + new_holes > MAX_GRANTS - ADMIN_RESERVE {
+                return Err(KnockRefusal::Full(self.book.len()));
+            }
+        }
+        let mut nonce = [0u8; crate::knock::packet::NONCE_LEN];
+        nonce.copy_from_slice(&opened.digest[..crate::knock::packet::NONCE_LEN]);
+        let forget_after = request.timestamp.saturating_add(skew);
+        let quota_key = format!("fwknop/{}", entry.name);
+        self.guard
+            .admit_for(&quota_key, nonce, forget_after, now.secs())
+            .map_err(|e| KnockRefusal::Replay(id.clone(), e))?;
+        self.replay_log
+            .append(&nonce, forget_after)
+            .map_err(|e| KnockRefusal::State(format!("{e:#}")))?;
+        let mut granted = Vec::new();
+        let mut capped = false;
+        let mut failed = None;
+        for (service, grant) in decided {
+            capped |= grant.capped;
+            match self.grant(&service, grant.address, &who, grant.ttl, now) {
+                Ok(g) => granted.push(g),
+                Err(e) => {
+                    tracing::warn!(target: crate::logging::AUDIT, event = "grant-failed",
+                        service = %service, address = %grant.address, who = %who,
+                        error = %format!("{e:#}"), "cannot add an fwknop request's grant");
+                    failed = Some(KnockRefusal::Firewall(format!("{e:#}")));
+                    break;
+                }
+            }
+        }
+        if let Err(e) = self.replay_log.sync() {
+            tracing::error!(error = %format!("{e:#}"), "cannot flush the replay log to disk");
+        }
+        let _ = self.replay_log.compact(&self.guard);
+        if granted.is_empty() {
+            return Err(failed.unwrap_or(KnockRefusal::Firewall("nothing granted".into())));
+        }
+        let bound = request.address.is_some();
+        Ok((Opened::Grants(granted), capped, bound))
     }
 
     /// A knock's `egress`: a host-wide window for `ttl` (capped at `egress.max_ttl`),

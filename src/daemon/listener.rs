@@ -42,10 +42,12 @@ pub(super) fn bind(port: u16) -> std::io::Result<tokio::net::UdpSocket> {
 /// Short, stable names of refusal reasons, for counters and log fields.
 fn reason_name(reason: &KnockRefusal) -> &'static str {
     match reason {
-        KnockRefusal::Auth(Refusal::Shape(_)) => "malformed",
+        KnockRefusal::Auth(Refusal::Shape(_))
+        | KnockRefusal::Fwknop(crate::fwknop::Refusal::Shape(_)) => "malformed",
         KnockRefusal::Auth(Refusal::UnknownKey(_)) => "unknown-key",
-        KnockRefusal::Auth(Refusal::BadMac(_)) => "bad-mac",
-        KnockRefusal::Auth(Refusal::Clock { .. }) => "clock",
+        KnockRefusal::Auth(Refusal::BadMac(_))
+        | KnockRefusal::Fwknop(crate::fwknop::Refusal::NoKeyMatched) => "bad-mac",
+        KnockRefusal::Auth(Refusal::Clock { .. }) | KnockRefusal::FwknopClock { .. } => "clock",
         KnockRefusal::Replay(_, ReplayError::Replayed) => "replay",
         KnockRefusal::Replay(_, ReplayError::Full) => "replay-guard-full",
         KnockRefusal::Replay(_, ReplayError::KeyQuota) => "replay-key-quota",
@@ -59,6 +61,8 @@ fn reason_name(reason: &KnockRefusal) -> &'static str {
         KnockRefusal::Policy(..) => "policy",
         KnockRefusal::State(_) => "state",
         KnockRefusal::Firewall(_) => "firewall",
+        KnockRefusal::Fwknop(crate::fwknop::Refusal::Content { .. }) => "fwknop-content",
+        KnockRefusal::Fwknop(crate::fwknop::Refusal::Type { .. }) => "fwknop-type",
     }
 }
 
@@ -93,21 +97,28 @@ impl KnockLog {
                 kind,
                 capped,
                 bound,
-            } => info!(
-                target: AUDIT,
-                event = "grant",
-                id = %record.id,
-                service = %record.service,
-                address = %record.address,
-                source = %source,
-                who = %record.who,
-                expires_at = record.expires_at,
-                ttl_secs = record.expires_at_ms.saturating_sub(record.granted_at_ms) / 1000,
-                extended = *kind == Granted::Extended,
-                capped,
-                bound,
-                "knock accepted"
-            ),
+                more,
+            } => {
+                for (record, extended) in std::iter::once((record, *kind == Granted::Extended))
+                    .chain(more.iter().map(|r| (r, false)))
+                {
+                    info!(
+                        target: AUDIT,
+                        event = "grant",
+                        id = %record.id,
+                        service = %record.service,
+                        address = %record.address,
+                        source = %source,
+                        who = %record.who,
+                        expires_at = record.expires_at,
+                        ttl_secs = record.expires_at_ms.saturating_sub(record.granted_at_ms) / 1000,
+                        extended,
+                        capped,
+                        bound,
+                        "knock accepted"
+                    );
+                }
+            }
             KnockOutcome::Window {
                 window,
                 renewed,

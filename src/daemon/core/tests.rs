@@ -177,6 +177,7 @@ fn a_valid_knock_opens_ssh_for_its_source_only() {
         kind,
         capped,
         bound,
+        ..
     } = outcome
     else {
         panic!("{outcome:?}")
