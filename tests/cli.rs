@@ -571,3 +571,90 @@ fn a_bad_service_definition_exits_2_naming_the_key() {
         "{said}"
     );
 }
+
+#[test]
+fn import_fwknop_carries_over_what_it_can_and_names_the_rest() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let access = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fwknop-access.conf");
+    let keys = dir.path().join("keys");
+    let out = run(
+        env!("CARGO_BIN_EXE_knockgate"),
+        &[
+            "import-fwknop",
+            access.to_str().unwrap(),
+            "--write-keys",
+            keys.to_str().unwrap(),
+            "--config",
+            example().to_str().unwrap(),
+        ],
+        &dir,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stanzas = text(&out.stdout);
+    let said = text(&out.stderr);
+    // Two stanzas imported; the GPG one and the one without an HMAC key named.
+    assert_eq!(stanzas.matches("[[fwknop_keys]]").count(), 2, "{stanzas}");
+    assert!(
+        stanzas.contains("services = [\"ssh\", \"udp_51820\"]"),
+        "{stanzas}"
+    );
+    assert!(
+        stanzas.contains("name = \"udp_51820\"\nprotocol = \"udp\"\nport = 51820"),
+        "{stanzas}"
+    );
+    assert!(
+        stanzas.contains("require_source_address = true"),
+        "{stanzas}"
+    );
+    assert!(
+        stanzas.contains("sources = [\"198.51.100.0/24\", \"203.0.113.7\"]"),
+        "{stanzas}"
+    );
+    for named in [
+        "ENABLE_CMD_EXEC",
+        "CMD_EXEC_USER",
+        "FORCE_NAT",
+        "REQUIRE_USERNAME",
+        "no KEY_BASE64",
+        "no HMAC key",
+    ] {
+        assert!(said.contains(named), "{named} is named:\n{said}");
+    }
+    assert!(!stanzas.contains("Bk5nxiS1"), "no key is printed");
+    for name in ["fwknop-1", "fwknop-2"] {
+        let file = keys.join(format!("{name}.fwknop"));
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{name}");
+    }
+    // What it printed is a config `knockgate check` accepts.
+    let config = dir.path().join("k.toml");
+    std::fs::write(
+        &config,
+        format!("[dns]\nresolvers = [\"192.0.2.53\"]\n{stanzas}"),
+    )
+    .unwrap();
+    let check = run(
+        env!("CARGO_BIN_EXE_knockgate"),
+        &["check", "--config", config.to_str().unwrap()],
+        &dir,
+    );
+    assert_eq!(
+        check.status.code(),
+        Some(0),
+        "{}\n{stanzas}",
+        text(&check.stderr)
+    );
+    // Never overwrites a key file.
+    let again = run(
+        env!("CARGO_BIN_EXE_knockgate"),
+        &[
+            "import-fwknop",
+            access.to_str().unwrap(),
+            "--write-keys",
+            keys.to_str().unwrap(),
+        ],
+        &dir,
+    );
+    assert_ne!(again.status.code(), Some(0));
+}

@@ -291,3 +291,44 @@ fn a_captured_fwknop_packet_opens_once_even_across_a_restart() {
     );
     assert!(!s.ssh_open(Host::Client), "nothing opened");
 }
+
+#[test]
+fn an_imported_access_conf_lets_the_real_client_in() {
+    let test = "an_imported_access_conf_lets_the_real_client_in";
+    if !lab_available(test) {
+        return;
+    }
+    let Some(client) = fwknop_client(test) else {
+        return;
+    };
+    let s = spa(client, "");
+    let access = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fwknop-access.conf");
+    let keys = s.lab.dir().join("imported");
+    let out = Command::new(env!("CARGO_BIN_EXE_knockgate"))
+        .arg("import-fwknop")
+        .arg(&access)
+        .arg("--write-keys")
+        .arg(&keys)
+        .args(["--config", "/nonexistent.toml"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stanzas = String::from_utf8(out.stdout).unwrap();
+    let config = s.lab.write_file(
+        "imported.toml",
+        &format!("[dns]\nresolvers = [\"10.77.2.53\"]\n\n{stanzas}"),
+    );
+    let daemon = s.lab.start_daemon(&config);
+    assert!(!s.ssh_open(Host::Client));
+    s.send((KEY, HMAC), &["-A", "tcp/22", "-a", &laptop()]);
+    assert!(
+        eventually(Duration::from_secs(5), || s.ssh_open(Host::Client)),
+        "the imported stanza lets the client in:\n{}",
+        daemon.log_text()
+    );
+    assert!(daemon.logged_soon("who=fwknop fwknop-1"));
+}

@@ -62,6 +62,10 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
             };
             return keygen(&args.config_path(), &key);
         }
+        Command::ImportFwknop {
+            access_conf,
+            write_keys,
+        } => return import_fwknop(args, access_conf, write_keys.as_deref()),
         Command::Ruleset => {
             let loaded = config::load(&args.config_path())?;
             knockgate::exit::write_stdout(
@@ -247,6 +251,89 @@ const NAT_TRADE_OFF: &str = "\
 # Prefer bound knocks: `knock` binds on its own when it can see the address the
 # server sees, and behind a NAT `discover` in its config learns it.
 ";
+
+/// `knockgate import-fwknop`: stanzas on stdout, what was left behind on stderr.
+fn import_fwknop(
+    args: &Args,
+    access_conf: &Path,
+    write_keys: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
+    use knockgate::fwknop::import;
+    let text =
+        std::fs::read_to_string(access_conf).map_err(|source| config::ConfigError::ReadFile {
+            path: access_conf.to_owned(),
+            source,
+        })?;
+    // The ssh port decides which OPEN_PORTS entry is `ssh`; the default config's 22
+    // when --config cannot be read.
+    let ssh_port = config::load(&args.config_path()).map_or(22, |l| l.config.inbound.ssh_port);
+    let imported = import::import(&text, ssh_port);
+    if imported.key_files.is_empty() {
+        for line in &imported.skipped {
+            eprintln!("knockgate: {line}");
+        }
+        anyhow::bail!(config::ConfigError::Invalid {
+            path: access_conf.to_owned(),
+            key: "SOURCE".into(),
+            expected: "no stanza could be imported (see above)".into(),
+        });
+    }
+    let mut stanzas = imported.config.clone();
+    if let Some(dir) = write_keys {
+        std::fs::create_dir_all(dir)?;
+        for (name, contents) in &imported.key_files {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let file = dir.join(format!("{name}.fwknop"));
+            let mut out = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&file)
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot create {} (it must not exist yet): {e}",
+                        file.display()
+                    )
+                })?;
+            out.write_all(contents.as_bytes())?;
+            // As keygen does: the key goes to the user knockgated runs as, if there is one.
+            match nix::unistd::User::from_name(DAEMON_USER).ok().flatten() {
+                Some(user) => {
+                    nix::unistd::chown(&file, Some(user.uid), Some(user.gid)).map_err(|e| {
+                        anyhow::anyhow!(
+                            "wrote {}, but cannot hand it to user {} ({e}); run as root: chown {}: {}",
+                            file.display(),
+                            user.name,
+                            user.name,
+                            file.display()
+                        )
+                    })?;
+                    eprintln!(
+                        "knockgate: wrote {} (mode 0600, owned by {})",
+                        file.display(),
+                        user.name
+                    );
+                }
+                None => eprintln!("knockgate: wrote {} (mode 0600)", file.display()),
+            }
+        }
+        stanzas = stanzas.replace(
+            &format!("\"{}/", import::KEY_DIR),
+            &format!("\"{}/", dir.display()),
+        );
+    } else {
+        eprintln!(
+            "knockgate: key files not written; run again with --write-keys {} (as root) to write them",
+            import::KEY_DIR
+        );
+    }
+    for line in &imported.skipped {
+        eprintln!("knockgate: not carried over: {line}");
+    }
+    knockgate::exit::write_stdout(&stanzas)?;
+    Ok(ExitCode::SUCCESS)
+}
 
 /// The name the laptop's config knows the server by: the first label of a host name
 /// (`web1` for web1.example.org), an IP address whole.

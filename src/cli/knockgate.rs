@@ -110,6 +110,16 @@ pub enum Command {
         #[arg(long)]
         nat: bool,
     },
+    /// Translate fwknopd's access.conf into [[fwknop_keys]] (and [[services]]) stanzas;
+    /// prints them, naming what cannot be carried over.
+    ImportFwknop {
+        /// fwknopd's access.conf.
+        access_conf: PathBuf,
+        /// Also write each stanza's key file (mode 0600, never overwriting) into DIR,
+        /// and point the stanzas there.
+        #[arg(long, value_name = "DIR")]
+        write_keys: Option<PathBuf>,
+    },
     /// Print the nft ruleset the config produces (changes nothing).
     Ruleset,
     /// Validate the config and its key files; exit 2 naming the file and key at fault.

@@ -204,13 +204,16 @@ pub enum Refusal {
     },
 }
 
-/// Whether `datagram` could be an fwknop (Rijndael) packet: base64 text of 140 to
-/// 399 characters that does not start with the salted prefix (fwknop strips it; a
-/// packet carrying it is a replay trick fwknopd drops too). A cheap filter, run before
-/// any MAC.
+/// Longest datagram fwknopd reads (`MAX_SPA_PACKET_LEN`); GPG packets are 400 and up.
+pub const MAX_DATAGRAM: usize = 1500;
+
+/// Whether `datagram` could be an fwknop packet: base64 text of 140 to 1,500
+/// characters that does not start with the salted prefix (fwknop strips it; a packet
+/// carrying it is a replay trick fwknopd drops too). A cheap filter, run before any
+/// MAC; [`open`] then refuses GPG-sized packets by length.
 #[must_use]
 pub fn looks_like_spa(datagram: &[u8]) -> bool {
-    (MIN_LEN..=MAX_LEN).contains(&datagram.len())
+    (MIN_LEN..=MAX_DATAGRAM).contains(&datagram.len())
         && !datagram.starts_with(SALTED_PREFIX.as_bytes())
         && datagram
             .iter()
@@ -221,7 +224,13 @@ pub fn looks_like_spa(datagram: &[u8]) -> bool {
 /// decryption until one matches), then decrypts and decodes it.
 pub fn open(datagram: &[u8], keys: &[SpaKeys]) -> Result<Opened, Refusal> {
     if !looks_like_spa(datagram) {
-        return Err(Refusal::Shape("not 140-399 characters of base64"));
+        return Err(Refusal::Shape("not 140-1500 characters of base64"));
+    }
+    if datagram.len() > MAX_LEN {
+        // libfko takes 400 characters and more for GPG; knockgate does not do GPG.
+        return Err(Refusal::Shape(
+            "400 characters or more: a GPG-encrypted packet, which knockgate does not take",
+        ));
     }
     for (index, key) in keys.iter().enumerate() {
         let tag_len = key.digest.tag_len();

@@ -10,6 +10,7 @@
 //! input: every length is bounded before it is used.
 
 mod decode;
+pub mod import;
 
 pub use decode::{
     AccessRequest, HmacDigest, MAX_HMAC_KEY_LEN, MAX_KEY_LEN, MessageType, Opened, PortRequest,

@@ -147,7 +147,15 @@ fn the_key_derivation_matches_openssls() {
 fn shapes_that_cannot_be_spa_are_told_apart_before_any_mac() {
     assert!(looks_like_spa(PKT1.as_bytes()));
     assert!(!looks_like_spa(&[b'A'; 139]), "too short");
-    assert!(!looks_like_spa(&[b'A'; 400]), "GPG length");
+    assert!(
+        looks_like_spa(&[b'A'; 400]),
+        "GPG length: routed to fwknop…"
+    );
+    assert!(
+        matches!(open(&[b'A'; 400], &[keys(HmacDigest::Sha256)]), Err(Refusal::Shape(why)) if why.contains("GPG")),
+        "…and refused there, saying why"
+    );
+    assert!(!looks_like_spa(&[b'A'; 1501]));
     let mut native = vec![b'K', b'G', 1, 1];
     native.resize(114, 0);
     assert!(!looks_like_spa(&native), "a native knock is not base64");
