@@ -56,6 +56,35 @@ fn knock_for(service: &str, key_hex: &str, key_id: &str, nonce: [u8; 16]) -> Vec
 }
 
 fn rejection_rates() {
+    rejection_rates_with(0);
+    for stanzas in [1, 10, 100] {
+        rejection_rates_with(stanzas);
+    }
+}
+
+/// `n` fwknop stanzas with distinct keys (no packet matches any).
+fn fwknop_stanzas_for_bench(n: usize) -> Vec<knockgate::policy::FwknopEntry> {
+    (0..n)
+        .map(|i| knockgate::policy::FwknopEntry {
+            name: format!("s{i}"),
+            keys: knockgate::fwknop::SpaKeys {
+                encryption: zeroize::Zeroizing::new(vec![u8::try_from(i % 250).unwrap() + 1; 32]),
+                hmac: zeroize::Zeroizing::new(vec![u8::try_from(i % 250).unwrap() + 2; 64]),
+                digest: knockgate::fwknop::HmacDigest::Sha256,
+            },
+            services: vec!["ssh".to_owned()],
+            sources: vec!["0.0.0.0/0".parse().unwrap()],
+            ttl: Duration::from_secs(30),
+            max_ttl: None,
+            unbound: false,
+            other_source: false,
+            max_grants: 64,
+        })
+        .collect()
+}
+
+/// Junk rejected with `fwknop_stanzas` fwknop stanzas configured (0: native only).
+fn rejection_rates_with(fwknop_stanzas: usize) {
     let dir = tempfile::tempdir().unwrap();
     let mut fw = MemoryFirewall::default();
     fw.replace(&knockgate::ruleset::baseline(&Config::default(), &[]))
@@ -73,6 +102,7 @@ fn rejection_rates() {
             max_grants: 64,
         },
     );
+    keys.set_fwknop(fwknop_stanzas_for_bench(fwknop_stanzas));
     let settings = Settings {
         table: "knockgate".into(),
         server_id: ServerId::new("bench").unwrap(),
@@ -92,18 +122,40 @@ fn rejection_rates() {
     let mut core = Core::new(fw, settings, keys, replay, GrantBook::default());
     let source: IpAddr = "203.0.113.9".parse().unwrap();
     let now = unix_now();
-    let kinds = [
-        ("malformed (random 114 bytes)", vec![0x5au8; 114]),
-        ("unknown key id", knock(KEY_HEX, "mallory", [1; 16])),
-        (
-            "bad MAC (one HMAC-SHA256 each)",
-            knock(&"00".repeat(32), "alice", [2; 16]),
-        ),
-    ];
-    println!("## Junk rejected by the knock handler, one core, in process\n");
+    // fwknop-shaped junk: 204 characters of base64, the size of a real packet.
+    let spa_junk: Vec<u8> = (0..204u8)
+        .map(|i| {
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+                [usize::from(i * 7) % 64]
+        })
+        .collect();
+    let kinds = if fwknop_stanzas == 0 {
+        vec![
+            ("malformed (random 114 bytes)", vec![0x5au8; 114]),
+            ("unknown key id", knock(KEY_HEX, "mallory", [1; 16])),
+            (
+                "bad MAC (one HMAC-SHA256 each)",
+                knock(&"00".repeat(32), "alice", [2; 16]),
+            ),
+        ]
+    } else {
+        vec![
+            ("native bad MAC", knock(&"00".repeat(32), "alice", [2; 16])),
+            ("fwknop-shaped, no stanza's HMAC", spa_junk),
+        ]
+    };
+    if fwknop_stanzas == 0 {
+        println!("## Junk rejected by the knock handler, one core, in process\n");
+    } else {
+        println!("\n### … with {fwknop_stanzas} fwknop stanza(s) configured\n");
+    }
     println!("| junk | datagrams/s | ns each |\n|---|---:|---:|");
     for (name, datagram) in kinds {
-        let n = 1_000_000u32;
+        let n = if fwknop_stanzas >= 10 {
+            20_000u32
+        } else {
+            200_000u32
+        };
         let started = Instant::now();
         for _ in 0..n {
             black_box(core.knock(

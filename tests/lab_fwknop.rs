@@ -318,9 +318,16 @@ fn an_imported_access_conf_lets_the_real_client_in() {
         String::from_utf8_lossy(&out.stderr)
     );
     let stanzas = String::from_utf8(out.stdout).unwrap();
+    // Next to a native key, on the same port.
+    let native = s.lab.write_file("alice.key", &"7c".repeat(32));
+    std::fs::set_permissions(&native, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let config = s.lab.write_file(
         "imported.toml",
-        &format!("[dns]\nresolvers = [\"10.77.2.53\"]\n\n{stanzas}"),
+        &format!(
+            "[knock]\nserver_id = \"spa\"\n[dns]\nresolvers = [\"10.77.2.53\"]\n\n{stanzas}\n\
+             [[keys]]\nid = \"alice\"\nfile = \"{}\"\nallow_unbound = true\n",
+            native.display()
+        ),
     );
     let daemon = s.lab.start_daemon(&config);
     assert!(!s.ssh_open(Host::Client));
@@ -331,4 +338,37 @@ fn an_imported_access_conf_lets_the_real_client_in() {
         daemon.log_text()
     );
     assert!(daemon.logged_soon("who=fwknop fwknop-1"));
+    // A native knock on the same port still opens (for another address of the laptop).
+    let knock = knockgate::knock::Knock {
+        key_id: knockgate::knock::KeyId::new("alice").unwrap(),
+        service: knockgate::knock::ServiceId::ssh(),
+        timestamp: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+        nonce: [3; 16],
+        ttl_secs: 60,
+        address: knockgate::knock::AddressClaim::PacketSource,
+    };
+    let datagram = knockgate::knock::auth::seal(
+        &knock,
+        &knockgate::knock::Secret::from_hex(&"7c".repeat(32)).unwrap(),
+        &knockgate::knock::auth::ServerId::new("spa").unwrap(),
+    );
+    let alt = v4().client_alt;
+    s.lab.udp_send(
+        Host::Client,
+        alt,
+        sa(v4().server_from_client, 62201),
+        &[datagram],
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || s.lab.tcp_works_from(
+            Host::Client,
+            alt,
+            sa(v4().server_from_client, 22)
+        )),
+        "the native knock opened too:\n{}",
+        daemon.log_text()
+    );
 }

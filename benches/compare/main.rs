@@ -195,6 +195,25 @@ fn latency(kind: Kind, plan: &Plan, r: &mut Report) {
         spread: Spread::of_durations(&opened),
         fine: Spread::of_durations(&fine),
     });
+    if kind == Kind::Knockgate && subjects::available(Kind::Fwknopd) {
+        // The same daemon, knocked by fwknop's own client (its [[fwknop_keys]] stanza).
+        let knocks = subject.fwknop_knocks(plan.runs, p.client);
+        let took = measure::knock_to_open(&lab, &subject, &knocks, addrs, measure::POLL);
+        let opened: Vec<Duration> = took.iter().flatten().copied().collect();
+        let knocks = subject.fwknop_knocks(plan.runs, p.client);
+        let fine: Vec<Duration> =
+            measure::knock_to_open(&lab, &subject, &knocks, addrs, Duration::from_micros(100))
+                .into_iter()
+                .flatten()
+                .collect();
+        r.knock_to_open.push(OpenRow {
+            daemon: "knockgate (fwknop packets)",
+            runs: took.len(),
+            opened: opened.len(),
+            spread: Spread::of_durations(&opened),
+            fine: Spread::of_durations(&fine),
+        });
+    }
     // Timers the runs above left behind (knockd's stop commands) run out first: a
     // stale one would close the next grant early and be counted against it.
     std::thread::sleep(Duration::from_secs(plan.ttl + 1));

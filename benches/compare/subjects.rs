@@ -121,6 +121,14 @@ impl Subject {
         }
     }
 
+    /// `n` fwknop packets for `client` (for knockgate's fwknop stanza).
+    pub fn fwknop_knocks(&self, n: usize, client: IpAddr) -> Vec<KnockDatagrams> {
+        fwknop_packets(&self.dir, n, client)
+            .into_iter()
+            .map(|p| vec![(SPA_PORT, p)])
+            .collect()
+    }
+
     /// `n` valid knocks for `client`, each asking for `ttl_secs`. Made before any
     /// timing starts (fwknop's client is a separate program).
     pub fn knocks(&self, n: usize, client: IpAddr, ttl_secs: u64) -> Vec<KnockDatagrams> {
@@ -255,6 +263,17 @@ impl Drop for Subject {
 fn start_knockgated(lab: &Lab) -> support::Daemon {
     let key = lab.write_file("alice.key", KEY_HEX);
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    // The keys fwknopd gets, as a knockgate fwknop stanza: the same client packets
+    // open both (the "knockgate (fwknop packets)" rows).
+    let spa_keys = lab.write_file(
+        "phone.fwknop",
+        &format!("KEY_BASE64 {FWKNOP_KEY}\nHMAC_KEY_BASE64 {FWKNOP_HMAC}\n"),
+    );
+    std::fs::set_permissions(
+        &spa_keys,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     // The per-source knock meter (10 at once, then 5/s) is lifted: every datagram of
     // a flood, and every one of hundreds of knocks a second, reaches the daemon. With
     // it, the kernel drops a one-source flood before the daemon sees it.
@@ -263,8 +282,10 @@ fn start_knockgated(lab: &Lab) -> support::Daemon {
         "knockgate.toml",
         &format!(
             "[knock]\nserver_id = \"bench\"\nmax_ttl = \"1h\"\n{meter}[knock.ban]\nenabled = false\n\
-             [dns]\nresolvers = [\"10.77.2.53\"]\n[[keys]]\nid = \"alice\"\nfile = \"{}\"\nallow_unbound = true\n",
-            key.display()
+             [dns]\nresolvers = [\"10.77.2.53\"]\n[[keys]]\nid = \"alice\"\nfile = \"{}\"\nallow_unbound = true\n\
+             [[fwknop_keys]]\nname = \"phone\"\nfile = \"{}\"\nttl = \"1h\"\nmax_ttl = \"1h\"\n",
+            key.display(),
+            spa_keys.display()
         ),
     );
     lab.start_daemon(&config)

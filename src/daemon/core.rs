@@ -95,9 +95,19 @@ pub enum KnockRefusal {
     /// The kernel refused the grant.
     #[error("cannot add the grant: {0}")]
     Firewall(String),
-    /// An fwknop packet that is not authentic, or not one knockgate carries out.
+    /// An fwknop packet that is not authentic (no stanza's HMAC matched, or not
+    /// even the shape).
     #[error(transparent)]
     Fwknop(#[from] crate::fwknop::Refusal),
+    /// An fwknop packet whose HMAC matched `stanza`, but that does not decode or asks
+    /// for what knockgate does not do (a command, NAT).
+    #[error("{refusal} (stanza {stanza})")]
+    FwknopStanza {
+        /// The stanza whose HMAC matched.
+        stanza: String,
+        /// What was wrong.
+        refusal: crate::fwknop::Refusal,
+    },
     /// An authentic fwknop packet whose timestamp is outside the allowed skew.
     #[error(
         "fwknop packet timestamp off by {skew_secs} s for stanza {stanza} (client clock wrong?)"
@@ -431,7 +441,21 @@ impl<F: Firewall> Core<F> {
         source: IpAddr,
         now: UnixMs,
     ) -> Result<(Opened, bool, bool), KnockRefusal> {
-        let opened = crate::fwknop::open(datagram, self.keys.fwknop_keys())?;
+        let opened =
+            crate::fwknop::open(datagram, self.keys.fwknop_keys()).map_err(
+                |refusal| match refusal {
+                    crate::fwknop::Refusal::Content { key, .. }
+                    | crate::fwknop::Refusal::Type { key, .. } => {
+                        let stanza = self
+                            .keys
+                            .fwknop(key)
+                            .map(|e| e.name.clone())
+                            .unwrap_or_default();
+                        KnockRefusal::FwknopStanza { stanza, refusal }
+                    }
+                    other => KnockRefusal::Fwknop(other),
+                },
+            )?;
         let Some(entry) = self.keys.fwknop(opened.key) else {
             return Err(crate::fwknop::Refusal::NoKeyMatched.into());
         };
@@ -446,42 +470,7 @@ impl<F: Firewall> Core<F> {
         }
         // The name was checked to be a valid key id when the config was loaded.
         let id = KeyId::new(&entry.name).map_err(|_| crate::fwknop::Refusal::NoKeyMatched)?;
-        let claim = request
-            .address
-            .map_or(crate::knock::AddressClaim::PacketSource, |a| {
-                crate::knock::AddressClaim::V4(a)
-            });
-        let wanted = request.client_timeout.map_or(entry.ttl, |t| {
-            let asked = Duration::from_secs(u64::from(t.max(1)));
-            entry.max_ttl.map_or(asked, |max| asked.min(max))
-        });
-        let ttl_secs = u32::try_from(wanted.as_secs()).unwrap_or(u32::MAX).max(1);
-        let mut decided = Vec::new();
-        for &(protocol, port) in &request.ports {
-            let service = self
-                .settings
-                .services
-                .iter()
-                .find(|s| s.protocol == protocol && s.ports.contains(port))
-                .filter(|s| entry.services.contains(&s.name))
-                .map(|s| s.name.clone())
-                .ok_or_else(|| {
-                    let asked = format!("{}/{port}", protocol.name());
-                    KnockRefusal::Policy(id.clone(), PolicyRefusal::Service(asked))
-                })?;
-            let grant = policy::decide(
-                entry,
-                &service,
-                claim,
-                ttl_secs,
-                source,
-                self.settings.limits,
-            )
-            .map_err(|e| KnockRefusal::Policy(id.clone(), e))?;
-            if !decided.iter().any(|(s, _)| *s == service) {
-                decided.push((service, grant));
-            }
-        }
+        let decided = self.decide_fwknop(entry, request, &id, source)?;
         let who = format!("fwknop {}", entry.name);
         let new_holes = decided
             .iter()
@@ -531,6 +520,54 @@ impl<F: Firewall> Core<F> {
         }
         let bound = request.address.is_some();
         Ok((Opened::Grants(granted), capped, bound))
+    }
+
+    /// Each port an fwknop request asks for, as the service the stanza may open and
+    /// the grant the policy allows; a port no allowed service has refuses them all.
+    fn decide_fwknop(
+        &self,
+        entry: &policy::FwknopEntry,
+        request: &crate::fwknop::AccessRequest,
+        id: &KeyId,
+        source: IpAddr,
+    ) -> Result<Vec<(String, policy::Grant)>, KnockRefusal> {
+        let claim = request
+            .address
+            .map_or(crate::knock::AddressClaim::PacketSource, |a| {
+                crate::knock::AddressClaim::V4(a)
+            });
+        let wanted = request.client_timeout.map_or(entry.ttl, |t| {
+            let asked = Duration::from_secs(u64::from(t.max(1)));
+            entry.max_ttl.map_or(asked, |max| asked.min(max))
+        });
+        let ttl_secs = u32::try_from(wanted.as_secs()).unwrap_or(u32::MAX).max(1);
+        let mut decided = Vec::new();
+        for &(protocol, port) in &request.ports {
+            let service = self
+                .settings
+                .services
+                .iter()
+                .find(|s| s.protocol == protocol && s.ports.contains(port))
+                .filter(|s| entry.services.contains(&s.name))
+                .map(|s| s.name.clone())
+                .ok_or_else(|| {
+                    let asked = format!("{}/{port}", protocol.name());
+                    KnockRefusal::Policy(id.clone(), PolicyRefusal::Service(asked))
+                })?;
+            let grant = policy::decide(
+                entry,
+                &service,
+                claim,
+                ttl_secs,
+                source,
+                self.settings.limits,
+            )
+            .map_err(|e| KnockRefusal::Policy(id.clone(), e))?;
+            if !decided.iter().any(|(s, _)| *s == service) {
+                decided.push((service, grant));
+            }
+        }
+        Ok(decided)
     }
 
     /// A knock's `egress`: a host-wide window for `ttl` (capped at `egress.max_ttl`),

@@ -61,8 +61,13 @@ fn reason_name(reason: &KnockRefusal) -> &'static str {
         KnockRefusal::Policy(..) => "policy",
         KnockRefusal::State(_) => "state",
         KnockRefusal::Firewall(_) => "firewall",
-        KnockRefusal::Fwknop(crate::fwknop::Refusal::Content { .. }) => "fwknop-content",
-        KnockRefusal::Fwknop(crate::fwknop::Refusal::Type { .. }) => "fwknop-type",
+        KnockRefusal::Fwknop(crate::fwknop::Refusal::Content { .. })
+        | KnockRefusal::FwknopStanza {
+            refusal: crate::fwknop::Refusal::Content { .. },
+            ..
+        } => "fwknop-content",
+        KnockRefusal::Fwknop(crate::fwknop::Refusal::Type { .. })
+        | KnockRefusal::FwknopStanza { .. } => "fwknop-type",
     }
 }
 
