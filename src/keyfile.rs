@@ -190,4 +190,39 @@ mod tests {
         let err = read(&path).err().unwrap();
         assert!(err.to_string().contains("chmod 600"), "{err}");
     }
+
+    #[test]
+    fn fwknop_key_files_hold_two_different_keys_and_are_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str, mode: u32| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            path
+        };
+        let good =
+            "KEY_BASE64 AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=\nHMAC_KEY_BASE64: ZGVmZ2hp\n";
+        let keys = read_fwknop(&write("ok", good, 0o600)).unwrap();
+        assert_eq!((keys.encryption.len(), keys.hmac.len()), (32, 6));
+        assert!(matches!(
+            read_fwknop(&write("open", good, 0o644)),
+            Err(KeyFileError::Mode { .. })
+        ));
+        for bad in [
+            "KEY_BASE64 AQID\n",
+            "KEY_BASE64 AQID\nHMAC_KEY_BASE64 AQID\n",
+            "KEY_BASE64 AQID\nKEY_BASE64 AQID\nHMAC_KEY_BASE64 ZGVm\n",
+            "KEY_BASE64 !!!\nHMAC_KEY_BASE64 ZGVm\n",
+            "GPG_DECRYPT_ID ABCD\n",
+            &format!("KEY_BASE64 {}\nHMAC_KEY_BASE64 ZGVm\n", "QUFB".repeat(11)),
+        ] {
+            assert!(
+                matches!(
+                    read_fwknop(&write("bad", bad, 0o600)),
+                    Err(KeyFileError::FwknopContent { .. })
+                ),
+                "{bad}"
+            );
+        }
+    }
 }

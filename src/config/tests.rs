@@ -550,3 +550,48 @@ fn bad_services_are_refused_naming_the_key() {
     // Same port, other protocol: no overlap.
     load_text("[[services]]\nname = \"dns_udp\"\nprotocol = \"udp\"\nport = 443").unwrap();
 }
+
+#[test]
+fn bad_fwknop_stanzas_are_refused_naming_the_key() {
+    let stanza = |extra: &str| {
+        format!(
+            "[[keys]]\nid = \"alice\"\nfile = \"/k\"\n[[fwknop_keys]]\nname = \"phone\"\nfile = \"/f\"\n{extra}"
+        )
+    };
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "hmac_digest = \"md5\"",
+            "fwknop_keys[0].hmac_digest",
+            "sha256",
+        ),
+        (
+            "services = [\"egress\"]",
+            "fwknop_keys[0].services[0]",
+            "not egress",
+        ),
+        (
+            "services = [\"postgres\"]",
+            "fwknop_keys[0].services[0]",
+            "unknown service",
+        ),
+        (
+            "sources = [\"nowhere\"]",
+            "fwknop_keys[0].sources[0]",
+            "not an address",
+        ),
+        ("ttl = \"0s\"", "fwknop_keys[0].ttl", "from 1s"),
+        ("max_grants = 0", "fwknop_keys[0].max_grants", "1 to"),
+    ];
+    for (extra, key, words) in cases {
+        let err = error_text(&stanza(extra));
+        assert!(err.contains(key) && err.contains(words), "{extra}\n→ {err}");
+    }
+    let same_name = "[[keys]]\nid = \"phone\"\nfile = \"/k\"\n[[fwknop_keys]]\nname = \"phone\"\nfile = \"/f\"\n";
+    assert!(error_text(same_name).contains("fwknop_keys[0].name"));
+    let bad_name = "[[fwknop_keys]]\nname = \"a b\"\nfile = \"/f\"\n";
+    assert!(error_text(bad_name).contains("fwknop_keys[0].name"));
+    let loaded = load_text(&stanza("")).unwrap();
+    let spec = &loaded.config.fwknop_keys[0];
+    assert!(spec.require_source_address && !spec.other_source);
+    assert_eq!(spec.ttl.0, std::time::Duration::from_secs(30));
+}

@@ -307,3 +307,38 @@ fn stanza_problem(stanza: &Stanza) -> Option<String> {
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+
+        /// Any text, and access.conf-like text with any values: no panic.
+        #[test]
+        fn any_access_conf_imports_or_is_refused_without_panic(
+            text in "(SOURCE|KEY_BASE64|HMAC_KEY_BASE64|KEY|HMAC_KEY|OPEN_PORTS|FW_ACCESS_TIMEOUT|HMAC_DIGEST_TYPE|REQUIRE_SOURCE_ADDRESS|CMD_EXEC|%include|#)[ \\t][ -~]{0,60}(\\n(SOURCE|KEY_BASE64|HMAC_KEY_BASE64|OPEN_PORTS|MAX_FW_TIMEOUT)[ \\t][ -~]{0,60}){0,12}",
+            junk in "\\PC{0,400}",
+        ) {
+            let _ = import(&text, 22);
+            let _ = import(&junk, 22);
+        }
+    }
+
+    #[test]
+    fn a_stanza_becomes_a_config_stanza_and_a_key_file() {
+        let text = "SOURCE ANY\nKEY_BASE64 AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=\nHMAC_KEY_BASE64 ZGVmZ2hp\nOPEN_PORTS tcp/2222, udp/53\nREQUIRE_SOURCE_ADDRESS Y\n";
+        let out = import(text, 2222);
+        assert!(
+            out.config.contains("services = [\"ssh\", \"udp_53\"]"),
+            "{}",
+            out.config
+        );
+        assert_eq!(out.key_files.len(), 1);
+        assert!(out.key_files[0].1.starts_with("KEY_BASE64 AQID"));
+        assert!(out.skipped.is_empty(), "{:?}", out.skipped);
+    }
+}
