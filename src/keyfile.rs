@@ -105,10 +105,14 @@ pub struct FwknopKeys {
 /// size, and the two keys equal (fwknopd refuses that too).
 pub fn read_fwknop(path: &Path) -> Result<FwknopKeys, KeyFileError> {
     use base64::Engine as _;
-    let text = read_private(path, MAX_FWKNOP_FILE)?;
+    let text = read_private(path, MAX_FWKNOP_FILE + 1)?;
     let content = || KeyFileError::FwknopContent {
         path: path.to_owned(),
     };
+    if text.len() as u64 > MAX_FWKNOP_FILE {
+        // Not silently cut: a shorter key that still decodes would never match.
+        return Err(content());
+    }
     let (mut encryption, mut hmac) = (None, None);
     for line in text.lines() {
         let line = line.trim();

@@ -192,7 +192,7 @@ pub enum PolicyRefusal {
     Service(String),
     /// The knock names no address, and the key requires one.
     #[error(
-        "knock is unbound (names no address) and the key requires a bound one (allow_unbound = false; an old client, or `source = \"packet\"`?)"
+        "knock is unbound (names no address) and the key requires a bound one (allow_unbound = false; an old client, or `source = \"packet\"`? for an fwknop stanza: require_source_address = true, and the client sent -s)"
     )]
     Unbound,
     /// The knock names another address than the one it came from, and the key does

@@ -658,3 +658,34 @@ fn import_fwknop_carries_over_what_it_can_and_names_the_rest() {
     );
     assert_ne!(again.status.code(), Some(0));
 }
+
+#[test]
+fn two_fwknop_stanzas_with_one_hmac_key_are_refused_naming_both() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let keys =
+        "KEY_BASE64 AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=\nHMAC_KEY_BASE64 ZGVmZ2hp\n";
+    for name in ["a", "b"] {
+        let file = dir.path().join(format!("{name}.fwknop"));
+        std::fs::write(&file, keys).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let config = dir.path().join("k.toml");
+    let d = dir.path().display();
+    std::fs::write(
+        &config,
+        format!("[[fwknop_keys]]\nname = \"office\"\nfile = \"{d}/a.fwknop\"\n[[fwknop_keys]]\nname = \"home\"\nfile = \"{d}/b.fwknop\"\n"),
+    )
+    .unwrap();
+    let out = run(
+        env!("CARGO_BIN_EXE_knockgate"),
+        &["check", "--config", config.to_str().unwrap()],
+        &dir,
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let said = text(&out.stderr);
+    assert!(
+        said.contains("fwknop_keys[1].file") && said.contains("`office`"),
+        "{said}"
+    );
+}

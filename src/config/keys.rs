@@ -46,16 +46,33 @@ fn key_file_error(config: &Path, key: &str, file: &Path, e: KeyFileError) -> Con
     }
 }
 
+/// A stanza's longest grant when it sets none (fwknop's `MAX_FW_TIMEOUT` default).
+const FWKNOP_DEFAULT_MAX_TTL: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Reads every `[[fwknop_keys]]` file of `loaded`, in config order (the order the
-/// daemon tries them in).
+/// daemon tries them in). Two stanzas with the same HMAC key are refused: the first
+/// would always match, and the second (its sources, ports) never be reached.
 fn load_fwknop(loaded: &Loaded) -> Result<Vec<FwknopEntry>, ConfigError> {
-    let mut out = Vec::new();
+    let mut out: Vec<FwknopEntry> = Vec::new();
     for (i, spec) in loaded.config.fwknop_keys.iter().enumerate() {
         let key = format!("fwknop_keys[{i}].file");
         let keys = keyfile::read_fwknop(&spec.file)
             .map_err(|e| key_file_error(&loaded.path, &key, &spec.file, e))?;
         let digest = crate::fwknop::HmacDigest::from_name(&spec.hmac_digest)
             .unwrap_or(crate::fwknop::HmacDigest::Sha256);
+        if let Some(first) = out
+            .iter()
+            .find(|e| e.keys.hmac.as_slice() == keys.hmac.as_slice())
+        {
+            return Err(ConfigError::Invalid {
+                path: loaded.path.clone(),
+                key: key.clone(),
+                expected: format!(
+                    "this stanza's HMAC key is also stanza `{}`'s: packets are matched by HMAC key, so this one would never be used; merge them (sources, services) or give each its own keys",
+                    first.name
+                ),
+            });
+        }
         out.push(FwknopEntry {
             name: spec.name.clone(),
             keys: crate::fwknop::SpaKeys {
@@ -70,7 +87,9 @@ fn load_fwknop(loaded: &Loaded) -> Result<Vec<FwknopEntry>, ConfigError> {
                 .filter_map(|s| super::parse_network(s))
                 .collect(),
             ttl: spec.ttl.0,
-            max_ttl: spec.max_ttl.map(|d| d.0),
+            // fwknop's MAX_FW_TIMEOUT default: a client's -f gets at most 5 minutes
+            // unless the stanza says otherwise.
+            max_ttl: Some(spec.max_ttl.map_or(FWKNOP_DEFAULT_MAX_TTL, |d| d.0)),
             unbound: !spec.require_source_address,
             other_source: spec.other_source,
             max_grants: usize::try_from(spec.max_grants).unwrap_or(usize::MAX),

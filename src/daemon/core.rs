@@ -536,10 +536,13 @@ impl<F: Firewall> Core<F> {
             .map_or(crate::knock::AddressClaim::PacketSource, |a| {
                 crate::knock::AddressClaim::V4(a)
             });
-        let wanted = request.client_timeout.map_or(entry.ttl, |t| {
-            let asked = Duration::from_secs(u64::from(t.max(1)));
+        let asked = request
+            .client_timeout
+            .map(|t| Duration::from_secs(u64::from(t.max(1))));
+        let wanted = asked.map_or(entry.ttl, |asked| {
             entry.max_ttl.map_or(asked, |max| asked.min(max))
         });
+        let cut_by_stanza = asked.is_some_and(|asked| asked > wanted);
         let ttl_secs = u32::try_from(wanted.as_secs()).unwrap_or(u32::MAX).max(1);
         let mut decided = Vec::new();
         for &(protocol, port) in &request.ports {
@@ -554,7 +557,7 @@ impl<F: Firewall> Core<F> {
                     let asked = format!("{}/{port}", protocol.name());
                     KnockRefusal::Policy(id.clone(), PolicyRefusal::Service(asked))
                 })?;
-            let grant = policy::decide(
+            let mut grant = policy::decide(
                 entry,
                 &service,
                 claim,
@@ -563,6 +566,7 @@ impl<F: Firewall> Core<F> {
                 self.settings.limits,
             )
             .map_err(|e| KnockRefusal::Policy(id.clone(), e))?;
+            grant.capped |= cut_by_stanza;
             if !decided.iter().any(|(s, _)| *s == service) {
                 decided.push((service, grant));
             }

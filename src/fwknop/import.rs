@@ -11,8 +11,8 @@ use super::{HmacDigest, MAX_HMAC_KEY_LEN, MAX_KEY_LEN};
 /// Where the printed stanzas say the key files are (`--write-keys DIR` changes it).
 pub const KEY_DIR: &str = "/etc/knockgate/keys";
 
-/// What an import produced.
-#[derive(Debug, Default)]
+/// What an import produced. No `Debug`: it holds the keys.
+#[derive(Default)]
 pub struct Import {
     /// The config text to add (services, then fwknop stanzas), with comments.
     pub config: String,
@@ -82,8 +82,22 @@ fn parse(text: &str) -> (Vec<Stanza>, Vec<String>) {
             });
             continue;
         }
+        // Only a directive-like word is ever echoed: a line such as `KEY_BASE64=…`
+        // must not end up on the screen or in the config.
+        let shown = if !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_' || b == b'%')
+        {
+            name
+        } else {
+            "(an unreadable line)"
+        };
         let Some(stanza) = stanzas.last_mut() else {
-            before_first.push(format!("line {}: {name} before any SOURCE: ignored", n + 1));
+            before_first.push(format!(
+                "line {}: {shown} before any SOURCE: ignored",
+                n + 1
+            ));
             continue;
         };
         match name {
@@ -108,9 +122,12 @@ fn parse(text: &str) -> (Vec<Stanza>, Vec<String>) {
                 stanza.require_source = Some(value.eq_ignore_ascii_case("Y"));
             }
             "ENCRYPTION_MODE" if value.eq_ignore_ascii_case("CBC") => {}
-            other => {
-                let why = unsupported(other).unwrap_or("not known to knockgate");
-                stanza.dropped.push(format!("{other}: {why}"));
+            "ENCRYPTION_MODE" => stanza.problems.push(format!(
+                "ENCRYPTION_MODE {value}: only CBC (fwknop's default)"
+            )),
+            _ => {
+                let why = unsupported(name).unwrap_or("not known to knockgate");
+                stanza.dropped.push(format!("{shown}: {why}"));
             }
         }
     }
@@ -125,7 +142,12 @@ fn services_of(
     services: &mut Vec<(String, String, u16)>,
 ) -> Vec<String> {
     let mut wanted = Vec::new();
-    let ports = stanza.open_ports.clone().unwrap_or_else(|| "tcp/22".into());
+    let ports = stanza.open_ports.clone().unwrap_or_else(|| {
+        stanza.dropped.push(format!(
+            "no OPEN_PORTS (fwknop then honours any port): only tcp/{ssh_port} (ssh) is imported"
+        ));
+        format!("tcp/{ssh_port}")
+    });
     for port in ports.split(',') {
         let port = port.trim();
         let parsed = port
@@ -161,7 +183,11 @@ fn render(body: &mut String, stanza: &Stanza, name: &str, services: &[String]) {
         .as_deref()
         .and_then(HmacDigest::from_name)
         .unwrap_or(HmacDigest::Sha256);
-    let sources: Vec<String> = if stanza.source.eq_ignore_ascii_case("ANY") {
+    let any = stanza
+        .source
+        .split(',')
+        .any(|s| s.trim().eq_ignore_ascii_case("ANY"));
+    let sources: Vec<String> = if any {
         vec!["0.0.0.0/0".into(), "::/0".into()]
     } else {
         stanza
@@ -218,14 +244,31 @@ pub fn import(text: &str, ssh_port: u16) -> Import {
     let mut out = Import::default();
     let mut services = Vec::new();
     let mut body = String::new();
+    let mut hmac_keys: Vec<(zeroize::Zeroizing<Vec<u8>>, usize)> = Vec::new();
     for (i, stanza) in stanzas.iter_mut().enumerate() {
         let name = format!("fwknop-{}", i + 1);
+        let shared = stanza.hmac_key.as_ref().and_then(|h| {
+            hmac_keys
+                .iter()
+                .find(|(k, _)| k.as_slice() == h.as_slice())
+                .map(|(_, line)| *line)
+        });
+        if let Some(line) = shared {
+            out.skipped.push(format!(
+                "stanza at line {} (SOURCE {}): not imported: it has the HMAC key of the stanza at line {line}, and knockgate matches packets by HMAC key; merge the two (SOURCE, OPEN_PORTS) into that one",
+                stanza.line, stanza.source
+            ));
+            continue;
+        }
         if let Some(why) = stanza_problem(stanza) {
             out.skipped.push(format!(
                 "stanza at line {} (SOURCE {}): not imported: {why}",
                 stanza.line, stanza.source
             ));
             continue;
+        }
+        if let Some(h) = &stanza.hmac_key {
+            hmac_keys.push((zeroize::Zeroizing::new(h.clone()), stanza.line));
         }
         let wanted = services_of(stanza, ssh_port, &mut services);
         for dropped in &stanza.dropped {
@@ -340,5 +383,28 @@ mod tests {
         assert_eq!(out.key_files.len(), 1);
         assert!(out.key_files[0].1.starts_with("KEY_BASE64 AQID"));
         assert!(out.skipped.is_empty(), "{:?}", out.skipped);
+    }
+
+    #[test]
+    fn shared_hmac_keys_unreadable_lines_and_other_modes_are_named_not_echoed() {
+        let stanza = "KEY_BASE64 AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=\nHMAC_KEY_BASE64 ZGVmZ2hp\nOPEN_PORTS tcp/22\n";
+        let text = format!(
+            "KEY_BASE64=c2VjcmV0\nSOURCE ANY\n{stanza}HMAC_KEY=topsecret123\nSOURCE 10.0.0.0/8\n{stanza}SOURCE 192.0.2.0/24\nKEY_BASE64 AQID\nHMAC_KEY_BASE64 c2Vjb25k\nENCRYPTION_MODE legacy\n"
+        );
+        let out = import(&text, 22);
+        assert_eq!(out.key_files.len(), 1, "{:?}", out.skipped);
+        let said = out.skipped.join("\n");
+        assert!(
+            said.contains("has the HMAC key of the stanza at line 2"),
+            "{said}"
+        );
+        assert!(said.contains("ENCRYPTION_MODE legacy"), "{said}");
+        assert!(said.contains("(an unreadable line)"), "{said}");
+        for secret in ["c2VjcmV0", "topsecret123"] {
+            assert!(
+                !said.contains(secret) && !out.config.contains(secret),
+                "{secret} echoed"
+            );
+        }
     }
 }

@@ -125,6 +125,13 @@ impl ReplayGuard {
         Ok(())
     }
 
+    /// Whether `nonce` is remembered (a cheap look before costlier checks; admitting
+    /// checks again).
+    #[must_use]
+    pub fn seen(&self, nonce: &[u8; NONCE_LEN]) -> bool {
+        self.seen.contains_key(nonce)
+    }
+
     /// Forgets a nonce admitted by mistake (its grant could not be persisted).
     pub fn forget(&mut self, nonce: &[u8; NONCE_LEN]) {
         if let Some(entry) = self.seen.remove(nonce) {
