@@ -64,41 +64,30 @@ pub trait Asker {
     fn other_source(&self) -> bool;
 }
 
-impl Asker for KeyEntry {
-    fn services(&self) -> &[String] {
-        &self.services
-    }
-    fn sources(&self) -> &[IpNet] {
-        &self.sources
-    }
-    fn max_ttl(&self) -> Option<Duration> {
-        self.max_ttl
-    }
-    fn unbound(&self) -> bool {
-        self.unbound
-    }
-    fn other_source(&self) -> bool {
-        self.other_source
-    }
+/// Both kinds of asker keep the same fields under the same names.
+macro_rules! asker_from_fields {
+    ($($ty:ty),+) => {$(
+        impl Asker for $ty {
+            fn services(&self) -> &[String] {
+                &self.services
+            }
+            fn sources(&self) -> &[IpNet] {
+                &self.sources
+            }
+            fn max_ttl(&self) -> Option<Duration> {
+                self.max_ttl
+            }
+            fn unbound(&self) -> bool {
+                self.unbound
+            }
+            fn other_source(&self) -> bool {
+                self.other_source
+            }
+        }
+    )+};
 }
 
-impl Asker for FwknopEntry {
-    fn services(&self) -> &[String] {
-        &self.services
-    }
-    fn sources(&self) -> &[IpNet] {
-        &self.sources
-    }
-    fn max_ttl(&self) -> Option<Duration> {
-        self.max_ttl
-    }
-    fn unbound(&self) -> bool {
-        self.unbound
-    }
-    fn other_source(&self) -> bool {
-        self.other_source
-    }
-}
+asker_from_fields!(KeyEntry, FwknopEntry);
 
 /// The keys by id: one lookup per knock, never a trial of every key. fwknop stanzas
 /// (whose packets name no key) are a list, tried in order.

@@ -252,6 +252,19 @@ const NAT_TRADE_OFF: &str = "\
 # server sees, and behind a NAT `discover` in its config learns it.
 ";
 
+/// Hands the new key file `file` to `user` (the user knockgated runs as).
+fn hand_to(file: &Path, user: &nix::unistd::User) -> anyhow::Result<()> {
+    nix::unistd::chown(file, Some(user.uid), Some(user.gid)).map_err(|e| {
+        anyhow::anyhow!(
+            "wrote {}, but cannot hand it to user {} ({e}); run as root: chown {}: {}",
+            file.display(),
+            user.name,
+            user.name,
+            file.display()
+        )
+    })
+}
+
 /// `knockgate import-fwknop`: stanzas on stdout, what was left behind on stderr.
 fn import_fwknop(
     args: &Args,
@@ -300,15 +313,7 @@ fn import_fwknop(
             // As keygen does: the key goes to the user knockgated runs as, if there is one.
             match nix::unistd::User::from_name(DAEMON_USER).ok().flatten() {
                 Some(user) => {
-                    nix::unistd::chown(&file, Some(user.uid), Some(user.gid)).map_err(|e| {
-                        anyhow::anyhow!(
-                            "wrote {}, but cannot hand it to user {} ({e}); run as root: chown {}: {}",
-                            file.display(),
-                            user.name,
-                            user.name,
-                            file.display()
-                        )
-                    })?;
+                    hand_to(&file, &user)?;
                     eprintln!(
                         "knockgate: wrote {} (mode 0600, owned by {})",
                         file.display(),
@@ -387,15 +392,7 @@ fn keygen(config_path: &Path, key: &NewKey) -> anyhow::Result<ExitCode> {
     let address = address.unwrap_or(&server_id);
     match owner {
         Some(user) => {
-            nix::unistd::chown(&file, Some(user.uid), Some(user.gid)).map_err(|e| {
-                anyhow::anyhow!(
-                    "wrote {}, but cannot hand it to user {} ({e}); run as root: chown {}: {}",
-                    file.display(),
-                    user.name,
-                    user.name,
-                    file.display()
-                )
-            })?;
+            hand_to(&file, &user)?;
             println!(
                 "wrote {} (mode 0600, owned by {}, the user knockgated runs as)\n",
                 file.display(),

@@ -99,28 +99,8 @@ fn load_fwknop(loaded: &Loaded) -> Result<Vec<FwknopEntry>, ConfigError> {
 }
 
 fn load_key(config: &Path, key: &str, spec: &KeySpec) -> Result<KeyEntry, ConfigError> {
-    let secret = keyfile::read(&spec.file).map_err(|e| {
-        let (path, key, file) = (config.to_owned(), key.to_owned(), spec.file.clone());
-        match e {
-            KeyFileError::Mode { mode, .. } => ConfigError::KeyFileMode {
-                path,
-                key,
-                file,
-                mode,
-            },
-            KeyFileError::Content { .. } | KeyFileError::FwknopContent { .. } => {
-                ConfigError::KeyFileContent { path, key, file }
-            }
-            KeyFileError::Read { source, .. } | KeyFileError::Create { source, .. } => {
-                ConfigError::ReadKeyFile {
-                    path,
-                    key,
-                    file,
-                    source,
-                }
-            }
-        }
-    })?;
+    let secret =
+        keyfile::read(&spec.file).map_err(|e| key_file_error(config, key, &spec.file, e))?;
     Ok(KeyEntry {
         secret,
         services: spec.services.clone(),
