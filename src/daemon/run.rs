@@ -280,18 +280,25 @@ fn on_tamper(daemon: &Shared, tamper: Tamper, seen: std::io::Result<Tampering>) 
             }
         }
     };
-    // Lost notifications alone (the daemon's own big replace overflows the watch's
-    // socket): the generation tells whether anyone else committed since. Without this,
-    // a repair of a large table would overflow it again and repair forever.
-    if seen.changes.is_empty()
-        && daemon
-            .borrow_mut()
-            .core()
-            .firewall_mut()
-            .unchanged_since_own()
+    // The generation tells whether anyone else committed since knockgated's last
+    // whole-table change (and its own changes after it, chained). If not, what was
+    // seen is already undone: notifications lost to the daemon's own big replace
+    // (without this, a repair of a large table would overflow the watch and repair
+    // forever), or the rest of a foreign transaction whose first part a repair already
+    // answered (a flush of a 100,000-element table arrives in several datagrams).
+    if daemon
+        .borrow_mut()
+        .core()
+        .firewall_mut()
+        .unchanged_since_own()
     {
-        info!(target: AUDIT, event = "tamper", changes = "notifications lost", action = "none",
-            "nftables notifications were lost, but no other process has committed since knockgated's last change; nothing to repair");
+        if seen.changes.is_empty() {
+            info!(target: AUDIT, event = "tamper", changes = "notifications lost", action = "none",
+                "nftables notifications were lost, but no other process has committed since knockgated's last change; nothing to repair");
+        } else {
+            info!(target: AUDIT, event = "tamper", changes = %seen.summary(), action = "none",
+                "notifications of a change made before knockgated's last repair or replace; nothing left to repair");
+        }
         return;
     }
     let (changes, by) = (seen.summary(), seen.by.join(", "));
