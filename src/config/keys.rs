@@ -81,11 +81,7 @@ fn load_fwknop(loaded: &Loaded) -> Result<Vec<FwknopEntry>, ConfigError> {
                 digest,
             },
             services: spec.services.clone(),
-            sources: spec
-                .sources
-                .iter()
-                .filter_map(|s| super::parse_network(s))
-                .collect(),
+            sources: networks(&spec.sources),
             ttl: spec.ttl.0,
             // fwknop's MAX_FW_TIMEOUT default: a client's -f gets at most 5 minutes
             // unless the stanza says otherwise.
@@ -104,14 +100,18 @@ fn load_key(config: &Path, key: &str, spec: &KeySpec) -> Result<KeyEntry, Config
     Ok(KeyEntry {
         secret,
         services: spec.services.clone(),
-        sources: spec
-            .sources
-            .iter()
-            .filter_map(|s| super::parse_network(s))
-            .collect(),
+        sources: networks(&spec.sources),
         max_ttl: spec.max_ttl.map(|d| d.0),
         other_source: spec.other_source,
         unbound: spec.allow_unbound,
         max_grants: usize::try_from(spec.max_grants).unwrap_or(usize::MAX),
     })
+}
+
+/// The `sources` of a key or stanza as networks (`validate` checked each).
+fn networks(sources: &[String]) -> Vec<ipnet::IpNet> {
+    sources
+        .iter()
+        .filter_map(|s| super::parse_network(s))
+        .collect()
 }
