@@ -35,5 +35,6 @@ pub mod knock;
 pub mod logging;
 pub mod policy;
 pub mod ruleset;
+pub mod sequence;
 pub mod service;
 pub mod state;

@@ -9,7 +9,9 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 pub mod baseline;
+pub mod sequence;
 pub use baseline::baseline;
+pub use sequence::SeqStep;
 
 /// Address family of a set key or an address match.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -72,6 +74,10 @@ pub enum SetKeyType {
     /// A cgroup id and a destination address (`cgroupsv2 . ipv4_addr`), for windows
     /// restricted to some destinations.
     CgroupAddr(IpFamily),
+    /// A touch: protocol and port (`inet_proto . inet_service`), 8 bytes.
+    Touch,
+    /// A sequence stage and a touch (`mark . inet_proto . inet_service`), 12 bytes.
+    StageTouch,
 }
 
 impl SetKeyType {
@@ -84,6 +90,8 @@ impl SetKeyType {
             Self::Proto => "inet_proto",
             Self::CgroupAddr(IpFamily::V4) => "cgroupsv2 . ipv4_addr",
             Self::CgroupAddr(IpFamily::V6) => "cgroupsv2 . ipv6_addr",
+            Self::Touch => "inet_proto . inet_service",
+            Self::StageTouch => "mark . inet_proto . inet_service",
         }
     }
 }
@@ -141,6 +149,36 @@ pub enum ElementKey {
     Proto(u8),
     /// A cgroup id and a destination address.
     CgroupAddr(u64, IpAddr),
+    /// A sequence's first touch, and the stage it leads to (map data).
+    SeqStart {
+        /// IP protocol number.
+        proto: u8,
+        /// Port.
+        port: u16,
+        /// The stage (map data).
+        next: u32,
+    },
+    /// A touch from a stage, and what it leads to (map data): the next stage, or for
+    /// a last touch the key it completes.
+    SeqStep {
+        /// The stage the source is at.
+        stage: u32,
+        /// IP protocol number.
+        proto: u8,
+        /// Port.
+        port: u16,
+        /// The map data.
+        next: u32,
+    },
+    /// A completed sequence's last step (stage and touch), in the used set.
+    SeqUsed {
+        /// The stage before the last touch.
+        stage: u32,
+        /// IP protocol number.
+        proto: u8,
+        /// Port.
+        port: u16,
+    },
 }
 
 impl From<IpAddr> for ElementKey {
@@ -156,6 +194,16 @@ impl fmt::Display for ElementKey {
             Self::Cgroup(id) => write!(f, "cgroup {id}"),
             Self::Proto(p) => write!(f, "protocol {p}"),
             Self::CgroupAddr(id, a) => write!(f, "cgroup {id} to {a}"),
+            Self::SeqStart { proto, port, next } => {
+                write!(f, "{proto} . {port} : {next:#010x}")
+            }
+            Self::SeqStep {
+                stage,
+                proto,
+                port,
+                next,
+            } => write!(f, "{stage:#010x} . {proto} . {port} : {next:#010x}"),
+            Self::SeqUsed { stage, proto, port } => write!(f, "{stage:#010x} . {proto} . {port}"),
         }
     }
 }
@@ -175,7 +223,7 @@ impl Element {
     pub fn addr(&self) -> Option<IpAddr> {
         match self.key {
             ElementKey::Addr(a) => Some(a),
-            ElementKey::Cgroup(_) | ElementKey::Proto(_) | ElementKey::CgroupAddr(..) => None,
+            _ => None,
         }
     }
 }
@@ -197,6 +245,22 @@ pub enum SetKind {
         size: u32,
         /// Seconds an idle source stays in the meter.
         timeout_secs: u32,
+    },
+    /// Where each source is in a sequence: a map from its address to its stage,
+    /// written by the packet path, each entry gone after `timeout_secs`.
+    SeqProgress {
+        /// Most sources at once.
+        size: u32,
+        /// Seconds a source has for its next touch.
+        timeout_secs: u32,
+    },
+    /// The sequences in force: a map from (stage,) touch to the next stage, written by
+    /// the daemon at each step, each element ending with its step.
+    SeqMap,
+    /// Last steps already taken (one-time sequences), written by the packet path.
+    SeqUsed {
+        /// Most at once.
+        size: u32,
     },
 }
 
@@ -372,6 +436,16 @@ pub enum Expr {
         /// Prefix of the kernel log line.
         prefix: String,
     },
+    /// `log group N prefix "…"`: the packet's headers to the netlink log group `N`
+    /// (the daemon listens there), not to the kernel log.
+    LogGroup {
+        /// The nflog group.
+        group: u16,
+        /// The prefix the listener sees.
+        prefix: String,
+    },
+    /// One step of judging a port sequence ([`SeqStep`]).
+    Seq(SeqStep),
     /// `accept` / `drop`.
     Verdict(Verdict),
 }
@@ -564,6 +638,14 @@ impl fmt::Display for Expr {
             Self::CtMarkAdd(mark) => write!(f, "ct mark set ct mark | {mark:#010x}"),
             Self::LocalSocket => f.write_str("socket transparent 0"),
             Self::Log { prefix } => write!(f, "log prefix \"{prefix}\""),
+            Self::LogGroup { group, prefix } => {
+                write!(
+                    f,
+                    "log prefix \"{prefix}\" group {group} snaplen {}",
+                    sequence::LOG_SNAPLEN
+                )
+            }
+            Self::Seq(step) => write!(f, "{step}"),
             Self::Verdict(Verdict::Accept) => f.write_str("accept"),
             Self::Verdict(Verdict::Drop) => f.write_str("drop"),
         }
@@ -588,8 +670,11 @@ impl SetDef {
     /// carries.
     pub fn trim_to_size(&mut self) {
         let size = match self.kind {
-            SetKind::Bans { size } | SetKind::Meter { size, .. } => size,
-            SetKind::Grants => return,
+            SetKind::Bans { size }
+            | SetKind::Meter { size, .. }
+            | SetKind::SeqProgress { size, .. }
+            | SetKind::SeqUsed { size } => size,
+            SetKind::Grants | SetKind::SeqMap => return,
         };
         let size = usize::try_from(size).unwrap_or(usize::MAX);
         if self.elements.len() > size {
@@ -603,8 +688,17 @@ impl SetDef {
 
 impl fmt::Display for SetDef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "\tset {} {{", self.name)?;
-        writeln!(f, "\t\ttype {}", self.key.nft_type())?;
+        let word = match self.kind {
+            SetKind::SeqProgress { .. } | SetKind::SeqMap => "map",
+            _ => "set",
+        };
+        writeln!(f, "\t{word} {} {{", self.name)?;
+        match self.kind {
+            SetKind::SeqProgress { .. } | SetKind::SeqMap => {
+                writeln!(f, "\t\ttype {} : mark", self.key.nft_type())?;
+            }
+            _ => writeln!(f, "\t\ttype {}", self.key.nft_type())?,
+        }
         match self.kind {
             SetKind::Grants => writeln!(f, "\t\tflags timeout")?,
             SetKind::Bans { size } => {
@@ -615,6 +709,16 @@ impl fmt::Display for SetDef {
                 writeln!(f, "\t\tsize {size}")?;
                 writeln!(f, "\t\tflags dynamic,timeout")?;
                 writeln!(f, "\t\ttimeout {}", nft_duration(timeout_secs))?;
+            }
+            SetKind::SeqProgress { size, timeout_secs } => {
+                writeln!(f, "\t\tsize {size}")?;
+                writeln!(f, "\t\tflags dynamic,timeout")?;
+                writeln!(f, "\t\ttimeout {}", nft_duration(timeout_secs))?;
+            }
+            SetKind::SeqMap => writeln!(f, "\t\tflags timeout")?,
+            SetKind::SeqUsed { size } => {
+                writeln!(f, "\t\tsize {size}")?;
+                writeln!(f, "\t\tflags dynamic,timeout")?;
             }
         }
         writeln!(f, "\t}}")

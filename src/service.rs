@@ -74,7 +74,7 @@ pub fn valid_name(name: &str) -> bool {
 }
 
 /// The transport protocol of a service's port(s).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Deserialize)]
 #[serde(try_from = "String")]
 pub enum Protocol {
     /// TCP.

@@ -26,15 +26,18 @@ fn main() -> ExitCode {
 fn run(args: &Args) -> anyhow::Result<ExitCode> {
     match &args.command {
         Some(Command::Proxy { host, port }) => {
-            let (target, _) = target_for(Some(host), &args.knock)?;
+            let (target, _, _) = target_for(Some(host), &args.knock)?;
             let addrs = knocked(client::send(&target, Mode::Send)?);
             let stream = client::wait_open(&addrs, *port, args.knock.timeout)?;
             client::relay(&stream).context("relay ended with an error")?;
             Ok(ExitCode::SUCCESS)
         }
         None => {
-            let (target, ssh_port) = target_for(args.host.as_deref(), &args.knock)?;
+            let (target, ssh_port, entry) = target_for(args.host.as_deref(), &args.knock)?;
             let a = &args.knock;
+            if a.sequence || a.print_sequence {
+                return sequence(&target, ssh_port, a, entry.as_ref());
+            }
             // Known before anything is sent: which port --wait polls.
             let wait_port = match (a.wait, a.wait_port) {
                 (false, _) => None,
@@ -63,6 +66,116 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `--sequence` and `--print-sequence`.
+fn sequence(
+    target: &Target,
+    ssh_port: u16,
+    a: &KnockArgs,
+    entry: Option<&HostEntry>,
+) -> anyhow::Result<ExitCode> {
+    use knockgate::client::sequence as seq;
+    let spec = sequence_spec(a, entry)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let Some(current) = seq::current(&spec, &target.secret, &target.server_id, now) else {
+        anyhow::bail!(client::ClientError::Invalid(
+            "no sequence for this step (the range is too small)".to_owned()
+        ));
+    };
+    let left = current.valid_until.saturating_sub(now);
+    if a.print_sequence {
+        let line = knockgate::sequence::knockd_arguments(&target.host, &current.touches);
+        knockgate::exit::write_stdout(&format!(
+            "{line}\n# valid for {left} s more (until Unix time {}); send it with `knock -d 5 {line}` (knockd's client)\n",
+            current.valid_until
+        ))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let addrs = client::resolve(&target.host, target.port)?;
+    let to = addrs[0];
+    seq::touch(to, &current.touches)
+        .with_context(|| format!("cannot send the sequence to {}", to.ip()))?;
+    eprintln!(
+        "knock: sequence of {} touches sent to {} (valid {left} s more)",
+        current.touches.len(),
+        to.ip()
+    );
+    if a.wait {
+        let port = a.wait_port.unwrap_or(ssh_port);
+        let stream = client::wait_open(&[to], port, a.timeout)?;
+        let peer = stream
+            .peer_addr()
+            .map_or_else(|_| "?".to_owned(), |a| a.to_string());
+        eprintln!("knock: {peer} is open");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The server's sequence shape: flags, then the host's entry, then the defaults.
+fn sequence_spec(
+    a: &KnockArgs,
+    entry: Option<&HostEntry>,
+) -> anyhow::Result<knockgate::sequence::SequenceSpec> {
+    use knockgate::sequence::{LENGTHS, MIN_RANGE, STEP_SECS, SequenceSpec, TouchProtocols};
+    let invalid = |what: String| client::ClientError::Invalid(what);
+    let defaults = SequenceSpec::default();
+    let ports = match a
+        .sequence_ports
+        .as_deref()
+        .or(entry.and_then(|e| e.sequence_ports.as_deref()))
+    {
+        None => defaults.ports,
+        Some(text) => knockgate::config::PortValue::Text(text.to_owned())
+            .parse()
+            .map_err(|e| invalid(format!("sequence ports `{text}`: {e}")))?,
+    };
+    if u32::from(ports.last) - u32::from(ports.first) + 1 < MIN_RANGE {
+        anyhow::bail!(invalid(format!(
+            "sequence ports {ports}: at least {MIN_RANGE} ports"
+        )));
+    }
+    let length = a
+        .sequence_length
+        .or(entry.and_then(|e| e.sequence_length))
+        .unwrap_or(defaults.length);
+    if !LENGTHS.contains(&length) {
+        anyhow::bail!(invalid(format!(
+            "sequence length {length}: expected 3 to 8"
+        )));
+    }
+    let protocols = match a
+        .sequence_protocol
+        .as_deref()
+        .or(entry.and_then(|e| e.sequence_protocol.as_deref()))
+    {
+        None => defaults.protocols,
+        Some(name) => TouchProtocols::from_name(name).ok_or_else(|| {
+            invalid(format!(
+                "sequence protocol `{name}`: expected tcp, udp or mixed"
+            ))
+        })?,
+    };
+    let step = a
+        .sequence_step
+        .or(entry.and_then(|e| e.sequence_step.map(|d| d.0)))
+        .map_or(defaults.step_secs, |d| {
+            u32::try_from(d.as_secs()).unwrap_or(0)
+        });
+    if !STEP_SECS.contains(&step) {
+        anyhow::bail!(invalid(format!(
+            "sequence step {step} s: expected 2s to 1h"
+        )));
+    }
+    Ok(SequenceSpec {
+        ports,
+        length,
+        protocols,
+        step_secs: step,
+    })
 }
 
 /// `--dry-run` and `--save-packet`: the knocks built, printed or written, not sent.
@@ -123,7 +236,10 @@ fn knocked(sent: client::Sent) -> Vec<std::net::SocketAddr> {
 
 /// The target from `--server` flags, or from the config entry `host`; and the port
 /// the knock opens.
-fn target_for(host: Option<&str>, a: &KnockArgs) -> anyhow::Result<(Target, u16)> {
+fn target_for(
+    host: Option<&str>,
+    a: &KnockArgs,
+) -> anyhow::Result<(Target, u16, Option<HostEntry>)> {
     if let Some(server) = &a.server {
         let (name, port) = split_server(server)?;
         let key_id = a.key_id.as_deref().unwrap_or_default();
@@ -137,7 +253,7 @@ fn target_for(host: Option<&str>, a: &KnockArgs) -> anyhow::Result<(Target, u16)
             a,
             None,
         )?;
-        return Ok((target, a.wait_port.unwrap_or(22)));
+        return Ok((target, a.wait_port.unwrap_or(22), None));
     }
     let Some(host) = host else {
         anyhow::bail!(client::ClientError::Invalid(
@@ -158,7 +274,11 @@ fn target_for(host: Option<&str>, a: &KnockArgs) -> anyhow::Result<(Target, u16)
         a,
         Some(entry),
     )?;
-    Ok((target, a.wait_port.unwrap_or(entry.ssh_port)))
+    Ok((
+        target,
+        a.wait_port.unwrap_or(entry.ssh_port),
+        Some(entry.clone()),
+    ))
 }
 
 fn build(

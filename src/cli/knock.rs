@@ -56,6 +56,26 @@ pub struct KnockArgs {
     /// server's clock skew (30 s by default).
     #[arg(long, value_name = "FILE", conflicts_with = "wait")]
     pub save_packet: Option<PathBuf>,
+    /// Touch the key's current port sequence instead of sending a knock (for a key
+    /// with `sequence = true` on the server): TCP SYNs or UDP datagrams, nothing else.
+    #[arg(long, conflicts_with_all = ["dry_run", "save_packet", "print_sequence"])]
+    pub sequence: bool,
+    /// Print the key's current port sequence the way knockd's `knock` client takes it
+    /// (`HOST PORT[:udp] …`), and how long it stays valid; send nothing.
+    #[arg(long, conflicts_with_all = ["wait", "dry_run", "save_packet"])]
+    pub print_sequence: bool,
+    /// The server's `sequence.ports` [default: the host's, or 30000-60999].
+    #[arg(long, global = true, value_name = "FIRST-LAST")]
+    pub sequence_ports: Option<String>,
+    /// The server's `sequence.length` [default: the host's, or 4].
+    #[arg(long, global = true, value_name = "N")]
+    pub sequence_length: Option<u8>,
+    /// The server's `sequence.protocol`: tcp, udp or mixed [default: the host's, or tcp].
+    #[arg(long, global = true, value_name = "PROTOCOL")]
+    pub sequence_protocol: Option<String>,
+    /// The server's `sequence.step` [default: the host's, or 30s].
+    #[arg(long, global = true, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub sequence_step: Option<Duration>,
     /// After knocking, poll the opened port until it answers.
     #[arg(long)]
     pub wait: bool,

@@ -67,6 +67,18 @@ pub struct HostEntry {
     /// The services a knock opens unless `--service` says otherwise.
     #[serde(default = "default_services")]
     pub services: Vec<String>,
+    /// The server's `sequence.ports`, for `--sequence` (default 30000-60999).
+    #[serde(default)]
+    pub sequence_ports: Option<String>,
+    /// The server's `sequence.length` (default 4).
+    #[serde(default)]
+    pub sequence_length: Option<u8>,
+    /// The server's `sequence.protocol` (default tcp).
+    #[serde(default)]
+    pub sequence_protocol: Option<String>,
+    /// The server's `sequence.step` (default 30s).
+    #[serde(default)]
+    pub sequence_step: Option<Dur>,
 }
 
 fn default_services() -> Vec<String> {

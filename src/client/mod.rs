@@ -4,6 +4,7 @@
 
 pub mod binding;
 pub mod config;
+pub mod sequence;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};

@@ -243,6 +243,50 @@ fn resolvers(path: &Path, config: &Config) -> Result<Vec<IpAddr>, ConfigError> {
     Ok(nameservers(&text))
 }
 
+/// What a key's completed sequence opens: `sequence_service`, else `ssh` if the key
+/// lists it, else the first service it lists.
+#[must_use]
+pub fn sequence_service(key: &KeySpec) -> &str {
+    if let Some(s) = &key.sequence_service {
+        return s;
+    }
+    if key.services.iter().any(|s| s == crate::service::SSH) {
+        return crate::service::SSH;
+    }
+    key.services
+        .first()
+        .map_or(crate::service::SSH, String::as_str)
+}
+
+/// How long a key's completed sequence's grant lasts: `sequence_ttl`, else the
+/// knock default capped by the key's and the server's longest.
+#[must_use]
+pub fn sequence_ttl(config: &Config, key: &KeySpec) -> std::time::Duration {
+    let max = key
+        .max_ttl
+        .map_or(config.knock.max_ttl.0, |m| m.0.min(config.knock.max_ttl.0));
+    key.sequence_ttl
+        .map_or(config.knock.default_ttl.0, |t| t.0)
+        .min(max)
+}
+
+impl Config {
+    /// The sequence shape, when some key has a sequence (`validate` checked it).
+    #[must_use]
+    pub fn sequence_spec(&self) -> Option<crate::sequence::SequenceSpec> {
+        if !self.keys.iter().any(|k| k.sequence) {
+            return None;
+        }
+        let q = &self.sequence;
+        Some(crate::sequence::SequenceSpec {
+            ports: q.ports.parse().ok()?,
+            length: q.length,
+            protocols: crate::sequence::TouchProtocols::from_name(&q.protocol)?,
+            step_secs: u32::try_from(q.step.0.as_secs()).ok()?,
+        })
+    }
+}
+
 /// A `sources` entry: a network (`198.51.100.0/24`) or a single address.
 #[must_use]
 pub fn parse_network(text: &str) -> Option<ipnet::IpNet> {

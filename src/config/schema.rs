@@ -92,6 +92,41 @@ pub struct Config {
     pub keys: Vec<KeySpec>,
     /// Keys of fwknop clients (`[[fwknop_keys]]`), tried in this order.
     pub fwknop_keys: Vec<FwknopKeySpec>,
+    /// The shape of authenticated port sequences (keys with `sequence = true`).
+    pub sequence: Sequence,
+}
+
+/// `[sequence]`: what every key's port sequence looks like. Only keys with
+/// `sequence = true` have one; with none, nothing of this is in the ruleset.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct Sequence {
+    /// The ports touches go to (`"30000-60999"`): never a port the baseline uses.
+    pub ports: PortValue,
+    /// Touches per sequence (3 to 8).
+    pub length: u8,
+    /// `tcp` (SYNs), `udp` (datagrams) or `mixed`.
+    pub protocol: String,
+    /// How long one step's sequence is current; the previous step's is accepted too.
+    pub step: Dur,
+    /// The netfilter log group the kernel tells the daemon of completed sequences on.
+    pub log_group: u16,
+    /// Sources in the middle of a sequence the kernel tracks at once, per family; when
+    /// it is full, new sequences fail until entries time out (a few seconds).
+    pub max_sources: u32,
+}
+
+impl Default for Sequence {
+    fn default() -> Self {
+        Self {
+            ports: PortValue::Text("30000-60999".to_owned()),
+            length: 4,
+            protocol: "tcp".to_owned(),
+            step: Dur(Duration::from_secs(30)),
+            log_group: 7_201,
+            max_sources: 65_536,
+        }
+    }
 }
 
 /// An fwknop client's stanza (what an access.conf `SOURCE` block says): its keys in a
@@ -332,6 +367,18 @@ pub struct KeySpec {
     /// sources — can take of the server's 100,000.
     #[serde(default = "default_key_max_grants")]
     pub max_grants: u32,
+    /// This key also has an authenticated port sequence (`[sequence]`), for clients
+    /// that can only touch ports (knockd's `knock`, phone apps). Off by default.
+    #[serde(default)]
+    pub sequence: bool,
+    /// What a completed sequence opens: one of `services` (default: `ssh` if listed,
+    /// else the first listed).
+    #[serde(default)]
+    pub sequence_service: Option<String>,
+    /// How long a completed sequence's grant lasts (default: `knock.default_ttl`,
+    /// capped by `max_ttl`).
+    #[serde(default)]
+    pub sequence_ttl: Option<Dur>,
 }
 
 fn default_key_max_grants() -> u32 {
@@ -431,6 +478,7 @@ impl Default for Config {
             services: Vec::new(),
             keys: Vec::new(),
             fwknop_keys: Vec::new(),
+            sequence: Sequence::default(),
         }
     }
 }

@@ -65,6 +65,7 @@ pub(super) fn validate(path: &Path, config: &Config) -> Result<(), ConfigError> 
     services(&c, config)?;
     keys(&c, config)?;
     fwknop_keys(&c, config)?;
+    sequence(&c, config)?;
     log(&c, config)?;
     dns(&c, config)?;
     egress(&c, config)?;
@@ -294,6 +295,141 @@ fn services(c: &Checker<'_>, config: &Config) -> Result<(), ConfigError> {
             spec.protocol,
             ports,
             format!("service `{name}` ({} {ports})", spec.protocol.name()),
+        ));
+    }
+    Ok(())
+}
+
+/// Most keys with a port sequence: each takes `length` kernel elements per step (the
+/// bench measures a rotation of 1, 100 and 1,000).
+pub const MAX_SEQUENCE_KEYS: usize = 4_096;
+
+/// `[sequence]` and the keys' `sequence*` fields.
+fn sequence(c: &Checker<'_>, config: &Config) -> Result<(), ConfigError> {
+    use crate::sequence::{LENGTHS, MIN_RANGE, STEP_SECS, TouchProtocols};
+    use crate::service::{Ports, Protocol};
+    let q = &config.sequence;
+    let ports: Ports = q
+        .ports
+        .parse()
+        .map_err(|e| c.invalid("sequence.ports", e))?;
+    let size = u32::from(ports.last) - u32::from(ports.first) + 1;
+    if size < MIN_RANGE {
+        return Err(c.invalid(
+            "sequence.ports",
+            format!(
+                "{size} ports; a sequence range needs at least {MIN_RANGE} (fewer are guessable)"
+            ),
+        ));
+    }
+    let Some(protocols) = TouchProtocols::from_name(&q.protocol) else {
+        return Err(c.invalid(
+            "sequence.protocol",
+            format!(
+                "found \"{}\", expected one of: \"tcp\", \"udp\", \"mixed\"",
+                q.protocol.escape_debug()
+            ),
+        ));
+    };
+    // Never a port the baseline uses, in a protocol the touches use.
+    let mut taken: Vec<(Protocol, Ports, String)> = config
+        .inbound
+        .tcp_ports
+        .iter()
+        .map(|&p| {
+            (
+                Protocol::Tcp,
+                Ports::one(p),
+                format!("public port {p} (inbound.tcp_ports)"),
+            )
+        })
+        .collect();
+    taken.push((
+        Protocol::Udp,
+        Ports::one(config.knock.port),
+        format!("the knock port {}", config.knock.port),
+    ));
+    taken.push((
+        Protocol::Tcp,
+        Ports::one(config.inbound.ssh_port),
+        format!("the SSH port {}", config.inbound.ssh_port),
+    ));
+    for s in &config.services {
+        if let Ok(p) = s.port.parse() {
+            taken.push((
+                s.protocol,
+                p,
+                format!("service `{}` ({} {p})", s.name, s.protocol.name()),
+            ));
+        }
+    }
+    if let Some((_, _, what)) = taken
+        .iter()
+        .find(|(proto, p, _)| protocols.protocols().contains(proto) && p.overlaps(ports))
+    {
+        return Err(c.invalid(
+            "sequence.ports",
+            format!("{ports} overlaps {what}; touches must go to ports nothing else uses"),
+        ));
+    }
+    if !LENGTHS.contains(&q.length) {
+        return Err(c.invalid("sequence.length", "expected 3 to 8 touches"));
+    }
+    let step = q.step.0;
+    let whole = step.subsec_nanos() == 0
+        && u32::try_from(step.as_secs()).is_ok_and(|s| STEP_SECS.contains(&s));
+    if !whole {
+        return Err(c.invalid("sequence.step", "expected whole seconds from 2s to 1h"));
+    }
+    if !(16..=1 << 20).contains(&q.max_sources) {
+        return Err(c.invalid("sequence.max_sources", "expected 16 to 1048576 sources"));
+    }
+    let mut count = 0;
+    for (i, key) in config.keys.iter().enumerate() {
+        let at = |field: &str| format!("keys[{i}].{field}");
+        if !key.sequence {
+            if key.sequence_service.is_some() || key.sequence_ttl.is_some() {
+                return Err(c.invalid(
+                    &at("sequence"),
+                    "sequence_service and sequence_ttl need sequence = true",
+                ));
+            }
+            continue;
+        }
+        count += 1;
+        let service = super::sequence_service(key);
+        if !key.services.iter().any(|s| s == service) || service == crate::service::EGRESS {
+            return Err(c.invalid(
+                &at("sequence_service"),
+                format!("`{service}` is not one of this key's services (egress cannot be opened by a sequence)"),
+            ));
+        }
+        let nets: Vec<ipnet::IpNet> = key
+            .sources
+            .iter()
+            .filter_map(|s| super::parse_network(s))
+            .collect();
+        let anywhere = |v4: bool| {
+            nets.iter()
+                .any(|n| n.prefix_len() == 0 && matches!(n, ipnet::IpNet::V4(_)) == v4)
+        };
+        if !(anywhere(true) && anywhere(false)) {
+            return Err(c.invalid(
+                &at("sequence"),
+                "a sequence is judged by the kernel, which does not see a key's `sources`; a key restricted to some networks cannot have one (use knocks, which check them)",
+            ));
+        }
+        if let Some(ttl) = key.sequence_ttl {
+            let max = key
+                .max_ttl
+                .map_or(config.knock.max_ttl.0, |m| m.0.min(config.knock.max_ttl.0));
+            c.duration(&at("sequence_ttl"), ttl.0, max)?;
+        }
+    }
+    if count > MAX_SEQUENCE_KEYS {
+        return Err(c.invalid(
+            "keys",
+            format!("{count} keys with sequence = true; at most {MAX_SEQUENCE_KEYS} are supported"),
         ));
     }
     Ok(())

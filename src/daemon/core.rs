@@ -225,6 +225,8 @@ pub struct Core<F: Firewall> {
     bans_refused_logged: Option<std::time::Instant>,
     /// When the full invalid-knock counter was last swept.
     counter_swept: Option<std::time::Instant>,
+    /// The port sequences in force, when some key has one.
+    sequencer: Option<super::sequencer::Sequencer>,
 }
 
 fn grant_set(service: &str, addr: IpAddr) -> String {
@@ -309,6 +311,7 @@ impl<F: Firewall> Core<F> {
             bans_refused: 0,
             bans_refused_logged: None,
             counter_swept: None,
+            sequencer: None,
         }
     }
 
@@ -985,7 +988,11 @@ impl<F: Firewall> Core<F> {
                 book(set.to_owned(), key, window.ends());
             }
         }
-        let mut out: HashMap<String, Vec<Element>> = HashMap::new();
+        let mut out: HashMap<String, Vec<Element>> = self
+            .sequencer
+            .as_ref()
+            .map(|s| s.held(now))
+            .unwrap_or_default();
         for ((set, key), at) in until {
             out.entry(set).or_default().push(Element {
                 key,
@@ -1023,6 +1030,9 @@ impl<F: Firewall> Core<F> {
         self.book_writer.finish();
     }
 }
+
+mod sequences;
+pub use sequences::SequenceOutcome;
 
 #[cfg(test)]
 mod tests;

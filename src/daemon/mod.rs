@@ -10,6 +10,7 @@ mod listener;
 mod peer;
 mod repair;
 mod run;
+pub mod sequencer;
 mod trial;
 
 pub use run::run;
@@ -20,6 +21,8 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use self::core::{BOOK_FILE, Core, REPLAY_CAPACITY, Settings};
+use sequencer::Sequencer;
+
 use crate::clock::UnixMs;
 use crate::config::{Loaded, OnStop};
 use crate::firewall::{Firewall, FirewallError};
@@ -67,8 +70,22 @@ pub enum ReloadError {
 fn is_live(set: &crate::ruleset::SetDef) -> bool {
     matches!(
         set.kind,
-        crate::ruleset::SetKind::Grants | crate::ruleset::SetKind::Bans { .. }
+        crate::ruleset::SetKind::Grants
+            | crate::ruleset::SetKind::Bans { .. }
+            | crate::ruleset::SetKind::SeqUsed { .. }
     )
+}
+
+/// Fills the sequence maps of `ruleset` with what `sequencer` says they hold now
+/// (a replace empties them, and they are the daemon's to write, never read back).
+fn fill_sequences(ruleset: &mut Ruleset, sequencer: Option<&mut Sequencer>, now: UnixMs) {
+    let Some(sequencer) = sequencer else { return };
+    let mut elements = sequencer.elements(now);
+    for set in &mut ruleset.sets {
+        if set.kind == crate::ruleset::SetKind::SeqMap {
+            set.elements = elements.remove(set.name.as_str()).unwrap_or_default();
+        }
+    }
 }
 
 /// Grants still open at a start that get a log line each; the rest get one line.
@@ -96,7 +113,9 @@ impl<F: Firewall> Daemon<F> {
         now: UnixMs,
     ) -> Result<Self, StartError> {
         let first_takeover = !firewall.table_exists(&loaded.config.table)?;
-        let ruleset = baseline_with_live_elements(&mut firewall, &loaded)?;
+        let mut ruleset = baseline_with_live_elements(&mut firewall, &loaded)?;
+        let mut sequencer = Sequencer::new(&loaded.config, &keys, &loaded.server_id, 0);
+        fill_sequences(&mut ruleset, sequencer.as_mut(), now);
         let started = Instant::now();
         firewall.replace(&ruleset)?;
         log_applied(&loaded, &ruleset, started.elapsed());
@@ -139,7 +158,7 @@ impl<F: Firewall> Daemon<F> {
                     Some((WindowScope::Cgroup(id), e.expires_in))
                 }
                 ElementKey::Proto(_) => Some((WindowScope::Host, e.expires_in)),
-                ElementKey::Addr(_) => None,
+                _ => None,
             })
             .collect();
         book.reconcile_windows(&windows, now, new_id);
@@ -154,7 +173,8 @@ impl<F: Firewall> Daemon<F> {
         }
         let _ = book.save(&book_path);
         let settings = settings(&loaded, book_path);
-        let core = Core::new(firewall, settings, keys, replay, book);
+        let mut core = Core::new(firewall, settings, keys, replay, book);
+        core.set_sequencer(sequencer);
         Ok(Self {
             core,
             loaded,
@@ -190,12 +210,20 @@ impl<F: Firewall> Daemon<F> {
         if loaded.config.knock.state_dir != self.loaded.config.knock.state_dir {
             return Err(ReloadError::NeedsRestart("knock.state_dir"));
         }
-        let ruleset = self.ruleset_from_book(&loaded, UnixMs::now(), repair::BanRead::Required)?;
+        let now = UnixMs::now();
+        let mut ruleset = self.ruleset_from_book(&loaded, now, repair::BanRead::Required)?;
+        let generation = self
+            .core
+            .sequencer()
+            .map_or(0, |s| s.generation().wrapping_add(1));
+        let mut sequencer = Sequencer::new(&loaded.config, &keys, &loaded.server_id, generation);
+        fill_sequences(&mut ruleset, sequencer.as_mut(), now);
         let started = Instant::now();
         self.core.firewall_mut().replace(&ruleset)?;
         log_applied(&loaded, &ruleset, started.elapsed());
         let book_path = loaded.config.knock.state_dir.join(BOOK_FILE);
         let dropped = self.core.reconfigure(settings(&loaded, book_path), keys);
+        self.core.set_sequencer(sequencer);
         for gone in &dropped {
             info!(target: AUDIT, event = "expire", id = %gone.id, service = %gone.service,
                 address = %gone.address, who = %gone.who,

@@ -42,7 +42,9 @@ impl<F: Firewall> Daemon<F> {
         for set in &mut ruleset.sets {
             if let Some(elements) = booked.remove(set.name.as_str()) {
                 set.elements = elements;
-            } else if BAN_SETS.contains(&set.name.as_str()) {
+            } else if BAN_SETS.contains(&set.name.as_str())
+                || set.name == crate::ruleset::sequence::SEQ_USED
+            {
                 match (
                     self.core.firewall_mut().elements(&ruleset.table, &set.name),
                     bans,

@@ -17,6 +17,7 @@ use crate::admin::{Request, Response};
 use crate::clock::UnixMs;
 use crate::config::{Loaded, Tamper};
 use crate::firewall::nft::events::Tampering;
+use crate::firewall::nft::nflog::{Logged, SequenceLog};
 use crate::firewall::nft::{NftFirewall, TableLock, TamperWatch};
 use crate::logging::AUDIT;
 use crate::policy::KeyRing;
@@ -59,6 +60,7 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
         keys,
         UnixMs::now(),
     )?));
+    let mut sequence_log = open_sequence_log(&mut daemon.borrow_mut(), None)?;
     let socket = listener::bind(port).with_context(|| format!("cannot bind udp port {port}"))?;
     let admin_socket = admin::bind(&admin_path, &group)?;
     let cgroup_root = cgroup_root();
@@ -75,6 +77,7 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
             next_expiry,
             book_due,
             trial,
+            sequences_due,
         } = Timers::of(&mut daemon.borrow_mut());
         if !log.has_counts() {
             beats.summarised();
@@ -117,6 +120,19 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
                 on_tamper(&daemon, tamper, seen);
             }
             () = tokio::time::sleep(next_expiry) => expire(&daemon),
+            () = tokio::time::sleep(sequences_due.unwrap_or(IDLE_EXPIRY_CHECK)), if sequences_due.is_some() => {
+                write_sequences(&daemon);
+            }
+            ready = readable(sequence_log.as_mut()) => {
+                let Ok(mut ready) = ready else { continue };
+                let (logged, lost) = {
+                    let log = ready.get_inner_mut();
+                    let taken = log.take();
+                    (taken, std::mem::take(&mut log.lost))
+                };
+                ready.clear_ready();
+                on_sequences(&daemon, logged, lost);
+            }
             () = tokio::time::sleep_until(beats.summary_due), if log.has_counts() => {
                 log.summarise();
                 beats.summarised();
@@ -137,6 +153,18 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
                 let _ = reload(&daemon, "SIGHUP");
             }
         }
+        // A reload may have turned sequences on or moved their log group.
+        if sequence_log.as_ref().map(|l| l.get_ref().group())
+            != sequence_group(&mut daemon.borrow_mut())
+        {
+            match open_sequence_log(&mut daemon.borrow_mut(), sequence_log.take()) {
+                Ok(log) => sequence_log = log,
+                Err(e) => {
+                    tracing::error!(target: AUDIT, event = "sequence", error = %format!("{e:#}"),
+                    "cannot listen for completed sequences; sequences still open ports, but nothing books or logs them")
+                }
+            }
+        }
     };
     log.summarise();
     info!(signal, "stop requested");
@@ -147,6 +175,116 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
         .shutdown()
         .context("cannot stop cleanly")?;
     Ok(())
+}
+
+/// The log group completed sequences are reported on, when some key has a sequence.
+fn sequence_group(d: &mut Daemon<NftFirewall>) -> Option<u16> {
+    d.core().sequencer()?;
+    Some(d.loaded().config.sequence.log_group)
+}
+
+/// Listens on the sequence log group (none when no key has a sequence); `old` is
+/// closed first (a group can be bound by one socket).
+fn open_sequence_log(
+    d: &mut Daemon<NftFirewall>,
+    old: Option<AsyncFd<SequenceLog>>,
+) -> anyhow::Result<Option<AsyncFd<SequenceLog>>> {
+    drop(old);
+    let Some(group) = sequence_group(d) else {
+        return Ok(None);
+    };
+    let log = SequenceLog::open(group, crate::ruleset::sequence::LOG_SNAPLEN)
+        .and_then(SequenceLog::register)
+        .with_context(|| {
+            format!("cannot listen on netfilter log group {group} (sequence.log_group; is another program, ulogd say, bound to it?)")
+        })?;
+    info!(target: AUDIT, event = "sequence", group, keys = d.core().sequencer().map_or(0, |s| s.key_count()),
+        "listening for completed port sequences");
+    Ok(Some(log))
+}
+
+/// Waits until the sequence log has packets (forever without one).
+async fn readable(
+    log: Option<&mut AsyncFd<SequenceLog>>,
+) -> std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, SequenceLog>> {
+    match log {
+        Some(log) => log.readable_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Books (or closes again) what completed sequences opened, one line each.
+fn on_sequences(daemon: &Shared, logged: std::io::Result<Vec<Logged>>, lost: bool) {
+    use crate::daemon::core::SequenceOutcome;
+    use crate::ruleset::sequence::{OPENED_PREFIX, REFUSED_PREFIX};
+    if lost {
+        warn!(target: AUDIT, event = "sequence",
+            "the kernel dropped completed-sequence reports (socket full); their grants end on time but are not in `knockgate grants`");
+    }
+    let logged = match logged {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(target: AUDIT, event = "sequence", error = %format!("{e:#}"), "cannot read the sequence log");
+            return;
+        }
+    };
+    let mut d = daemon.borrow_mut();
+    let now = UnixMs::now();
+    for packet in logged {
+        let source = packet.source;
+        if packet.prefix == REFUSED_PREFIX {
+            let key = d
+                .core()
+                .sequence_key(packet.mark)
+                .map(|c| c.key.to_string());
+            warn!(target: AUDIT, event = "refuse", source = %source, reason = "sequence-used",
+                key = key.as_deref().unwrap_or("?"),
+                "sequence refused: its last touch was already used (a replay), or the grant set is full");
+            continue;
+        }
+        if packet.prefix != OPENED_PREFIX {
+            continue;
+        }
+        match d.core().sequence_completed(packet.mark, source, now) {
+            SequenceOutcome::Opened {
+                completed,
+                record,
+                kind,
+            } => info!(
+                target: AUDIT,
+                event = "grant",
+                id = %record.id,
+                service = %record.service,
+                address = %record.address,
+                source = %source,
+                who = %record.who,
+                key = %completed.key,
+                expires_at = record.expires_at,
+                ttl_secs = completed.ttl.as_secs(),
+                extended = kind == crate::grants::Granted::Extended,
+                "port sequence completed"
+            ),
+            SequenceOutcome::Refused { completed, reason } => warn!(
+                target: AUDIT, event = "refuse", source = %source, reason = "sequence-policy",
+                key = %completed.key, service = %completed.service, detail = %reason,
+                "port sequence completed, grant closed again"
+            ),
+            SequenceOutcome::Unknown => warn!(target: AUDIT, event = "sequence", source = %source,
+                mark = packet.mark, "completed sequence of no key in force (a config reloaded twice since?)"),
+        }
+    }
+}
+
+/// Writes the sequences of the step about to begin.
+fn write_sequences(daemon: &Shared) {
+    let mut d = daemon.borrow_mut();
+    let now = UnixMs::now();
+    match d.core().write_sequences(now) {
+        Ok(0) => {}
+        Ok(n) => tracing::debug!(elements = n, "sequences written for the next step"),
+        Err(e) => tracing::error!(target: AUDIT, event = "sequence", error = %format!("{e:#}"),
+            "cannot write the next step's sequences; they open nothing until the next write"),
+    }
 }
 
 /// Books the grants whose time is up as ended, one log line each.
@@ -203,6 +341,7 @@ struct Timers {
     next_expiry: Duration,
     book_due: Option<tokio::time::Instant>,
     trial: Option<Duration>,
+    sequences_due: Option<Duration>,
 }
 
 impl Timers {
@@ -219,6 +358,7 @@ impl Timers {
                 .book_dirty_since()
                 .map(|since| tokio::time::Instant::from_std(since + BOOK_SAVE_DELAY)),
             trial,
+            sequences_due: core.next_sequence_write(UnixMs::now()),
         }
     }
 }

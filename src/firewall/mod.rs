@@ -31,6 +31,19 @@ pub trait Firewall {
         ttl: Duration,
     ) -> Result<(), FirewallError>;
 
+    /// [`Firewall::add_element`] for each of `elements` (set, key, ttl), in one
+    /// transaction: all of them or none.
+    fn put_elements(
+        &mut self,
+        table: &str,
+        elements: &[(&str, ElementKey, Duration)],
+    ) -> Result<(), FirewallError> {
+        for (set, key, ttl) in elements {
+            self.add_element(table, set, *key, *ttl)?;
+        }
+        Ok(())
+    }
+
     /// Takes `key` out of set `set` now; an absent element is not an error.
     fn remove_element(
         &mut self,
@@ -140,6 +153,14 @@ impl<F: Firewall + ?Sized> Firewall for &mut F {
         ttl: Duration,
     ) -> Result<(), FirewallError> {
         (**self).add_element(table, set, key, ttl)
+    }
+
+    fn put_elements(
+        &mut self,
+        table: &str,
+        elements: &[(&str, ElementKey, Duration)],
+    ) -> Result<(), FirewallError> {
+        (**self).put_elements(table, elements)
     }
 
     fn remove_element(

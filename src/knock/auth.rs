@@ -125,6 +125,16 @@ impl Secret {
         out
     }
 
+    /// HMAC-SHA256 under this key of `message`, which the caller frames with its own
+    /// domain (a port sequence block: `docs/PROTOCOL.md`, "Knock sequences").
+    #[must_use]
+    pub fn sequence_block(&self, message: &[u8]) -> [u8; 32] {
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(self.0.as_ref())
+            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+        mac.update(message);
+        mac.finalize().into_bytes().into()
+    }
+
     fn hmac(&self, server: &ServerId, signed: &[u8]) -> Hmac<Sha256> {
         // HMAC takes keys of any length, so this cannot fail for 32 bytes.
         let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(self.0.as_ref())

@@ -133,6 +133,7 @@ fn sets(config: &Config) -> Vec<SetDef> {
             SetKind::Grants,
         ));
     }
+    defs.extend(super::sequence::sets(config));
     defs
 }
 
@@ -161,6 +162,7 @@ fn input_chain(config: &Config) -> ChainDef {
         drop_banned_knockers(&mut rules, config);
     }
     accept_knocks_rate_limited(&mut rules, config);
+    rules.extend(super::sequence::rules(config));
     log_dropped(&mut rules, config, "input");
     ChainDef {
         name: "input".into(),

@@ -45,7 +45,38 @@ fn key_bytes(key: ElementKey) -> Vec<u8> {
         // Concatenations: each field in its own 4-byte-aligned register slots.
         ElementKey::CgroupAddr(id, IpAddr::V4(a)) => [&id.to_ne_bytes()[..], &a.octets()].concat(),
         ElementKey::CgroupAddr(id, IpAddr::V6(a)) => [&id.to_ne_bytes()[..], &a.octets()].concat(),
+        // A touch as the rules load it: the protocol in the low byte of a zeroed
+        // register, the port's two bytes (network order) at the start of the next.
+        ElementKey::SeqStart { proto, port, .. } => touch_bytes(proto, port).to_vec(),
+        ElementKey::SeqStep {
+            stage, proto, port, ..
+        }
+        | ElementKey::SeqUsed { stage, proto, port } => {
+            [&stage.to_ne_bytes()[..], &touch_bytes(proto, port)].concat()
+        }
     }
+}
+
+fn touch_bytes(proto: u8, port: u16) -> [u8; 8] {
+    let [hi, lo] = port.to_be_bytes();
+    [proto, 0, 0, 0, hi, lo, 0, 0]
+}
+
+/// A map element's data: stages and completions are compared and marked as the
+/// host-order `u32` the registers hold.
+fn data_bytes(key: ElementKey) -> Option<[u8; 4]> {
+    match key {
+        ElementKey::SeqStart { next, .. } | ElementKey::SeqStep { next, .. } => {
+            Some(next.to_ne_bytes())
+        }
+        _ => None,
+    }
+}
+
+/// The bound of one element of `key`, its data included (the data's nest and
+/// attribute: 4 + 4 + 4).
+fn bound_of(key: ElementKey) -> usize {
+    element_bound(key_bytes(key).len()) + if data_bytes(key).is_some() { 12 } else { 0 }
 }
 
 /// A raw libnftnl set holding the elements of one message; freed on drop.
@@ -83,6 +114,34 @@ pub(super) fn element_messages(
     messages
 }
 
+/// One phase of refreshing `elements` of set `set` (existing, id 0), as as many
+/// messages as the budget needs.
+pub(super) fn refresh_messages(
+    table: &CStr,
+    set: &CStr,
+    elements: &[Element],
+    phase: super::Phase,
+) -> Vec<ElemMsg> {
+    let exclusive = phase == super::Phase::Add;
+    let mut messages = Vec::new();
+    let mut current = ElemMsg::new(table, set, 0, exclusive);
+    for e in elements {
+        if !current.fits(e.key) {
+            let full = std::mem::replace(&mut current, ElemMsg::new(table, set, 0, exclusive));
+            messages.push(full);
+        }
+        match phase {
+            super::Phase::Ensure => current.push(e.key, Some(Duration::from_secs(1))),
+            super::Phase::Delete => current.push_key(e.key),
+            super::Phase::Add => current.push(e.key, e.expires_in),
+        }
+    }
+    if current.count > 0 {
+        messages.push(current);
+    }
+    messages
+}
+
 impl ElemMsg {
     /// An empty element list for set `set` (id `set_id` in this batch, 0 if it already
     /// exists) in the inet table `table`.
@@ -112,18 +171,40 @@ impl ElemMsg {
     /// Whether one more element with `key` stays within [`ELEM_MSG_BUDGET`] (an empty
     /// message always takes one: no key is anywhere near the budget).
     pub(super) fn fits(&self, key: ElementKey) -> bool {
-        self.count == 0 || self.bytes + element_bound(key_bytes(key).len()) <= ELEM_MSG_BUDGET
+        self.count == 0 || self.bytes + bound_of(key) <= ELEM_MSG_BUDGET
     }
 
     /// Adds `key` to the list, to expire after `timeout` (rounded up to whole ms).
     /// Callers keep to [`ElemMsg::fits`]; [`element_messages`] does.
     pub(super) fn push(&mut self, key: ElementKey, timeout: Option<Duration>) {
+        self.push_with(key, timeout, true);
+    }
+
+    /// Adds `key` alone (no data, no timeout), for a delete message.
+    pub(super) fn push_key(&mut self, key: ElementKey) {
+        self.push_with(key, None, false);
+    }
+
+    fn push_with(&mut self, key: ElementKey, timeout: Option<Duration>, with_data: bool) {
         // SAFETY: allocation has no preconditions; NULL aborts below.
         let elem = unsafe { sys::nftnl_set_elem_alloc() };
         let elem = NonNull::new(elem).unwrap_or_else(|| std::process::abort());
-        let key = key_bytes(key);
-        self.bytes += element_bound(key.len());
+        self.bytes += bound_of(key);
         self.count += 1;
+        if with_data {
+            if let Some(data) = data_bytes(key) {
+                // SAFETY: `elem` is live; `data` is 4 readable bytes that libnftnl copies.
+                unsafe {
+                    sys::nftnl_set_elem_set(
+                        elem.as_ptr(),
+                        attr(sys::NFTNL_SET_ELEM_DATA),
+                        data.as_ptr().cast::<c_void>(),
+                        4,
+                    );
+                }
+            }
+        }
+        let key = key_bytes(key);
         let len = u32::try_from(key.len()).unwrap_or(16);
         // SAFETY: `elem` is live; `key` is `len` readable bytes that libnftnl copies.
         unsafe {
@@ -269,6 +350,20 @@ extern "C" fn collect(elem: *mut sys::nftnl_set_elem, data: *mut c_void) -> i32 
         });
     }
     0
+}
+
+/// An element read from a set of `mark . inet_proto . inet_service` keys (the dump
+/// cannot tell them from `cgroupsv2 . ipv4_addr`, which are 12 bytes too).
+pub(super) fn as_stage_touch(key: ElementKey) -> ElementKey {
+    let ElementKey::CgroupAddr(_, IpAddr::V4(_)) = key else {
+        return key;
+    };
+    let bytes = key_bytes(key);
+    ElementKey::SeqUsed {
+        stage: u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]),
+        proto: bytes[4],
+        port: u16::from_be_bytes([bytes[8], bytes[9]]),
+    }
 }
 
 /// A `cgroupsv2 . ipv4_addr` (12 bytes) or `cgroupsv2 . ipv6_addr` (24 bytes) key.

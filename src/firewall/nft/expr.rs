@@ -114,6 +114,11 @@ pub(super) fn add(
         Expr::Log { prefix } => rule.add_expr(&Log {
             prefix: cstring(prefix)?,
         }),
+        Expr::LogGroup { group, prefix } => rule.add_expr(&LogGroup {
+            group: *group,
+            prefix: cstring(prefix)?,
+        }),
+        Expr::Seq(step) => super::sequence_expr::add(rule, step, set_id)?,
         Expr::Verdict(Verdict::Accept) => rule.add_expr(&NftVerdict::Accept),
         Expr::Verdict(Verdict::Drop) => rule.add_expr(&NftVerdict::Drop),
     }
@@ -122,7 +127,7 @@ pub(super) fn add(
 
 /// `tcp dport A-B` / `udp dport A-B`. Ports are compared as the packet's big-endian
 /// bytes (the kernel's cmp is a memcmp), which orders them as numbers.
-fn dport_range(
+pub(super) fn dport_range(
     rule: &mut nftnl::Rule<'_>,
     protocol: crate::service::Protocol,
     first: u16,
@@ -155,7 +160,7 @@ fn ct_bit(state: CtState) -> States {
     }
 }
 
-fn cstring(text: &str) -> Result<CString, String> {
+pub(super) fn cstring(text: &str) -> Result<CString, String> {
     CString::new(text).map_err(|_| format!("`{}` contains a NUL byte", text.escape_debug()))
 }
 
@@ -173,7 +178,7 @@ fn ifname(name: &str) -> Result<[u8; IFNAMSIZ], String> {
     Ok(padded)
 }
 
-fn nfproto(rule: &mut nftnl::Rule<'_>, family: IpFamily) {
+pub(super) fn nfproto(rule: &mut nftnl::Rule<'_>, family: IpFamily) {
     let proto = match family {
         IpFamily::V4 => libc::NFPROTO_IPV4,
         IpFamily::V6 => libc::NFPROTO_IPV6,
@@ -182,7 +187,7 @@ fn nfproto(rule: &mut nftnl::Rule<'_>, family: IpFamily) {
     rule.add_expr(&Cmp::new(CmpOp::Eq, u8::try_from(proto).unwrap_or(u8::MAX)));
 }
 
-fn l4proto(rule: &mut nftnl::Rule<'_>, proto: libc::c_int) {
+pub(super) fn l4proto(rule: &mut nftnl::Rule<'_>, proto: libc::c_int) {
     rule.add_expr(&Meta::L4Proto);
     rule.add_expr(&Cmp::new(CmpOp::Eq, u8::try_from(proto).unwrap_or(u8::MAX)));
 }
@@ -303,6 +308,27 @@ struct Log {
     prefix: CString,
 }
 
+/// `log group N snaplen S prefix "…"`: to nfnetlink_log, where the daemon listens.
+struct LogGroup {
+    group: u16,
+    prefix: CString,
+}
+
+impl Expression for LogGroup {
+    fn to_expr(&self, _rule: &nftnl::Rule<'_>) -> NonNull<sys::nftnl_expr> {
+        let e = alloc(c"log");
+        set_str(e, sys::NFTNL_EXPR_LOG_PREFIX, &self.prefix);
+        // SAFETY: `e` is a live expression from `alloc`; libnftnl copies the value.
+        unsafe { sys::nftnl_expr_set_u16(e.as_ptr(), attr(sys::NFTNL_EXPR_LOG_GROUP), self.group) };
+        set_u32(
+            e,
+            sys::NFTNL_EXPR_LOG_SNAPLEN,
+            crate::ruleset::sequence::LOG_SNAPLEN,
+        );
+        e
+    }
+}
+
 /// `update @set { <register 1> limit rate … }`: one limiter per key in a dynamic set.
 struct MeterUpdate {
     set: CString,
@@ -384,28 +410,28 @@ fn reg1() -> u32 {
 }
 
 /// libnftnl's attribute numbers are small constants; its setters take them as u16.
-fn attr(a: u32) -> u16 {
+pub(super) fn attr(a: u32) -> u16 {
     u16::try_from(a).unwrap_or(u16::MAX)
 }
 
 /// A new expression of type `name`; aborts on allocation failure, as nftnl itself does.
-fn alloc(name: &CStr) -> NonNull<sys::nftnl_expr> {
+pub(super) fn alloc(name: &CStr) -> NonNull<sys::nftnl_expr> {
     // SAFETY: `name` is a NUL-terminated expression type name that libnftnl copies.
     let e = unsafe { sys::nftnl_expr_alloc(name.as_ptr()) };
     NonNull::new(e).unwrap_or_else(|| std::process::abort())
 }
 
-fn set_u32(e: NonNull<sys::nftnl_expr>, a: u32, value: u32) {
+pub(super) fn set_u32(e: NonNull<sys::nftnl_expr>, a: u32, value: u32) {
     // SAFETY: `e` is a live expression from `alloc`; libnftnl copies the value.
     unsafe { sys::nftnl_expr_set_u32(e.as_ptr(), attr(a), value) };
 }
 
-fn set_u64(e: NonNull<sys::nftnl_expr>, a: u32, value: u64) {
+pub(super) fn set_u64(e: NonNull<sys::nftnl_expr>, a: u32, value: u64) {
     // SAFETY: `e` is a live expression from `alloc`; libnftnl copies the value.
     unsafe { sys::nftnl_expr_set_u64(e.as_ptr(), attr(a), value) };
 }
 
-fn set_str(e: NonNull<sys::nftnl_expr>, a: u32, value: &CStr) {
+pub(super) fn set_str(e: NonNull<sys::nftnl_expr>, a: u32, value: &CStr) {
     // SAFETY: `e` is a live expression from `alloc`; `value` is NUL-terminated and
     // libnftnl duplicates it (strdup) before this call returns.
     unsafe { sys::nftnl_expr_set_str(e.as_ptr(), attr(a), value.as_ptr()) };

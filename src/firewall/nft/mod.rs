@@ -14,6 +14,8 @@ mod conntrack;
 mod elements;
 pub mod events;
 mod expr;
+pub mod nflog;
+mod sequence_expr;
 mod socket;
 mod table;
 
@@ -238,7 +240,7 @@ impl NftFirewall {
         let mut ensure = ElemMsg::new(&t, &s, 0, false);
         ensure.push(key, Some(placeholder));
         let mut delete = ElemMsg::new(&t, &s, 0, false);
-        delete.push(key, None);
+        delete.push_key(key);
         let mut builder = Builder::new();
         builder.add(&ensure, MsgType::Add, format!("element {key} in set {set}"));
         builder.add(
@@ -307,6 +309,47 @@ impl Firewall for NftFirewall {
         self.element_batch(table, set, key, Some(ttl))
     }
 
+    fn put_elements(
+        &mut self,
+        table: &str,
+        elements: &[(&str, ElementKey, Duration)],
+    ) -> Result<(), FirewallError> {
+        if elements.is_empty() {
+            return Ok(());
+        }
+        let invalid = |detail| FirewallError::InvalidRuleset {
+            table: table.to_owned(),
+            detail,
+        };
+        let t = cstring(table).map_err(invalid)?;
+        let mut by_set: Vec<(&str, Vec<Element>)> = Vec::new();
+        for (set, key, ttl) in elements {
+            let e = Element {
+                key: *key,
+                expires_in: Some(*ttl),
+            };
+            match by_set.iter_mut().find(|(s, _)| s == set) {
+                Some((_, list)) => list.push(e),
+                None => by_set.push((set, vec![e])),
+            }
+        }
+        // The same three phases as one element's refresh, each over every element.
+        let mut builder = Builder::new();
+        for phase in [Phase::Ensure, Phase::Delete, Phase::Add] {
+            for (set, list) in &by_set {
+                let s = cstring(set).map_err(invalid)?;
+                let (kind, label) = match phase {
+                    Phase::Delete => (MsgType::Del, "(delete)"),
+                    Phase::Ensure | Phase::Add => (MsgType::Add, ""),
+                };
+                for msg in elements::refresh_messages(&t, &s, list, phase) {
+                    builder.add(&msg, kind, format!("elements of set {set} {label}"));
+                }
+            }
+        }
+        self.send(table, &builder.finish(), false)
+    }
+
     fn remove_element(
         &mut self,
         table: &str,
@@ -338,10 +381,15 @@ impl Firewall for NftFirewall {
                 Err(TransactError::Refused(r)) if r.errno == libc::ENOENT => return Ok(Vec::new()),
                 Err(e) => return Err(Self::map_error(table, None, e)),
             };
-            let elements: Vec<Element> = messages
+            let mut elements: Vec<Element> = messages
                 .iter()
                 .flat_map(|m| elements::parse_dump_message(m))
                 .collect();
+            if set == crate::ruleset::sequence::SEQ_USED {
+                for e in &mut elements {
+                    e.key = elements::as_stage_touch(e.key);
+                }
+            }
             let mut seen = std::collections::HashSet::with_capacity(elements.len());
             if elements.iter().all(|e| seen.insert(e.key)) {
                 return Ok(elements);
@@ -461,6 +509,17 @@ impl std::os::fd::AsRawFd for TamperWatch {
     }
 }
 
+/// The three parts of a refresh (`add (no EXCL); delete; add`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Phase {
+    /// Make each element exist (a short placeholder timeout).
+    Ensure,
+    /// Delete each.
+    Delete,
+    /// Add each with its timeout.
+    Add,
+}
+
 /// A finalized batch with a description of every message, so a refusal can say
 /// which rule the kernel did not take.
 struct LabelledBatch {
@@ -550,6 +609,8 @@ fn replace_batch(ruleset: &Ruleset, current: u32, flags: u32) -> Result<Labelled
             SetKeyType::CgroupAddr(IpFamily::V6) => {
                 add_set::<CgroupV6>(&mut builder, &table, def, id)?;
             }
+            SetKeyType::Touch => add_set::<TouchKey>(&mut builder, &table, def, id)?,
+            SetKeyType::StageTouch => add_set::<StageTouchKey>(&mut builder, &table, def, id)?,
         }
         set_ids.insert(def.name.as_str(), id);
         let messages =
@@ -622,6 +683,43 @@ impl SetKey for CgroupV6 {
     }
 }
 
+/// nft's type ids for the sequence keys: `inet_proto`, `inet_service`, `mark`.
+const INET_PROTO_TYPE: u32 = 12;
+const INET_SERVICE_TYPE: u32 = 13;
+const MARK_TYPE: u32 = 19;
+
+/// Key type `inet_proto . inet_service`: two 4-byte register slots.
+struct TouchKey;
+
+impl SetKey for TouchKey {
+    const TYPE: u32 = (INET_PROTO_TYPE << 6) | INET_SERVICE_TYPE;
+    const LEN: u32 = 8;
+
+    fn data(&self) -> Box<[u8]> {
+        Box::new([0; 8])
+    }
+}
+
+/// Key type `mark . inet_proto . inet_service`: three 4-byte register slots.
+struct StageTouchKey;
+
+impl SetKey for StageTouchKey {
+    const TYPE: u32 = (((MARK_TYPE << 6) | INET_PROTO_TYPE) << 6) | INET_SERVICE_TYPE;
+    const LEN: u32 = 12;
+
+    fn data(&self) -> Box<[u8]> {
+        Box::new([0; 12])
+    }
+}
+
+/// Makes `raw` a map to 4-byte `mark` values (stages, completions).
+fn map_to_mark(raw: *mut sys::nftnl_set) {
+    // SAFETY: `raw` is a live set owned by the caller's `Set`; libnftnl copies the values.
+    unsafe { sys::nftnl_set_set_u32(raw, attr(sys::NFTNL_SET_DATA_TYPE), MARK_TYPE) };
+    // SAFETY: as above.
+    unsafe { sys::nftnl_set_set_u32(raw, attr(sys::NFTNL_SET_DATA_LEN), 4) };
+}
+
 fn add_set<K: SetKey>(
     builder: &mut Builder,
     table: &Table,
@@ -653,6 +751,31 @@ fn add_set<K: SetKey>(
             let timeout_ms = u64::from(timeout_secs) * 1000;
             // SAFETY: as above.
             unsafe { sys::nftnl_set_set_u64(raw, attr(sys::NFTNL_SET_TIMEOUT), timeout_ms) };
+        }
+        SetKind::SeqProgress { size, timeout_secs } => {
+            let flags = libc::NFT_SET_MAP | libc::NFT_SET_TIMEOUT | libc::NFT_SET_EVAL;
+            let flags = u32::try_from(flags).unwrap_or(0);
+            // SAFETY: as above.
+            unsafe { sys::nftnl_set_set_u32(raw, attr(sys::NFTNL_SET_FLAGS), flags) };
+            // SAFETY: as above.
+            unsafe { sys::nftnl_set_set_u32(raw, attr(sys::NFTNL_SET_DESC_SIZE), size) };
+            let timeout_ms = u64::from(timeout_secs) * 1000;
+            // SAFETY: as above.
+            unsafe { sys::nftnl_set_set_u64(raw, attr(sys::NFTNL_SET_TIMEOUT), timeout_ms) };
+            map_to_mark(raw);
+        }
+        SetKind::SeqMap => {
+            let flags = u32::try_from(libc::NFT_SET_MAP | libc::NFT_SET_TIMEOUT).unwrap_or(0);
+            // SAFETY: as above.
+            unsafe { sys::nftnl_set_set_u32(raw, attr(sys::NFTNL_SET_FLAGS), flags) };
+            map_to_mark(raw);
+        }
+        SetKind::SeqUsed { size } => {
+            let flags = u32::try_from(libc::NFT_SET_TIMEOUT | libc::NFT_SET_EVAL).unwrap_or(0);
+            // SAFETY: as above.
+            unsafe { sys::nftnl_set_set_u32(raw, attr(sys::NFTNL_SET_FLAGS), flags) };
+            // SAFETY: as above.
+            unsafe { sys::nftnl_set_set_u32(raw, attr(sys::NFTNL_SET_DESC_SIZE), size) };
         }
     }
     builder.add(&set, MsgType::Add, format!("set {}", def.name));

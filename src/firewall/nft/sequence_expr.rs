@@ -1,0 +1,352 @@
+//! [`SeqStep`] → nftnl expressions. Sequence rules pass values between expressions
+//! in registers of their own choosing, which nftnl's safe API (register 1 only)
+//! cannot say, so every expression here is built with raw libnftnl calls.
+//!
+//! Register plan (32-bit registers; a concatenation is consecutive registers):
+//!
+//! | register | holds |
+//! |---|---|
+//! | `REG32_00`–`03` | the source address (4 or 16 bytes) |
+//! | `REG32_04` | the source's stage (from the progress map) |
+//! | `REG32_05` | the touch's protocol (one byte, zero-padded) |
+//! | `REG32_06` | the touch's port (two bytes, network order, zero-padded) |
+//! | `REG32_07` | what a lookup led to: the next stage, or a completion |
+//! | `REG32_08` | scratch (the completion's class) |
+//!
+//! So `REG32_05`–`06` is the key `inet_proto . inet_service` and `REG32_04`–`06` the
+//! key `mark . inet_proto . inet_service`.
+
+use std::ffi::CString;
+use std::ptr::NonNull;
+
+use nftnl::expr::{Bitwise, Cmp, CmpOp, Expression};
+use nftnl::nftnl_sys::{self as sys, libc};
+
+use super::expr::{alloc, attr, cstring, dport_range, l4proto, nfproto, set_str, set_u32, set_u64};
+use crate::ruleset::{IpFamily, SeqStep};
+use crate::service::Protocol;
+
+const REG32_00: u32 = 8;
+const R_SOURCE: u32 = REG32_00;
+const R_STAGE: u32 = REG32_00 + 4;
+const R_PROTO: u32 = REG32_00 + 5;
+const R_PORT: u32 = REG32_00 + 6;
+const R_NEXT: u32 = REG32_00 + 7;
+const R_SCRATCH: u32 = REG32_00 + 8;
+
+/// TCP flags FIN, SYN, RST, ACK; a touch has SYN alone.
+const TCP_FLAGS_MASK: u8 = 0x17;
+const TCP_SYN: u8 = 0x02;
+/// The class is the completion's top byte.
+const CLASS_MASK: u32 = 0xff00_0000;
+
+/// Adds the expressions of `step` to `rule`.
+pub(super) fn add(
+    rule: &mut nftnl::Rule<'_>,
+    step: &SeqStep,
+    set_id: &dyn Fn(&str) -> Option<u32>,
+) -> Result<(), String> {
+    let named = |set: &str| -> Result<(CString, u32), String> {
+        let id = set_id(set).ok_or_else(|| format!("set {set} is not in this batch"))?;
+        Ok((cstring(set)?, id))
+    };
+    match step {
+        SeqStep::Guard { protocol, ports } => {
+            if *protocol == Protocol::Tcp {
+                l4proto(rule, libc::IPPROTO_TCP);
+                rule.add_expr(&Payload {
+                    base: libc::NFT_PAYLOAD_TRANSPORT_HEADER,
+                    offset: 13,
+                    len: 1,
+                    dreg: reg1(),
+                });
+                rule.add_expr(&Bitwise::new(TCP_FLAGS_MASK, 0u8));
+                rule.add_expr(&Cmp::new(CmpOp::Eq, TCP_SYN));
+            }
+            dport_range(rule, *protocol, ports.first, ports.last);
+        }
+        SeqStep::LoadSource(family) => {
+            nfproto(rule, *family);
+            let (offset, len) = match family {
+                IpFamily::V4 => (12, 4),
+                IpFamily::V6 => (8, 16),
+            };
+            rule.add_expr(&Payload {
+                base: libc::NFT_PAYLOAD_NETWORK_HEADER,
+                offset,
+                len,
+                dreg: R_SOURCE,
+            });
+        }
+        SeqStep::LoadStage { progress } => {
+            let (set, id) = named(progress)?;
+            rule.add_expr(&Lookup {
+                set,
+                id,
+                sreg: R_SOURCE,
+                dreg: Some(R_STAGE),
+                invert: false,
+            });
+        }
+        SeqStep::LoadTouch => {
+            rule.add_expr(&MetaLoad {
+                key: libc::NFT_META_L4PROTO,
+                dreg: R_PROTO,
+            });
+            rule.add_expr(&Payload {
+                base: libc::NFT_PAYLOAD_TRANSPORT_HEADER,
+                offset: 2,
+                len: 2,
+                dreg: R_PORT,
+            });
+        }
+        SeqStep::Follow { map, first } => {
+            let (set, id) = named(map)?;
+            rule.add_expr(&Lookup {
+                set,
+                id,
+                sreg: if *first { R_PROTO } else { R_STAGE },
+                dreg: Some(R_NEXT),
+                invert: false,
+            });
+        }
+        SeqStep::Class(class) => {
+            rule.add_expr(&MaskBits {
+                sreg: R_NEXT,
+                dreg: R_SCRATCH,
+                mask: CLASS_MASK,
+            });
+            rule.add_expr(&EqualAt {
+                sreg: R_SCRATCH,
+                value: u32::from(*class) << 24,
+            });
+        }
+        SeqStep::Consume { used, timeout_ms } => {
+            let (set, id) = named(used)?;
+            rule.add_expr(&Lookup {
+                set: set.clone(),
+                id,
+                sreg: R_STAGE,
+                dreg: None,
+                invert: true,
+            });
+            rule.add_expr(&Dynset {
+                set,
+                id,
+                op: DynsetOp::Add,
+                key: R_STAGE,
+                data: None,
+                timeout_ms: Some(*timeout_ms),
+            });
+        }
+        SeqStep::Grant { set, timeout_ms } => {
+            let (set, id) = named(set)?;
+            rule.add_expr(&Dynset {
+                set,
+                id,
+                op: DynsetOp::Add,
+                key: R_SOURCE,
+                data: None,
+                timeout_ms: Some(*timeout_ms),
+            });
+        }
+        SeqStep::Forget { progress } => {
+            let (set, id) = named(progress)?;
+            // The kernel wants a data register for any dynset on a map, loaded in this
+            // rule (newer kernels refuse uninitialised ones); a delete never reads it,
+            // and the source is always loaded.
+            rule.add_expr(&Dynset {
+                set,
+                id,
+                op: DynsetOp::Delete,
+                key: R_SOURCE,
+                data: Some(R_SOURCE),
+                timeout_ms: None,
+            });
+        }
+        SeqStep::Advance { progress } => {
+            let (set, id) = named(progress)?;
+            rule.add_expr(&Dynset {
+                set,
+                id,
+                op: DynsetOp::Add,
+                key: R_SOURCE,
+                data: Some(R_NEXT),
+                timeout_ms: None,
+            });
+        }
+        SeqStep::Mark => rule.add_expr(&MetaSet {
+            key: libc::NFT_META_MARK,
+            sreg: R_NEXT,
+        }),
+    }
+    Ok(())
+}
+
+fn reg1() -> u32 {
+    u32::try_from(libc::NFT_REG_1).unwrap_or(1)
+}
+
+fn unsigned(v: libc::c_int) -> u32 {
+    u32::try_from(v).unwrap_or(0)
+}
+
+/// A payload load into any register.
+struct Payload {
+    base: libc::c_int,
+    offset: u32,
+    len: u32,
+    dreg: u32,
+}
+
+impl Expression for Payload {
+    fn to_expr(&self, _rule: &nftnl::Rule<'_>) -> NonNull<sys::nftnl_expr> {
+        let e = alloc(c"payload");
+        set_u32(e, sys::NFTNL_EXPR_PAYLOAD_BASE, unsigned(self.base));
+        set_u32(e, sys::NFTNL_EXPR_PAYLOAD_OFFSET, self.offset);
+        set_u32(e, sys::NFTNL_EXPR_PAYLOAD_LEN, self.len);
+        set_u32(e, sys::NFTNL_EXPR_PAYLOAD_DREG, self.dreg);
+        e
+    }
+}
+
+/// A meta load into any register.
+struct MetaLoad {
+    key: libc::c_int,
+    dreg: u32,
+}
+
+impl Expression for MetaLoad {
+    fn to_expr(&self, _rule: &nftnl::Rule<'_>) -> NonNull<sys::nftnl_expr> {
+        let e = alloc(c"meta");
+        set_u32(e, sys::NFTNL_EXPR_META_KEY, unsigned(self.key));
+        set_u32(e, sys::NFTNL_EXPR_META_DREG, self.dreg);
+        e
+    }
+}
+
+/// `meta KEY set <register>`.
+struct MetaSet {
+    key: libc::c_int,
+    sreg: u32,
+}
+
+impl Expression for MetaSet {
+    fn to_expr(&self, _rule: &nftnl::Rule<'_>) -> NonNull<sys::nftnl_expr> {
+        let e = alloc(c"meta");
+        set_u32(e, sys::NFTNL_EXPR_META_KEY, unsigned(self.key));
+        set_u32(e, sys::NFTNL_EXPR_META_SREG, self.sreg);
+        e
+    }
+}
+
+/// A set lookup keyed at `sreg`; with `dreg`, a map lookup loading the data there;
+/// `invert`: matches when the key is absent.
+struct Lookup {
+    set: CString,
+    id: u32,
+    sreg: u32,
+    dreg: Option<u32>,
+    invert: bool,
+}
+
+impl Expression for Lookup {
+    fn to_expr(&self, _rule: &nftnl::Rule<'_>) -> NonNull<sys::nftnl_expr> {
+        let e = alloc(c"lookup");
+        set_u32(e, sys::NFTNL_EXPR_LOOKUP_SREG, self.sreg);
+        set_str(e, sys::NFTNL_EXPR_LOOKUP_SET, &self.set);
+        set_u32(e, sys::NFTNL_EXPR_LOOKUP_SET_ID, self.id);
+        if let Some(dreg) = self.dreg {
+            set_u32(e, sys::NFTNL_EXPR_LOOKUP_DREG, dreg);
+        }
+        if self.invert {
+            set_u32(
+                e,
+                sys::NFTNL_EXPR_LOOKUP_FLAGS,
+                unsigned(libc::NFT_LOOKUP_F_INV),
+            );
+        }
+        e
+    }
+}
+
+/// `<dreg> = <sreg> & mask` (4 bytes).
+struct MaskBits {
+    sreg: u32,
+    dreg: u32,
+    mask: u32,
+}
+
+impl Expression for MaskBits {
+    fn to_expr(&self, _rule: &nftnl::Rule<'_>) -> NonNull<sys::nftnl_expr> {
+        let e = alloc(c"bitwise");
+        set_u32(e, sys::NFTNL_EXPR_BITWISE_SREG, self.sreg);
+        set_u32(e, sys::NFTNL_EXPR_BITWISE_DREG, self.dreg);
+        set_u32(e, sys::NFTNL_EXPR_BITWISE_LEN, 4);
+        set_data(e, sys::NFTNL_EXPR_BITWISE_MASK, &self.mask.to_ne_bytes());
+        set_data(e, sys::NFTNL_EXPR_BITWISE_XOR, &0u32.to_ne_bytes());
+        e
+    }
+}
+
+/// `<sreg> == value` (4 bytes, as the register holds it).
+struct EqualAt {
+    sreg: u32,
+    value: u32,
+}
+
+impl Expression for EqualAt {
+    fn to_expr(&self, _rule: &nftnl::Rule<'_>) -> NonNull<sys::nftnl_expr> {
+        let e = alloc(c"cmp");
+        set_u32(e, sys::NFTNL_EXPR_CMP_SREG, self.sreg);
+        set_u32(e, sys::NFTNL_EXPR_CMP_OP, unsigned(libc::NFT_CMP_EQ));
+        set_data(e, sys::NFTNL_EXPR_CMP_DATA, &self.value.to_ne_bytes());
+        e
+    }
+}
+
+/// The dynset operations used here.
+#[derive(Clone, Copy)]
+enum DynsetOp {
+    Add,
+    Delete,
+}
+
+/// `add @set { <key> [: <data>] [timeout T] }` / `delete @set { <key> }`.
+struct Dynset {
+    set: CString,
+    id: u32,
+    op: DynsetOp,
+    key: u32,
+    data: Option<u32>,
+    timeout_ms: Option<u64>,
+}
+
+impl Expression for Dynset {
+    fn to_expr(&self, _rule: &nftnl::Rule<'_>) -> NonNull<sys::nftnl_expr> {
+        let e = alloc(c"dynset");
+        let op = match self.op {
+            DynsetOp::Add => libc::NFT_DYNSET_OP_ADD,
+            // NFT_DYNSET_OP_DELETE (Linux 5.11); not in every libc release.
+            DynsetOp::Delete => 2,
+        };
+        set_u32(e, sys::NFTNL_EXPR_DYNSET_OP, unsigned(op));
+        set_u32(e, sys::NFTNL_EXPR_DYNSET_SREG_KEY, self.key);
+        if let Some(data) = self.data {
+            set_u32(e, sys::NFTNL_EXPR_DYNSET_SREG_DATA, data);
+        }
+        set_str(e, sys::NFTNL_EXPR_DYNSET_SET_NAME, &self.set);
+        set_u32(e, sys::NFTNL_EXPR_DYNSET_SET_ID, self.id);
+        if let Some(ms) = self.timeout_ms {
+            set_u64(e, sys::NFTNL_EXPR_DYNSET_TIMEOUT, ms);
+        }
+        e
+    }
+}
+
+fn set_data(e: NonNull<sys::nftnl_expr>, a: u32, bytes: &[u8]) {
+    let len = u32::try_from(bytes.len()).unwrap_or(0);
+    // SAFETY: `e` is a live expression from `alloc`; `bytes` is `len` readable bytes
+    // that libnftnl copies before this call returns.
+    unsafe { sys::nftnl_expr_set(e.as_ptr(), attr(a), bytes.as_ptr().cast(), len) };
+}
