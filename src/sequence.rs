@@ -306,10 +306,25 @@ mod tests {
             .derive(&key(1), &server(), 1)
             .unwrap();
         let ports: Vec<u16> = seq.iter().map(|t| t.port).collect();
-        assert_eq!(ports, PINNED_PORTS);
+        // Computed by the Python reference in docs/PROTOCOL.md, not by this code.
+        assert_eq!(ports, [36_247, 51_257, 56_784, 49_129]);
+        let mixed = SequenceSpec {
+            protocols: TouchProtocols::Mixed,
+            ..SequenceSpec::default()
+        }
+        .derive(&key(1), &server(), 2)
+        .unwrap();
+        let t = |protocol, port| Touch { protocol, port };
+        assert_eq!(
+            mixed,
+            [
+                t(Protocol::Tcp, 50_597),
+                t(Protocol::Udp, 51_521),
+                t(Protocol::Tcp, 33_081),
+                t(Protocol::Udp, 47_954)
+            ]
+        );
     }
-
-    const PINNED_PORTS: [u16; 4] = [0, 0, 0, 0];
 
     #[test]
     fn steps_and_their_acceptance() {

@@ -249,3 +249,241 @@ fn knockds_client_sending_the_printed_sequence_opens_ssh_for_the_laptop_only_unt
         "closed after the TTL"
     );
 }
+
+#[test]
+fn our_knock_sends_the_sequence_over_ipv4_and_ipv6() {
+    if !lab_available("our_knock_sends_the_sequence_over_ipv4_and_ipv6") {
+        return;
+    }
+    let s = seq_lab(TouchProtocols::Tcp);
+    let daemon = s.start();
+    // One sequence opens once, whichever family it came over: IPv6 takes the next step.
+    for plan in [v4(), v6()] {
+        let server = plan.server_from_client;
+        s.step_with_room(2);
+        assert!(!s.ssh_open_from(plan.client, server), "closed before");
+        let out = s.knock(server, &["--sequence", "--wait", "--timeout", "3s"]);
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains("is open"), "{said}; {}", daemon.log_text());
+        assert!(s.ssh_open_from(plan.client, server), "{server}");
+        assert!(!s.ssh_open_from(plan.client_alt, server), "only the sender");
+        assert!(
+            daemon.logged_soon(&format!("address={}", plan.client)),
+            "{}",
+            daemon.log_text()
+        );
+        let grants = support::admin(&s.lab.dir().join("admin.sock"), &["grants"]);
+        let text = String::from_utf8_lossy(&grants.stdout);
+        assert!(
+            text.contains(&plan.client.to_string()) && text.contains("key phone (sequence)"),
+            "booked like a knock's: {text}; {}",
+            daemon.log_text()
+        );
+        let step = spec(TouchProtocols::Tcp).step_at(unix_now());
+        while spec(TouchProtocols::Tcp).step_at(unix_now()) == step {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Every TCP port of the range from `from`, upward then downward, with no pause.
+fn sweep(s: &SeqLab, from: IpAddr, to: IpAddr) {
+    let ports: Vec<u16> = (RANGE.first..=RANGE.last)
+        .chain((RANGE.first..=RANGE.last).rev())
+        .collect();
+    s.lab.in_ns(Host::Client, || {
+        for port in ports {
+            let addr = SocketAddr::new(to, port);
+            let sock = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM,
+                None,
+            )
+            .unwrap();
+            sock.bind(&SocketAddr::new(from, 0).into()).unwrap();
+            sock.set_nonblocking(true).unwrap();
+            let _ = sock.connect(&addr.into());
+        }
+    });
+}
+
+#[test]
+fn an_attacker_cannot_complete_a_sequence_by_age_order_noise_sweep_or_replay() {
+    if !lab_available("an_attacker_cannot_complete_a_sequence_by_age_order_noise_sweep_or_replay") {
+        return;
+    }
+    let s = seq_lab(TouchProtocols::Tcp);
+    let daemon = s.start();
+    let plan = v4();
+    let (server, laptop, intruder) = (plan.server_from_client, plan.client, plan.client_alt);
+    let closed = |from| !s.ssh_open_from(from, server);
+
+    // The sequence of two steps back: no longer in the kernel.
+    let step = s.step_with_room(2);
+    s.touch(laptop, server, &s.sequence(step - 2));
+    assert!(closed(laptop), "a sequence two steps old opened");
+
+    // The right touches in the wrong order.
+    let step = s.step_with_room(2);
+    let mut seq = s.sequence(step);
+    seq.swap(1, 2);
+    s.touch(laptop, server, &seq);
+    assert!(closed(laptop), "touches out of order opened");
+
+    // One wrong port of the range in between.
+    let step = s.step_with_room(2);
+    let mut seq = s.sequence(step);
+    let stray = (RANGE.first..=RANGE.last)
+        .find(|p| seq.iter().all(|t| t.port != *p))
+        .unwrap();
+    seq.insert(
+        2,
+        Touch {
+            protocol: Protocol::Tcp,
+            port: stray,
+        },
+    );
+    s.touch(laptop, server, &seq);
+    assert!(closed(laptop), "a wrong port in between did not reset");
+
+    // A port scan of the whole range, upward and downward.
+    sweep(&s, intruder, server);
+    assert!(closed(intruder), "a sweep of the range opened");
+
+    // The laptop opens; the same touches from the intruder's address, in the same
+    // step, open nothing: the kernel took the last step as used.
+    let step = s.step_with_room(2);
+    let seq = s.sequence(step);
+    s.touch(laptop, server, &seq);
+    assert!(
+        eventually(Duration::from_secs(1), || s.ssh_open_from(laptop, server)),
+        "the laptop's own sequence: {}",
+        daemon.log_text()
+    );
+    s.touch(intruder, server, &seq);
+    assert!(
+        closed(intruder),
+        "the replayed sequence opened for the intruder"
+    );
+    assert!(
+        daemon.logged_soon("reason=\"sequence-used\""),
+        "the replay is logged: {}",
+        daemon.log_text()
+    );
+    // Nothing the attacker did was logged as a grant for it.
+    assert!(!daemon.log_text().contains("address=10.77.1.3"));
+}
+
+#[test]
+fn with_the_daemon_stopped_no_sequence_opens_after_its_step_ends() {
+    if !lab_available("with_the_daemon_stopped_no_sequence_opens_after_its_step_ends") {
+        return;
+    }
+    let s = seq_lab(TouchProtocols::Tcp);
+    let daemon = s.start();
+    let plan = v4();
+    let (server, laptop) = (plan.server_from_client, plan.client);
+    let step = s.step_with_room(2);
+    assert_eq!(daemon.terminate(), 0);
+    // The table stays (on_stop = keep): the kernel alone still judges this step.
+    s.touch(laptop, server, &s.sequence(step));
+    assert!(
+        eventually(Duration::from_secs(1), || s.ssh_open_from(laptop, server)),
+        "the kernel judges without the daemon"
+    );
+    // Every step the daemon may have written (this one, the one before, the next within
+    // its lead) has ended: none opens any more, nor does anything later.
+    let spec = spec(TouchProtocols::Tcp);
+    let all_over = spec.accepted_until(step + 1) + 1;
+    while unix_now() < all_over {
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(
+        eventually(Duration::from_secs(TTL_SECS + 3), || !s
+            .ssh_open_from(laptop, server)),
+        "the grant ended"
+    );
+    let now_step = spec.step_at(unix_now());
+    for old in [step - 1, step, step + 1, now_step, now_step + 1] {
+        s.touch(laptop, server, &s.sequence(old));
+        assert!(
+            !s.ssh_open_from(laptop, server),
+            "step {old}'s sequence opened with the daemon stopped (now step {now_step})"
+        );
+    }
+}
+
+/// TCP SYNs from `sources` (addresses the client does not have: transparent sockets,
+/// as a raw-socket spoofer would send them) to `ports` of `to`; how many went out.
+fn spoof_syns(lab: &Lab, sources: &[IpAddr], to: IpAddr, ports: &[u16]) -> usize {
+    lab.in_ns(Host::Client, || {
+        let mut sent = 0;
+        for (i, from) in sources.iter().enumerate() {
+            let port = ports[i % ports.len()];
+            let addr = SocketAddr::new(to, port);
+            let Ok(sock) = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM,
+                None,
+            ) else {
+                continue;
+            };
+            let _ = sock.set_ip_transparent_v4(true);
+            if sock.bind(&SocketAddr::new(*from, 0).into()).is_err() {
+                continue;
+            }
+            let _ = sock.set_nonblocking(true);
+            match sock.connect(&addr.into()) {
+                Err(e) if e.raw_os_error() == Some(nix::libc::EINPROGRESS) => sent += 1,
+                _ => {}
+            }
+        }
+        sent
+    })
+}
+
+/// The daemon's CPU time so far, in clock ticks (user + system).
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = stat.rsplit_once(')').unwrap().1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn a_syn_flood_across_the_range_costs_the_daemon_nothing_and_a_sequence_still_opens() {
+    if !lab_available(
+        "a_syn_flood_across_the_range_costs_the_daemon_nothing_and_a_sequence_still_opens",
+    ) {
+        return;
+    }
+    let s = seq_lab(TouchProtocols::Tcp);
+    let daemon = s.start();
+    s.lab.allow_spoofing();
+    let plan = v4();
+    let server = plan.server_from_client;
+    // 20,000 spoofed sources (10.80.0.0/16), each a SYN to a port of the range, every
+    // port hit four times.
+    let sources: Vec<IpAddr> = (0..20_000u32)
+        .map(|n| IpAddr::V4(std::net::Ipv4Addr::from(0x0a50_0000 + n)))
+        .collect();
+    let ports: Vec<u16> = (RANGE.first..=RANGE.last).collect();
+    let before = cpu_ticks(daemon.pid());
+    let sent = spoof_syns(&s.lab, &sources, server, &ports);
+    assert!(sent > 19_000, "the flood went out: {sent}");
+    let spent = cpu_ticks(daemon.pid()) - before;
+    // Clock ticks (1/100 s): the daemon never sees a touch; what it spends is the
+    // step writes that fall in the same time.
+    assert!(
+        spent <= 5,
+        "the daemon spent {spent} ticks during the flood"
+    );
+    let step = s.step_with_room(2);
+    s.touch(plan.client, server, &s.sequence(step));
+    assert!(
+        eventually(Duration::from_secs(1), || s
+            .ssh_open_from(plan.client, server)),
+        "a valid sequence opens after the flood: {}",
+        daemon.log_text()
+    );
+}

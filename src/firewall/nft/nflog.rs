@@ -26,6 +26,7 @@ const NFULNL_MSG_PACKET: u16 = 0;
 const NFULNL_MSG_CONFIG: u16 = 1;
 const NFULA_CFG_CMD: u16 = 1;
 const NFULA_CFG_MODE: u16 = 2;
+const NFULA_CFG_QTHRESH: u16 = 4;
 const NFULNL_CFG_CMD_BIND: u8 = 1;
 const NFULNL_COPY_PACKET: u8 = 2;
 const NFULA_MARK: u16 = 2;
@@ -115,6 +116,8 @@ impl SequenceLog {
         let mut mode = snaplen.to_be_bytes().to_vec();
         mode.extend_from_slice(&[NFULNL_COPY_PACKET, 0]);
         me.request(2, &attribute(NFULA_CFG_MODE, &mode))?;
+        // Each packet at once: the kernel's default batches up to 100 for a second.
+        me.request(3, &attribute(NFULA_CFG_QTHRESH, &1u32.to_be_bytes()))?;
         let flags = nix::fcntl::OFlag::O_NONBLOCK;
         nix::fcntl::fcntl(&me.fd, nix::fcntl::FcntlArg::F_SETFL(flags))?;
         Ok(me)
