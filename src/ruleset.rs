@@ -700,22 +700,17 @@ impl fmt::Display for SetDef {
             _ => writeln!(f, "\t\ttype {}", self.key.nft_type())?,
         }
         match self.kind {
-            SetKind::Grants => writeln!(f, "\t\tflags timeout")?,
+            SetKind::Grants | SetKind::SeqMap => writeln!(f, "\t\tflags timeout")?,
             SetKind::Bans { size } => {
                 writeln!(f, "\t\tsize {size}")?;
                 writeln!(f, "\t\tflags timeout")?;
             }
-            SetKind::Meter { size, timeout_secs } => {
+            SetKind::Meter { size, timeout_secs }
+            | SetKind::SeqProgress { size, timeout_secs } => {
                 writeln!(f, "\t\tsize {size}")?;
                 writeln!(f, "\t\tflags dynamic,timeout")?;
                 writeln!(f, "\t\ttimeout {}", nft_duration(timeout_secs))?;
             }
-            SetKind::SeqProgress { size, timeout_secs } => {
-                writeln!(f, "\t\tsize {size}")?;
-                writeln!(f, "\t\tflags dynamic,timeout")?;
-                writeln!(f, "\t\ttimeout {}", nft_duration(timeout_secs))?;
-            }
-            SetKind::SeqMap => writeln!(f, "\t\tflags timeout")?,
             SetKind::SeqUsed { size } => {
                 writeln!(f, "\t\tsize {size}")?;
                 writeln!(f, "\t\tflags dynamic,timeout")?;

@@ -35,7 +35,7 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
         None => {
             let (target, ssh_port, entry) = target_for(args.host.as_deref(), &args.knock)?;
             let a = &args.knock;
-            if a.sequence || a.print_sequence {
+            if a.seq.sequence || a.seq.print_sequence {
                 return sequence(&target, ssh_port, a, entry.as_ref());
             }
             // Known before anything is sent: which port --wait polls.
@@ -87,7 +87,7 @@ fn sequence(
         ));
     };
     let left = current.valid_until.saturating_sub(now);
-    if a.print_sequence {
+    if a.seq.print_sequence {
         let line = knockgate::sequence::knockd_arguments(&target.host, &current.touches);
         knockgate::exit::write_stdout(&format!(
             "{line}\n# valid for {left} s more (until Unix time {}); send it with `knock -d 5 {line}` (knockd's client)\n",
@@ -124,6 +124,7 @@ fn sequence_spec(
     let invalid = |what: String| client::ClientError::Invalid(what);
     let defaults = SequenceSpec::default();
     let ports = match a
+        .seq
         .sequence_ports
         .as_deref()
         .or(entry.and_then(|e| e.sequence_ports.as_deref()))
@@ -139,6 +140,7 @@ fn sequence_spec(
         )));
     }
     let length = a
+        .seq
         .sequence_length
         .or(entry.and_then(|e| e.sequence_length))
         .unwrap_or(defaults.length);
@@ -148,6 +150,7 @@ fn sequence_spec(
         )));
     }
     let protocols = match a
+        .seq
         .sequence_protocol
         .as_deref()
         .or(entry.and_then(|e| e.sequence_protocol.as_deref()))
@@ -160,6 +163,7 @@ fn sequence_spec(
         })?,
     };
     let step = a
+        .seq
         .sequence_step
         .or(entry.and_then(|e| e.sequence_step.map(|d| d.0)))
         .map_or(defaults.step_secs, |d| {

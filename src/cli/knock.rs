@@ -56,6 +56,24 @@ pub struct KnockArgs {
     /// server's clock skew (30 s by default).
     #[arg(long, value_name = "FILE", conflicts_with = "wait")]
     pub save_packet: Option<PathBuf>,
+    /// Port sequences instead of a knock.
+    #[command(flatten)]
+    pub seq: SequenceArgs,
+    /// After knocking, poll the opened port until it answers.
+    #[arg(long)]
+    pub wait: bool,
+    /// Port to poll with --wait [default: the host's ssh_port, or 22, when ssh is
+    /// among the services].
+    #[arg(long, global = true)]
+    pub wait_port: Option<u16>,
+    /// Longest wait for the port to open.
+    #[arg(long, global = true, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+/// `--sequence`, `--print-sequence` and the server's sequence shape.
+#[derive(ClapArgs)]
+pub struct SequenceArgs {
     /// Touch the key's current port sequence instead of sending a knock (for a key
     /// with `sequence = true` on the server): TCP SYNs or UDP datagrams, nothing else.
     #[arg(long, conflicts_with_all = ["dry_run", "save_packet", "print_sequence"])]
@@ -76,16 +94,6 @@ pub struct KnockArgs {
     /// The server's `sequence.step` [default: the host's, or 30s].
     #[arg(long, global = true, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub sequence_step: Option<Duration>,
-    /// After knocking, poll the opened port until it answers.
-    #[arg(long)]
-    pub wait: bool,
-    /// Port to poll with --wait [default: the host's ssh_port, or 22, when ssh is
-    /// among the services].
-    #[arg(long, global = true)]
-    pub wait_port: Option<u16>,
-    /// Longest wait for the port to open.
-    #[arg(long, global = true, default_value = "10s", value_parser = humantime::parse_duration)]
-    pub timeout: Duration,
 }
 
 #[derive(Subcommand)]

@@ -384,6 +384,11 @@ fn sequence(c: &Checker<'_>, config: &Config) -> Result<(), ConfigError> {
     if !(16..=1 << 20).contains(&q.max_sources) {
         return Err(c.invalid("sequence.max_sources", "expected 16 to 1048576 sources"));
     }
+    sequence_keys(c, config)
+}
+
+/// The keys' `sequence*` fields: what a sequence opens, for how long, and for whom.
+fn sequence_keys(c: &Checker<'_>, config: &Config) -> Result<(), ConfigError> {
     let mut count = 0;
     for (i, key) in config.keys.iter().enumerate() {
         let at = |field: &str| format!("keys[{i}].{field}");
@@ -430,6 +435,16 @@ fn sequence(c: &Checker<'_>, config: &Config) -> Result<(), ConfigError> {
         return Err(c.invalid(
             "keys",
             format!("{count} keys with sequence = true; at most {MAX_SEQUENCE_KEYS} are supported"),
+        ));
+    }
+    let classes = crate::ruleset::sequence::classes(config).len();
+    if classes > crate::ruleset::sequence::MAX_CLASSES {
+        return Err(c.invalid(
+            "keys",
+            format!(
+                "the sequence keys open {classes} different (service, sequence_ttl) pairs; at most {} are supported: give keys the same TTLs",
+                crate::ruleset::sequence::MAX_CLASSES
+            ),
         ));
     }
     Ok(())

@@ -61,6 +61,7 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
         UnixMs::now(),
     )?));
     let mut sequence_log = open_sequence_log(&mut daemon.borrow_mut(), None)?;
+    let mut sequence_tried = sequence_group(&mut daemon.borrow_mut());
     let socket = listener::bind(port).with_context(|| format!("cannot bind udp port {port}"))?;
     let admin_socket = admin::bind(&admin_path, &group)?;
     let cgroup_root = cgroup_root();
@@ -125,11 +126,7 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
             }
             ready = readable(sequence_log.as_mut()) => {
                 let Ok(mut ready) = ready else { continue };
-                let (logged, lost) = {
-                    let log = ready.get_inner_mut();
-                    let taken = log.take();
-                    (taken, std::mem::take(&mut log.lost))
-                };
+                let (logged, lost) = ready.get_inner_mut().take_all();
                 ready.clear_ready();
                 on_sequences(&daemon, logged, lost);
             }
@@ -153,18 +150,8 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
                 let _ = reload(&daemon, "SIGHUP");
             }
         }
-        // A reload may have turned sequences on or moved their log group.
-        if sequence_log.as_ref().map(|l| l.get_ref().group())
-            != sequence_group(&mut daemon.borrow_mut())
-        {
-            match open_sequence_log(&mut daemon.borrow_mut(), sequence_log.take()) {
-                Ok(log) => sequence_log = log,
-                Err(e) => {
-                    tracing::error!(target: AUDIT, event = "sequence", error = %format!("{e:#}"),
-                    "cannot listen for completed sequences; sequences still open ports, but nothing books or logs them")
-                }
-            }
-        }
+        // A reload may have turned sequences on or off, or moved their log group.
+        follow_sequence_group(&daemon, &mut sequence_log, &mut sequence_tried);
     };
     log.summarise();
     info!(signal, "stop requested");
@@ -175,6 +162,28 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
         .shutdown()
         .context("cannot stop cleanly")?;
     Ok(())
+}
+
+/// After a reload that turned sequences on or off, or moved their log group: listen
+/// where the config now says.
+/// `tried` is the group last tried: a group that cannot be bound is tried once per
+/// config, not once per loop.
+fn follow_sequence_group(
+    daemon: &Shared,
+    log: &mut Option<AsyncFd<SequenceLog>>,
+    tried: &mut Option<u16>,
+) {
+    let mut d = daemon.borrow_mut();
+    let wanted = sequence_group(&mut d);
+    if wanted == *tried {
+        return;
+    }
+    *tried = wanted;
+    match open_sequence_log(&mut d, log.take()) {
+        Ok(opened) => *log = opened,
+        Err(e) => tracing::error!(target: AUDIT, event = "sequence", error = %format!("{e:#}"),
+            "cannot listen for completed sequences; sequences still open ports, but nothing books or logs them"),
+    }
 }
 
 /// The log group completed sequences are reported on, when some key has a sequence.
@@ -198,7 +207,7 @@ fn open_sequence_log(
         .with_context(|| {
             format!("cannot listen on netfilter log group {group} (sequence.log_group; is another program, ulogd say, bound to it?)")
         })?;
-    info!(target: AUDIT, event = "sequence", group, keys = d.core().sequencer().map_or(0, |s| s.key_count()),
+    info!(target: AUDIT, event = "sequence", group, keys = d.core().sequencer().map_or(0, super::sequencer::Sequencer::key_count),
         "listening for completed port sequences");
     Ok(Some(log))
 }

@@ -250,114 +250,153 @@ pub fn rules(config: &Config) -> Vec<Rule> {
     let mut rules = Vec::new();
     for &protocol in spec.protocols.protocols() {
         for family in [IpFamily::V4, IpFamily::V6] {
-            let progress = progress_set(family).to_owned();
-            let guard = || {
-                vec![
-                    Expr::CtState(vec![super::CtState::New]),
-                    Expr::Seq(SeqStep::Guard {
-                        protocol,
-                        ports: spec.ports,
-                    }),
-                ]
-            };
-            let at_stage = |map: &str| {
-                let mut e = guard();
-                e.extend([
-                    Expr::Seq(SeqStep::LoadSource(family)),
-                    Expr::Seq(SeqStep::LoadStage {
-                        progress: progress.clone(),
-                    }),
-                    Expr::Seq(SeqStep::LoadTouch),
-                    Expr::Seq(SeqStep::Follow {
-                        map: map.to_owned(),
-                        first: false,
-                    }),
-                ]);
-                e
+            let judge = Judge {
+                protocol,
+                ports: spec.ports,
+                family,
+                progress: progress_set(family).to_owned(),
             };
             for (i, class) in classes.iter().enumerate() {
                 let Ok(number) = u8::try_from(i + 1) else {
                     break;
                 };
-                let grants = crate::service::grant_set(&class.service, family);
-                let mut e = at_stage(SEQ_LAST);
-                e.extend([
-                    Expr::Seq(SeqStep::Class(number)),
-                    Expr::Seq(SeqStep::Consume {
-                        used: SEQ_USED.to_owned(),
-                        timeout_ms: used_ms,
-                    }),
-                    Expr::Seq(SeqStep::Grant {
-                        set: grants,
-                        timeout_ms: ms(class.ttl + crate::clock::KERNEL_TIMER_SLACK),
-                    }),
-                    Expr::Seq(SeqStep::Forget {
-                        progress: progress.clone(),
-                    }),
-                    Expr::Seq(SeqStep::Mark),
-                    Expr::LogGroup {
-                        group,
-                        prefix: OPENED_PREFIX.to_owned(),
-                    },
-                    Expr::Verdict(Verdict::Drop),
-                ]);
-                rules.push(Rule(e));
+                rules.push(judge.complete(number, class, used_ms, group));
             }
-            let mut refused = at_stage(SEQ_LAST);
-            refused.extend([
-                Expr::Seq(SeqStep::Forget {
-                    progress: progress.clone(),
-                }),
-                Expr::Limit(Rate {
-                    packets: REFUSED_PER_SECOND,
-                    per: super::Per::Second,
-                    burst: REFUSED_PER_SECOND,
-                }),
-                Expr::Seq(SeqStep::Mark),
-                Expr::LogGroup {
-                    group,
-                    prefix: REFUSED_PREFIX.to_owned(),
-                },
-                Expr::Verdict(Verdict::Drop),
-            ]);
-            rules.push(Rule(refused));
-            let mut next = at_stage(SEQ_NEXT);
-            next.extend([
-                Expr::Seq(SeqStep::Forget {
-                    progress: progress.clone(),
-                }),
-                Expr::Seq(SeqStep::Advance {
-                    progress: progress.clone(),
-                }),
-                Expr::Verdict(Verdict::Drop),
-            ]);
-            rules.push(Rule(next));
-            let mut start = guard();
-            start.extend([
-                Expr::Seq(SeqStep::LoadTouch),
-                Expr::Seq(SeqStep::Follow {
-                    map: SEQ_START.to_owned(),
-                    first: true,
-                }),
-                Expr::Seq(SeqStep::LoadSource(family)),
-                Expr::Seq(SeqStep::Forget {
-                    progress: progress.clone(),
-                }),
-                Expr::Seq(SeqStep::Advance {
-                    progress: progress.clone(),
-                }),
-                Expr::Verdict(Verdict::Drop),
-            ]);
-            rules.push(Rule(start));
-            let mut reset = guard();
-            reset.extend([
-                Expr::Seq(SeqStep::LoadSource(family)),
-                Expr::Seq(SeqStep::Forget { progress }),
-            ]);
-            rules.push(Rule(reset));
+            rules.push(judge.refuse_last(group));
+            rules.push(judge.advance());
+            rules.push(judge.start());
+            rules.push(judge.reset());
         }
     }
     rules
+}
+
+/// The rules of one protocol and family.
+struct Judge {
+    protocol: Protocol,
+    ports: Ports,
+    family: IpFamily,
+    progress: String,
+}
+
+impl Judge {
+    /// A new touch of the range.
+    fn guard(&self) -> Vec<Expr> {
+        vec![
+            Expr::CtState(vec![super::CtState::New]),
+            Expr::Seq(SeqStep::Guard {
+                protocol: self.protocol,
+                ports: self.ports,
+            }),
+        ]
+    }
+
+    /// A touch from the source's stage, looked up in `map`.
+    fn at_stage(&self, map: &str) -> Vec<Expr> {
+        let mut e = self.guard();
+        e.extend([
+            Expr::Seq(SeqStep::LoadSource(self.family)),
+            Expr::Seq(SeqStep::LoadStage {
+                progress: self.progress.clone(),
+            }),
+            Expr::Seq(SeqStep::LoadTouch),
+            Expr::Seq(SeqStep::Follow {
+                map: map.to_owned(),
+                first: false,
+            }),
+        ]);
+        e
+    }
+
+    fn forget(&self) -> Expr {
+        Expr::Seq(SeqStep::Forget {
+            progress: self.progress.clone(),
+        })
+    }
+
+    /// 1: a last touch of class `number`, not used yet: grant, use, tell.
+    fn complete(&self, number: u8, class: &Class, used_ms: u64, group: u16) -> Rule {
+        let grants = crate::service::grant_set(&class.service, self.family);
+        let mut e = self.at_stage(SEQ_LAST);
+        e.extend([
+            Expr::Seq(SeqStep::Class(number)),
+            Expr::Seq(SeqStep::Consume {
+                used: SEQ_USED.to_owned(),
+                timeout_ms: used_ms,
+            }),
+            Expr::Seq(SeqStep::Grant {
+                set: grants,
+                timeout_ms: ms(class.ttl + crate::clock::KERNEL_TIMER_SLACK),
+            }),
+            self.forget(),
+            Expr::Seq(SeqStep::Mark),
+            Expr::LogGroup {
+                group,
+                prefix: OPENED_PREFIX.to_owned(),
+            },
+            Expr::Verdict(Verdict::Drop),
+        ]);
+        Rule(e)
+    }
+
+    /// 2: a last touch already used (or its grant set full).
+    fn refuse_last(&self, group: u16) -> Rule {
+        let mut e = self.at_stage(SEQ_LAST);
+        e.extend([
+            self.forget(),
+            Expr::Limit(Rate {
+                packets: REFUSED_PER_SECOND,
+                per: super::Per::Second,
+                burst: REFUSED_PER_SECOND,
+            }),
+            Expr::Seq(SeqStep::Mark),
+            Expr::LogGroup {
+                group,
+                prefix: REFUSED_PREFIX.to_owned(),
+            },
+            Expr::Verdict(Verdict::Drop),
+        ]);
+        Rule(e)
+    }
+
+    /// 3: the next touch moves the source on.
+    fn advance(&self) -> Rule {
+        let mut e = self.at_stage(SEQ_NEXT);
+        e.extend([
+            self.forget(),
+            Expr::Seq(SeqStep::Advance {
+                progress: self.progress.clone(),
+            }),
+            Expr::Verdict(Verdict::Drop),
+        ]);
+        Rule(e)
+    }
+
+    /// 4: a first touch starts (or restarts) the source.
+    fn start(&self) -> Rule {
+        let mut e = self.guard();
+        e.extend([
+            Expr::Seq(SeqStep::LoadTouch),
+            Expr::Seq(SeqStep::Follow {
+                map: SEQ_START.to_owned(),
+                first: true,
+            }),
+            Expr::Seq(SeqStep::LoadSource(self.family)),
+            self.forget(),
+            Expr::Seq(SeqStep::Advance {
+                progress: self.progress.clone(),
+            }),
+            Expr::Verdict(Verdict::Drop),
+        ]);
+        Rule(e)
+    }
+
+    /// 5: any other touch forgets the source and falls through to the drop policy.
+    fn reset(&self) -> Rule {
+        let mut e = self.guard();
+        e.extend([Expr::Seq(SeqStep::LoadSource(self.family)), self.forget()]);
+        Rule(e)
+    }
 }
 
 fn ms(d: Duration) -> u64 {

@@ -61,6 +61,8 @@ TOML
 id = "laptop"
 file = "/etc/knockgate/keys/laptop.key"
 services = ["ssh"]
+sequence = true
+sequence_ttl = "15s"
 TOML
     check config-valid knockgate check
     # The laptop: its key, its knock config, an ssh key the guest's sshd accepts.
@@ -150,6 +152,15 @@ service_group() {
     check knock-ttl-opens until_true 10 in_ns laptop $P tcp 10.77.1.1 22
     sleep 20
     check knock-ttl-closed-by-kernel not in_ns laptop $P tcp 10.77.1.1 22
+    # The port sequence: the kernel of this release judges it (dynset delete, maps,
+    # nfnetlink_log to the sandboxed unit), and a replay from elsewhere opens nothing.
+    group=sequence
+    check sequence-sent in_ns laptop env HOME=/root/laptop knock vmlab --sequence
+    check sequence-opens until_true 10 in_ns laptop $P tcp 10.77.1.1 22
+    check sequence-booked-and-logged until_true 10 bash -c 'journalctl -b -u knockgated --no-pager | grep "port sequence completed" | grep -q "key=laptop"'
+    check sequence-replay-sent in_ns intruder env HOME=/root/laptop knock --server 10.77.3.1 --key-id laptop --key-file /root/laptop/.config/knock/laptop.key --server-id vmlab --sequence
+    check sequence-replay-closed not in_ns intruder $P tcp 10.77.3.1 22
+    check sequence-replay-logged until_true 10 bash -c 'journalctl -b -u knockgated --no-pager | grep -q "sequence-used"'
     group=egress
     check root-command-gets-out egress-window 60s -- curl -sk --max-time 10 https://10.77.2.2/
     rm -f /tmp/in-window

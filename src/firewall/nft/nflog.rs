@@ -160,6 +160,12 @@ impl SequenceLog {
         registered.map_err(io::Error::from)
     }
 
+    /// [`SequenceLog::take`], and whether reports were lost since the last call.
+    pub fn take_all(&mut self) -> (io::Result<Vec<Logged>>, bool) {
+        let taken = self.take();
+        (taken, std::mem::take(&mut self.lost))
+    }
+
     /// The packets logged since the last call (at most [`MAX_PER_TAKE`]).
     pub fn take(&mut self) -> io::Result<Vec<Logged>> {
         let mut out = Vec::new();

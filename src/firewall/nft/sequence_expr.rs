@@ -121,6 +121,22 @@ pub(super) fn add(
                 value: u32::from(*class) << 24,
             });
         }
+        SeqStep::Consume { .. }
+        | SeqStep::Grant { .. }
+        | SeqStep::Forget { .. }
+        | SeqStep::Advance { .. }
+        | SeqStep::Mark => write(rule, step, &named)?,
+    }
+    Ok(())
+}
+
+/// The steps that write: set elements and the packet mark.
+fn write(
+    rule: &mut nftnl::Rule<'_>,
+    step: &SeqStep,
+    named: &dyn Fn(&str) -> Result<(CString, u32), String>,
+) -> Result<(), String> {
+    match step {
         SeqStep::Consume { used, timeout_ms } => {
             let (set, id) = named(used)?;
             rule.add_expr(&Lookup {
@@ -179,6 +195,7 @@ pub(super) fn add(
             key: libc::NFT_META_MARK,
             sreg: R_NEXT,
         }),
+        _ => {}
     }
     Ok(())
 }
