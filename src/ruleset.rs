@@ -1,7 +1,8 @@
 //! The firewall as plain data: one `inet` table with its sets and chains.
 //!
 //! A [`Ruleset`] is what `knockgate ruleset` prints (its `Display` is nft
-//! syntax that `nft -f` accepts) and what the nftables backend turns into one
+//! syntax that `nft -f` accepts, but for the port-sequence rules, which nft has no
+//! syntax for: see [`sequence`]) and what the nftables backend turns into one
 //! netlink batch. Building it from a config lives in [`baseline`]. This module
 //! does no I/O and never names a libnftnl type, so it can be tested without root.
 
@@ -705,8 +706,7 @@ impl fmt::Display for SetDef {
                 writeln!(f, "\t\tsize {size}")?;
                 writeln!(f, "\t\tflags timeout")?;
             }
-            SetKind::Meter { size, timeout_secs }
-            | SetKind::SeqProgress { size, timeout_secs } => {
+            SetKind::Meter { size, timeout_secs } | SetKind::SeqProgress { size, timeout_secs } => {
                 writeln!(f, "\t\tsize {size}")?;
                 writeln!(f, "\t\tflags dynamic,timeout")?;
                 writeln!(f, "\t\ttimeout {}", nft_duration(timeout_secs))?;

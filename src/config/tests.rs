@@ -595,3 +595,98 @@ fn bad_fwknop_stanzas_are_refused_naming_the_key() {
     assert!(spec.require_source_address && !spec.other_source);
     assert_eq!(spec.ttl.0, std::time::Duration::from_secs(30));
 }
+
+const SEQ_KEY: &str =
+    "[[keys]]\nid = \"phone\"\nfile = \"/etc/knockgate/keys/phone.key\"\nsequence = true\n";
+
+#[test]
+fn sequences_default_to_the_documented_shape() {
+    let loaded = load_text(SEQ_KEY).unwrap();
+    let spec = loaded.config.sequence_spec().unwrap();
+    assert_eq!(spec, crate::sequence::SequenceSpec::default());
+    assert_eq!(sequence_service(&loaded.config.keys[0]), "ssh");
+    assert_eq!(
+        sequence_ttl(&loaded.config, &loaded.config.keys[0]),
+        loaded.config.knock.default_ttl.0
+    );
+    // No key with a sequence: nothing of it in the ruleset.
+    assert!(load_text("").unwrap().config.sequence_spec().is_none());
+}
+
+#[test]
+fn bad_sequences_are_refused_naming_the_key() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "[sequence]\nports = \"1-2000\"\n",
+            "sequence.ports",
+            "public port 80",
+        ),
+        (
+            "[sequence]\nports = \"40000-40100\"\n",
+            "sequence.ports",
+            "at least 1024",
+        ),
+        (
+            "[sequence]\nports = \"62000-63500\"\nprotocol = \"udp\"\n",
+            "sequence.ports",
+            "knock port",
+        ),
+        (
+            "[sequence]\nprotocol = \"icmp\"\n",
+            "sequence.protocol",
+            "mixed",
+        ),
+        ("[sequence]\nlength = 2\n", "sequence.length", "3 to 8"),
+        ("[sequence]\nlength = 9\n", "sequence.length", "3 to 8"),
+        ("[sequence]\nstep = \"1s\"\n", "sequence.step", "2s to 1h"),
+        (
+            "[sequence]\nstep = \"2500ms\"\n",
+            "sequence.step",
+            "whole seconds",
+        ),
+        (
+            "[sequence]\nmax_sources = 0\n",
+            "sequence.max_sources",
+            "16 to",
+        ),
+        (
+            "[[services]]\nname = \"db\"\nprotocol = \"tcp\"\nport = 45000\n",
+            "sequence.ports",
+            "service `db`",
+        ),
+        (
+            "sources = [\"10.0.0.0/8\"]\n",
+            "keys[0].sequence",
+            "sources",
+        ),
+        ("sources = [\"0.0.0.0/0\"]\n", "keys[0].sequence", "sources"),
+        (
+            "services = [\"ssh\", \"egress\"]\nsequence_service = \"egress\"\n",
+            "keys[0].sequence_service",
+            "egress cannot",
+        ),
+        (
+            "sequence_service = \"wireguard\"\n",
+            "keys[0].sequence_service",
+            "not one of this key's services",
+        ),
+        ("sequence_ttl = \"2d\"\n", "keys[0].sequence_ttl", "1s to"),
+    ];
+    for (extra, key, expected) in cases {
+        // Key fields go after the key's table header; sections before it.
+        let text = if extra.starts_with('[') {
+            format!("{extra}{SEQ_KEY}")
+        } else {
+            format!("{SEQ_KEY}{extra}")
+        };
+        let msg = error_text(&text);
+        assert!(msg.contains(key), "{text}\n→ {msg}");
+        assert!(msg.contains(expected), "{text}\n→ {msg}");
+    }
+    let off = "[[keys]]\nid = \"phone\"\nfile = \"/k\"\nsequence_ttl = \"1m\"\n";
+    let msg = error_text(off);
+    assert!(
+        msg.contains("keys[0].sequence") && msg.contains("sequence = true"),
+        "{msg}"
+    );
+}

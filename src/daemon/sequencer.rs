@@ -303,3 +303,158 @@ impl Sequencer {
         self.keys.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Dur, KeySpec};
+    use crate::policy::KeyEntry;
+
+    fn key_spec(id: &str, ttl_secs: u64) -> KeySpec {
+        KeySpec {
+            id: id.into(),
+            file: "/k".into(),
+            services: vec!["ssh".into()],
+            sources: vec!["0.0.0.0/0".into(), "::/0".into()],
+            max_ttl: None,
+            other_source: false,
+            allow_unbound: false,
+            max_grants: 64,
+            sequence: true,
+            sequence_service: None,
+            sequence_ttl: Some(Dur(Duration::from_secs(ttl_secs))),
+        }
+    }
+
+    fn ring(keys: &[(&str, &str)]) -> KeyRing {
+        let mut ring = KeyRing::default();
+        for (id, hex) in keys {
+            ring.insert(
+                KeyId::new(id).unwrap(),
+                KeyEntry {
+                    secret: Secret::from_hex(hex).unwrap(),
+                    services: vec!["ssh".into()],
+                    sources: vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()],
+                    max_ttl: None,
+                    other_source: false,
+                    unbound: false,
+                    max_grants: 64,
+                },
+            );
+        }
+        ring
+    }
+
+    fn config(keys: Vec<KeySpec>) -> Config {
+        Config {
+            keys,
+            ..Config::default()
+        }
+    }
+
+    fn server() -> ServerId {
+        ServerId::new("web1").unwrap()
+    }
+
+    /// 12:00:10 on a step boundary's second (30 s steps): well inside a step.
+    const NOW: UnixMs = UnixMs(1_790_000_010_000);
+
+    #[test]
+    fn writes_the_current_and_previous_step_then_each_next_one_once() {
+        let a = "11".repeat(32);
+        let b = "22".repeat(32);
+        let c = config(vec![key_spec("a", 60), key_spec("b", 120)]);
+        let mut s = Sequencer::new(&c, &ring(&[("a", &a), ("b", &b)]), &server(), 0).unwrap();
+        let due = s.due(NOW);
+        // Two steps × two keys × four touches (first, two next, last).
+        assert_eq!(due.len(), 16, "{due:?}");
+        let spec = SequenceSpec::default();
+        let step = spec.step_at(NOW.secs());
+        for (_, _, ttl) in &due {
+            let end = NOW.plus(*ttl);
+            assert!(
+                end == UnixMs(spec.accepted_until(step) * 1000)
+                    || end == UnixMs(spec.accepted_until(step - 1) * 1000),
+                "each element ends with its step's acceptance: {ttl:?}"
+            );
+        }
+        assert!(s.due(NOW).is_empty(), "nothing twice");
+        let next = s.next_write(NOW);
+        assert_eq!(
+            next.0,
+            spec.step_start(step + 1) * 1000 - 2_000,
+            "two seconds' lead"
+        );
+        let later = s.due(next);
+        assert_eq!(later.len(), 8, "the next step of both keys");
+        // The classes: a and b differ in TTL.
+        let last: Vec<u32> = later
+            .iter()
+            .filter(|(set, ..)| *set == seq::SEQ_LAST)
+            .map(|(_, k, _)| match k {
+                ElementKey::SeqStep { next, .. } => *next,
+                _ => unreachable!(),
+            })
+            .collect();
+        let resolved: Vec<Completed> = last.iter().map(|m| s.resolve(*m).unwrap()).collect();
+        assert_eq!(resolved[0].key.as_str(), "a");
+        assert_eq!(resolved[0].ttl, Duration::from_secs(60));
+        assert_eq!(resolved[1].key.as_str(), "b");
+        assert_ne!(completion_parts(last[0]).0, completion_parts(last[1]).0);
+    }
+
+    #[test]
+    fn completions_of_an_older_generation_resolve_once_and_no_further() {
+        let a = "11".repeat(32);
+        let c = config(vec![key_spec("a", 60)]);
+        let r = ring(&[("a", &a)]);
+        let old = Sequencer::new(&c, &r, &server(), 7).unwrap();
+        let mut new = Sequencer::new(&c, &r, &server(), 8).unwrap();
+        new.follow(&old);
+        assert_eq!(new.resolve(completion(1, 7, 0)).unwrap().key.as_str(), "a");
+        assert_eq!(new.resolve(completion(1, 8, 0)).unwrap().key.as_str(), "a");
+        assert!(new.resolve(completion(1, 6, 0)).is_none());
+        assert!(new.resolve(completion(1, 8, 5)).is_none(), "no such key");
+    }
+
+    #[test]
+    fn two_keys_with_one_sequence_share_its_stages_and_the_first_keeps_the_last_step() {
+        let same = "33".repeat(32);
+        let c = config(vec![key_spec("a", 60), key_spec("b", 60)]);
+        let mut s = Sequencer::new(&c, &ring(&[("a", &same), ("b", &same)]), &server(), 0).unwrap();
+        let due = s.due(NOW);
+        // Shared stages are written once; b's last step collides with a's and is left out.
+        assert_eq!(due.len(), 8, "{due:?}");
+        let lasts: Vec<&(&str, ElementKey, Duration)> = due
+            .iter()
+            .filter(|(set, ..)| *set == seq::SEQ_LAST)
+            .collect();
+        assert_eq!(lasts.len(), 2);
+        for (_, k, _) in lasts {
+            let ElementKey::SeqStep { next, .. } = k else {
+                unreachable!()
+            };
+            assert_eq!(s.resolve(*next).unwrap().key.as_str(), "a");
+        }
+    }
+
+    #[test]
+    fn a_replace_gets_every_element_with_its_time_left() {
+        let a = "11".repeat(32);
+        let c = config(vec![key_spec("a", 60)]);
+        let mut s = Sequencer::new(&c, &ring(&[("a", &a)]), &server(), 0).unwrap();
+        let all = s.elements(NOW);
+        let count: usize = all.values().map(Vec::len).sum();
+        assert_eq!(count, 8);
+        assert_eq!(all[seq::SEQ_START].len(), 2);
+        let held: usize = s
+            .held(NOW.plus(Duration::from_secs(1)))
+            .values()
+            .map(Vec::len)
+            .sum();
+        assert_eq!(held, 8);
+        // A failed write forgets: everything is due again.
+        s.forget_written();
+        assert_eq!(s.due(NOW).len(), 8);
+    }
+}

@@ -1209,3 +1209,80 @@ fn a_reload_that_drops_a_service_drops_its_grants_and_keeps_the_rest() {
         .unwrap_err();
     assert!(err.to_string().contains("no service `wireguard`"), "{err}");
 }
+
+#[test]
+fn a_completed_sequence_is_booked_like_a_knock_and_closed_again_past_the_keys_grants() {
+    use crate::daemon::sequencer::Sequencer;
+    use crate::ruleset::sequence::completion;
+    let mut f = fixture();
+    let mut c = config();
+    let spec = |id: &str| crate::config::KeySpec {
+        id: id.into(),
+        file: "/k".into(),
+        services: vec!["ssh".into()],
+        sources: vec!["0.0.0.0/0".into(), "::/0".into()],
+        max_ttl: None,
+        other_source: false,
+        allow_unbound: false,
+        max_grants: 2,
+        sequence: true,
+        sequence_service: None,
+        sequence_ttl: Some(crate::config::Dur(Duration::from_secs(60))),
+    };
+    c.keys = vec![spec("two")];
+    f.core
+        .set_sequencer(Sequencer::new(&c, &keys(), &server(), 3));
+    let now = UnixMs::from_secs(NOW);
+    let mark = completion(1, 3, 0);
+    // The kernel added the first two itself; the daemon books them.
+    for (i, addr) in ["198.51.100.1", "198.51.100.2"].iter().enumerate() {
+        f.core
+            .firewall_mut()
+            .add_element(
+                "knockgate",
+                SSH_GRANTS_V4,
+                ip(addr).into(),
+                Duration::from_secs(60),
+            )
+            .unwrap();
+        match f.core.sequence_completed(mark, ip(addr), now) {
+            SequenceOutcome::Opened {
+                completed, record, ..
+            } => {
+                assert_eq!(completed.key.as_str(), "two");
+                assert_eq!(record.who, "key two (sequence)");
+                assert_eq!(record.expires_at, NOW + 60, "{i}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // A third address: past the key's two grants, closed again at once.
+    f.core
+        .firewall_mut()
+        .add_element(
+            "knockgate",
+            SSH_GRANTS_V4,
+            ip("198.51.100.3").into(),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    match f.core.sequence_completed(mark, ip("198.51.100.3"), now) {
+        SequenceOutcome::Refused { reason, .. } => {
+            assert!(reason.contains("most grants"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let open = elements(&mut f.core, SSH_GRANTS_V4);
+    assert!(!open.contains(&ip("198.51.100.3")), "{open:?}");
+    assert_eq!(f.core.grants(now).len(), 2);
+    // A renewal from a booked address is fine; a completion of no generation in force is not ours.
+    assert!(matches!(
+        f.core.sequence_completed(mark, ip("198.51.100.1"), now),
+        SequenceOutcome::Opened { .. }
+    ));
+    assert!(matches!(
+        f.core
+            .sequence_completed(completion(1, 9, 0), ip("198.51.100.4"), now),
+        SequenceOutcome::Unknown
+    ));
+}

@@ -394,3 +394,70 @@ fn each_service_opens_its_ports_for_its_own_grant_sets_only() {
     let mentions = input.iter().filter(|r| r.contains("51820")).count();
     assert_eq!(mentions, 2);
 }
+
+/// Two keys with sequences (different TTLs: two classes), touches TCP or UDP.
+fn with_sequences() -> Config {
+    let key = |id: &str, ttl: u64| crate::config::KeySpec {
+        id: id.into(),
+        file: "/k".into(),
+        services: vec!["ssh".into()],
+        sources: vec!["0.0.0.0/0".into(), "::/0".into()],
+        max_ttl: None,
+        other_source: false,
+        allow_unbound: false,
+        max_grants: 64,
+        sequence: true,
+        sequence_service: None,
+        sequence_ttl: Some(crate::config::Dur(std::time::Duration::from_secs(ttl))),
+    };
+    let mut c = Config {
+        keys: vec![key("phone", 300), key("router", 60), key("tablet", 300)],
+        ..Config::default()
+    };
+    c.sequence.protocol = "mixed".into();
+    c
+}
+
+#[test]
+fn sequences_match_the_golden_text() {
+    let text = baseline(&with_sequences(), &resolvers()).to_string();
+    let golden =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/sequences.nft");
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&golden, &text).unwrap();
+    }
+    let want = std::fs::read_to_string(&golden).unwrap();
+    assert_eq!(text, want, "rerun with UPDATE_GOLDEN=1 and review the diff");
+}
+
+#[test]
+fn sequence_rules_come_per_protocol_and_family_with_one_completion_rule_per_class() {
+    let ruleset = baseline(&with_sequences(), &resolvers());
+    let input = rules_text(&ruleset, Hook::Input);
+    // Two classes (300 s, 60 s) + refused + next + start + reset, for tcp and udp, v4 and v6.
+    let judged = input
+        .iter()
+        .filter(|r| r.contains("dport 30000-60999"))
+        .count();
+    assert_eq!(judged, (2 + 4) * 2 * 2);
+    let completions: Vec<&String> = input
+        .iter()
+        .filter(|r| r.contains("add @ssh_grants_v4"))
+        .collect();
+    assert_eq!(completions.len(), 4, "{completions:#?}");
+    assert!(completions.iter().any(|r| r.contains("timeout 300020ms")));
+    assert!(completions.iter().any(|r| r.contains("timeout 60020ms")));
+    // Judged after the knock port's rules, before the drop log.
+    let knock = input
+        .iter()
+        .rposition(|r| r.contains("udp dport 62201"))
+        .unwrap();
+    let first = input
+        .iter()
+        .position(|r| r.contains("dport 30000-60999"))
+        .unwrap();
+    assert!(first > knock);
+    // None of it without a key that has a sequence.
+    let plain = baseline(&Config::default(), &resolvers());
+    assert!(!plain.to_string().contains("seq_"));
+}
