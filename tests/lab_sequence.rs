@@ -471,7 +471,7 @@ fn a_syn_flood_across_the_range_costs_the_daemon_nothing_and_a_sequence_still_op
     let before = cpu_ticks(daemon.pid());
     let sent = spoof_syns(&s.lab, &sources, server, &ports);
     assert!(sent > 19_000, "the flood went out: {sent}");
-    let spent = cpu_ticks(daemon.pid()) - before;
+    let used_ticks = cpu_ticks(daemon.pid()) - before;
     // Clock ticks (1/100 s): the daemon never sees a touch; what it spends is the
     // step writes that fall in the same time.
     assert!(

@@ -16,11 +16,13 @@ use super::{Daemon, source_of, unix_now};
 use crate::admin::{Request, Response};
 use crate::clock::UnixMs;
 use crate::config::{Loaded, Tamper};
+use crate::daemon::core::SequenceOutcome;
 use crate::firewall::nft::events::Tampering;
-use crate::firewall::nft::nflog::{Logged, SequenceLog};
+use crate::firewall::nft::nflog::SequenceLog;
 use crate::firewall::nft::{NftFirewall, TableLock, TamperWatch};
 use crate::logging::AUDIT;
 use crate::policy::KeyRing;
+use crate::ruleset::sequence::{OPENED_PREFIX, REFUSED_PREFIX};
 
 /// How often refusal counts are summarised while there are any.
 const SUMMARY_EVERY: Duration = Duration::from_secs(10);
@@ -60,8 +62,7 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
         keys,
         UnixMs::now(),
     )?));
-    let mut sequence_log = open_sequence_log(&mut daemon.borrow_mut(), None)?;
-    let mut sequence_tried = sequence_group(&mut daemon.borrow_mut());
+    let mut sequences = SequenceListener::open(&daemon)?;
     let socket = listener::bind(port).with_context(|| format!("cannot bind udp port {port}"))?;
     let admin_socket = admin::bind(&admin_path, &group)?;
     let cgroup_root = cgroup_root();
@@ -114,22 +115,10 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
                 }
             }
             () = wake.notified() => {}
-            ready = watch.readable_mut() => {
-                let Ok(mut ready) = ready else { continue };
-                let seen = ready.get_inner_mut().take();
-                ready.clear_ready();
-                on_tamper(&daemon, tamper, seen);
-            }
+            ready = watch.readable_mut() => tamper_seen(&daemon, tamper, ready),
             () = tokio::time::sleep(next_expiry) => expire(&daemon),
-            () = tokio::time::sleep(sequences_due.unwrap_or(IDLE_EXPIRY_CHECK)), if sequences_due.is_some() => {
-                write_sequences(&daemon);
-            }
-            ready = readable(sequence_log.as_mut()) => {
-                let Ok(mut ready) = ready else { continue };
-                let (logged, lost) = ready.get_inner_mut().take_all();
-                ready.clear_ready();
-                on_sequences(&daemon, logged, lost);
-            }
+            () = tokio::time::sleep(sequences_due.unwrap_or(IDLE_EXPIRY_CHECK)), if sequences_due.is_some() => write_sequences(&daemon),
+            ready = readable(sequences.log.as_mut()) => on_sequences(&daemon, ready),
             () = tokio::time::sleep_until(beats.summary_due), if log.has_counts() => {
                 log.summarise();
                 beats.summarised();
@@ -150,8 +139,7 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
                 let _ = reload(&daemon, "SIGHUP");
             }
         }
-        // A reload may have turned sequences on or off, or moved their log group.
-        follow_sequence_group(&daemon, &mut sequence_log, &mut sequence_tried);
+        sequences.follow(&daemon);
     };
     log.summarise();
     info!(signal, "stop requested");
@@ -164,25 +152,37 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// After a reload that turned sequences on or off, or moved their log group: listen
-/// where the config now says.
-/// `tried` is the group last tried: a group that cannot be bound is tried once per
-/// config, not once per loop.
-fn follow_sequence_group(
-    daemon: &Shared,
-    log: &mut Option<AsyncFd<SequenceLog>>,
-    tried: &mut Option<u16>,
-) {
-    let mut d = daemon.borrow_mut();
-    let wanted = sequence_group(&mut d);
-    if wanted == *tried {
-        return;
+/// The socket completed sequences are reported on, and the group last tried.
+struct SequenceListener {
+    log: Option<AsyncFd<SequenceLog>>,
+    tried: Option<u16>,
+}
+
+impl SequenceListener {
+    /// Listens where the config says (nowhere when no key has a sequence).
+    fn open(daemon: &Shared) -> anyhow::Result<Self> {
+        let mut d = daemon.borrow_mut();
+        Ok(Self {
+            log: open_sequence_log(&mut d, None)?,
+            tried: sequence_group(&mut d),
+        })
     }
-    *tried = wanted;
-    match open_sequence_log(&mut d, log.take()) {
-        Ok(opened) => *log = opened,
-        Err(e) => tracing::error!(target: AUDIT, event = "sequence", error = %format!("{e:#}"),
-            "cannot listen for completed sequences; sequences still open ports, but nothing books or logs them"),
+
+    /// After a reload that turned sequences on or off, or moved their log group:
+    /// listens where the config now says. A group that cannot be bound is tried once
+    /// per config, not once per loop.
+    fn follow(&mut self, daemon: &Shared) {
+        let mut d = daemon.borrow_mut();
+        let wanted = sequence_group(&mut d);
+        if wanted == self.tried {
+            return;
+        }
+        self.tried = wanted;
+        match open_sequence_log(&mut d, self.log.take()) {
+            Ok(opened) => self.log = opened,
+            Err(e) => tracing::error!(target: AUDIT, event = "sequence", error = %format!("{e:#}"),
+                "cannot listen for completed sequences; sequences still open ports, but nothing books or logs them"),
+        }
     }
 }
 
@@ -223,9 +223,13 @@ async fn readable(
 }
 
 /// Books (or closes again) what completed sequences opened, one line each.
-fn on_sequences(daemon: &Shared, logged: std::io::Result<Vec<Logged>>, lost: bool) {
-    use crate::daemon::core::SequenceOutcome;
-    use crate::ruleset::sequence::{OPENED_PREFIX, REFUSED_PREFIX};
+fn on_sequences(
+    daemon: &Shared,
+    ready: std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, SequenceLog>>,
+) {
+    let Ok(mut ready) = ready else { return };
+    let (logged, lost) = ready.get_inner_mut().take_all();
+    ready.clear_ready();
     if lost {
         warn!(target: AUDIT, event = "sequence",
             "the kernel dropped completed-sequence reports (socket full); their grants end on time but are not in `knockgate grants`");
@@ -416,6 +420,18 @@ fn log_lock(tamper: Tamper, lock: TableLock, table: &str) {
 
 /// Acts on what the notification watch saw: a warning always; a repair unless
 /// `tamper = "warn"`.
+/// The tamper watch woke: what it saw, to [`on_tamper`].
+fn tamper_seen(
+    daemon: &Shared,
+    tamper: Tamper,
+    ready: std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, TamperWatch>>,
+) {
+    let Ok(mut ready) = ready else { return };
+    let seen = ready.get_inner_mut().take();
+    ready.clear_ready();
+    on_tamper(daemon, tamper, seen);
+}
+
 fn on_tamper(daemon: &Shared, tamper: Tamper, seen: std::io::Result<Tampering>) {
     let seen = match seen {
         Ok(seen) if seen.is_empty() => return,

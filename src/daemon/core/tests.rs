@@ -1268,7 +1268,7 @@ fn a_completed_sequence_is_booked_like_a_knock_and_closed_again_past_the_keys_gr
         .unwrap();
     match f.core.sequence_completed(mark, ip("198.51.100.3"), now) {
         SequenceOutcome::Refused { reason, .. } => {
-            assert!(reason.contains("most grants"), "{reason}")
+            assert!(reason.contains("most grants"), "{reason}");
         }
         other => panic!("{other:?}"),
     }

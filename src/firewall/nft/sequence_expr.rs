@@ -40,6 +40,9 @@ const TCP_SYN: u8 = 0x02;
 /// The class is the completion's top byte.
 const CLASS_MASK: u32 = 0xff00_0000;
 
+/// A set's name and id in this batch, or why it cannot be sent.
+type Named<'a> = &'a dyn Fn(&str) -> Result<(CString, u32), String>;
+
 /// Adds the expressions of `step` to `rule`.
 pub(super) fn add(
     rule: &mut nftnl::Rule<'_>,
@@ -131,11 +134,7 @@ pub(super) fn add(
 }
 
 /// The steps that write: set elements and the packet mark.
-fn write(
-    rule: &mut nftnl::Rule<'_>,
-    step: &SeqStep,
-    named: &dyn Fn(&str) -> Result<(CString, u32), String>,
-) -> Result<(), String> {
+fn write(rule: &mut nftnl::Rule<'_>, step: &SeqStep, named: Named<'_>) -> Result<(), String> {
     match step {
         SeqStep::Consume { used, timeout_ms } => {
             let (set, id) = named(used)?;
