@@ -475,8 +475,8 @@ fn a_syn_flood_across_the_range_costs_the_daemon_nothing_and_a_sequence_still_op
     // Clock ticks (1/100 s): the daemon never sees a touch; what it spends is the
     // step writes that fall in the same time.
     assert!(
-        spent <= 5,
-        "the daemon spent {spent} ticks during the flood"
+        used_ticks <= 5,
+        "the daemon spent {used_ticks} ticks during the flood"
     );
     let step = s.step_with_room(2);
     s.touch(plan.client, server, &s.sequence(step));
