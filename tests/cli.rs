@@ -689,3 +689,85 @@ fn two_fwknop_stanzas_with_one_hmac_key_are_refused_naming_both() {
         "{said}"
     );
 }
+
+#[test]
+fn print_sequence_gives_knockds_arguments_and_keygen_sequence_both_configs() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = example();
+    let out = run(
+        env!("CARGO_BIN_EXE_knockgate"),
+        &[
+            "keygen",
+            "phone",
+            "--sequence",
+            "--dir",
+            dir.path().to_str().unwrap(),
+            "--address",
+            "198.51.100.1",
+            "--config",
+            cfg.to_str().unwrap(),
+        ],
+        &dir,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let printed = text(&out.stdout);
+    assert!(printed.contains("sequence = true"), "{printed}");
+    assert!(printed.contains("NTP"), "a note on clocks: {printed}");
+    assert!(printed.contains("--print-sequence"), "{printed}");
+    let key = dir.path().join("phone.key");
+    let hex = std::fs::read_to_string(&key).unwrap();
+    let args = [
+        "--server",
+        "198.51.100.1",
+        "--key-id",
+        "phone",
+        "--key-file",
+        key.to_str().unwrap(),
+        "--server-id",
+        "web1",
+        "--sequence-protocol",
+        "mixed",
+        "--print-sequence",
+    ];
+    let out = run(env!("CARGO_BIN_EXE_knock"), &args, &dir);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let printed = text(&out.stdout);
+    let mut lines = printed.lines();
+    let words: Vec<&str> = lines.next().unwrap().split(' ').collect();
+    assert_eq!(words[0], "198.51.100.1");
+    assert_eq!(words.len(), 5, "{printed}");
+    assert!(
+        lines.next().unwrap().starts_with("# valid for "),
+        "{printed}"
+    );
+    // The same ports the library derives for this step (or the next, if it turned).
+    let spec = knockgate::sequence::SequenceSpec {
+        protocols: knockgate::sequence::TouchProtocols::Mixed,
+        ..knockgate::sequence::SequenceSpec::default()
+    };
+    let secret = knockgate::knock::Secret::from_hex(&hex).unwrap();
+    let server = knockgate::knock::auth::ServerId::new("web1").unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let step = spec.step_at(now);
+    let expected: Vec<String> = [step, step.saturating_sub(1)]
+        .iter()
+        .map(|s| {
+            knockgate::sequence::knockd_arguments(
+                "198.51.100.1",
+                &spec.derive(&secret, &server, *s).unwrap(),
+            )
+        })
+        .collect();
+    assert!(
+        expected.contains(&words.join(" ")),
+        "{printed} vs {expected:?}"
+    );
+    // A bad shape is refused before anything is sent.
+    let mut bad = args.to_vec();
+    bad.extend(["--sequence-length", "9"]);
+    let out = run(env!("CARGO_BIN_EXE_knock"), &bad, &dir);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+}

@@ -52,6 +52,7 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
             address,
             owner,
             nat,
+            sequence,
         } => {
             let key = NewKey {
                 id,
@@ -59,6 +60,7 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
                 address: address.as_deref(),
                 owner: owner.as_deref(),
                 nat: *nat,
+                sequence: *sequence,
             };
             return keygen(&args.config_path(), &key);
         }
@@ -240,6 +242,40 @@ struct NewKey<'a> {
     address: Option<&'a str>,
     owner: Option<&'a str>,
     nat: bool,
+    sequence: bool,
+}
+
+/// Printed by `keygen --sequence`: what a sequence depends on.
+const SEQUENCE_NOTE: &str = "\
+# Port sequence: the ports change every `sequence.step` and are worked out from the
+# key and the clock on both sides, so the laptop's (or phone's) clock must be within
+# a few seconds of the server's: keep both on NTP (systemd-timesyncd, chrony). The
+# server accepts the current and the previous step's sequence, each once.
+";
+
+/// The host-entry lines a client needs when the server's `[sequence]` is not the
+/// default (nothing when it is).
+fn sequence_shape(q: &config::Sequence) -> String {
+    let d = config::Sequence::default();
+    let mut out = String::new();
+    if q.ports != d.ports {
+        if let Ok(p) = q.ports.parse() {
+            out.push_str(&format!("sequence_ports = \"{p}\"\n"));
+        }
+    }
+    if q.length != d.length {
+        out.push_str(&format!("sequence_length = {}\n", q.length));
+    }
+    if q.protocol != d.protocol {
+        out.push_str(&format!("sequence_protocol = \"{}\"\n", q.protocol));
+    }
+    if q.step != d.step {
+        out.push_str(&format!("sequence_step = \"{}s\"\n", q.step.0.as_secs()));
+    }
+    if out.is_empty() {
+        return out;
+    }
+    format!("# This server's [sequence] is not the default; the host entry also needs:\n{out}\n")
 }
 
 /// What NAT mode gives up, printed by `keygen --nat`.
@@ -372,6 +408,7 @@ fn keygen(config_path: &Path, key: &NewKey) -> anyhow::Result<ExitCode> {
         address,
         owner,
         nat,
+        sequence,
     } = *key;
     KeyId::new(id)?;
     // Resolved before anything is written: a misspelt --owner leaves no key behind.
@@ -384,7 +421,8 @@ fn keygen(config_path: &Path, key: &NewKey) -> anyhow::Result<ExitCode> {
     };
     // The server id laptops must use comes from the config: one that cannot be read
     // is an error (exit 2) before any key is written, never a guess.
-    let server_id = config::load(config_path)?.server_id.as_str().to_owned();
+    let loaded = config::load(config_path)?;
+    let server_id = loaded.server_id.as_str().to_owned();
     std::fs::create_dir_all(dir)?;
     let file = dir.join(format!("{id}.key"));
     let secret = Secret::generate().map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
@@ -408,8 +446,12 @@ fn keygen(config_path: &Path, key: &NewKey) -> anyhow::Result<ExitCode> {
     if nat {
         print!("{NAT_TRADE_OFF}");
     }
+    if sequence {
+        print!("{SEQUENCE_NOTE}");
+    }
+    let sequence_line = if sequence { "sequence = true\n" } else { "" };
     println!(
-        "[[keys]]\nid = \"{id}\"\nfile = \"{}\"\nservices = [\"ssh\"]\nallow_unbound = {nat}\n",
+        "[[keys]]\nid = \"{id}\"\nfile = \"{}\"\nservices = [\"ssh\"]\nallow_unbound = {nat}\n{sequence_line}",
         file.display()
     );
     println!(
@@ -427,6 +469,14 @@ fn keygen(config_path: &Path, key: &NewKey) -> anyhow::Result<ExitCode> {
         "[hosts.{}]\naddress = \"{address}\"\nkey_id = \"{id}\"\nkey_file = \"~/.config/knock/{id}.key\"\nserver_id = \"{server_id}\"\n{source}",
         toml_key(&host)
     );
+    if sequence {
+        print!("{}", sequence_shape(&loaded.config.sequence));
+    }
     println!("# 3. Then: knock {host} --wait && ssh {address}");
+    if sequence {
+        println!(
+            "#    Or touch the port sequence: knock {host} --sequence --wait; to see it for\n#    knockd's client or a phone app: knock {host} --print-sequence"
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -109,6 +109,10 @@ pub enum Command {
         /// clients behind a NAT that cannot learn their public address.
         #[arg(long)]
         nat: bool,
+        /// Also give this key a port sequence (`sequence = true`), for clients that
+        /// can only touch ports: knockd's `knock`, phone apps, router scripts.
+        #[arg(long)]
+        sequence: bool,
     },
     /// Translate fwknopd's access.conf into [[fwknop_keys]] (and [[services]]) stanzas;
     /// prints them, naming what cannot be carried over.

@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_knock_global_optspecs
-    string join \n config= server= key-id= key-file= server-id= ttl= source= discover= service= dry-run save-packet= wait wait-port= timeout= h/help V/version
+    string join \n config= server= key-id= key-file= server-id= ttl= source= discover= service= dry-run save-packet= sequence print-sequence sequence-ports= sequence-length= sequence-protocol= sequence-step= wait wait-port= timeout= h/help V/version
 end
 
 function __fish_knock_needs_command
@@ -34,9 +34,15 @@ complete -c knock -n "__fish_knock_needs_command" -l source -d 'Address the knoc
 complete -c knock -n "__fish_knock_needs_command" -l discover -d 'How to learn the public address behind a NAT: `dns:NAME@RESOLVER` or an https:// URL' -r
 complete -c knock -n "__fish_knock_needs_command" -l service -d 'Service to open, like ssh, wireguard or egress; repeat for several (one knock each) [default: the host\'s `services`, or ssh]' -r
 complete -c knock -n "__fish_knock_needs_command" -l save-packet -d 'Write the knock(s) to a new FILE (mode 0600) instead of sending them: one line each, `ADDR:PORT SERVICE HEX` — to debug, or to send from elsewhere within the server\'s clock skew (30 s by default)' -r -F
+complete -c knock -n "__fish_knock_needs_command" -l sequence-ports -d 'The server\'s `sequence.ports` [default: the host\'s, or 30000-60999]' -r
+complete -c knock -n "__fish_knock_needs_command" -l sequence-length -d 'The server\'s `sequence.length` [default: the host\'s, or 4]' -r
+complete -c knock -n "__fish_knock_needs_command" -l sequence-protocol -d 'The server\'s `sequence.protocol`: tcp, udp or mixed [default: the host\'s, or tcp]' -r
+complete -c knock -n "__fish_knock_needs_command" -l sequence-step -d 'The server\'s `sequence.step` [default: the host\'s, or 30s]' -r
 complete -c knock -n "__fish_knock_needs_command" -l wait-port -d 'Port to poll with --wait [default: the host\'s ssh_port, or 22, when ssh is among the services]' -r
 complete -c knock -n "__fish_knock_needs_command" -l timeout -d 'Longest wait for the port to open' -r
 complete -c knock -n "__fish_knock_needs_command" -l dry-run -d 'Build the knock(s) and print what would be sent where; send nothing'
+complete -c knock -n "__fish_knock_needs_command" -l sequence -d 'Touch the key\'s current port sequence instead of sending a knock (for a key with `sequence = true` on the server): TCP SYNs or UDP datagrams, nothing else'
+complete -c knock -n "__fish_knock_needs_command" -l print-sequence -d 'Print the key\'s current port sequence the way knockd\'s `knock` client takes it (`HOST PORT[:udp] …`), and how long it stays valid; send nothing'
 complete -c knock -n "__fish_knock_needs_command" -l wait -d 'After knocking, poll the opened port until it answers'
 complete -c knock -n "__fish_knock_needs_command" -s h -l help -d 'Print help'
 complete -c knock -n "__fish_knock_needs_command" -s V -l version -d 'Print version'
@@ -48,6 +54,10 @@ complete -c knock -n "__fish_knock_using_subcommand proxy" -l ttl -d 'Grant leng
 complete -c knock -n "__fish_knock_using_subcommand proxy" -l source -d 'Address the knock is bound to: `auto` (the route\'s source, or --discover\'s answer behind a NAT), an IP, or `packet` (unbound: the key must allow it) [default: auto]' -r
 complete -c knock -n "__fish_knock_using_subcommand proxy" -l discover -d 'How to learn the public address behind a NAT: `dns:NAME@RESOLVER` or an https:// URL' -r
 complete -c knock -n "__fish_knock_using_subcommand proxy" -l service -d 'Service to open, like ssh, wireguard or egress; repeat for several (one knock each) [default: the host\'s `services`, or ssh]' -r
+complete -c knock -n "__fish_knock_using_subcommand proxy" -l sequence-ports -d 'The server\'s `sequence.ports` [default: the host\'s, or 30000-60999]' -r
+complete -c knock -n "__fish_knock_using_subcommand proxy" -l sequence-length -d 'The server\'s `sequence.length` [default: the host\'s, or 4]' -r
+complete -c knock -n "__fish_knock_using_subcommand proxy" -l sequence-protocol -d 'The server\'s `sequence.protocol`: tcp, udp or mixed [default: the host\'s, or tcp]' -r
+complete -c knock -n "__fish_knock_using_subcommand proxy" -l sequence-step -d 'The server\'s `sequence.step` [default: the host\'s, or 30s]' -r
 complete -c knock -n "__fish_knock_using_subcommand proxy" -l wait-port -d 'Port to poll with --wait [default: the host\'s ssh_port, or 22, when ssh is among the services]' -r
 complete -c knock -n "__fish_knock_using_subcommand proxy" -l timeout -d 'Longest wait for the port to open' -r
 complete -c knock -n "__fish_knock_using_subcommand proxy" -s h -l help -d 'Print help'

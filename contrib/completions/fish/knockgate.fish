@@ -71,6 +71,7 @@ complete -c knockgate -n "__fish_knockgate_using_subcommand keygen" -l owner -d 
 complete -c knockgate -n "__fish_knockgate_using_subcommand keygen" -l config -d 'Config file (ruleset, check, keygen; and where the admin socket is) [default: /etc/knockgate/knockgate.toml]' -r -F
 complete -c knockgate -n "__fish_knockgate_using_subcommand keygen" -l socket -d 'The daemon\'s admin socket [default: the config\'s `admin.socket`, else /run/knockgate/admin.sock]' -r -F
 complete -c knockgate -n "__fish_knockgate_using_subcommand keygen" -l nat -d 'NAT mode: let this key\'s knocks name no address (the grant is then for the packet\'s source, and anyone who sees the knock can race it). Only for clients behind a NAT that cannot learn their public address'
+complete -c knockgate -n "__fish_knockgate_using_subcommand keygen" -l sequence -d 'Also give this key a port sequence (`sequence = true`), for clients that can only touch ports: knockd\'s `knock`, phone apps, router scripts'
 complete -c knockgate -n "__fish_knockgate_using_subcommand keygen" -s h -l help -d 'Print help'
 complete -c knockgate -n "__fish_knockgate_using_subcommand import-fwknop" -l write-keys -d 'Also write each stanza\'s key file (mode 0600, never overwriting) into DIR, and point the stanzas there' -r -F
 complete -c knockgate -n "__fish_knockgate_using_subcommand import-fwknop" -l config -d 'Config file (ruleset, check, keygen; and where the admin socket is) [default: /etc/knockgate/knockgate.toml]' -r -F
