@@ -256,21 +256,22 @@ const SEQUENCE_NOTE: &str = "\
 /// The host-entry lines a client needs when the server's `[sequence]` is not the
 /// default (nothing when it is).
 fn sequence_shape(q: &config::Sequence) -> String {
+    use std::fmt::Write as _;
     let d = config::Sequence::default();
     let mut out = String::new();
     if q.ports != d.ports {
         if let Ok(p) = q.ports.parse() {
-            out.push_str(&format!("sequence_ports = \"{p}\"\n"));
+            let _ = writeln!(out, "sequence_ports = \"{p}\"");
         }
     }
     if q.length != d.length {
-        out.push_str(&format!("sequence_length = {}\n", q.length));
+        let _ = writeln!(out, "sequence_length = {}", q.length);
     }
     if q.protocol != d.protocol {
-        out.push_str(&format!("sequence_protocol = \"{}\"\n", q.protocol));
+        let _ = writeln!(out, "sequence_protocol = \"{}\"", q.protocol);
     }
     if q.step != d.step {
-        out.push_str(&format!("sequence_step = \"{}s\"\n", q.step.0.as_secs()));
+        let _ = writeln!(out, "sequence_step = \"{}s\"", q.step.0.as_secs());
     }
     if out.is_empty() {
         return out;
