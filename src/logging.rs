@@ -32,8 +32,10 @@ pub fn init(format: LogFormat) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
+    // The builder's own level cap (INFO by default) would hide `RUST_LOG=debug`:
+    // the filter decides alone.
     let builder = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_max_level(tracing::Level::TRACE)
         .with_writer(std::io::stderr)
         .with_target(true);
     // A second init (tests) keeps the first subscriber, which is what we want.

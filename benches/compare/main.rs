@@ -4,6 +4,7 @@
 //!     make peers                                   # unpack fwknop-server/-client and knockd
 //!     cargo bench --bench compare                  # full run, as root (the lab)
 //!     cargo bench --bench compare -- --quick       # smoke run (CI): few repetitions
+//!     cargo bench --bench compare -- --only sequence   # one scenario
 //!
 //! Options: `--out DIR` (default `target/bench`), `--require-peers` (fail instead of
 //! skipping a peer that is not unpacked). Writes `compare.md` and `compare.json`.
@@ -18,6 +19,7 @@ mod egress;
 mod measure;
 mod report;
 mod scale;
+mod sequence;
 mod subjects;
 
 use std::net::IpAddr;
@@ -410,6 +412,20 @@ fn main() {
     }
     if kinds.contains(&Kind::Knockgate) && runs("spoofed") {
         spoofed_flood(&plan, &mut report);
+    }
+    if kinds.contains(&Kind::Knockgate) && runs("sequence") {
+        let row = sequence::last_touch_to_open(plan.runs, measure::POLL);
+        println!(
+            "knockgate port sequence: {}/{} opened",
+            row.opened, row.runs
+        );
+        report.knock_to_open.push(row);
+        let sizes: &[usize] = if quick { &[1, 100] } else { &[1, 100, 1_000] };
+        for &n in sizes {
+            report
+                .sequence_rotation
+                .push(sequence::rotation(n, if quick { 2 } else { 5 }));
+        }
     }
     if runs("footprint") {
         footprint(&kinds, &plan, &mut report);

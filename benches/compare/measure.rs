@@ -17,7 +17,12 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(3);
 /// Polls a TCP connect to `to` every `poll` until one succeeds (or `limit`); returns
 /// when, counted from `since`. A SYN the firewall drops is lost, so each try waits
 /// `poll` for an answer and the next sends a new SYN.
-fn poll_open(to: SocketAddr, since: Instant, limit: Duration, poll: Duration) -> Option<Duration> {
+pub fn poll_open(
+    to: SocketAddr,
+    since: Instant,
+    limit: Duration,
+    poll: Duration,
+) -> Option<Duration> {
     while since.elapsed() < limit {
         if connects_within(to, poll) {
             return Some(since.elapsed());

@@ -49,6 +49,17 @@ pub struct OpenRow {
     pub fine: Option<Spread>,
 }
 
+/// Port sequences with `keys` keys: the kernel elements per key and the step writes.
+#[derive(Debug, Clone, Serialize)]
+pub struct RotationRow {
+    pub keys: usize,
+    pub elements_per_key: f64,
+    /// Elements one step's write adds.
+    pub written_per_step: usize,
+    /// Each step write the daemon timed, in ms.
+    pub write_ms: Vec<f64>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct LatenessRow {
     pub daemon: &'static str,
@@ -104,6 +115,7 @@ pub struct Report {
     pub scale: Vec<ScaleRow>,
     pub footprint: Vec<FootprintRow>,
     pub egress: Option<EgressRow>,
+    pub sequence_rotation: Vec<RotationRow>,
 }
 
 fn opt(v: Option<f64>, digits: usize) -> String {
@@ -138,7 +150,30 @@ impl Report {
         self.spoofed_table(&mut m);
         self.scale_table(&mut m);
         self.footprint_table(&mut m);
+        self.rotation_table(&mut m);
         m
+    }
+
+    fn rotation_table(&self, m: &mut String) {
+        if self.sequence_rotation.is_empty() {
+            return;
+        }
+        m.push_str("\n**Port sequences: writing a step** (4 UDP touches, 2 s steps; the daemon times each write, one netlink batch)\n\n");
+        m.push_str("| keys | kernel elements per key | elements per write | writes | median write | slowest |\n|---:|---:|---:|---:|---:|---:|\n");
+        for r in &self.sequence_rotation {
+            let mut v = r.write_ms.clone();
+            v.sort_by(f64::total_cmp);
+            let _ = writeln!(
+                m,
+                "| {} | {:.1} | {} | {} | {} ms | {} ms |",
+                r.keys,
+                r.elements_per_key,
+                r.written_per_step,
+                v.len(),
+                opt(v.get(v.len() / 2).copied(), 2),
+                opt(v.last().copied(), 2)
+            );
+        }
     }
 
     fn open_table(&self, m: &mut String) {

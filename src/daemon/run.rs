@@ -292,9 +292,14 @@ fn on_sequences(
 fn write_sequences(daemon: &Shared) {
     let mut d = daemon.borrow_mut();
     let now = UnixMs::now();
+    let started = std::time::Instant::now();
     match d.core().write_sequences(now) {
         Ok(0) => {}
-        Ok(n) => tracing::debug!(elements = n, "sequences written for the next step"),
+        Ok(n) => tracing::debug!(
+            elements = n,
+            write_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            "sequences written for the next step"
+        ),
         Err(e) => tracing::error!(target: AUDIT, event = "sequence", error = %format!("{e:#}"),
             "cannot write the next step's sequences; they open nothing until the next write"),
     }

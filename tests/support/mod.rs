@@ -551,11 +551,12 @@ impl Lab {
     ) -> Child {
         let file = std::fs::File::create(log).expect("create daemon log");
         let mut command = self.daemon_command(config, wrapper);
+        // `info` unless the caller says otherwise.
+        command.env("RUST_LOG", "info");
         for (key, value) in env {
             command.env(key, value);
         }
         command
-            .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
