@@ -79,6 +79,8 @@ pub enum SetKeyType {
     Touch,
     /// A sequence stage and a touch (`mark . inet_proto . inet_service`), 12 bytes.
     StageTouch,
+    /// A 32-bit mark value.
+    Mark,
 }
 
 impl SetKeyType {
@@ -93,6 +95,7 @@ impl SetKeyType {
             Self::CgroupAddr(IpFamily::V6) => "cgroupsv2 . ipv6_addr",
             Self::Touch => "inet_proto . inet_service",
             Self::StageTouch => "mark . inet_proto . inet_service",
+            Self::Mark => "mark",
         }
     }
 }
@@ -171,15 +174,8 @@ pub enum ElementKey {
         /// The map data.
         next: u32,
     },
-    /// A completed sequence's last step (stage and touch), in the used set.
-    SeqUsed {
-        /// The stage before the last touch.
-        stage: u32,
-        /// IP protocol number.
-        proto: u8,
-        /// Port.
-        port: u16,
-    },
+    /// A mark value (a used sequence step: key index and step).
+    Mark(u32),
 }
 
 impl From<IpAddr> for ElementKey {
@@ -204,7 +200,7 @@ impl fmt::Display for ElementKey {
                 port,
                 next,
             } => write!(f, "{stage:#010x} . {proto} . {port} : {next:#010x}"),
-            Self::SeqUsed { stage, proto, port } => write!(f, "{stage:#010x} . {proto} . {port}"),
+            Self::Mark(m) => write!(f, "{m:#010x}"),
         }
     }
 }

@@ -88,6 +88,10 @@ impl SeqLab {
             "{}",
             daemon.log_text()
         );
+        // nft reads the sequence rules back (its decoder asserts on register use it
+        // cannot follow: Debian 12's nft 1.0.6 aborted on the first design).
+        let listed = self.lab.nft(&["list", "table", "inet", "knockgate"]);
+        assert!(listed.contains("seq_progress_v4"), "{listed}");
         daemon
     }
 

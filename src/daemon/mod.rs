@@ -114,7 +114,7 @@ impl<F: Firewall> Daemon<F> {
     ) -> Result<Self, StartError> {
         let first_takeover = !firewall.table_exists(&loaded.config.table)?;
         let mut ruleset = baseline_with_live_elements(&mut firewall, &loaded)?;
-        let mut sequencer = Sequencer::new(&loaded.config, &keys, &loaded.server_id, 0);
+        let mut sequencer = Sequencer::new(&loaded.config, &keys, &loaded.server_id);
         fill_sequences(&mut ruleset, sequencer.as_mut(), now);
         let started = Instant::now();
         firewall.replace(&ruleset)?;
@@ -212,12 +212,17 @@ impl<F: Firewall> Daemon<F> {
         }
         let now = UnixMs::now();
         let mut ruleset = self.ruleset_from_book(&loaded, now, repair::BanRead::Required)?;
-        let generation = self
-            .core
-            .sequencer()
-            .map_or(0, |s| s.generation().wrapping_add(1));
-        let mut sequencer = Sequencer::new(&loaded.config, &keys, &loaded.server_id, generation);
+        let mut sequencer = Sequencer::new(&loaded.config, &keys, &loaded.server_id);
         fill_sequences(&mut ruleset, sequencer.as_mut(), now);
+        // Used steps are numbered by key; the new config may number its keys anew.
+        if let Some(new) = sequencer.as_ref() {
+            for set in &mut ruleset.sets {
+                if set.name == crate::ruleset::sequence::SEQ_USED {
+                    let used = std::mem::take(&mut set.elements);
+                    set.elements = new.renumber_used(self.core.sequencer(), used);
+                }
+            }
+        }
         let started = Instant::now();
         self.core.firewall_mut().replace(&ruleset)?;
         log_applied(&loaded, &ruleset, started.elapsed());

@@ -245,10 +245,18 @@ fn on_sequences(
     let now = UnixMs::now();
     for packet in logged {
         let source = packet.source;
+        let touch = packet.touch.and_then(|(proto, port)| {
+            let protocol = match proto {
+                6 => crate::service::Protocol::Tcp,
+                17 => crate::service::Protocol::Udp,
+                _ => return None,
+            };
+            Some(crate::sequence::Touch { protocol, port })
+        });
         if packet.prefix == REFUSED_PREFIX {
             let key = d
                 .core()
-                .sequence_key(packet.mark)
+                .sequence_key(packet.mark, touch, now)
                 .map(|c| c.key.to_string());
             warn!(target: AUDIT, event = "refuse", source = %source, reason = "sequence-used",
                 key = key.as_deref().unwrap_or("?"),
@@ -258,7 +266,7 @@ fn on_sequences(
         if packet.prefix != OPENED_PREFIX {
             continue;
         }
-        match d.core().sequence_completed(packet.mark, source, now) {
+        match d.core().sequence_completed(packet.mark, source, touch, now) {
             SequenceOutcome::Opened {
                 completed,
                 record,

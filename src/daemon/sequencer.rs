@@ -52,10 +52,9 @@ pub struct Sequencer {
     spec: SequenceSpec,
     server: ServerId,
     keys: Vec<SequenceKey>,
-    generation: u8,
-    /// The keys of the generation before this one (a completion may arrive just
-    /// after a reload).
-    previous: Option<(u8, Vec<SequenceKey>)>,
+    /// The keys of the config before this one (a completion may arrive just after a
+    /// reload, numbered as that config numbered its keys).
+    previous: Vec<SequenceKey>,
     /// What was written: (set, element key without its data) → (element, end).
     written: HashMap<(&'static str, ElementKey), (ElementKey, UnixMs)>,
 }
@@ -97,9 +96,9 @@ fn stage(touches: &[Touch]) -> u32 {
 
 impl Sequencer {
     /// The sequencer for `config`, whose keys are in `ring`; `None` when no key has a
-    /// sequence. `generation` tells its completions from an earlier config's.
+    /// sequence.
     #[must_use]
-    pub fn new(config: &Config, ring: &KeyRing, server: &ServerId, generation: u8) -> Option<Self> {
+    pub fn new(config: &Config, ring: &KeyRing, server: &ServerId) -> Option<Self> {
         let spec = config.sequence_spec()?;
         let classes = seq::classes(config);
         let mut keys = Vec::new();
@@ -125,21 +124,36 @@ impl Sequencer {
             spec,
             server: server.clone(),
             keys,
-            generation,
-            previous: None,
+            previous: Vec::new(),
             written: HashMap::new(),
         })
     }
 
-    /// This sequencer's generation.
-    #[must_use]
-    pub fn generation(&self) -> u8 {
-        self.generation
-    }
-
     /// Remembers `older`'s keys, to resolve its late completions.
     pub fn follow(&mut self, older: &Sequencer) {
-        self.previous = Some((older.generation, older.keys.clone()));
+        self.previous.clone_from(&older.keys);
+    }
+
+    /// `used` (the kernel's used steps, numbered by `older`'s key order) renumbered for
+    /// this one's keys; steps of keys it no longer has are dropped.
+    #[must_use]
+    pub fn renumber_used(&self, older: Option<&Sequencer>, used: Vec<Element>) -> Vec<Element> {
+        let Some(older) = older else { return used };
+        used.into_iter()
+            .filter_map(|e| {
+                let ElementKey::Mark(m) = e.key else {
+                    return None;
+                };
+                let (_, old_index, step) = completion_parts(m);
+                let id = &older.keys.get(old_index)?.id;
+                let new_index = self.keys.iter().position(|k| &k.id == id)?;
+                let renumbered = completion(0, new_index, u64::from(step)) & seq::USED_MASK;
+                Some(Element {
+                    key: ElementKey::Mark(renumbered),
+                    expires_in: e.expires_in,
+                })
+            })
+            .collect()
     }
 
     /// How long before its step a step's sequence is written.
@@ -186,11 +200,7 @@ impl Sequencer {
         for i in 1..touches.len() {
             let t = touches[i];
             let next = if i == last {
-                completion(
-                    key.class,
-                    self.generation,
-                    u16::try_from(index).unwrap_or(u16::MAX),
-                )
+                completion(key.class, index, step)
             } else {
                 stage(&touches[..=i])
             };
@@ -278,23 +288,36 @@ impl Sequencer {
         out
     }
 
-    /// The key a completion (the packet mark the kernel logged) belongs to.
+    /// The key a completion (the packet mark the kernel logged) belongs to, checked
+    /// against the touch that completed it (the last touch of that key's sequence for
+    /// that step), in this config's numbering or, just after a reload, the last one's.
     #[must_use]
-    pub fn resolve(&self, mark: u32) -> Option<Completed> {
-        let (_, generation, index) = completion_parts(mark);
-        let keys = if generation == self.generation {
-            &self.keys
-        } else {
-            match &self.previous {
-                Some((g, keys)) if *g == generation => keys,
-                _ => return None,
-            }
+    pub fn resolve(&self, mark: u32, touch: Option<Touch>, now: UnixMs) -> Option<Completed> {
+        let (class, index, step_bits) = completion_parts(mark);
+        let now_step = self.spec.step_at(now.secs());
+        let steps = now_step.saturating_sub(3)..=now_step + 1;
+        let matches = |key: &SequenceKey| {
+            let Some(touch) = touch else {
+                return key.class == class;
+            };
+            steps
+                .clone()
+                .filter(|s| s & 0xf == u64::from(step_bits))
+                .any(|s| {
+                    self.spec
+                        .derive(&key.secret, &self.server, s)
+                        .is_some_and(|t| t.last() == Some(&touch))
+                })
         };
-        keys.get(usize::from(index)).map(|k| Completed {
-            key: k.id.clone(),
-            service: k.service.clone(),
-            ttl: k.ttl,
-        })
+        [&self.keys, &self.previous]
+            .into_iter()
+            .filter_map(|keys| keys.get(index))
+            .find(|k| matches(k))
+            .map(|k| Completed {
+                key: k.id.clone(),
+                service: k.service.clone(),
+                ttl: k.ttl,
+            })
     }
 
     /// How many keys have a sequence.
@@ -364,7 +387,7 @@ mod tests {
         let a = "11".repeat(32);
         let b = "22".repeat(32);
         let c = config(vec![key_spec("a", 60), key_spec("b", 120)]);
-        let mut s = Sequencer::new(&c, &ring(&[("a", &a), ("b", &b)]), &server(), 0).unwrap();
+        let mut s = Sequencer::new(&c, &ring(&[("a", &a), ("b", &b)]), &server()).unwrap();
         let due = s.due(NOW);
         // Two steps × two keys × four touches (first, two next, last).
         assert_eq!(due.len(), 16, "{due:?}");
@@ -396,7 +419,10 @@ mod tests {
                 _ => unreachable!(),
             })
             .collect();
-        let resolved: Vec<Completed> = last.iter().map(|m| s.resolve(*m).unwrap()).collect();
+        let resolved: Vec<Completed> = last
+            .iter()
+            .map(|m| s.resolve(*m, None, next).unwrap())
+            .collect();
         assert_eq!(resolved[0].key.as_str(), "a");
         assert_eq!(resolved[0].ttl, Duration::from_secs(60));
         assert_eq!(resolved[1].key.as_str(), "b");
@@ -404,24 +430,74 @@ mod tests {
     }
 
     #[test]
-    fn completions_of_an_older_generation_resolve_once_and_no_further() {
+    fn a_completion_resolves_by_its_last_touch_in_this_or_the_last_configs_numbering() {
         let a = "11".repeat(32);
-        let c = config(vec![key_spec("a", 60)]);
-        let r = ring(&[("a", &a)]);
-        let old = Sequencer::new(&c, &r, &server(), 7).unwrap();
-        let mut new = Sequencer::new(&c, &r, &server(), 8).unwrap();
+        let b = "22".repeat(32);
+        let r = ring(&[("a", &a), ("b", &b)]);
+        let old = Sequencer::new(
+            &config(vec![key_spec("a", 60), key_spec("b", 60)]),
+            &r,
+            &server(),
+        )
+        .unwrap();
+        // The new config lists b first: index 0 is b now, and a is gone.
+        let mut new = Sequencer::new(&config(vec![key_spec("b", 60)]), &r, &server()).unwrap();
         new.follow(&old);
-        assert_eq!(new.resolve(completion(1, 7, 0)).unwrap().key.as_str(), "a");
-        assert_eq!(new.resolve(completion(1, 8, 0)).unwrap().key.as_str(), "a");
-        assert!(new.resolve(completion(1, 6, 0)).is_none());
-        assert!(new.resolve(completion(1, 8, 5)).is_none(), "no such key");
+        let spec = SequenceSpec::default();
+        let step = spec.step_at(NOW.secs());
+        let last = |hex: &str| {
+            *spec
+                .derive(&Secret::from_hex(hex).unwrap(), &server(), step)
+                .unwrap()
+                .last()
+                .unwrap()
+        };
+        // Old numbering: a was 0. The touch says which key it really was.
+        let a_done = new
+            .resolve(completion(1, 0, step), Some(last(&a)), NOW)
+            .unwrap();
+        assert_eq!(a_done.key.as_str(), "a");
+        let b_done = new
+            .resolve(completion(1, 0, step), Some(last(&b)), NOW)
+            .unwrap();
+        assert_eq!(b_done.key.as_str(), "b");
+        // A touch that is no key's last, or a step long gone: nobody's.
+        let stray = Touch {
+            protocol: crate::service::Protocol::Tcp,
+            port: 1,
+        };
+        assert!(
+            new.resolve(completion(1, 0, step), Some(stray), NOW)
+                .is_none()
+        );
+        assert!(
+            new.resolve(completion(1, 7, step), Some(last(&b)), NOW)
+                .is_none()
+        );
+        // Used steps follow their key into the new numbering; a's are dropped.
+        let used = vec![
+            Element {
+                key: ElementKey::Mark(completion(0, 1, step) & seq::USED_MASK),
+                expires_in: Some(Duration::from_secs(9)),
+            },
+            Element {
+                key: ElementKey::Mark(completion(0, 0, step) & seq::USED_MASK),
+                expires_in: Some(Duration::from_secs(9)),
+            },
+        ];
+        let renumbered = new.renumber_used(Some(&old), used);
+        assert_eq!(renumbered.len(), 1);
+        assert_eq!(
+            renumbered[0].key,
+            ElementKey::Mark(completion(0, 0, step) & seq::USED_MASK)
+        );
     }
 
     #[test]
     fn two_keys_with_one_sequence_share_its_stages_and_the_first_keeps_the_last_step() {
         let same = "33".repeat(32);
         let c = config(vec![key_spec("a", 60), key_spec("b", 60)]);
-        let mut s = Sequencer::new(&c, &ring(&[("a", &same), ("b", &same)]), &server(), 0).unwrap();
+        let mut s = Sequencer::new(&c, &ring(&[("a", &same), ("b", &same)]), &server()).unwrap();
         let due = s.due(NOW);
         // Shared stages are written once; b's last step collides with a's and is left out.
         assert_eq!(due.len(), 8, "{due:?}");
@@ -434,7 +510,7 @@ mod tests {
             let ElementKey::SeqStep { next, .. } = k else {
                 unreachable!()
             };
-            assert_eq!(s.resolve(*next).unwrap().key.as_str(), "a");
+            assert_eq!(s.resolve(*next, None, NOW).unwrap().key.as_str(), "a");
         }
     }
 
@@ -442,7 +518,7 @@ mod tests {
     fn a_replace_gets_every_element_with_its_time_left() {
         let a = "11".repeat(32);
         let c = config(vec![key_spec("a", 60)]);
-        let mut s = Sequencer::new(&c, &ring(&[("a", &a)]), &server(), 0).unwrap();
+        let mut s = Sequencer::new(&c, &ring(&[("a", &a)]), &server()).unwrap();
         let all = s.elements(NOW);
         let count: usize = all.values().map(Vec::len).sum();
         assert_eq!(count, 8);

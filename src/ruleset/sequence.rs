@@ -68,7 +68,9 @@ pub fn progress_set(family: IpFamily) -> &'static str {
     }
 }
 
-/// One register-level step of a sequence rule.
+/// One statement of a sequence rule. The packet mark carries the source's stage
+/// from statement to statement (the packets are dropped, so the mark goes nowhere),
+/// which keeps every statement something nft itself writes and lists.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SeqStep {
     /// A touch: a new TCP SYN (no other flag) or a new UDP datagram to the range.
@@ -78,50 +80,55 @@ pub enum SeqStep {
         /// The range.
         ports: Ports,
     },
-    /// Loads the source address (and checks the family).
-    LoadSource(IpFamily),
-    /// Loads the source's stage from the progress map; no entry: no match.
-    LoadStage {
+    /// `meta mark set ip saddr map @progress`: the source's stage; no entry: no match.
+    Stage {
+        /// The source's family.
+        family: IpFamily,
         /// The progress map.
         progress: String,
     },
-    /// Loads the touch (protocol, port).
-    LoadTouch,
-    /// Looks up (stage,) touch in `map`, loading what it leads to; absent: no match.
+    /// `meta mark set meta l4proto . th dport map @map` (a first touch), or `meta mark
+    /// set meta mark . meta l4proto . th dport map @map` (a touch from the stage in the
+    /// mark); absent: no match.
     Follow {
         /// The map.
         map: String,
-        /// Key by the touch alone (`seq_start`), not stage and touch.
+        /// Key by the touch alone (`seq_start`).
         first: bool,
     },
-    /// What the lookup led to belongs to class `class`.
+    /// `meta mark & 0xff000000 == CLASS << 24`: the completion is of this class.
     Class(u8),
-    /// (stage, touch) is not in `used` yet; then it is, for `timeout_ms`.
+    /// `meta mark & 0x00ffffff != @used add @used { meta mark & 0x00ffffff timeout T }`:
+    /// this key's step is not used yet; then it is.
     Consume {
         /// The used set.
         used: String,
         /// How long it stays used.
         timeout_ms: u64,
     },
-    /// Adds the source to `set` for `timeout_ms` (kept as is if already there).
+    /// `add @set { ip saddr timeout T }` (kept as is if already there).
     Grant {
+        /// The source's family.
+        family: IpFamily,
         /// The grant set.
         set: String,
         /// The element's timeout.
         timeout_ms: u64,
     },
-    /// Removes the source from the progress map.
+    /// `delete @progress { ip saddr : meta mark }` (the data is not compared).
     Forget {
+        /// The source's family.
+        family: IpFamily,
         /// The progress map.
         progress: String,
     },
-    /// Puts the source in the progress map at the stage the lookup led to.
+    /// `add @progress { ip saddr : meta mark }`: the source is at the stage in the mark.
     Advance {
+        /// The source's family.
+        family: IpFamily,
         /// The progress map.
         progress: String,
     },
-    /// Sets the packet mark to what the lookup led to (the log carries it).
-    Mark,
 }
 
 impl fmt::Display for SeqStep {
@@ -132,46 +139,86 @@ impl fmt::Display for SeqStep {
                 ports,
             } => write!(
                 f,
-                "tcp flags & (fin|syn|rst|ack) == syn tcp dport {}-{}",
+                "tcp flags & (fin | syn | rst | ack) == syn tcp dport {}-{}",
                 ports.first, ports.last
             ),
             Self::Guard {
                 protocol: Protocol::Udp,
                 ports,
             } => write!(f, "udp dport {}-{}", ports.first, ports.last),
-            Self::LoadSource(family) => write!(f, "{} saddr", family.keyword()),
-            Self::LoadStage { progress } => write!(f, "map @{progress} as stage"),
-            Self::LoadTouch => f.write_str("meta l4proto . th dport as touch"),
-            Self::Follow { map, first: true } => write!(f, "touch map @{map} as next"),
-            Self::Follow { map, first: false } => write!(f, "stage . touch map @{map} as next"),
-            Self::Class(c) => write!(f, "next & 0xff000000 == {:#010x}", u32::from(*c) << 24),
+            Self::Stage { family, progress } => {
+                write!(
+                    f,
+                    "meta mark set {} saddr map @{progress}",
+                    family.keyword()
+                )
+            }
+            Self::Follow { map, first: true } => {
+                write!(f, "meta mark set meta l4proto . th dport map @{map}")
+            }
+            Self::Follow { map, first: false } => write!(
+                f,
+                "meta mark set meta mark . meta l4proto . th dport map @{map}"
+            ),
+            Self::Class(c) => write!(
+                f,
+                "meta mark & {CLASS_MASK:#010x} == {:#010x}",
+                u32::from(*c) << 24
+            ),
             Self::Consume { used, timeout_ms } => write!(
                 f,
-                "stage . touch != @{used} add @{used} {{ stage . touch timeout {timeout_ms}ms }}"
+                "meta mark & {USED_MASK:#010x} != @{used} add @{used} {{ meta mark & {USED_MASK:#010x} timeout {timeout_ms}ms }}"
             ),
-            Self::Grant { set, timeout_ms } => {
-                write!(f, "add @{set} {{ saddr timeout {timeout_ms}ms }}")
-            }
-            Self::Forget { progress } => write!(f, "delete @{progress} {{ saddr }}"),
-            Self::Advance { progress } => write!(f, "add @{progress} {{ saddr : next }}"),
-            Self::Mark => f.write_str("meta mark set next"),
+            Self::Grant {
+                family,
+                set,
+                timeout_ms,
+            } => write!(
+                f,
+                "add @{set} {{ {} saddr timeout {timeout_ms}ms }}",
+                family.keyword()
+            ),
+            Self::Forget { family, progress } => write!(
+                f,
+                "delete @{progress} {{ {} saddr : meta mark }}",
+                family.keyword()
+            ),
+            Self::Advance { family, progress } => write!(
+                f,
+                "add @{progress} {{ {} saddr : meta mark }}",
+                family.keyword()
+            ),
         }
     }
 }
 
+/// The class bits of a completion.
+pub const CLASS_MASK: u32 = 0xff00_0000;
+/// The bits of a completion that say whose step it is (key index and step): what
+/// `seq_used` holds.
+pub const USED_MASK: u32 = 0x00ff_ffff;
+/// Most keys a completion can name (20 bits).
+pub const MAX_KEY_INDEX: usize = (1 << 20) - 1;
+
 /// A completed sequence as the kernel hands it to the daemon (the packet mark):
-/// the class (8 bits, from 1), the daemon's generation of sequences (8 bits) and the
-/// key's index among the sequence keys (16 bits).
+/// the class (8 bits, from 1), the key's index among the sequence keys (20 bits) and
+/// the step it belongs to (its low 4 bits: a step's sequence is accepted for at most
+/// three steps, so that tells steps apart). The low 24 bits name one key's one step:
+/// what `seq_used` keeps, so each opens once.
 #[must_use]
-pub fn completion(class: u8, generation: u8, key_index: u16) -> u32 {
-    u32::from(class) << 24 | u32::from(generation) << 16 | u32::from(key_index)
+pub fn completion(class: u8, key_index: usize, step: u64) -> u32 {
+    let index = u32::try_from(key_index.min(MAX_KEY_INDEX)).unwrap_or(0);
+    let step = u32::try_from(step & 0xf).unwrap_or(0);
+    u32::from(class) << 24 | index << 4 | step
 }
 
-/// The parts of a [`completion`]: (class, generation, key index).
+/// The parts of a [`completion`]: (class, key index, step mod 16).
 #[must_use]
-pub fn completion_parts(value: u32) -> (u8, u8, u16) {
-    let [class, generation, hi, lo] = value.to_be_bytes();
-    (class, generation, u16::from_be_bytes([hi, lo]))
+pub fn completion_parts(value: u32) -> (u8, usize, u8) {
+    let class = u8::try_from(value >> 24).unwrap_or(0);
+    let index = usize::try_from(value >> 4 & 0xf_ffff).unwrap_or(0);
+    let step = u8::try_from(value & 0xf).unwrap_or(0);
+    (class, index, step)
 }
 
 /// A class of sequence keys: what their sequences open, and for how long.
@@ -231,7 +278,7 @@ pub fn sets(config: &Config) -> Vec<SetDef> {
         def(SEQ_LAST, SetKeyType::StageTouch, SetKind::SeqMap),
         def(
             SEQ_USED,
-            SetKeyType::StageTouch,
+            SetKeyType::Mark,
             SetKind::SeqUsed { size: MAX_USED },
         ),
     ]
@@ -263,7 +310,7 @@ pub fn rules(config: &Config) -> Vec<Rule> {
                 rules.push(judge.complete(number, class, used_ms, group));
             }
             rules.push(judge.refuse_last(group));
-            rules.push(judge.advance());
+            rules.push(judge.next());
             rules.push(judge.start());
             rules.push(judge.reset());
         }
@@ -291,15 +338,15 @@ impl Judge {
         ]
     }
 
-    /// A touch from the source's stage, looked up in `map`.
+    /// A touch from the source's stage, looked up in `map`: the mark holds what it
+    /// leads to.
     fn at_stage(&self, map: &str) -> Vec<Expr> {
         let mut e = self.guard();
         e.extend([
-            Expr::Seq(SeqStep::LoadSource(self.family)),
-            Expr::Seq(SeqStep::LoadStage {
+            Expr::Seq(SeqStep::Stage {
+                family: self.family,
                 progress: self.progress.clone(),
             }),
-            Expr::Seq(SeqStep::LoadTouch),
             Expr::Seq(SeqStep::Follow {
                 map: map.to_owned(),
                 first: false,
@@ -310,11 +357,20 @@ impl Judge {
 
     fn forget(&self) -> Expr {
         Expr::Seq(SeqStep::Forget {
+            family: self.family,
             progress: self.progress.clone(),
         })
     }
 
-    /// 1: a last touch of class `number`, not used yet: grant, use, tell.
+    fn advance(&self) -> Expr {
+        Expr::Seq(SeqStep::Advance {
+            family: self.family,
+            progress: self.progress.clone(),
+        })
+    }
+
+    /// 1: a last touch of class `number` whose step is not used yet: use it, grant,
+    /// tell the daemon.
     fn complete(&self, number: u8, class: &Class, used_ms: u64, group: u16) -> Rule {
         let grants = crate::service::grant_set(&class.service, self.family);
         let mut e = self.at_stage(SEQ_LAST);
@@ -325,11 +381,11 @@ impl Judge {
                 timeout_ms: used_ms,
             }),
             Expr::Seq(SeqStep::Grant {
+                family: self.family,
                 set: grants,
                 timeout_ms: ms(class.ttl + crate::clock::KERNEL_TIMER_SLACK),
             }),
             self.forget(),
-            Expr::Seq(SeqStep::Mark),
             Expr::LogGroup {
                 group,
                 prefix: OPENED_PREFIX.to_owned(),
@@ -339,7 +395,7 @@ impl Judge {
         Rule(e)
     }
 
-    /// 2: a last touch already used (or its grant set full).
+    /// 2: a last touch whose step is used (or whose grant set is full).
     fn refuse_last(&self, group: u16) -> Rule {
         let mut e = self.at_stage(SEQ_LAST);
         e.extend([
@@ -349,7 +405,6 @@ impl Judge {
                 per: super::Per::Second,
                 burst: REFUSED_PER_SECOND,
             }),
-            Expr::Seq(SeqStep::Mark),
             Expr::LogGroup {
                 group,
                 prefix: REFUSED_PREFIX.to_owned(),
@@ -360,15 +415,9 @@ impl Judge {
     }
 
     /// 3: the next touch moves the source on.
-    fn advance(&self) -> Rule {
+    fn next(&self) -> Rule {
         let mut e = self.at_stage(SEQ_NEXT);
-        e.extend([
-            self.forget(),
-            Expr::Seq(SeqStep::Advance {
-                progress: self.progress.clone(),
-            }),
-            Expr::Verdict(Verdict::Drop),
-        ]);
+        e.extend([self.forget(), self.advance(), Expr::Verdict(Verdict::Drop)]);
         Rule(e)
     }
 
@@ -376,16 +425,12 @@ impl Judge {
     fn start(&self) -> Rule {
         let mut e = self.guard();
         e.extend([
-            Expr::Seq(SeqStep::LoadTouch),
             Expr::Seq(SeqStep::Follow {
                 map: SEQ_START.to_owned(),
                 first: true,
             }),
-            Expr::Seq(SeqStep::LoadSource(self.family)),
             self.forget(),
-            Expr::Seq(SeqStep::Advance {
-                progress: self.progress.clone(),
-            }),
+            self.advance(),
             Expr::Verdict(Verdict::Drop),
         ]);
         Rule(e)
@@ -394,7 +439,7 @@ impl Judge {
     /// 5: any other touch forgets the source and falls through to the drop policy.
     fn reset(&self) -> Rule {
         let mut e = self.guard();
-        e.extend([Expr::Seq(SeqStep::LoadSource(self.family)), self.forget()]);
+        e.push(self.forget());
         Rule(e)
     }
 }

@@ -10,6 +10,7 @@ use crate::daemon::sequencer::{Completed, Sequencer};
 use crate::firewall::{Firewall, FirewallError};
 use crate::grants::{GrantRecord, Granted};
 use crate::policy;
+use crate::sequence::Touch;
 
 /// What a completion the kernel reported came to.
 #[derive(Debug)]
@@ -85,9 +86,14 @@ impl<F: Firewall> Core<F> {
         &mut self,
         mark: u32,
         source: IpAddr,
+        touch: Option<Touch>,
         now: UnixMs,
     ) -> SequenceOutcome {
-        let Some(completed) = self.sequencer.as_ref().and_then(|s| s.resolve(mark)) else {
+        let resolved = self
+            .sequencer
+            .as_ref()
+            .and_then(|s| s.resolve(mark, touch, now));
+        let Some(completed) = resolved else {
             return SequenceOutcome::Unknown;
         };
         let address = policy::canonical(source);
@@ -129,7 +135,9 @@ impl<F: Firewall> Core<F> {
 
     /// The key a refused completion (logged by the kernel) was for, if any.
     #[must_use]
-    pub fn sequence_key(&self, mark: u32) -> Option<Completed> {
-        self.sequencer.as_ref().and_then(|s| s.resolve(mark))
+    pub fn sequence_key(&self, mark: u32, touch: Option<Touch>, now: UnixMs) -> Option<Completed> {
+        self.sequencer
+            .as_ref()
+            .and_then(|s| s.resolve(mark, touch, now))
     }
 }

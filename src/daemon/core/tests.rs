@@ -1230,10 +1230,9 @@ fn a_completed_sequence_is_booked_like_a_knock_and_closed_again_past_the_keys_gr
         sequence_ttl: Some(crate::config::Dur(Duration::from_secs(60))),
     };
     c.keys = vec![spec("two")];
-    f.core
-        .set_sequencer(Sequencer::new(&c, &keys(), &server(), 3));
+    f.core.set_sequencer(Sequencer::new(&c, &keys(), &server()));
     let now = UnixMs::from_secs(NOW);
-    let mark = completion(1, 3, 0);
+    let mark = completion(1, 0, NOW / 30);
     // The kernel added the first two itself; the daemon books them.
     for (i, addr) in ["198.51.100.1", "198.51.100.2"].iter().enumerate() {
         f.core
@@ -1245,7 +1244,7 @@ fn a_completed_sequence_is_booked_like_a_knock_and_closed_again_past_the_keys_gr
                 Duration::from_secs(60),
             )
             .unwrap();
-        match f.core.sequence_completed(mark, ip(addr), now) {
+        match f.core.sequence_completed(mark, ip(addr), None, now) {
             SequenceOutcome::Opened {
                 completed, record, ..
             } => {
@@ -1266,7 +1265,10 @@ fn a_completed_sequence_is_booked_like_a_knock_and_closed_again_past_the_keys_gr
             Duration::from_secs(60),
         )
         .unwrap();
-    match f.core.sequence_completed(mark, ip("198.51.100.3"), now) {
+    match f
+        .core
+        .sequence_completed(mark, ip("198.51.100.3"), None, now)
+    {
         SequenceOutcome::Refused { reason, .. } => {
             assert!(reason.contains("most grants"), "{reason}");
         }
@@ -1277,12 +1279,13 @@ fn a_completed_sequence_is_booked_like_a_knock_and_closed_again_past_the_keys_gr
     assert_eq!(f.core.grants(now).len(), 2);
     // A renewal from a booked address is fine; a completion of no generation in force is not ours.
     assert!(matches!(
-        f.core.sequence_completed(mark, ip("198.51.100.1"), now),
+        f.core
+            .sequence_completed(mark, ip("198.51.100.1"), None, now),
         SequenceOutcome::Opened { .. }
     ));
     assert!(matches!(
         f.core
-            .sequence_completed(completion(1, 9, 0), ip("198.51.100.4"), now),
+            .sequence_completed(completion(1, 9, 0), ip("198.51.100.4"), None, now),
         SequenceOutcome::Unknown
     ));
 }

@@ -387,7 +387,7 @@ impl Firewall for NftFirewall {
                 .collect();
             if set == crate::ruleset::sequence::SEQ_USED {
                 for e in &mut elements {
-                    e.key = elements::as_stage_touch(e.key);
+                    e.key = elements::as_mark(e.key);
                 }
             }
             let mut seen = std::collections::HashSet::with_capacity(elements.len());
@@ -611,6 +611,7 @@ fn replace_batch(ruleset: &Ruleset, current: u32, flags: u32) -> Result<Labelled
             }
             SetKeyType::Touch => add_set::<TouchKey>(&mut builder, &table, def, id)?,
             SetKeyType::StageTouch => add_set::<StageTouchKey>(&mut builder, &table, def, id)?,
+            SetKeyType::Mark => add_set::<MarkKey>(&mut builder, &table, def, id)?,
         }
         set_ids.insert(def.name.as_str(), id);
         let messages =
@@ -709,6 +710,18 @@ impl SetKey for StageTouchKey {
 
     fn data(&self) -> Box<[u8]> {
         Box::new([0; 12])
+    }
+}
+
+/// Key type `mark`: 4 bytes, host order.
+struct MarkKey;
+
+impl SetKey for MarkKey {
+    const TYPE: u32 = MARK_TYPE;
+    const LEN: u32 = 4;
+
+    fn data(&self) -> Box<[u8]> {
+        Box::new([0; 4])
     }
 }
 

@@ -50,6 +50,9 @@ pub struct Logged {
     pub mark: u32,
     /// The packet's source address.
     pub source: IpAddr,
+    /// The packet's protocol and destination port (TCP or UDP), when the copy holds
+    /// them and the header has no IPv6 extension before them.
+    pub touch: Option<(u8, u16)>,
 }
 
 /// A bound log group, read without blocking.
@@ -252,7 +255,7 @@ pub fn parse(datagram: &[u8]) -> Vec<Logged> {
 /// One `NFULNL_MSG_PACKET`'s attributes → a logged packet (needs a payload whose
 /// header gives the source).
 fn packet(mut attrs: &[u8]) -> Option<Logged> {
-    let (mut prefix, mut mark, mut source) = (String::new(), 0u32, None);
+    let (mut prefix, mut mark, mut source, mut touch) = (String::new(), 0u32, None, None);
     while let (Some(len), Some(kind)) = (u16_at(attrs, 0), u16_at(attrs, 2)) {
         let len = usize::from(len);
         if len < 4 || len > attrs.len() {
@@ -270,7 +273,10 @@ fn packet(mut attrs: &[u8]) -> Option<Logged> {
                 let text = &text[..text.len().min(MAX_PREFIX)];
                 prefix = String::from_utf8_lossy(text).into_owned();
             }
-            NFULA_PAYLOAD => source = source_of(value),
+            NFULA_PAYLOAD => {
+                source = source_of(value);
+                touch = touch_of(value);
+            }
             _ => {}
         }
         attrs = attrs.get(len.div_ceil(4) * 4..).unwrap_or_default();
@@ -279,7 +285,22 @@ fn packet(mut attrs: &[u8]) -> Option<Logged> {
         prefix,
         mark,
         source: source?,
+        touch,
     })
+}
+
+/// The protocol and destination port of a TCP or UDP packet.
+fn touch_of(packet: &[u8]) -> Option<(u8, u16)> {
+    let (proto, l4) = match packet.first()? >> 4 {
+        4 => (*packet.get(9)?, usize::from(packet.first()? & 0xf) * 4),
+        6 => (*packet.get(6)?, 40),
+        _ => return None,
+    };
+    if proto != 6 && proto != 17 {
+        return None;
+    }
+    let port = u16::from_be_bytes([*packet.get(l4 + 2)?, *packet.get(l4 + 3)?]);
+    Some((proto, port))
 }
 
 /// The source address in an IP header.
@@ -315,6 +336,9 @@ mod tests {
         let mut h = vec![0x45, 0, 0, 40, 0, 0, 0, 0, 64, 6, 0, 0];
         h.extend_from_slice(&source);
         h.extend_from_slice(&[10, 0, 0, 1]);
+        // TCP: source port 50000, destination 41234.
+        h.extend_from_slice(&50_000u16.to_be_bytes());
+        h.extend_from_slice(&41_234u16.to_be_bytes());
         h
     }
 
@@ -333,6 +357,7 @@ mod tests {
                 prefix: "knockgate-seq-open".into(),
                 mark: 0x0100_0003,
                 source: "198.51.100.7".parse().unwrap(),
+                touch: Some((6, 41_234)),
             }]
         );
         let mut v6 = vec![0x60; 8];

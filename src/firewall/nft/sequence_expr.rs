@@ -1,17 +1,17 @@
-//! [`SeqStep`] → nftnl expressions. Sequence rules pass values between expressions
-//! in registers of their own choosing, which nftnl's safe API (register 1 only)
-//! cannot say, so every expression here is built with raw libnftnl calls.
+//! [`SeqStep`] → nftnl expressions, built as nft itself builds the same statements
+//! (so `nft list ruleset` reads them back), with raw libnftnl calls where the safe
+//! API stops (register choice, map lookups, dynset with data and delete, meta set).
 //!
 //! Register plan (32-bit registers; a concatenation is consecutive registers):
 //!
 //! | register | holds |
 //! |---|---|
 //! | `REG32_00`–`03` | the source address (4 or 16 bytes) |
-//! | `REG32_04` | the source's stage (from the progress map) |
+//! | `REG32_04` | `meta mark` (the stage, when part of a key) |
 //! | `REG32_05` | the touch's protocol (one byte, zero-padded) |
 //! | `REG32_06` | the touch's port (two bytes, network order, zero-padded) |
-//! | `REG32_07` | what a lookup led to: the next stage, or a completion |
-//! | `REG32_08` | scratch (the completion's class) |
+//! | `REG32_07` | what a lookup led to, then set as the mark |
+//! | `REG32_08` | the mark, masked |
 //!
 //! So `REG32_05`–`06` is the key `inet_proto . inet_service` and `REG32_04`–`06` the
 //! key `mark . inet_proto . inet_service`.
@@ -23,22 +23,21 @@ use nftnl::expr::{Bitwise, Cmp, CmpOp, Expression};
 use nftnl::nftnl_sys::{self as sys, libc};
 
 use super::expr::{alloc, attr, cstring, dport_range, l4proto, nfproto, set_str, set_u32, set_u64};
+use crate::ruleset::sequence::{CLASS_MASK, USED_MASK};
 use crate::ruleset::{IpFamily, SeqStep};
 use crate::service::Protocol;
 
 const REG32_00: u32 = 8;
 const R_SOURCE: u32 = REG32_00;
-const R_STAGE: u32 = REG32_00 + 4;
+const R_MARK: u32 = REG32_00 + 4;
 const R_PROTO: u32 = REG32_00 + 5;
 const R_PORT: u32 = REG32_00 + 6;
 const R_NEXT: u32 = REG32_00 + 7;
-const R_SCRATCH: u32 = REG32_00 + 8;
+const R_MASKED: u32 = REG32_00 + 8;
 
 /// TCP flags FIN, SYN, RST, ACK; a touch has SYN alone.
 const TCP_FLAGS_MASK: u8 = 0x17;
 const TCP_SYN: u8 = 0x02;
-/// The class is the completion's top byte.
-const CLASS_MASK: u32 = 0xff00_0000;
 
 /// A set's name and id in this batch, or why it cannot be sent.
 type Named<'a> = &'a dyn Fn(&str) -> Result<(CString, u32), String>;
@@ -68,30 +67,29 @@ pub(super) fn add(
             }
             dport_range(rule, *protocol, ports.first, ports.last);
         }
-        SeqStep::LoadSource(family) => {
-            nfproto(rule, *family);
-            let (offset, len) = match family {
-                IpFamily::V4 => (12, 4),
-                IpFamily::V6 => (8, 16),
-            };
-            rule.add_expr(&Payload {
-                base: libc::NFT_PAYLOAD_NETWORK_HEADER,
-                offset,
-                len,
-                dreg: R_SOURCE,
-            });
-        }
-        SeqStep::LoadStage { progress } => {
+        SeqStep::Stage { family, progress } => {
             let (set, id) = named(progress)?;
+            load_source(rule, *family);
             rule.add_expr(&Lookup {
                 set,
                 id,
                 sreg: R_SOURCE,
-                dreg: Some(R_STAGE),
+                dreg: Some(R_NEXT),
                 invert: false,
             });
+            rule.add_expr(&MetaSet {
+                key: libc::NFT_META_MARK,
+                sreg: R_NEXT,
+            });
         }
-        SeqStep::LoadTouch => {
+        SeqStep::Follow { map, first } => {
+            let (set, id) = named(map)?;
+            if !*first {
+                rule.add_expr(&MetaLoad {
+                    key: libc::NFT_META_MARK,
+                    dreg: R_MARK,
+                });
+            }
             rule.add_expr(&MetaLoad {
                 key: libc::NFT_META_L4PROTO,
                 dreg: R_PROTO,
@@ -102,46 +100,43 @@ pub(super) fn add(
                 len: 2,
                 dreg: R_PORT,
             });
-        }
-        SeqStep::Follow { map, first } => {
-            let (set, id) = named(map)?;
             rule.add_expr(&Lookup {
                 set,
                 id,
-                sreg: if *first { R_PROTO } else { R_STAGE },
+                sreg: if *first { R_PROTO } else { R_MARK },
                 dreg: Some(R_NEXT),
                 invert: false,
             });
+            rule.add_expr(&MetaSet {
+                key: libc::NFT_META_MARK,
+                sreg: R_NEXT,
+            });
         }
         SeqStep::Class(class) => {
-            rule.add_expr(&MaskBits {
-                sreg: R_NEXT,
-                dreg: R_SCRATCH,
-                mask: CLASS_MASK,
-            });
+            masked_mark(rule, CLASS_MASK);
             rule.add_expr(&EqualAt {
-                sreg: R_SCRATCH,
+                sreg: R_MASKED,
                 value: u32::from(*class) << 24,
             });
         }
         SeqStep::Consume { .. }
         | SeqStep::Grant { .. }
         | SeqStep::Forget { .. }
-        | SeqStep::Advance { .. }
-        | SeqStep::Mark => write(rule, step, &named)?,
+        | SeqStep::Advance { .. } => write(rule, step, &named)?,
     }
     Ok(())
 }
 
-/// The steps that write: set elements and the packet mark.
+/// The steps that write set elements.
 fn write(rule: &mut nftnl::Rule<'_>, step: &SeqStep, named: Named<'_>) -> Result<(), String> {
     match step {
         SeqStep::Consume { used, timeout_ms } => {
             let (set, id) = named(used)?;
+            masked_mark(rule, USED_MASK);
             rule.add_expr(&Lookup {
                 set: set.clone(),
                 id,
-                sreg: R_STAGE,
+                sreg: R_MASKED,
                 dreg: None,
                 invert: true,
             });
@@ -149,13 +144,18 @@ fn write(rule: &mut nftnl::Rule<'_>, step: &SeqStep, named: Named<'_>) -> Result
                 set,
                 id,
                 op: DynsetOp::Add,
-                key: R_STAGE,
+                key: R_MASKED,
                 data: None,
                 timeout_ms: Some(*timeout_ms),
             });
         }
-        SeqStep::Grant { set, timeout_ms } => {
+        SeqStep::Grant {
+            family,
+            set,
+            timeout_ms,
+        } => {
             let (set, id) = named(set)?;
+            load_source(rule, *family);
             rule.add_expr(&Dynset {
                 set,
                 id,
@@ -165,38 +165,61 @@ fn write(rule: &mut nftnl::Rule<'_>, step: &SeqStep, named: Named<'_>) -> Result
                 timeout_ms: Some(*timeout_ms),
             });
         }
-        SeqStep::Forget { progress } => {
+        SeqStep::Forget { family, progress } | SeqStep::Advance { family, progress } => {
             let (set, id) = named(progress)?;
-            // The kernel wants a data register for any dynset on a map, loaded in this
-            // rule (newer kernels refuse uninitialised ones); a delete never reads it,
-            // and the source is always loaded.
-            rule.add_expr(&Dynset {
-                set,
-                id,
-                op: DynsetOp::Delete,
-                key: R_SOURCE,
-                data: Some(R_SOURCE),
-                timeout_ms: None,
+            load_source(rule, *family);
+            // The data of both is the mark: what a delete carries is not compared (the
+            // kernel wants a data register for any dynset on a map), and an add puts
+            // the source at the stage the mark holds.
+            rule.add_expr(&MetaLoad {
+                key: libc::NFT_META_MARK,
+                dreg: R_NEXT,
             });
-        }
-        SeqStep::Advance { progress } => {
-            let (set, id) = named(progress)?;
+            let op = if matches!(step, SeqStep::Forget { .. }) {
+                DynsetOp::Delete
+            } else {
+                DynsetOp::Add
+            };
             rule.add_expr(&Dynset {
                 set,
                 id,
-                op: DynsetOp::Add,
+                op,
                 key: R_SOURCE,
                 data: Some(R_NEXT),
                 timeout_ms: None,
             });
         }
-        SeqStep::Mark => rule.add_expr(&MetaSet {
-            key: libc::NFT_META_MARK,
-            sreg: R_NEXT,
-        }),
         _ => {}
     }
     Ok(())
+}
+
+/// `meta nfproto F` and the source address into [`R_SOURCE`].
+fn load_source(rule: &mut nftnl::Rule<'_>, family: IpFamily) {
+    nfproto(rule, family);
+    let (offset, len) = match family {
+        IpFamily::V4 => (12, 4),
+        IpFamily::V6 => (8, 16),
+    };
+    rule.add_expr(&Payload {
+        base: libc::NFT_PAYLOAD_NETWORK_HEADER,
+        offset,
+        len,
+        dreg: R_SOURCE,
+    });
+}
+
+/// `meta mark & mask` into [`R_MASKED`].
+fn masked_mark(rule: &mut nftnl::Rule<'_>, mask: u32) {
+    rule.add_expr(&MetaLoad {
+        key: libc::NFT_META_MARK,
+        dreg: R_MASKED,
+    });
+    rule.add_expr(&MaskBits {
+        sreg: R_MASKED,
+        dreg: R_MASKED,
+        mask,
+    });
 }
 
 fn reg1() -> u32 {
