@@ -1,8 +1,7 @@
 //! The firewall as plain data: one `inet` table with its sets and chains.
 //!
 //! A [`Ruleset`] is what `knockgate ruleset` prints (its `Display` is nft
-//! syntax that `nft -f` accepts, but for the port-sequence rules, which nft has no
-//! syntax for: see [`sequence`]) and what the nftables backend turns into one
+//! syntax that `nft -f` accepts) and what the nftables backend turns into one
 //! netlink batch. Building it from a config lives in [`baseline`]. This module
 //! does no I/O and never names a libnftnl type, so it can be tested without root.
 

@@ -491,3 +491,36 @@ fn a_syn_flood_across_the_range_costs_the_daemon_nothing_and_a_sequence_still_op
         daemon.log_text()
     );
 }
+
+#[test]
+fn the_printed_ruleset_with_sequences_is_nft_syntax() {
+    if !lab_available("the_printed_ruleset_with_sequences_is_nft_syntax") {
+        return;
+    }
+    let s = seq_lab(TouchProtocols::Mixed);
+    let out = Command::new(env!("CARGO_BIN_EXE_knockgate"))
+        .args(["ruleset", "--config"])
+        .arg(&s.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("meta mark set ip saddr map @seq_progress_v4"),
+        "{text}"
+    );
+    let file = s.lab.write_file("printed.nft", &text);
+    // `nft -c` checks the whole file against the kernel and changes nothing.
+    let check = s
+        .lab
+        .try_exec(Host::Server, &["nft", "-c", "-f", file.to_str().unwrap()]);
+    assert!(
+        check.status.success(),
+        "nft refused the printed ruleset: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+}

@@ -3,16 +3,17 @@
 //!
 //! The daemon writes every sequence in force (each key's current and previous step)
 //! as a trie: `seq_start` maps a first touch to a stage, `seq_next` maps a stage and a
-//! touch to the next stage, `seq_last` maps a stage and a last touch to the key it
-//! completes. Stages are content hashes of the touches so far, so sequences that
-//! begin alike share them and their elements. The packet path keeps where each
-//! source is in `seq_progress_v4`/`_v6` (address → stage, a few seconds per touch):
+//! touch to the next stage, `seq_last` maps a stage and a last touch to the completion
+//! (class, key, step). Stages are content hashes of the touches so far, so sequences
+//! that begin alike share them and their elements. The packet path keeps where each
+//! source is in `seq_progress_v4`/`_v6` (address → stage, a few seconds per touch); the
+//! packet mark carries the stage from statement to statement (touches are dropped):
 //!
-//! 1. a last touch from a stage (`seq_last`) that is not yet in `seq_used` adds the
-//!    source to the key's grant set with the key's TTL, marks the step used (one-time),
-//!    forgets the source's progress and tells the daemon (`log group`) — one rule per
-//!    class of keys that share a service and a TTL (a `dynset` has one set and one
-//!    timeout);
+//! 1. a last touch from a stage (`seq_last`) whose key and step are not yet in
+//!    `seq_used` marks them used (one-time), adds the source to the key's grant set
+//!    with the key's TTL, forgets the source's progress and tells the daemon (`log
+//!    group`) — one rule per class of keys that share a service and a TTL (a `dynset`
+//!    has one set and one timeout);
 //! 2. the same last touch once used (or with its grant set full): progress forgotten,
 //!    the daemon told at most 10 times a second;
 //! 3. a touch that follows the source's stage (`seq_next`) moves it on;
@@ -20,9 +21,7 @@
 //! 5. any other touch of the range forgets the source's progress and falls through to
 //!    the drop policy like any closed port.
 //!
-//! nft has no syntax for a map lookup inside a concatenation, so these rules print in
-//! an nft-like notation that `nft -f` does not take; everything else in the ruleset
-//! text stays nft syntax.
+//! Every statement is one nft writes itself, so `nft list ruleset` reads them back.
 
 use std::fmt;
 use std::time::Duration;
