@@ -139,7 +139,7 @@ impl SeqLab {
                         let _ = s.send_to(&[0], addr);
                     }
                 }
-                std::thread::sleep(Duration::from_millis(2));
+                std::thread::sleep(Duration::from_millis(10));
             }
         });
     }
@@ -217,7 +217,7 @@ fn knockds_client_sending_the_printed_sequence_opens_ssh_for_the_laptop_only_unt
     let out = Command::new("ip")
         .args(["netns", "exec", &s.lab.ns(Host::Client)])
         .arg(knockd_client())
-        .args(["-d", "5"])
+        .args(["-d", "10"])
         .args(&args)
         .output()
         .unwrap();

@@ -90,7 +90,7 @@ fn sequence(
     if a.seq.print_sequence {
         let line = knockgate::sequence::knockd_arguments(&target.host, &current.touches);
         knockgate::exit::write_stdout(&format!(
-            "{line}\n# valid for {left} s more (until Unix time {}); send it with `knock -d 5 {line}` (knockd's client)\n",
+            "{line}\n# valid for {left} s more (until Unix time {}); send it with `knock -d 10 {line}` (knockd's client)\n",
             current.valid_until
         ))?;
         return Ok(ExitCode::SUCCESS);
