@@ -204,6 +204,12 @@ fn knockds_client_sending_the_printed_sequence_opens_ssh_for_the_laptop_only_unt
     }
     let s = seq_lab(TouchProtocols::Mixed);
     let daemon = s.start();
+    let status = support::admin(&s.lab.dir().join("admin.sock"), &["status"]);
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains("1 keys, 1 with a port sequence"),
+        "{status}"
+    );
     let plan = v4();
     let server = plan.server_from_client;
     assert!(!s.ssh_open_from(plan.client, server), "closed before");

@@ -122,6 +122,9 @@ pub enum Response {
         keys: usize,
         /// Live grants.
         grants: usize,
+        /// Keys with a port sequence (0 from a daemon before sequences).
+        #[serde(default)]
+        sequence_keys: usize,
     },
     /// Answer to `grants`.
     Grants {

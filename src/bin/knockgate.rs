@@ -94,9 +94,17 @@ fn show(response: &Response, json: bool) -> ExitCode {
             knock_port,
             keys,
             grants,
-        } => println!(
-            "knockgated running: table inet {table}, knock port {knock_port}/udp, server id {server_id}, {keys} keys, {grants} open grants"
-        ),
+            sequence_keys,
+        } => {
+            let sequences = if *sequence_keys > 0 {
+                format!(", {sequence_keys} with a port sequence")
+            } else {
+                String::new()
+            };
+            println!(
+                "knockgated running: table inet {table}, knock port {knock_port}/udp, server id {server_id}, {keys} keys{sequences}, {grants} open grants"
+            );
+        }
         Response::Grants { grants, windows } if json => {
             let both = serde_json::json!({ "grants": grants, "windows": windows });
             let text = serde_json::to_string_pretty(&both).unwrap_or_default() + "\n";

@@ -616,6 +616,9 @@ fn respond(daemon: &Shared, request: Request, peer: &admin::Peer) -> Response {
         knock_port,
         keys: core.key_count(),
         grants: core.grants(UnixMs::now()).len(),
+        sequence_keys: core
+            .sequencer()
+            .map_or(0, super::sequencer::Sequencer::key_count),
     };
     admin::dispatch(d.core(), status, request, peer, UnixMs::now())
 }
