@@ -482,6 +482,7 @@ fn a_syn_flood_across_the_range_costs_the_daemon_nothing_and_a_sequence_still_op
     let sent = spoof_syns(&s.lab, &sources, server, &ports);
     assert!(sent > 19_000, "the flood went out: {sent}");
     let used_ticks = cpu_ticks(daemon.pid()) - before;
+    eprintln!("SEQ flood: {sent} spoofed SYNs to the range, daemon CPU {used_ticks} ticks");
     // Clock ticks (1/100 s): the daemon never sees a touch; what it spends is the
     // step writes that fall in the same time.
     assert!(

@@ -4,7 +4,7 @@
 //!     make peers                                   # unpack fwknop-server/-client and knockd
 //!     cargo bench --bench compare                  # full run, as root (the lab)
 //!     cargo bench --bench compare -- --quick       # smoke run (CI): few repetitions
-//!     cargo bench --bench compare -- --only sequence   # one scenario
+//!     cargo bench --bench compare -- --only latency,sequence   # some scenarios
 //!
 //! Options: `--out DIR` (default `target/bench`), `--require-peers` (fail instead of
 //! skipping a peer that is not unpacked). Writes `compare.md` and `compare.json`.
@@ -372,13 +372,17 @@ fn main() {
         println!("(compare bench skipped: the lab needs root)");
         return;
     }
-    // `--only NAME`: one scenario (latency, flood, scale, spoofed, footprint, egress).
+    // `--only NAME[,NAME…]`: some scenarios (latency, flood, scale, spoofed, sequence,
+    // footprint, egress).
     let only = args
         .iter()
         .position(|a| a == "--only")
         .and_then(|i| args.get(i + 1))
         .cloned();
-    let runs = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    let runs = |name: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|n| n == name))
+    };
     let plan = if quick { Plan::quick() } else { Plan::full() };
     let mut report = Report {
         date: today(),
