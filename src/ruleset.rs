@@ -78,8 +78,6 @@ pub enum SetKeyType {
     Touch,
     /// A sequence stage and a touch (`mark . inet_proto . inet_service`), 12 bytes.
     StageTouch,
-    /// A 32-bit mark value.
-    Mark,
 }
 
 impl SetKeyType {
@@ -94,7 +92,6 @@ impl SetKeyType {
             Self::CgroupAddr(IpFamily::V6) => "cgroupsv2 . ipv6_addr",
             Self::Touch => "inet_proto . inet_service",
             Self::StageTouch => "mark . inet_proto . inet_service",
-            Self::Mark => "mark",
         }
     }
 }
@@ -173,8 +170,15 @@ pub enum ElementKey {
         /// The map data.
         next: u32,
     },
-    /// A mark value (a used sequence step: key index and step).
-    Mark(u32),
+    /// A completed sequence's last step (stage and touch), in the used set.
+    SeqUsed {
+        /// The stage before the last touch.
+        stage: u32,
+        /// IP protocol number.
+        proto: u8,
+        /// Port.
+        port: u16,
+    },
 }
 
 impl From<IpAddr> for ElementKey {
@@ -199,7 +203,7 @@ impl fmt::Display for ElementKey {
                 port,
                 next,
             } => write!(f, "{stage:#010x} . {proto} . {port} : {next:#010x}"),
-            Self::Mark(m) => write!(f, "{m:#010x}"),
+            Self::SeqUsed { stage, proto, port } => write!(f, "{stage:#010x} . {proto} . {port}"),
         }
     }
 }
@@ -229,6 +233,12 @@ impl Element {
 pub enum SetKind {
     /// Grants: elements carry their own timeout, so the kernel closes each hole on time.
     Grants,
+    /// Grants that rules also add to (a completed port sequence), at most `size`: the
+    /// kernel caps a set a rule adds to at 65,535 elements unless it has a size.
+    RuleGrants {
+        /// Most elements at once.
+        size: u32,
+    },
     /// Bans: like grants (each element ends on time), and at most `size` of them: the
     /// kernel refuses one more.
     Bans {
@@ -670,7 +680,8 @@ impl SetDef {
             | SetKind::Meter { size, .. }
             | SetKind::SeqProgress { size, .. }
             | SetKind::SeqUsed { size } => size,
-            SetKind::Grants | SetKind::SeqMap => return,
+            // Never trimmed: the daemon holds no more grants than the size.
+            SetKind::Grants | SetKind::RuleGrants { .. } | SetKind::SeqMap => return,
         };
         let size = usize::try_from(size).unwrap_or(usize::MAX);
         if self.elements.len() > size {
@@ -697,7 +708,7 @@ impl fmt::Display for SetDef {
         }
         match self.kind {
             SetKind::Grants | SetKind::SeqMap => writeln!(f, "\t\tflags timeout")?,
-            SetKind::Bans { size } => {
+            SetKind::Bans { size } | SetKind::RuleGrants { size } => {
                 writeln!(f, "\t\tsize {size}")?;
                 writeln!(f, "\t\tflags timeout")?;
             }

@@ -472,8 +472,7 @@ fn a_syn_flood_across_the_range_costs_the_daemon_nothing_and_a_sequence_still_op
     s.lab.allow_spoofing();
     let plan = v4();
     let server = plan.server_from_client;
-    // 20,000 spoofed sources (10.80.0.0/16), each a SYN to a port of the range, every
-    // port hit four times.
+    // 20,000 spoofed sources (10.80.0.0/16), each one SYN to its own port of the range.
     let sources: Vec<IpAddr> = (0..20_000u32)
         .map(|n| IpAddr::V4(std::net::Ipv4Addr::from(0x0a50_0000 + n)))
         .collect();
@@ -529,5 +528,117 @@ fn the_printed_ruleset_with_sequences_is_nft_syntax() {
         check.status.success(),
         "nft refused the printed ruleset: {}",
         String::from_utf8_lossy(&check.stderr)
+    );
+}
+
+/// A config like `seq_lab`'s with keys `ids` (in that order), each with its own key
+/// file `ID.key` (the phone's key for "phone"), written over the lab's config.
+fn write_config(s: &SeqLab, ids: &[&str], extra: &str) {
+    use std::fmt::Write as _;
+    use std::os::unix::fs::PermissionsExt;
+    let mut keys = String::new();
+    for id in ids {
+        let hex = if *id == "phone" {
+            PHONE_HEX.to_owned()
+        } else {
+            format!("{:064x}", id.len() * 7919)
+        };
+        let file = s.lab.write_file(&format!("{id}.key"), &hex);
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let _ = writeln!(
+            keys,
+            "[[keys]]\nid = \"{id}\"\nfile = \"{}\"\nservices = [\"ssh\"]\nsequence = true\nsequence_ttl = \"{TTL_SECS}s\"\n{extra}",
+            file.display()
+        );
+    }
+    let text = format!(
+        "[knock]\nserver_id = \"{SERVER_ID}\"\n\n[dns]\nresolvers = [\"10.77.2.53\"]\n\n\
+         [sequence]\nports = \"{}-{}\"\nlength = 4\nprotocol = \"{}\"\nstep = \"{STEP_SECS}s\"\n\n{keys}",
+        RANGE.first,
+        RANGE.last,
+        s.protocols.name()
+    );
+    std::fs::write(&s.config, text).unwrap();
+}
+
+#[test]
+fn a_used_sequence_stays_used_across_a_reload_and_a_restart_that_renumber_the_keys() {
+    if !lab_available(
+        "a_used_sequence_stays_used_across_a_reload_and_a_restart_that_renumber_the_keys",
+    ) {
+        return;
+    }
+    let s = seq_lab(TouchProtocols::Tcp);
+    write_config(&s, &["phone", "tablet"], "");
+    let daemon = s.start();
+    let plan = v4();
+    let (server, laptop, intruder) = (plan.server_from_client, plan.client, plan.client_alt);
+    // Room for the whole test in the two steps the sequence is accepted.
+    let step = s.step_with_room(3);
+    let seq = s.sequence(step);
+    s.touch(laptop, server, &seq);
+    assert!(
+        eventually(Duration::from_secs(1), || s.ssh_open_from(laptop, server)),
+        "{}",
+        daemon.log_text()
+    );
+    assert!(daemon.logged_soon("port sequence completed"));
+    // The phone is now the second key, then after a restart the third.
+    write_config(&s, &["tablet", "phone"], "");
+    let reloaded = support::admin(&s.lab.dir().join("admin.sock"), &["reload"]);
+    assert!(
+        reloaded.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reloaded.stderr)
+    );
+    s.touch(intruder, server, &seq);
+    assert!(
+        !s.ssh_open_from(intruder, server),
+        "replayed after a reload"
+    );
+    write_config(&s, &["laptop", "tablet", "phone"], "");
+    assert_eq!(daemon.terminate(), 0);
+    let daemon = s.start();
+    s.touch(intruder, server, &seq);
+    assert!(
+        !s.ssh_open_from(intruder, server),
+        "replayed after a restart"
+    );
+    assert!(
+        spec(TouchProtocols::Tcp).step_at(unix_now()) <= step + 1,
+        "the test outlived the sequence's acceptance: it proved nothing"
+    );
+    assert!(
+        daemon.logged_soon("reason=\"sequence-used\""),
+        "{}",
+        daemon.log_text()
+    );
+}
+
+#[test]
+fn a_keys_grants_by_knock_and_by_sequence_share_its_max_grants() {
+    if !lab_available("a_keys_grants_by_knock_and_by_sequence_share_its_max_grants") {
+        return;
+    }
+    let s = seq_lab(TouchProtocols::Tcp);
+    write_config(&s, &["phone"], "max_grants = 1\nallow_unbound = true");
+    let daemon = s.start();
+    let plan = v4();
+    let server = plan.server_from_client;
+    // A knock takes the key's one grant (for the laptop).
+    s.knock(server, &["--wait", "--timeout", "3s"]);
+    assert!(s.ssh_open_from(plan.client, server));
+    // The sequence from another address: the kernel opens it, the daemon closes it.
+    let step = s.step_with_room(2);
+    s.touch(plan.client_alt, server, &s.sequence(step));
+    assert!(
+        daemon.logged_soon("reason=\"sequence-policy\""),
+        "{}",
+        daemon.log_text()
+    );
+    assert!(
+        eventually(Duration::from_secs(2), || !s
+            .ssh_open_from(plan.client_alt, server)),
+        "closed again"
     );
 }

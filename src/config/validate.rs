@@ -304,6 +304,10 @@ fn services(c: &Checker<'_>, config: &Config) -> Result<(), ConfigError> {
 /// bench measures a rotation of 1, 100 and 1,000).
 pub const MAX_SEQUENCE_KEYS: usize = 4_096;
 
+/// Fewest bits of guessing a sequence may take (`length` × log2 of the touches one can
+/// be): 3 touches of 31,000 ports are 44.7, 4 of 1,024 are 40.
+const MIN_SEQUENCE_BITS: f64 = 40.0;
+
 /// `[sequence]` and the keys' `sequence*` fields.
 fn sequence(c: &Checker<'_>, config: &Config) -> Result<(), ConfigError> {
     use crate::sequence::{LENGTHS, MIN_RANGE, STEP_SECS, TouchProtocols};
@@ -374,6 +378,23 @@ fn sequence(c: &Checker<'_>, config: &Config) -> Result<(), ConfigError> {
     }
     if !LENGTHS.contains(&q.length) {
         return Err(c.invalid("sequence.length", "expected 3 to 8 touches"));
+    }
+    // Each touch is one of `slots`; a random guess of a whole sequence must be at least
+    // this unlikely (a sweep tests a new guess with almost every packet).
+    let slots = if protocols == TouchProtocols::Mixed {
+        2 * size
+    } else {
+        size
+    };
+    let bits = f64::from(q.length) * f64::from(slots).log2();
+    if bits < MIN_SEQUENCE_BITS {
+        return Err(c.invalid(
+            "sequence.length",
+            format!(
+                "{} touches of {slots} ports are {bits:.0} bits; at least {MIN_SEQUENCE_BITS:.0} are needed (more touches or a wider range)",
+                q.length
+            ),
+        ));
     }
     let step = q.step.0;
     let whole = step.subsec_nanos() == 0

@@ -229,6 +229,11 @@ pub struct Core<F: Firewall> {
     sequencer: Option<super::sequencer::Sequencer>,
 }
 
+/// Who a grant a key's port sequence opened is booked for.
+fn sequence_who(id: &KeyId) -> String {
+    format!("key {id} (sequence)")
+}
+
 fn grant_set(service: &str, addr: IpAddr) -> String {
     service::grant_set(service, IpFamily::of(addr))
 }
@@ -395,7 +400,7 @@ impl<F: Firewall> Core<F> {
         let who = format!("key {key_id}");
         let is_window = service == service::EGRESS;
         if !is_window && !self.book.holds(&service, grant.address) {
-            if self.book.held_by(&who) >= key.max_grants {
+            if self.key_grants(&key_id) >= key.max_grants {
                 let max = key.max_grants;
                 return Err(KnockRefusal::Policy(
                     key_id,
@@ -679,6 +684,11 @@ impl<F: Firewall> Core<F> {
                 false
             }
         }
+    }
+
+    /// Grants key `id` holds, by knock and by port sequence together: one limit.
+    fn key_grants(&self, id: &KeyId) -> usize {
+        self.book.held_by(&format!("key {id}")) + self.book.held_by(&sequence_who(id))
     }
 
     /// Opens `service` for `address` for `ttl` on behalf of `who`, in the kernel first

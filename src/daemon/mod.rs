@@ -71,6 +71,7 @@ fn is_live(set: &crate::ruleset::SetDef) -> bool {
     matches!(
         set.kind,
         crate::ruleset::SetKind::Grants
+            | crate::ruleset::SetKind::RuleGrants { .. }
             | crate::ruleset::SetKind::Bans { .. }
             | crate::ruleset::SetKind::SeqUsed { .. }
     )
@@ -214,15 +215,6 @@ impl<F: Firewall> Daemon<F> {
         let mut ruleset = self.ruleset_from_book(&loaded, now, repair::BanRead::Required)?;
         let mut sequencer = Sequencer::new(&loaded.config, &keys, &loaded.server_id);
         fill_sequences(&mut ruleset, sequencer.as_mut(), now);
-        // Used steps are numbered by key; the new config may number its keys anew.
-        if let Some(new) = sequencer.as_ref() {
-            for set in &mut ruleset.sets {
-                if set.name == crate::ruleset::sequence::SEQ_USED {
-                    let used = std::mem::take(&mut set.elements);
-                    set.elements = new.renumber_used(self.core.sequencer(), used);
-                }
-            }
-        }
         let started = Instant::now();
         self.core.firewall_mut().replace(&ruleset)?;
         log_applied(&loaded, &ruleset, started.elapsed());

@@ -180,8 +180,14 @@ impl SequenceListener {
         self.tried = wanted;
         match open_sequence_log(&mut d, self.log.take()) {
             Ok(opened) => self.log = opened,
-            Err(e) => tracing::error!(target: AUDIT, event = "sequence", error = %format!("{e:#}"),
-                "cannot listen for completed sequences; sequences still open ports, but nothing books or logs them"),
+            Err(e) => {
+                // Nothing would book, limit or log what sequences open: they stop (the
+                // elements in force end with their steps) until a reload can listen.
+                d.core().set_sequencer(None);
+                self.tried = None;
+                tracing::error!(target: AUDIT, event = "sequence", error = %format!("{e:#}"),
+                    "cannot listen for completed sequences; port sequences are off until a reload");
+            }
         }
     }
 }
@@ -228,8 +234,21 @@ fn on_sequences(
     ready: std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, SequenceLog>>,
 ) {
     let Ok(mut ready) = ready else { return };
-    let (logged, lost) = ready.get_inner_mut().take_all();
-    ready.clear_ready();
+    let (taken, lost) = ready.get_inner_mut().take_all();
+    // Readiness is cleared only once the socket is drained: it is edge-triggered, and
+    // reports left behind would wait for the next completion.
+    let logged = match taken {
+        Ok((logged, drained)) => {
+            if drained {
+                ready.clear_ready();
+            }
+            Ok(logged)
+        }
+        Err(e) => {
+            ready.clear_ready();
+            Err(e)
+        }
+    };
     if lost {
         warn!(target: AUDIT, event = "sequence",
             "the kernel dropped completed-sequence reports (socket full); their grants end on time but are not in `knockgate grants`");

@@ -57,6 +57,9 @@ pub struct Sequencer {
     previous: Vec<SequenceKey>,
     /// What was written: (set, element key without its data) → (element, end).
     written: HashMap<(&'static str, ElementKey), (ElementKey, UnixMs)>,
+    /// The latest step written: a clock stepped back never brings an older step back
+    /// (its last steps may no longer be marked used in the kernel).
+    highest: Option<u64>,
 }
 
 /// A map element's identity: its key without the data (two elements with the same
@@ -126,34 +129,13 @@ impl Sequencer {
             keys,
             previous: Vec::new(),
             written: HashMap::new(),
+            highest: None,
         })
     }
 
     /// Remembers `older`'s keys, to resolve its late completions.
     pub fn follow(&mut self, older: &Sequencer) {
         self.previous.clone_from(&older.keys);
-    }
-
-    /// `used` (the kernel's used steps, numbered by `older`'s key order) renumbered for
-    /// this one's keys; steps of keys it no longer has are dropped.
-    #[must_use]
-    pub fn renumber_used(&self, older: Option<&Sequencer>, used: Vec<Element>) -> Vec<Element> {
-        let Some(older) = older else { return used };
-        used.into_iter()
-            .filter_map(|e| {
-                let ElementKey::Mark(m) = e.key else {
-                    return None;
-                };
-                let (_, old_index, step) = completion_parts(m);
-                let id = &older.keys.get(old_index)?.id;
-                let new_index = self.keys.iter().position(|k| &k.id == id)?;
-                let renumbered = completion(0, new_index, u64::from(step)) & seq::USED_MASK;
-                Some(Element {
-                    key: ElementKey::Mark(renumbered),
-                    expires_in: e.expires_in,
-                })
-            })
-            .collect()
     }
 
     /// How long before its step a step's sequence is written.
@@ -227,7 +209,14 @@ impl Sequencer {
     pub fn due(&mut self, now: UnixMs) -> Vec<(&'static str, ElementKey, Duration)> {
         self.written.retain(|_, (_, end)| *end > now);
         let mut out = Vec::new();
+        let floor = self.highest.map_or(0, |h| h.saturating_sub(1));
         for step in self.steps_at(now) {
+            if step < floor {
+                tracing::warn!(target: crate::logging::AUDIT, event = "sequence", step, latest = floor + 1,
+                    "the clock went back: an older step's sequences are not written again (sequences open nothing until the clock catches up)");
+                continue;
+            }
+            self.highest = Some(self.highest.map_or(step, |h| h.max(step)));
             let end = UnixMs(self.spec.accepted_until(step).saturating_mul(1000));
             if end <= now {
                 continue;
@@ -297,8 +286,11 @@ impl Sequencer {
         let now_step = self.spec.step_at(now.secs());
         let steps = now_step.saturating_sub(3)..=now_step + 1;
         let matches = |key: &SequenceKey| {
+            if key.class != class {
+                return false;
+            }
             let Some(touch) = touch else {
-                return key.class == class;
+                return true;
             };
             steps
                 .clone()
@@ -474,23 +466,19 @@ mod tests {
             new.resolve(completion(1, 7, step), Some(last(&b)), NOW)
                 .is_none()
         );
-        // Used steps follow their key into the new numbering; a's are dropped.
-        let used = vec![
-            Element {
-                key: ElementKey::Mark(completion(0, 1, step) & seq::USED_MASK),
-                expires_in: Some(Duration::from_secs(9)),
-            },
-            Element {
-                key: ElementKey::Mark(completion(0, 0, step) & seq::USED_MASK),
-                expires_in: Some(Duration::from_secs(9)),
-            },
-        ];
-        let renumbered = new.renumber_used(Some(&old), used);
-        assert_eq!(renumbered.len(), 1);
-        assert_eq!(
-            renumbered[0].key,
-            ElementKey::Mark(completion(0, 0, step) & seq::USED_MASK)
-        );
+    }
+
+    #[test]
+    fn a_clock_stepped_back_writes_no_older_step() {
+        let a = "11".repeat(32);
+        let c = config(vec![key_spec("a", 60)]);
+        let mut s = Sequencer::new(&c, &ring(&[("a", &a)]), &server()).unwrap();
+        assert_eq!(s.due(NOW).len(), 8);
+        let back = UnixMs(NOW.0 - 10 * 60 * 1000);
+        assert!(s.due(back).is_empty(), "ten minutes back: nothing");
+        // Back at the present, the step before the latest is still fine to write.
+        s.forget_written();
+        assert_eq!(s.due(NOW).len(), 8);
     }
 
     #[test]

@@ -100,9 +100,25 @@ fn sets(config: &Config) -> Vec<SetDef> {
         .iter()
         .flat_map(|s| [IpFamily::V4, IpFamily::V6].map(|f| (s.grant_set(f), f)))
         .collect();
+    // Grant sets that sequence rules add to need a size (the kernel would cap them).
+    let ruled: Vec<String> = super::sequence::classes(config)
+        .iter()
+        .flat_map(|c| {
+            [IpFamily::V4, IpFamily::V6].map(|f| crate::service::grant_set(&c.service, f))
+        })
+        .collect();
     let mut sets: Vec<(&str, IpFamily, SetKind)> = grant_sets
         .iter()
-        .map(|(name, family)| (name.as_str(), *family, SetKind::Grants))
+        .map(|(name, family)| {
+            let kind = if ruled.contains(name) {
+                SetKind::RuleGrants {
+                    size: super::sequence::GRANT_SET_SIZE,
+                }
+            } else {
+                SetKind::Grants
+            };
+            (name.as_str(), *family, kind)
+        })
         .collect();
     if config.knock.ban.enabled {
         let bans = SetKind::Bans {

@@ -9,11 +9,11 @@
 //! source is in `seq_progress_v4`/`_v6` (address → stage, a few seconds per touch); the
 //! packet mark carries the stage from statement to statement (touches are dropped):
 //!
-//! 1. a last touch from a stage (`seq_last`) whose key and step are not yet in
-//!    `seq_used` marks them used (one-time), adds the source to the key's grant set
-//!    with the key's TTL, forgets the source's progress and tells the daemon (`log
-//!    group`) — one rule per class of keys that share a service and a TTL (a `dynset`
-//!    has one set and one timeout);
+//! 1. a last touch from a stage (`seq_last`) not yet in `seq_used` adds the source to
+//!    the key's grant set with the key's TTL, marks that last step used (one-time),
+//!    forgets the source's progress and tells the daemon (`log group`) — one rule per
+//!    class of keys that share a service and a TTL (a `dynset` has one set and one
+//!    timeout);
 //! 2. the same last touch once used (or with its grant set full): progress forgotten,
 //!    the daemon told at most 10 times a second;
 //! 3. a touch that follows the source's stage (`seq_next`) moves it on;
@@ -97,9 +97,14 @@ pub enum SeqStep {
     },
     /// `meta mark & 0xff000000 == CLASS << 24`: the completion is of this class.
     Class(u8),
-    /// `meta mark & 0x00ffffff != @used add @used { meta mark & 0x00ffffff timeout T }`:
-    /// this key's step is not used yet; then it is.
-    Consume {
+    /// `meta mark . meta l4proto . th dport != @used`: this last step (the stage in the
+    /// mark and the touch) has not completed a sequence yet.
+    Unused {
+        /// The used set.
+        used: String,
+    },
+    /// `add @used { meta mark . meta l4proto . th dport timeout T }`: now it has.
+    Use {
         /// The used set.
         used: String,
         /// How long it stays used.
@@ -164,9 +169,12 @@ impl fmt::Display for SeqStep {
                 "meta mark & {CLASS_MASK:#010x} == {:#010x}",
                 u32::from(*c) << 24
             ),
-            Self::Consume { used, timeout_ms } => write!(
+            Self::Unused { used } => {
+                write!(f, "meta mark . meta l4proto . th dport != @{used}")
+            }
+            Self::Use { used, timeout_ms } => write!(
                 f,
-                "meta mark & {USED_MASK:#010x} != @{used} add @{used} {{ meta mark & {USED_MASK:#010x} timeout {timeout_ms}ms }}"
+                "add @{used} {{ meta mark . meta l4proto . th dport timeout {timeout_ms}ms }}"
             ),
             Self::Grant {
                 family,
@@ -193,17 +201,16 @@ impl fmt::Display for SeqStep {
 
 /// The class bits of a completion.
 pub const CLASS_MASK: u32 = 0xff00_0000;
-/// The bits of a completion that say whose step it is (key index and step): what
-/// `seq_used` holds.
-pub const USED_MASK: u32 = 0x00ff_ffff;
+/// The size of a grant set that sequence rules add to: the daemon's most grants.
+/// Without one the kernel caps a set a rule adds to at 65,535 elements.
+pub const GRANT_SET_SIZE: u32 = 100_000;
 /// Most keys a completion can name (20 bits).
 pub const MAX_KEY_INDEX: usize = (1 << 20) - 1;
 
 /// A completed sequence as the kernel hands it to the daemon (the packet mark):
 /// the class (8 bits, from 1), the key's index among the sequence keys (20 bits) and
 /// the step it belongs to (its low 4 bits: a step's sequence is accepted for at most
-/// three steps, so that tells steps apart). The low 24 bits name one key's one step:
-/// what `seq_used` keeps, so each opens once.
+/// three steps, so that tells steps apart).
 #[must_use]
 pub fn completion(class: u8, key_index: usize, step: u64) -> u32 {
     let index = u32::try_from(key_index.min(MAX_KEY_INDEX)).unwrap_or(0);
@@ -277,7 +284,7 @@ pub fn sets(config: &Config) -> Vec<SetDef> {
         def(SEQ_LAST, SetKeyType::StageTouch, SetKind::SeqMap),
         def(
             SEQ_USED,
-            SetKeyType::Mark,
+            SetKeyType::StageTouch,
             SetKind::SeqUsed { size: MAX_USED },
         ),
     ]
@@ -368,22 +375,37 @@ impl Judge {
         })
     }
 
-    /// 1: a last touch of class `number` whose step is not used yet: use it, grant,
-    /// tell the daemon.
+    /// 1: a last touch of class `number` that has not completed a sequence yet: grant,
+    /// mark it used (in that order: a full grant set uses nothing up), tell the daemon.
+    /// The used set is keyed by the stage and the touch — the sequence's own content,
+    /// which no reload or restart renumbers.
     fn complete(&self, number: u8, class: &Class, used_ms: u64, group: u16) -> Rule {
         let grants = crate::service::grant_set(&class.service, self.family);
+        let stage = Expr::Seq(SeqStep::Stage {
+            family: self.family,
+            progress: self.progress.clone(),
+        });
+        let last = Expr::Seq(SeqStep::Follow {
+            map: SEQ_LAST.to_owned(),
+            first: false,
+        });
         let mut e = self.at_stage(SEQ_LAST);
         e.extend([
             Expr::Seq(SeqStep::Class(number)),
-            Expr::Seq(SeqStep::Consume {
+            stage,
+            Expr::Seq(SeqStep::Unused {
                 used: SEQ_USED.to_owned(),
-                timeout_ms: used_ms,
             }),
             Expr::Seq(SeqStep::Grant {
                 family: self.family,
                 set: grants,
                 timeout_ms: ms(class.ttl + crate::clock::KERNEL_TIMER_SLACK),
             }),
+            Expr::Seq(SeqStep::Use {
+                used: SEQ_USED.to_owned(),
+                timeout_ms: used_ms,
+            }),
+            last,
             self.forget(),
             Expr::LogGroup {
                 group,

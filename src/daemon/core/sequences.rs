@@ -97,12 +97,12 @@ impl<F: Firewall> Core<F> {
             return SequenceOutcome::Unknown;
         };
         let address = policy::canonical(source);
-        let who = format!("key {} (sequence)", completed.key);
+        let who = super::sequence_who(&completed.key);
         let refusal = if self.book.holds(&completed.service, address) {
             None
         } else {
             let max = self.keys.get(&completed.key).map_or(0, |k| k.max_grants);
-            if self.book.held_by(&who) >= max {
+            if self.key_grants(&completed.key) >= max {
                 Some(format!("the key holds its most grants ({max})"))
             } else if self.book.len() >= MAX_GRANTS - ADMIN_RESERVE {
                 Some(format!(

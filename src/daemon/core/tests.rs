@@ -1289,3 +1289,11 @@ fn a_completed_sequence_is_booked_like_a_knock_and_closed_again_past_the_keys_gr
         SequenceOutcome::Unknown
     ));
 }
+
+#[test]
+fn grant_sets_that_rules_add_to_hold_every_grant_the_daemon_may_book() {
+    assert_eq!(
+        usize::try_from(crate::ruleset::sequence::GRANT_SET_SIZE).unwrap(),
+        MAX_GRANTS
+    );
+}

@@ -50,9 +50,10 @@ fn key_bytes(key: ElementKey) -> Vec<u8> {
         ElementKey::SeqStart { proto, port, .. } => touch_bytes(proto, port).to_vec(),
         ElementKey::SeqStep {
             stage, proto, port, ..
-        } => [&stage.to_ne_bytes()[..], &touch_bytes(proto, port)].concat(),
-        // A mark as the `meta mark` load leaves it in a register: host order.
-        ElementKey::Mark(m) => m.to_ne_bytes().to_vec(),
+        }
+        | ElementKey::SeqUsed { stage, proto, port } => {
+            [&stage.to_ne_bytes()[..], &touch_bytes(proto, port)].concat()
+        }
     }
 }
 
@@ -351,12 +352,17 @@ extern "C" fn collect(elem: *mut sys::nftnl_set_elem, data: *mut c_void) -> i32 
     0
 }
 
-/// An element read from a set of `mark` keys (the dump cannot tell them from IPv4
-/// addresses, which are 4 bytes too).
-pub(super) fn as_mark(key: ElementKey) -> ElementKey {
-    match key {
-        ElementKey::Addr(IpAddr::V4(a)) => ElementKey::Mark(u32::from_ne_bytes(a.octets())),
-        other => other,
+/// An element read from a set of `mark . inet_proto . inet_service` keys (the dump
+/// cannot tell them from `cgroupsv2 . ipv4_addr`, which are 12 bytes too).
+pub(super) fn as_stage_touch(key: ElementKey) -> ElementKey {
+    let ElementKey::CgroupAddr(_, IpAddr::V4(_)) = key else {
+        return key;
+    };
+    let bytes = key_bytes(key);
+    ElementKey::SeqUsed {
+        stage: u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]),
+        proto: bytes[4],
+        port: u16::from_be_bytes([bytes[8], bytes[9]]),
     }
 }
 

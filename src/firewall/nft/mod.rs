@@ -387,7 +387,7 @@ impl Firewall for NftFirewall {
                 .collect();
             if set == crate::ruleset::sequence::SEQ_USED {
                 for e in &mut elements {
-                    e.key = elements::as_mark(e.key);
+                    e.key = elements::as_stage_touch(e.key);
                 }
             }
             let mut seen = std::collections::HashSet::with_capacity(elements.len());
@@ -611,7 +611,6 @@ fn replace_batch(ruleset: &Ruleset, current: u32, flags: u32) -> Result<Labelled
             }
             SetKeyType::Touch => add_set::<TouchKey>(&mut builder, &table, def, id)?,
             SetKeyType::StageTouch => add_set::<StageTouchKey>(&mut builder, &table, def, id)?,
-            SetKeyType::Mark => add_set::<MarkKey>(&mut builder, &table, def, id)?,
         }
         set_ids.insert(def.name.as_str(), id);
         let messages =
@@ -713,18 +712,6 @@ impl SetKey for StageTouchKey {
     }
 }
 
-/// Key type `mark`: 4 bytes, host order.
-struct MarkKey;
-
-impl SetKey for MarkKey {
-    const TYPE: u32 = MARK_TYPE;
-    const LEN: u32 = 4;
-
-    fn data(&self) -> Box<[u8]> {
-        Box::new([0; 4])
-    }
-}
-
 /// Makes `raw` a map to 4-byte `mark` values (stages, completions).
 fn map_to_mark(raw: *mut sys::nftnl_set) {
     // SAFETY: `raw` is a live set owned by the caller's `Set`; libnftnl copies the values.
@@ -748,7 +735,7 @@ fn add_set<K: SetKey>(
             // SAFETY: `raw` is the live set owned by `set`; libnftnl copies the value.
             unsafe { sys::nftnl_set_set_u32(raw, attr(sys::NFTNL_SET_FLAGS), flags) };
         }
-        SetKind::Bans { size } => {
+        SetKind::Bans { size } | SetKind::RuleGrants { size } => {
             let flags = u32::try_from(libc::NFT_SET_TIMEOUT).unwrap_or(0);
             // SAFETY: `raw` is the live set owned by `set`; libnftnl copies the value.
             unsafe { sys::nftnl_set_set_u32(raw, attr(sys::NFTNL_SET_FLAGS), flags) };

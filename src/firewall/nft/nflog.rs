@@ -164,13 +164,14 @@ impl SequenceLog {
     }
 
     /// [`SequenceLog::take`], and whether reports were lost since the last call.
-    pub fn take_all(&mut self) -> (io::Result<Vec<Logged>>, bool) {
+    pub fn take_all(&mut self) -> (io::Result<(Vec<Logged>, bool)>, bool) {
         let taken = self.take();
         (taken, std::mem::take(&mut self.lost))
     }
 
-    /// The packets logged since the last call (at most [`MAX_PER_TAKE`]).
-    pub fn take(&mut self) -> io::Result<Vec<Logged>> {
+    /// The packets logged since the last call (at most [`MAX_PER_TAKE`]), and whether
+    /// the socket is drained (if not, the caller comes back without waiting).
+    pub fn take(&mut self) -> io::Result<(Vec<Logged>, bool)> {
         let mut out = Vec::new();
         while out.len() < MAX_PER_TAKE {
             match recvfrom::<NetlinkAddr>(self.fd.as_raw_fd(), &mut self.buf) {
@@ -181,13 +182,13 @@ impl SequenceLog {
                     }
                     out.extend(parse(&self.buf[..len.min(self.buf.len())]));
                 }
-                Err(Errno::EAGAIN) => break,
+                Err(Errno::EAGAIN) => return Ok((out, true)),
                 Err(Errno::ENOBUFS) => self.lost = true,
                 Err(Errno::EINTR) => {}
                 Err(e) => return Err(e.into()),
             }
         }
-        Ok(out)
+        Ok((out, false))
     }
 }
 

@@ -23,7 +23,7 @@ use nftnl::expr::{Bitwise, Cmp, CmpOp, Expression};
 use nftnl::nftnl_sys::{self as sys, libc};
 
 use super::expr::{alloc, attr, cstring, dport_range, l4proto, nfproto, set_str, set_u32, set_u64};
-use crate::ruleset::sequence::{CLASS_MASK, USED_MASK};
+use crate::ruleset::sequence::CLASS_MASK;
 use crate::ruleset::{IpFamily, SeqStep};
 use crate::service::Protocol;
 
@@ -84,22 +84,11 @@ pub(super) fn add(
         }
         SeqStep::Follow { map, first } => {
             let (set, id) = named(map)?;
-            if !*first {
-                rule.add_expr(&MetaLoad {
-                    key: libc::NFT_META_MARK,
-                    dreg: R_MARK,
-                });
+            if *first {
+                load_touch(rule);
+            } else {
+                load_stage_touch(rule);
             }
-            rule.add_expr(&MetaLoad {
-                key: libc::NFT_META_L4PROTO,
-                dreg: R_PROTO,
-            });
-            rule.add_expr(&Payload {
-                base: libc::NFT_PAYLOAD_TRANSPORT_HEADER,
-                offset: 2,
-                len: 2,
-                dreg: R_PORT,
-            });
             rule.add_expr(&Lookup {
                 set,
                 id,
@@ -119,7 +108,18 @@ pub(super) fn add(
                 value: u32::from(*class) << 24,
             });
         }
-        SeqStep::Consume { .. }
+        SeqStep::Unused { used } => {
+            let (set, id) = named(used)?;
+            load_stage_touch(rule);
+            rule.add_expr(&Lookup {
+                set,
+                id,
+                sreg: R_MARK,
+                dreg: None,
+                invert: true,
+            });
+        }
+        SeqStep::Use { .. }
         | SeqStep::Grant { .. }
         | SeqStep::Forget { .. }
         | SeqStep::Advance { .. } => write(rule, step, &named)?,
@@ -130,21 +130,14 @@ pub(super) fn add(
 /// The steps that write set elements.
 fn write(rule: &mut nftnl::Rule<'_>, step: &SeqStep, named: Named<'_>) -> Result<(), String> {
     match step {
-        SeqStep::Consume { used, timeout_ms } => {
+        SeqStep::Use { used, timeout_ms } => {
             let (set, id) = named(used)?;
-            masked_mark(rule, USED_MASK);
-            rule.add_expr(&Lookup {
-                set: set.clone(),
-                id,
-                sreg: R_MASKED,
-                dreg: None,
-                invert: true,
-            });
+            load_stage_touch(rule);
             rule.add_expr(&Dynset {
                 set,
                 id,
                 op: DynsetOp::Add,
-                key: R_MASKED,
+                key: R_MARK,
                 data: None,
                 timeout_ms: Some(*timeout_ms),
             });
@@ -207,6 +200,29 @@ fn load_source(rule: &mut nftnl::Rule<'_>, family: IpFamily) {
         len,
         dreg: R_SOURCE,
     });
+}
+
+/// `meta l4proto . th dport` into [`R_PROTO`]–[`R_PORT`].
+fn load_touch(rule: &mut nftnl::Rule<'_>) {
+    rule.add_expr(&MetaLoad {
+        key: libc::NFT_META_L4PROTO,
+        dreg: R_PROTO,
+    });
+    rule.add_expr(&Payload {
+        base: libc::NFT_PAYLOAD_TRANSPORT_HEADER,
+        offset: 2,
+        len: 2,
+        dreg: R_PORT,
+    });
+}
+
+/// `meta mark . meta l4proto . th dport` into [`R_MARK`]–[`R_PORT`].
+fn load_stage_touch(rule: &mut nftnl::Rule<'_>) {
+    rule.add_expr(&MetaLoad {
+        key: libc::NFT_META_MARK,
+        dreg: R_MARK,
+    });
+    load_touch(rule);
 }
 
 /// `meta mark & mask` into [`R_MASKED`].
