@@ -208,7 +208,11 @@ impl Sequencer {
     /// key's (the same touches: one chance in ~2^60) keeps the first and is logged.
     pub fn due(&mut self, now: UnixMs) -> Vec<(&'static str, ElementKey, Duration)> {
         self.written.retain(|_, (_, end)| *end > now);
-        let mut out = Vec::new();
+        // One entry per element: two sequences that share a stage (two keys' first
+        // touches alike, say) give one element, with the later end — the kernel
+        // refuses a batch that adds one element twice.
+        let mut fresh: Vec<(&'static str, ElementKey, UnixMs)> = Vec::new();
+        let mut at: HashMap<(&'static str, ElementKey), usize> = HashMap::new();
         let floor = self.highest.map_or(0, |h| h.saturating_sub(1));
         for step in self.steps_at(now) {
             if step < floor {
@@ -235,11 +239,20 @@ impl Sequencer {
                         _ => {}
                     }
                     self.written.insert(slot, (key, end));
-                    out.push((set, key, now.until(end)));
+                    match at.get(&slot) {
+                        Some(&i) => fresh[i].2 = fresh[i].2.max(end),
+                        None => {
+                            at.insert(slot, fresh.len());
+                            fresh.push((set, key, end));
+                        }
+                    }
                 }
             }
         }
-        out
+        fresh
+            .into_iter()
+            .map(|(set, key, end)| (set, key, now.until(end)))
+            .collect()
     }
 
     /// Forgets what was written (a write failed): the next write starts over.
@@ -466,6 +479,37 @@ mod tests {
             new.resolve(completion(1, 7, step), Some(last(&b)), NOW)
                 .is_none()
         );
+    }
+
+    #[test]
+    fn shared_stages_are_written_once_however_many_keys_share_them() {
+        // 2,000 keys over 1,024 ports: first touches collide by the hundred.
+        let specs: Vec<KeySpec> = (0..2_000).map(|i| key_spec(&format!("k{i}"), 60)).collect();
+        let hexes: Vec<(String, String)> = (0..2_000)
+            .map(|i| (format!("k{i}"), format!("{:064x}", 0x5eed_0000_u128 + i)))
+            .collect();
+        let refs: Vec<(&str, &str)> = hexes
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
+        let mut c = config(specs);
+        c.sequence.ports = crate::config::PortValue::Text("40000-41023".into());
+        let mut s = Sequencer::new(&c, &ring(&refs), &server()).unwrap();
+        for now in [NOW, s.next_write(NOW)] {
+            let due = s.due(now);
+            let mut seen = std::collections::HashSet::new();
+            for (set, key, _) in &due {
+                assert!(seen.insert((*set, identity(*key))), "{set} {key} twice");
+            }
+            let starts = due
+                .iter()
+                .filter(|(set, ..)| *set == seq::SEQ_START)
+                .count();
+            assert!(
+                starts < 2 * 2_000,
+                "shared first touches were merged: {starts}"
+            );
+        }
     }
 
     #[test]
