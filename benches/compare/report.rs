@@ -189,7 +189,11 @@ impl Report {
         for r in &self.knock_to_open {
             let s = r.spread.as_ref();
             let ratio = match (s, kg) {
-                _ if r.daemon == "knockgate" => "—".to_owned(),
+                _ if r.daemon.starts_with("knockgate")
+                    && r.daemon != "knockgate (fwknop packets)" =>
+                {
+                    "—".to_owned()
+                }
                 (Some(s), Some(kg)) => format!("{:.1}×", s.median_ms / kg),
                 _ => "—".to_owned(),
             };

@@ -239,12 +239,11 @@ impl Sequencer {
                         _ => {}
                     }
                     self.written.insert(slot, (key, end));
-                    match at.get(&slot) {
-                        Some(&i) => fresh[i].2 = fresh[i].2.max(end),
-                        None => {
-                            at.insert(slot, fresh.len());
-                            fresh.push((set, key, end));
-                        }
+                    if let Some(&i) = at.get(&slot) {
+                        fresh[i].2 = fresh[i].2.max(end);
+                    } else {
+                        at.insert(slot, fresh.len());
+                        fresh.push((set, key, end));
                     }
                 }
             }
