@@ -79,9 +79,12 @@ pub fn last_touch_to_open(plan_runs: usize, poll: Duration) -> OpenRow {
     let took: Vec<Option<Duration>> = (0..plan_runs)
         .map(|i| {
             let secret = Secret::from_hex(&key_hex(i)).unwrap();
-            let touches = spec()
-                .derive(&secret, &server, spec().step_at(unix_now()))
-                .unwrap();
+            let derived_at = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis();
+            let step = spec().step_at(unix_now());
+            let touches = spec().derive(&secret, &server, step).unwrap();
             let took = lab.in_ns(Host::Client, || {
                 let udp = UdpSocket::bind(SocketAddr::new(p.client, 0)).unwrap();
                 for (i, t) in touches.iter().enumerate() {
@@ -100,11 +103,26 @@ pub fn last_touch_to_open(plan_runs: usize, poll: Duration) -> OpenRow {
                     poll,
                 )
             });
+            if took.is_none() {
+                println!(
+                    "sequence of key k{i} (step {step}, derived {} ms into a {STEP_SECS} s step) did not open: {touches:?}",
+                    derived_at % (u128::from(STEP_SECS) * 1000)
+                );
+            }
             revoke_all(&socket);
             took
         })
         .collect();
     let opened: Vec<Duration> = took.iter().flatten().copied().collect();
+    if opened.len() < took.len() {
+        for line in daemon
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        {
+            println!("  daemon: {line}");
+        }
+    }
     OpenRow {
         daemon: "knockgate (port sequence, from the last touch)",
         runs: took.len(),

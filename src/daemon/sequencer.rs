@@ -151,11 +151,16 @@ impl Sequencer {
         [current.saturating_sub(1), current]
     }
 
-    /// When the next step must be written.
+    /// When the next step must be written: the lead before the step after the latest
+    /// one written (in the past, so at once, if that step is already due — never
+    /// reckoned from the clock alone: a wake-up inside the lead, before the write, would
+    /// otherwise skip a whole step).
     #[must_use]
     pub fn next_write(&self, now: UnixMs) -> UnixMs {
-        let [_, current] = self.steps_at(now);
-        let start_ms = self.spec.step_start(current + 1).saturating_mul(1000);
+        let next = self
+            .highest
+            .map_or_else(|| self.steps_at(now)[1], |h| h + 1);
+        let start_ms = self.spec.step_start(next).saturating_mul(1000);
         UnixMs(start_ms.saturating_sub(self.lead_ms()))
     }
 
@@ -509,6 +514,24 @@ mod tests {
                 "shared first touches were merged: {starts}"
             );
         }
+    }
+
+    #[test]
+    fn a_wake_up_inside_the_lead_before_the_write_does_not_skip_the_step() {
+        let a = "11".repeat(32);
+        let c = config(vec![key_spec("a", 60)]);
+        let mut s = Sequencer::new(&c, &ring(&[("a", &a)]), &server()).unwrap();
+        assert_eq!(s.due(NOW).len(), 8);
+        let write_at = s.next_write(NOW);
+        // Something else wakes the daemon 100 ms into the lead, before the write.
+        let early = UnixMs(write_at.0 + 100);
+        assert_eq!(
+            s.next_write(early),
+            write_at,
+            "still due, not the step after"
+        );
+        assert_eq!(s.due(early).len(), 4);
+        assert!(s.next_write(early) > early);
     }
 
     #[test]
