@@ -124,15 +124,7 @@ impl SeqLab {
                 let addr = SocketAddr::new(to, t.port);
                 match t.protocol {
                     Protocol::Tcp => {
-                        let s = socket2::Socket::new(
-                            socket2::Domain::for_address(addr),
-                            socket2::Type::STREAM,
-                            None,
-                        )
-                        .unwrap();
-                        s.bind(&SocketAddr::new(from, 0).into()).unwrap();
-                        s.set_nonblocking(true).unwrap();
-                        let _ = s.connect(&addr.into());
+                        syn(from, addr, false);
                     }
                     Protocol::Udp => {
                         let s = std::net::UdpSocket::bind(SocketAddr::new(from, 0)).unwrap();
@@ -182,6 +174,26 @@ impl SeqLab {
         );
         out
     }
+}
+
+/// One TCP SYN from `from` to `to` (a non-blocking connect, dropped at once);
+/// `transparent` lets `from` be an address the namespace does not have (a spoofer).
+/// Whether it went out. Call inside the client namespace.
+fn syn(from: IpAddr, to: SocketAddr, transparent: bool) -> bool {
+    let Ok(sock) = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        None,
+    ) else {
+        return false;
+    };
+    if transparent {
+        let _ = sock.set_ip_transparent_v4(true);
+    }
+    if sock.bind(&SocketAddr::new(from, 0).into()).is_err() || sock.set_nonblocking(true).is_err() {
+        return false;
+    }
+    matches!(sock.connect(&to.into()), Err(e) if e.raw_os_error() == Some(nix::libc::EINPROGRESS))
 }
 
 /// knockd's client, unpacked by `make peers`.
@@ -303,16 +315,7 @@ fn sweep(s: &SeqLab, from: IpAddr, to: IpAddr) {
         .collect();
     s.lab.in_ns(Host::Client, || {
         for port in ports {
-            let addr = SocketAddr::new(to, port);
-            let sock = socket2::Socket::new(
-                socket2::Domain::for_address(addr),
-                socket2::Type::STREAM,
-                None,
-            )
-            .unwrap();
-            sock.bind(&SocketAddr::new(from, 0).into()).unwrap();
-            sock.set_nonblocking(true).unwrap();
-            let _ = sock.connect(&addr.into());
+            syn(from, SocketAddr::new(to, port), false);
         }
     });
 }
@@ -430,22 +433,8 @@ fn spoof_syns(lab: &Lab, sources: &[IpAddr], to: IpAddr, ports: &[u16]) -> usize
         let mut sent = 0;
         for (i, from) in sources.iter().enumerate() {
             let port = ports[i % ports.len()];
-            let addr = SocketAddr::new(to, port);
-            let Ok(sock) = socket2::Socket::new(
-                socket2::Domain::for_address(addr),
-                socket2::Type::STREAM,
-                None,
-            ) else {
-                continue;
-            };
-            let _ = sock.set_ip_transparent_v4(true);
-            if sock.bind(&SocketAddr::new(*from, 0).into()).is_err() {
-                continue;
-            }
-            let _ = sock.set_nonblocking(true);
-            match sock.connect(&addr.into()) {
-                Err(e) if e.raw_os_error() == Some(nix::libc::EINPROGRESS) => sent += 1,
-                _ => {}
+            if syn(*from, SocketAddr::new(to, port), true) {
+                sent += 1;
             }
         }
         sent

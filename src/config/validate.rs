@@ -210,22 +210,12 @@ fn keys(c: &Checker<'_>, config: &Config) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// `[[services]]`: good names, used once, not `ssh` or `egress`; ports that are not
-/// public, not the knock port, and not another service's (same protocol).
-fn services(c: &Checker<'_>, config: &Config) -> Result<(), ConfigError> {
-    use crate::service::{self, Ports, Protocol};
-    if config.services.len() > service::MAX_SERVICES {
-        return Err(c.invalid(
-            "services",
-            format!(
-                "{} services; at most {} are supported",
-                config.services.len(),
-                service::MAX_SERVICES
-            ),
-        ));
-    }
-    // Everything a service may not overlap: the public ports, the knock port, and
-    // every service before it (ssh first).
+/// The ports the baseline itself uses: the public ones, the knock port and SSH, each
+/// with its protocol and how an error names it.
+fn baseline_ports(
+    config: &Config,
+) -> Vec<(crate::service::Protocol, crate::service::Ports, String)> {
+    use crate::service::{Ports, Protocol};
     let mut taken: Vec<(Protocol, Ports, String)> = config
         .inbound
         .tcp_ports
@@ -248,6 +238,26 @@ fn services(c: &Checker<'_>, config: &Config) -> Result<(), ConfigError> {
         Ports::one(config.inbound.ssh_port),
         format!("service `ssh` (port {})", config.inbound.ssh_port),
     ));
+    taken
+}
+
+/// `[[services]]`: good names, used once, not `ssh` or `egress`; ports that are not
+/// public, not the knock port, and not another service's (same protocol).
+fn services(c: &Checker<'_>, config: &Config) -> Result<(), ConfigError> {
+    use crate::service;
+    if config.services.len() > service::MAX_SERVICES {
+        return Err(c.invalid(
+            "services",
+            format!(
+                "{} services; at most {} are supported",
+                config.services.len(),
+                service::MAX_SERVICES
+            ),
+        ));
+    }
+    // Everything a service may not overlap: the public ports, the knock port, and
+    // every service before it (ssh first).
+    let mut taken = baseline_ports(config);
     let mut names = HashSet::new();
     for (i, spec) in config.services.iter().enumerate() {
         let at = |field: &str| format!("services[{i}].{field}");
@@ -311,7 +321,7 @@ const MIN_SEQUENCE_BITS: f64 = 40.0;
 /// `[sequence]` and the keys' `sequence*` fields.
 fn sequence(c: &Checker<'_>, config: &Config) -> Result<(), ConfigError> {
     use crate::sequence::{LENGTHS, MIN_RANGE, STEP_SECS, TouchProtocols};
-    use crate::service::{Ports, Protocol};
+    use crate::service::Ports;
     let q = &config.sequence;
     let ports: Ports = q
         .ports
@@ -336,28 +346,7 @@ fn sequence(c: &Checker<'_>, config: &Config) -> Result<(), ConfigError> {
         ));
     };
     // Never a port the baseline uses, in a protocol the touches use.
-    let mut taken: Vec<(Protocol, Ports, String)> = config
-        .inbound
-        .tcp_ports
-        .iter()
-        .map(|&p| {
-            (
-                Protocol::Tcp,
-                Ports::one(p),
-                format!("public port {p} (inbound.tcp_ports)"),
-            )
-        })
-        .collect();
-    taken.push((
-        Protocol::Udp,
-        Ports::one(config.knock.port),
-        format!("the knock port {}", config.knock.port),
-    ));
-    taken.push((
-        Protocol::Tcp,
-        Ports::one(config.inbound.ssh_port),
-        format!("the SSH port {}", config.inbound.ssh_port),
-    ));
+    let mut taken = baseline_ports(config);
     for s in &config.services {
         if let Ok(p) = s.port.parse() {
             taken.push((
