@@ -381,6 +381,27 @@ pub struct KeySpec {
     pub sequence_ttl: Option<Dur>,
 }
 
+#[cfg(test)]
+impl KeySpec {
+    /// A test key `id` that may open ssh from anywhere and has a port sequence whose
+    /// grants last `ttl_secs`.
+    pub(crate) fn with_sequence(id: &str, ttl_secs: u64) -> Self {
+        Self {
+            id: id.into(),
+            file: "/k".into(),
+            services: default_services(),
+            sources: default_sources(),
+            max_ttl: None,
+            other_source: false,
+            allow_unbound: false,
+            max_grants: default_key_max_grants(),
+            sequence: true,
+            sequence_service: None,
+            sequence_ttl: Some(Dur(Duration::from_secs(ttl_secs))),
+        }
+    }
+}
+
 fn default_key_max_grants() -> u32 {
     64
 }

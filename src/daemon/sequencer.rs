@@ -339,23 +339,11 @@ impl Sequencer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, Dur, KeySpec};
+    use crate::config::{Config, KeySpec};
     use crate::policy::KeyEntry;
 
     fn key_spec(id: &str, ttl_secs: u64) -> KeySpec {
-        KeySpec {
-            id: id.into(),
-            file: "/k".into(),
-            services: vec!["ssh".into()],
-            sources: vec!["0.0.0.0/0".into(), "::/0".into()],
-            max_ttl: None,
-            other_source: false,
-            allow_unbound: false,
-            max_grants: 64,
-            sequence: true,
-            sequence_service: None,
-            sequence_ttl: Some(Dur(Duration::from_secs(ttl_secs))),
-        }
+        KeySpec::with_sequence(id, ttl_secs)
     }
 
     fn ring(keys: &[(&str, &str)]) -> KeyRing {

@@ -1217,17 +1217,8 @@ fn a_completed_sequence_is_booked_like_a_knock_and_closed_again_past_the_keys_gr
     let mut f = fixture();
     let mut c = config();
     let spec = |id: &str| crate::config::KeySpec {
-        id: id.into(),
-        file: "/k".into(),
-        services: vec!["ssh".into()],
-        sources: vec!["0.0.0.0/0".into(), "::/0".into()],
-        max_ttl: None,
-        other_source: false,
-        allow_unbound: false,
         max_grants: 2,
-        sequence: true,
-        sequence_service: None,
-        sequence_ttl: Some(crate::config::Dur(Duration::from_secs(60))),
+        ..crate::config::KeySpec::with_sequence(id, 60)
     };
     c.keys = vec![spec("two")];
     f.core.set_sequencer(Sequencer::new(&c, &keys(), &server()));

@@ -397,19 +397,7 @@ fn each_service_opens_its_ports_for_its_own_grant_sets_only() {
 
 /// Two keys with sequences (different TTLs: two classes), touches TCP or UDP.
 fn with_sequences() -> Config {
-    let key = |id: &str, ttl: u64| crate::config::KeySpec {
-        id: id.into(),
-        file: "/k".into(),
-        services: vec!["ssh".into()],
-        sources: vec!["0.0.0.0/0".into(), "::/0".into()],
-        max_ttl: None,
-        other_source: false,
-        allow_unbound: false,
-        max_grants: 64,
-        sequence: true,
-        sequence_service: None,
-        sequence_ttl: Some(crate::config::Dur(std::time::Duration::from_secs(ttl))),
-    };
+    let key = crate::config::KeySpec::with_sequence;
     let mut c = Config {
         keys: vec![key("phone", 300), key("router", 60), key("tablet", 300)],
         ..Config::default()
