@@ -6,12 +6,105 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// What every element timeout knockgate asks of the kernel adds to the time it
-/// promises, so that no hole ever closes early: the kernel counts a timeout in timer
-/// ticks (up to 10 ms, at CONFIG_HZ=100), rounding the length down and starting
-/// within the current tick, so an element can end up to two ticks before the
-/// milliseconds asked (3.5 ms early was measured at HZ=250). Two of the longest tick.
-pub const KERNEL_TIMER_SLACK: Duration = Duration::from_millis(20);
+/// How the kernel times set elements: in ticks of `1/CONFIG_HZ` s. It turns the
+/// milliseconds it is asked for into whole ticks rounding down, and starts counting
+/// inside the current tick, so an element asked for `n` ticks lasts between `n - 1`
+/// and `n` of them: asked for the bare TTL it closed up to a tick early (3.5 ms was
+/// measured at HZ=250). knockgate measures the tick at start and asks for the TTL
+/// rounded up to whole ticks plus one: never early, at most a tick late for a TTL of
+/// whole ticks (any whole number of milliseconds at HZ=1000, 250 or 100).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelTimer {
+    /// Ticks per second (`CONFIG_HZ`).
+    hz: u32,
+}
+
+impl KernelTimer {
+    /// The coarsest tick Linux builds with (HZ=100): what is assumed when the tick
+    /// cannot be measured, which is late by up to 10 ms but never early.
+    pub const COARSEST: Self = Self { hz: 100 };
+
+    /// A timer of `hz` ticks per second (clamped to what Linux builds: 100–1000).
+    #[must_use]
+    pub fn with_hz(hz: u32) -> Self {
+        Self {
+            hz: hz.clamp(100, 1000),
+        }
+    }
+
+    /// The running kernel's tick: the resolution of the coarse clocks is one jiffy
+    /// (`TICK_NSEC`), which the vDSO answers without a system call or a file.
+    #[must_use]
+    pub fn measure() -> Self {
+        use nix::time::{ClockId, clock_getres};
+        let Ok(res) = clock_getres(ClockId::CLOCK_MONOTONIC_COARSE) else {
+            return Self::COARSEST;
+        };
+        let nanos = u64::try_from(res.tv_sec())
+            .unwrap_or(0)
+            .saturating_mul(1_000_000_000)
+            .saturating_add(u64::try_from(res.tv_nsec()).unwrap_or(0));
+        // Linux builds HZ from 100 to 1000: anything else is not a tick we know.
+        if !(1_000_000..=10_000_000).contains(&nanos) {
+            return Self::COARSEST;
+        }
+        let hz = (1_000_000_000 + nanos / 2) / nanos;
+        Self::with_hz(u32::try_from(hz).unwrap_or(100))
+    }
+
+    /// Ticks per second.
+    #[must_use]
+    pub fn hz(self) -> u32 {
+        self.hz
+    }
+
+    /// The timeout to ask the kernel for so that an element lasts at least `ttl`:
+    /// `ceil(ttl in ticks) + 1` ticks, in milliseconds rounded up so the kernel's
+    /// rounding down gives back exactly that many ticks.
+    #[must_use]
+    pub fn timeout(self, ttl: Duration) -> Duration {
+        let hz = u128::from(self.hz);
+        let ticks = (ttl.as_nanos() * hz).div_ceil(1_000_000_000) + 1;
+        let ms = (ticks * 1000).div_ceil(hz);
+        Duration::from_millis(u64::try_from(ms).unwrap_or(u64::MAX))
+    }
+
+    /// One tick, in whole milliseconds rounded up.
+    #[must_use]
+    pub fn tick(self) -> Duration {
+        Duration::from_millis(u64::from(1000_u32.div_ceil(self.hz)))
+    }
+
+    /// The most an element outlives the TTL it was asked for: under two ticks, in
+    /// whole milliseconds. The book reads a kernel's remaining time back through it.
+    #[must_use]
+    pub fn overshoot(self) -> Duration {
+        Duration::from_millis(u64::from(2000_u32.div_ceil(self.hz)))
+    }
+
+    /// When the book may say a grant ended: the kernel has surely closed it by its
+    /// TTL plus the overshoot plus the time the netlink batch took to land (10 ms
+    /// allowed), so "grant ended" never comes before the port closes.
+    #[must_use]
+    pub fn settle(self) -> Duration {
+        self.overshoot() + Duration::from_millis(10)
+    }
+}
+
+/// The kernel timer knockgate works with, measured once per process (unit tests:
+/// HZ=250, so that golden ruleset texts do not depend on the machine).
+#[must_use]
+pub fn kernel_timer() -> KernelTimer {
+    #[cfg(test)]
+    {
+        KernelTimer::with_hz(250)
+    }
+    #[cfg(not(test))]
+    {
+        static TIMER: std::sync::OnceLock<KernelTimer> = std::sync::OnceLock::new();
+        *TIMER.get_or_init(KernelTimer::measure)
+    }
+}
 
 /// Unix time in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -78,5 +171,50 @@ mod tests {
         assert_eq!(UnixMs::NEVER.plus(Duration::from_secs(1)), UnixMs::NEVER);
         assert_eq!(t.until(UnixMs(t.0 + 250)), Duration::from_millis(250));
         assert_eq!(UnixMs(t.0 + 250).until(t), Duration::ZERO);
+    }
+
+    /// What the kernel makes of a timeout: `nsecs_to_jiffies64` rounds down, and the
+    /// element ends after that many ticks less the part of the current tick gone.
+    fn shortest_life_ns(timer: KernelTimer, asked: Duration) -> u128 {
+        let hz = u128::from(timer.hz());
+        let ticks = asked.as_nanos() * hz / 1_000_000_000;
+        // Started at the very end of a tick: a whole tick fewer.
+        (ticks - 1) * 1_000_000_000 / hz
+    }
+
+    fn longest_life_ns(timer: KernelTimer, asked: Duration) -> u128 {
+        let hz = u128::from(timer.hz());
+        asked.as_nanos() * hz / 1_000_000_000 * 1_000_000_000 / hz
+    }
+
+    #[test]
+    fn elements_never_end_early_and_at_most_a_tick_late_on_every_hz() {
+        for hz in [100, 250, 300, 1000] {
+            let timer = KernelTimer::with_hz(hz);
+            let tick_ns = 1_000_000_000 / u128::from(hz);
+            for ms in [1, 3, 4, 10, 999, 1000, 1001, 2000, 30_000, 86_400_000] {
+                let ttl = Duration::from_millis(ms);
+                let asked = timer.timeout(ttl);
+                assert!(
+                    shortest_life_ns(timer, asked) >= ttl.as_nanos(),
+                    "HZ={hz} ttl={ms} ms asked {asked:?}: early"
+                );
+                let late = longest_life_ns(timer, asked) - ttl.as_nanos();
+                // A tick, plus the rest of the tick a TTL not of whole ticks ends in.
+                let whole_ticks = (ttl.as_nanos() * u128::from(hz)) % 1_000_000_000 == 0;
+                let bound = if whole_ticks { tick_ns } else { 2 * tick_ns };
+                assert!(late <= bound, "HZ={hz} ttl={ms} ms: up to {late} ns late");
+                assert!(
+                    asked.checked_sub(ttl).unwrap() <= timer.overshoot(),
+                    "HZ={hz} ttl={ms}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_measured_tick_is_one_linux_builds() {
+        let hz = KernelTimer::measure().hz();
+        assert!([100, 250, 300, 1000].contains(&hz), "HZ={hz}");
     }
 }

@@ -544,11 +544,11 @@ fn drain_expired<T>(
 }
 
 /// When a kernel element with `expires_in` left at `now` ends, as the book counts
-/// it: without the slack every timeout knockgate sets adds (so a time read back and
-/// set again does not creep later).
+/// it: less the tick every timeout knockgate sets adds (so a time read back and set
+/// again does not creep later by a tick each time).
 fn kernel_end(now: UnixMs, expires_in: Option<Duration>) -> UnixMs {
     expires_in.map_or(UnixMs::NEVER, |d| {
-        now.plus(d.saturating_sub(crate::clock::KERNEL_TIMER_SLACK))
+        now.plus(d.saturating_sub(crate::clock::kernel_timer().tick()))
     })
 }
 

@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 pub mod baseline;
 pub mod sequence;
-pub use baseline::baseline;
+pub use baseline::{KNOCK_JUNK, baseline};
 pub use sequence::SeqStep;
 
 /// Address family of a set key or an address match.
@@ -60,6 +60,20 @@ pub struct Ruleset {
     pub sets: Vec<SetDef>,
     /// Base chains.
     pub chains: Vec<ChainDef>,
+    /// Named counters the chains count into (`counter name …`), declared with the
+    /// table; a replace carries their counts (the daemon fills them in first).
+    pub counters: Vec<CounterDef>,
+}
+
+/// A named counter object: `counter NAME { packets P bytes B }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CounterDef {
+    /// Its name in the table.
+    pub name: String,
+    /// Packets counted so far (carried across a whole-table replace).
+    pub packets: u64,
+    /// Bytes counted so far.
+    pub bytes: u64,
 }
 
 /// What a set's elements are.
@@ -450,6 +464,32 @@ pub enum Expr {
         /// The prefix the listener sees.
         prefix: String,
     },
+    /// `udp length A-B` (`udp length A` when `first == last`; `!=` when `negate`): the
+    /// datagram's length as its UDP header gives it, header included — what the
+    /// socket would be given (the kernel drops or trims datagrams whose header lies).
+    UdpLength {
+        /// Shortest.
+        first: u16,
+        /// Longest.
+        last: u16,
+        /// Matches when the length is outside.
+        negate: bool,
+    },
+    /// `@th,OFF,LEN A-B`: bytes of a UDP payload (`offset` bytes after the header)
+    /// between `from` and `to` as big-endian numbers (one value when equal; `!=`
+    /// when `negate`). Both the same length, 1 to 4 bytes.
+    UdpPayload {
+        /// Bytes after the UDP header.
+        offset: u8,
+        /// Lowest value.
+        from: Vec<u8>,
+        /// Highest value.
+        to: Vec<u8>,
+        /// Matches when the bytes are outside.
+        negate: bool,
+    },
+    /// `counter name "NAME"`: counts the packet in the named counter.
+    Counter(String),
     /// One step of judging a port sequence ([`SeqStep`]).
     Seq(SeqStep),
     /// `accept` / `drop`.
@@ -651,9 +691,55 @@ impl fmt::Display for Expr {
                     sequence::LOG_SNAPLEN
                 )
             }
+            Self::UdpLength { .. } | Self::UdpPayload { .. } => self.fmt_shape(f),
+            Self::Counter(name) => write!(f, "counter name \"{name}\""),
             Self::Seq(step) => write!(f, "{step}"),
             Self::Verdict(Verdict::Accept) => f.write_str("accept"),
             Self::Verdict(Verdict::Drop) => f.write_str("drop"),
+        }
+    }
+}
+
+impl Expr {
+    /// `udp length …` and `@th,…` matches, as nft writes them.
+    fn fmt_shape(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::UdpLength {
+                first,
+                last,
+                negate,
+            } => {
+                let op = if *negate { "!= " } else { "" };
+                if first == last {
+                    write!(f, "udp length {op}{first}")
+                } else {
+                    write!(f, "udp length {op}{first}-{last}")
+                }
+            }
+            Self::UdpPayload {
+                offset,
+                from,
+                to,
+                negate,
+            } => {
+                let op = if *negate { "!= " } else { "" };
+                let hex = |b: &[u8]| {
+                    b.iter()
+                        .fold(String::from("0x"), |s, x| s + &format!("{x:02x}"))
+                };
+                write!(
+                    f,
+                    "@th,{},{} {op}{}",
+                    64 + u32::from(*offset) * 8,
+                    from.len() * 8,
+                    hex(from)
+                )?;
+                if from != to {
+                    write!(f, "-{}", hex(to))?;
+                }
+                Ok(())
+            }
+            _ => Ok(()),
         }
     }
 }
@@ -758,6 +844,12 @@ impl fmt::Display for Ruleset {
                 writeln!(f)?;
             }
             write!(f, "{set}")?;
+        }
+        for counter in &self.counters {
+            writeln!(f)?;
+            writeln!(f, "\tcounter {} {{", counter.name)?;
+            writeln!(f, "\t\tpackets {} bytes {}", counter.packets, counter.bytes)?;
+            writeln!(f, "\t}}")?;
         }
         for chain in &self.chains {
             writeln!(f)?;

@@ -372,3 +372,58 @@ fn an_imported_access_conf_lets_the_real_client_in() {
         daemon.log_text()
     );
 }
+
+#[test]
+fn the_kernel_drops_what_cannot_be_an_fwknop_packet_and_the_real_client_still_opens() {
+    let test = "the_kernel_drops_what_cannot_be_an_fwknop_packet_and_the_real_client_still_opens";
+    if !lab_available(test) {
+        return;
+    }
+    let Some(client) = fwknop_client(test) else {
+        return;
+    };
+    let s = spa(client, "ttl = \"30s\"");
+    let daemon = s.start();
+    let port = sa(v4().server_from_client, 62201);
+    // No fwknop packet (and no native knock) is shaped like these: base64 too short
+    // (139) or GPG-sized (400, 1,400), a plausible length not starting with base64.
+    let mut not_base64 = vec![b'A'; 200];
+    not_base64[0] = 0;
+    let junk = vec![
+        vec![b'A'; 139],
+        vec![b'A'; 400],
+        vec![b'A'; 1400],
+        not_base64,
+        vec![b'~'; 300],
+    ];
+    let (junk_before, refused_before) = support::knock_port_counts(&s.lab);
+    for _ in 0..100 {
+        s.lab.udp_send(Host::Client, v4().client, port, &junk);
+    }
+    let sent = 100 * junk.len() as u64;
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            support::knock_port_counts(&s.lab).0 == junk_before + sent
+        }),
+        "counted by the kernel: {:?}, want {sent} more",
+        support::knock_port_counts(&s.lab)
+    );
+    // Base64 of an fwknop length is the daemon's to judge (one HMAC, refused).
+    s.lab
+        .udp_send(Host::Client, v4().client, port, &[vec![b'A'; 200]]);
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            support::knock_port_counts(&s.lab).1 == refused_before + 1
+        }),
+        "{:?}\n{}",
+        support::knock_port_counts(&s.lab),
+        daemon.log_text()
+    );
+    assert_eq!(support::knock_port_counts(&s.lab).0, junk_before + sent);
+    s.send((KEY, HMAC), &["-A", "tcp/22", "-a", &laptop()]);
+    assert!(
+        eventually(Duration::from_secs(5), || s.ssh_open(Host::Client)),
+        "fwknop's packet still opens:\n{}",
+        daemon.log_text()
+    );
+}

@@ -395,7 +395,13 @@ fn forged_stale_foreign_and_malformed_knocks_open_nothing() {
 
 /// Empty, truncated, oversized, random and bit-flipped versions of a valid knock.
 fn malformed_corpus(valid: &[u8]) -> Vec<Vec<u8>> {
+    // First (the meter lets ten through at once): a knock's header and nothing after
+    // it, which passes the kernel's shape filter and reaches the daemon; most of the
+    // rest the kernel drops as junk.
+    let mut header_only = valid.to_vec();
+    header_only[4..].fill(0);
     let mut corpus = vec![
+        header_only,
         Vec::new(),
         valid[..1].to_vec(),
         valid[..113].to_vec(),
@@ -549,7 +555,8 @@ fn a_junk_flood_does_not_stop_a_valid_knock() {
     let flood = std::thread::scope(|s| {
         let flooder = s.spawn(|| {
             let started = Instant::now();
-            let junk: Vec<Vec<u8>> = (0u8..100).map(|i| vec![i; 114]).collect();
+            // Shaped like a knock (the kernel drops anything else before the daemon).
+            let junk: Vec<Vec<u8>> = (0u8..100).map(|i| shaped_junk(i, 114)).collect();
             for _ in 0..1000 {
                 k.lab.udp_send(Host::Outside, four.mirror, target, &junk);
                 if started.elapsed() > Duration::from_secs(20) {
@@ -778,7 +785,15 @@ fn the_daemon_works_as_its_own_user_with_only_cap_net_admin() {
 
 /// One 114-byte junk datagram from each of `sources` to `to`.
 fn spoof_from(lab: &Lab, sources: impl Iterator<Item = IpAddr> + Send, to: SocketAddr) -> usize {
-    lab.spoof(sources, |_| to, &[0x5a; 114])
+    lab.spoof(sources, |_| to, &shaped_junk(0x5a, 114))
+}
+
+/// `len` bytes of `fill` behind a version-1 knock's header: junk the kernel's shape
+/// filter lets through to the daemon, which refuses it.
+fn shaped_junk(fill: u8, len: usize) -> Vec<u8> {
+    let mut junk = vec![fill; len];
+    junk[..4].copy_from_slice(&knockgate::knock::packet::V1_HEADER);
+    junk
 }
 
 /// Spoofed addresses: IPv4 from 10.80.0.0/16, IPv6 from one /64 (fd77:9::/64).
@@ -915,4 +930,100 @@ fn a_full_ban_set_refuses_new_bans_and_nothing_else() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(banned(&k.lab), 8);
+}
+
+#[test]
+fn the_kernel_drops_junk_on_the_knock_port_before_the_daemon_and_counts_it() {
+    if !lab_available("the_kernel_drops_junk_on_the_knock_port_before_the_daemon_and_counts_it") {
+        return;
+    }
+    // Bans off and a meter wide enough for all of it: whatever the daemon does not
+    // see, the kernel's shape filter dropped.
+    let k = knocking("rate_per_second = 10000\nburst = 10000\n[knock.ban]\nenabled = false\n");
+    let _ssh = k.lab.tcp_echo(Host::Server, "[::]:22".parse().unwrap());
+    let daemon = k.start();
+    let (four, six) = (v4(), v6());
+    let valid = crafted(KEY_HEX, "alice", now(), 1, 60, AddressClaim::PacketSource);
+    // Every way a datagram can fail the shape: lengths no knock has, a knock's length
+    // without the magic, with another version, with the other version's service byte.
+    let mut junk: Vec<Vec<u8>> = vec![
+        Vec::new(),
+        vec![0x4b],
+        valid[..113].to_vec(),
+        [valid.as_slice(), &[0]].concat(),
+        vec![0; 1400],
+        vec![b'A'; 200], // base64-like, but no fwknop keys are configured
+        vec![0x5a; 114],
+        vec![0x5a; 118],
+    ];
+    for (at, value) in [(0, b'X'), (1, b'X'), (2, 2), (2, 9), (3, 0), (3, 7)] {
+        let mut bad = valid.clone();
+        bad[at] = value;
+        junk.push(bad);
+    }
+    let mut v2_as_v1 = vec![0x5a; 118];
+    v2_as_v1[..4].copy_from_slice(&knockgate::knock::packet::V1_HEADER);
+    junk.push(v2_as_v1);
+    let rounds = 50;
+    let (junk_before, refused_before) = support::knock_port_counts(&k.lab);
+    for _ in 0..rounds {
+        k.lab.udp_send(
+            Host::Client,
+            four.client,
+            knock_port(&four, Host::Client),
+            &junk,
+        );
+        k.lab.udp_send(
+            Host::Client,
+            six.client,
+            knock_port(&six, Host::Client),
+            &junk,
+        );
+    }
+    let sent = u64::try_from(2 * rounds * junk.len()).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            support::knock_port_counts(&k.lab).0 == junk_before + sent
+        }),
+        "every junk datagram counted by the kernel: {:?}, want {} more",
+        support::knock_port_counts(&k.lab),
+        sent
+    );
+    // A datagram shaped like a knock still reaches the daemon (which refuses it)…
+    k.lab.udp_send(
+        Host::Client,
+        four.client,
+        knock_port(&four, Host::Client),
+        &[shaped_junk(0x5a, 114)],
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            support::knock_port_counts(&k.lab).1 == refused_before + 1
+        }),
+        "the shaped one is the daemon's: {:?}",
+        support::knock_port_counts(&k.lab)
+    );
+    // …and the junk never did: one refusal in all, the shaped one.
+    let (junk_after, refused_after) = support::knock_port_counts(&k.lab);
+    assert_eq!(junk_after, junk_before + sent, "the shaped one is not junk");
+    assert_eq!(refused_after, refused_before + 1, "{}", daemon.log_text());
+    assert_eq!(
+        daemon.log_text().matches("knock refused").count(),
+        1,
+        "the daemon logged only the shaped one"
+    );
+    // A valid knock still opens, over IPv4 and IPv6.
+    for plan in [&four, &six] {
+        let out = k.knock_server(plan.server_from_client, &["--wait", "--timeout", "5s"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(k.ssh_open_for(Host::Client, plan.client, plan));
+    }
+    // The count survives a reload (a whole-table replace).
+    let reloaded = support::admin(&k.lab.dir().join("admin.sock"), &["reload"]);
+    assert!(reloaded.status.success());
+    assert!(support::knock_port_counts(&k.lab).0 >= junk_before + sent);
 }

@@ -125,6 +125,13 @@ pub enum Response {
         /// Keys with a port sequence (0 from a daemon before sequences).
         #[serde(default)]
         sequence_keys: usize,
+        /// Datagrams the kernel dropped on the knock port as junk before the daemon
+        /// saw them (the table's `knock_junk` counter; none if it could not be read).
+        #[serde(default)]
+        junk_dropped: Option<u64>,
+        /// Datagrams the daemon read and refused since it started.
+        #[serde(default)]
+        knocks_refused: u64,
     },
     /// Answer to `grants`.
     Grants {

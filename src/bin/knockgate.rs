@@ -95,6 +95,8 @@ fn show(response: &Response, json: bool) -> ExitCode {
             keys,
             grants,
             sequence_keys,
+            junk_dropped,
+            knocks_refused,
         } => {
             let sequences = if *sequence_keys > 0 {
                 format!(", {sequence_keys} with a port sequence")
@@ -103,6 +105,10 @@ fn show(response: &Response, json: bool) -> ExitCode {
             };
             println!(
                 "knockgated running: table inet {table}, knock port {knock_port}/udp, server id {server_id}, {keys} keys{sequences}, {grants} open grants"
+            );
+            let junk = junk_dropped.map_or_else(|| "unknown".to_owned(), |n| n.to_string());
+            println!(
+                "knock port: {junk} junk datagrams dropped by the kernel, {knocks_refused} refused by the daemon"
             );
         }
         Response::Grants { grants, windows } if json => {

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
-use crate::clock::{KERNEL_TIMER_SLACK, UnixMs};
+use crate::clock::{UnixMs, kernel_timer};
 use crate::firewall::{Firewall, FirewallError};
 use crate::grants::{GrantBook, GrantRecord, Granted, WindowRecord, WindowScope, new_id};
 use crate::knock::auth::ServerId;
@@ -227,6 +227,8 @@ pub struct Core<F: Firewall> {
     counter_swept: Option<std::time::Instant>,
     /// The port sequences in force, when some key has one.
     sequencer: Option<super::sequencer::Sequencer>,
+    /// Datagrams refused since the start (`knockgate status`).
+    knocks_refused: u64,
 }
 
 /// Who a grant a key's port sequence opened is booked for.
@@ -238,8 +240,9 @@ fn grant_set(service: &str, addr: IpAddr) -> String {
     service::grant_set(service, IpFamily::of(addr))
 }
 
-fn slack_ms() -> u64 {
-    u64::try_from(KERNEL_TIMER_SLACK.as_millis()).unwrap_or(0)
+/// The timeout the kernel is asked for so that an element lasts at least `ttl`.
+fn kernel_timeout(ttl: Duration) -> Duration {
+    kernel_timer().timeout(ttl)
 }
 
 /// What a knock opened.
@@ -317,6 +320,7 @@ impl<F: Firewall> Core<F> {
             bans_refused_logged: None,
             counter_swept: None,
             sequencer: None,
+            knocks_refused: 0,
         }
     }
 
@@ -347,6 +351,7 @@ impl<F: Firewall> Core<F> {
                 bound,
             },
             Err(reason) => {
+                self.knocks_refused += 1;
                 let banned = reason.is_invalid() && self.count_invalid(source);
                 KnockOutcome::Refused { reason, banned }
             }
@@ -714,7 +719,7 @@ impl<F: Firewall> Core<F> {
             &self.settings.table,
             &grant_set(service, address),
             address.into(),
-            ttl + KERNEL_TIMER_SLACK,
+            kernel_timeout(ttl),
         )?;
         let booked = self.book.grant(service, address, who, now, ttl, new_id);
         self.save_book();
@@ -757,7 +762,7 @@ impl<F: Firewall> Core<F> {
         let elements = window_elements(scope, to);
         for (n, &(set, key)) in elements.iter().enumerate() {
             let shared = self.remaining_of_others(set, key, "", now);
-            let kernel_ttl = shared.map_or(ttl, |other| other.max(ttl)) + KERNEL_TIMER_SLACK;
+            let kernel_ttl = kernel_timeout(shared.map_or(ttl, |other| other.max(ttl)));
             if let Err(e) = self
                 .firewall
                 .add_element(&self.settings.table, set, key, kernel_ttl)
@@ -828,7 +833,7 @@ impl<F: Firewall> Core<F> {
         match self.remaining_of_others(set, key, id, now) {
             Some(left) => {
                 self.firewall
-                    .add_element(&self.settings.table, set, key, left + KERNEL_TIMER_SLACK)
+                    .add_element(&self.settings.table, set, key, kernel_timeout(left))
             }
             None => self.firewall.remove_element(&self.settings.table, set, key),
         }
@@ -885,7 +890,8 @@ impl<F: Firewall> Core<F> {
         // slack its timeout was given), so "grant ended" never comes before the port
         // closes. A knock in between is a new grant, not an extension (the book's
         // `grant` looks at the time, not at whether the record is still there).
-        let settled = UnixMs(now.0.saturating_sub(slack_ms()));
+        let settle = u64::try_from(kernel_timer().settle().as_millis()).unwrap_or(0);
+        let settled = UnixMs(now.0.saturating_sub(settle));
         let gone = self.book.expire(settled);
         let windows_gone = self.book.expire_windows(settled);
         if !gone.is_empty() || !windows_gone.is_empty() {
@@ -908,7 +914,7 @@ impl<F: Firewall> Core<F> {
                 &self.settings.table,
                 &grant_set(&record.service, record.address),
                 record.address.into(),
-                left + KERNEL_TIMER_SLACK,
+                kernel_timeout(left),
             );
             match added {
                 Ok(()) => {
@@ -937,12 +943,29 @@ impl<F: Firewall> Core<F> {
         self.keys.len()
     }
 
+    /// Datagrams on the knock port refused since the start.
+    #[must_use]
+    pub fn knocks_refused(&self) -> u64 {
+        self.knocks_refused
+    }
+
+    /// Datagrams the kernel dropped on the knock port as junk (its `knock_junk`
+    /// counter), or none if the table's counters cannot be read.
+    pub fn junk_dropped(&mut self) -> Option<u64> {
+        let table = self.settings.table.clone();
+        let counters = self.firewall.counters(&table).ok()?;
+        counters
+            .iter()
+            .find(|c| c.name == crate::ruleset::KNOCK_JUNK)
+            .map(|c| c.packets)
+    }
+
     /// How long until the next grant or window ends, for the daemon's expiry timer.
     #[must_use]
     pub fn next_expiry(&self, now: UnixMs) -> Option<Duration> {
         self.book
             .next_expiry()
-            .map(|at| now.until(at.plus(KERNEL_TIMER_SLACK)))
+            .map(|at| now.until(at.plus(kernel_timer().settle())))
     }
 
     /// The firewall, for the daemon's stop.
@@ -1006,7 +1029,7 @@ impl<F: Firewall> Core<F> {
         for ((set, key), at) in until {
             out.entry(set).or_default().push(Element {
                 key,
-                expires_in: (at != UnixMs::NEVER).then(|| now.until(at) + KERNEL_TIMER_SLACK),
+                expires_in: (at != UnixMs::NEVER).then(|| kernel_timeout(now.until(at))),
             });
         }
         out

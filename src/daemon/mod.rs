@@ -311,7 +311,27 @@ fn baseline_with_live_elements<F: Firewall>(
             set.trim_to_size();
         }
     }
+    carry_counters(firewall, &mut ruleset);
     Ok(ruleset)
+}
+
+/// Gives `ruleset`'s named counters the counts the kernel's table has now, so a
+/// whole-table replace does not reset them. Best effort: a count is worth a log line,
+/// not a refused reload.
+fn carry_counters<F: Firewall>(firewall: &mut F, ruleset: &mut Ruleset) {
+    match firewall.counters(&ruleset.table) {
+        Ok(live) => {
+            for counter in &mut ruleset.counters {
+                if let Some(now) = live.iter().find(|c| c.name == counter.name) {
+                    counter.packets = now.packets;
+                    counter.bytes = now.bytes;
+                }
+            }
+        }
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "cannot read the table's counters; they start again at 0");
+        }
+    }
 }
 
 /// The core's settings for `loaded`.
@@ -531,6 +551,7 @@ mod tests {
             table: "other".into(),
             sets: Vec::new(),
             chains: Vec::new(),
+            counters: Vec::new(),
         };
         fw.replace(&other).unwrap();
         let daemon = start(fw, OnStop::Remove, &dir).unwrap();

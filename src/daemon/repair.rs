@@ -62,6 +62,7 @@ impl<F: Firewall> Daemon<F> {
                 }
             }
         }
+        super::carry_counters(self.core.firewall_mut(), &mut ruleset);
         Ok(ruleset)
     }
 }

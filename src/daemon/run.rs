@@ -425,8 +425,10 @@ fn announce_ready(d: &mut Daemon<NftFirewall>, admin_path: &std::path::Path) {
     let (port, tamper) = (d.loaded().config.knock.port, d.loaded().config.tamper);
     let table = d.ruleset().table.clone();
     let keys = d.core().key_count();
+    // The tick grants are rounded up to (measured once, before the first grant).
+    let kernel_hz = crate::clock::kernel_timer().hz();
     info!(target: AUDIT, event = "listen", port, keys, admin_socket = %admin_path.display(),
-        server_id = %d.loaded().server_id.as_str(), "listening for knocks and admin requests");
+        server_id = %d.loaded().server_id.as_str(), kernel_hz, "listening for knocks and admin requests");
     log_lock(tamper, d.core().firewall_mut().lock(), &table);
     if let Err(e) = sd_notify::notify(&[
         sd_notify::NotifyState::Ready,
@@ -638,6 +640,8 @@ fn respond(daemon: &Shared, request: Request, peer: &admin::Peer) -> Response {
         sequence_keys: core
             .sequencer()
             .map_or(0, super::sequencer::Sequencer::key_count),
+        junk_dropped: core.junk_dropped(),
+        knocks_refused: core.knocks_refused(),
     };
     admin::dispatch(d.core(), status, request, peer, UnixMs::now())
 }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::{Adopted, Firewall, FirewallError};
-use crate::ruleset::{Element, ElementKey, Ruleset, SetDef};
+use crate::ruleset::{CounterDef, Element, ElementKey, Ruleset, SetDef};
 
 /// Tables by name, as the kernel would hold them.
 #[derive(Debug, Default)]
@@ -119,6 +119,14 @@ impl Firewall for MemoryFirewall {
 
     fn table_exists(&mut self, table: &str) -> Result<bool, FirewallError> {
         Ok(self.tables.contains_key(table))
+    }
+
+    fn counters(&mut self, table: &str) -> Result<Vec<CounterDef>, FirewallError> {
+        Ok(self
+            .tables
+            .get(table)
+            .map(|t| t.counters.clone())
+            .unwrap_or_default())
     }
 
     fn mark_connections(&mut self, mark: u32) -> Result<Adopted, FirewallError> {

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use crate::ruleset::{Element, ElementKey, Ruleset};
+use crate::ruleset::{CounterDef, Element, ElementKey, Ruleset};
 
 pub mod memory;
 #[cfg(feature = "daemon")]
@@ -59,6 +59,10 @@ pub trait Firewall {
 
     /// Whether a table named `table` is in force now.
     fn table_exists(&mut self, table: &str) -> Result<bool, FirewallError>;
+
+    /// The named counters of table `table` with what they have counted; empty when
+    /// the table does not exist.
+    fn counters(&mut self, table: &str) -> Result<Vec<CounterDef>, FirewallError>;
 
     /// Sets the bits of `mark` in the conntrack mark of every connection tracked now,
     /// keeping their other bits (at most [`MAX_ADOPTED`]). Used once, when knockgate
@@ -178,6 +182,10 @@ impl<F: Firewall + ?Sized> Firewall for &mut F {
 
     fn table_exists(&mut self, table: &str) -> Result<bool, FirewallError> {
         (**self).table_exists(table)
+    }
+
+    fn counters(&mut self, table: &str) -> Result<Vec<CounterDef>, FirewallError> {
+        (**self).counters(table)
     }
 
     fn mark_connections(&mut self, mark: u32) -> Result<Adopted, FirewallError> {

@@ -13,6 +13,6 @@ mod decode;
 pub mod import;
 
 pub use decode::{
-    AccessRequest, HmacDigest, MAX_HMAC_KEY_LEN, MAX_KEY_LEN, MessageType, Opened, PortRequest,
-    Refusal, SpaKeys, looks_like_spa, open,
+    AccessRequest, HmacDigest, MAX_HMAC_KEY_LEN, MAX_KEY_LEN, MAX_LEN, MIN_LEN, MessageType,
+    Opened, PortRequest, Refusal, SpaKeys, looks_like_spa, open,
 };

@@ -29,6 +29,11 @@ const V1_SSH: u8 = 1;
 /// Byte 3 of a version-2 knock: the service is named by the id after the key id.
 const V2_BY_ID: u8 = 0;
 const KEY_ID_MAX: usize = 32;
+/// The first four bytes every version-1 knock starts with (magic, version, service):
+/// what the kernel's pre-filter on the knock port checks (with the length).
+pub const V1_HEADER: [u8; 4] = [MAGIC[0], MAGIC[1], VERSION_1, V1_SSH];
+/// The first four bytes of every version-2 knock.
+pub const V2_HEADER: [u8; 4] = [MAGIC[0], MAGIC[1], VERSION_2, V2_BY_ID];
 
 /// The address a knock asks the grant for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

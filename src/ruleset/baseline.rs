@@ -6,8 +6,8 @@
 use std::net::IpAddr;
 
 use super::{
-    ChainDef, CtState, Expr, Hook, IpFamily, Per, Policy, Rate, Rule, Ruleset, SetDef, SetKeyType,
-    SetKind, Verdict, icmp, icmpv6,
+    ChainDef, CounterDef, CtState, Expr, Hook, IpFamily, Per, Policy, Rate, Rule, Ruleset, SetDef,
+    SetKeyType, SetKind, Verdict, icmp, icmpv6,
 };
 use crate::config::{Config, Forward, Outbound};
 use crate::service::{PortService, Ports, Protocol, port_services};
@@ -33,6 +33,8 @@ pub const EGRESS_HOST: &str = "egress_host";
 /// system scope sits at 2, a user manager's scope at 5:
 /// `/user.slice/user-1000.slice/user@1000.service/app.slice/run-….scope`).
 pub const MAX_EGRESS_CGROUP_LEVEL: u32 = 6;
+/// The named counter of datagrams the kernel dropped on the knock port as junk.
+pub const KNOCK_JUNK: &str = "knock_junk";
 const KNOCK_METER_V4: &str = "knock_meter_v4";
 const KNOCK_METER_V6: &str = "knock_meter_v6";
 /// The sources the meters track, in sets without per-element state: a lookup finds
@@ -84,6 +86,11 @@ pub fn baseline(config: &Config, resolvers: &[IpAddr]) -> Ruleset {
         table: config.table.clone(),
         sets: sets(config),
         chains,
+        counters: vec![CounterDef {
+            name: KNOCK_JUNK.to_owned(),
+            packets: 0,
+            bytes: 0,
+        }],
     }
 }
 
@@ -177,6 +184,7 @@ fn input_chain(config: &Config) -> ChainDef {
     if config.knock.ban.enabled {
         drop_banned_knockers(&mut rules, config);
     }
+    drop_junk_knocks(&mut rules, config);
     accept_knocks_rate_limited(&mut rules, config);
     rules.extend(super::sequence::rules(config));
     log_dropped(&mut rules, config, "input");
@@ -337,6 +345,73 @@ fn drop_banned_knockers(rules: &mut Vec<Rule>, config: &Config) {
                 prefix: source_prefix(config, family),
             },
             Expr::Verdict(Verdict::Drop),
+        ]));
+    }
+}
+
+/// The UDP length (header included) of a datagram of `payload` bytes.
+fn udp_len(payload: usize) -> u16 {
+    u16::try_from(payload + 8).unwrap_or(u16::MAX)
+}
+
+/// Datagrams to the knock port that cannot be a knock are dropped here, before the
+/// socket, and counted in [`KNOCK_JUNK`] (`knockgate status` shows it): a length no
+/// knock has, a native knock's length without its magic, version and service byte,
+/// and (with fwknop keys) an fwknop length whose first byte is not base64. The
+/// daemon then spends its time — one HMAC each — only on datagrams shaped like a
+/// knock. Before the meters, so junk neither spends a source's rate nor fills them.
+fn drop_junk_knocks(rules: &mut Vec<Rule>, config: &Config) {
+    let port = config.knock.port;
+    let fwknop = !config.fwknop_keys.is_empty();
+    let (v1, v2) = (
+        udp_len(crate::knock::packet::PACKET_LEN),
+        udp_len(crate::knock::packet::PACKET_V2_LEN),
+    );
+    // The fwknop packets the daemon reads: base64, 140–399 characters.
+    let spa = (
+        udp_len(crate::fwknop::MIN_LEN),
+        udp_len(crate::fwknop::MAX_LEN),
+    );
+    let length = |first, last, negate| Expr::UdpLength {
+        first,
+        last,
+        negate,
+    };
+    let junk = |mut exprs: Vec<Expr>| {
+        exprs.insert(0, Expr::UdpDport(port));
+        exprs.push(Expr::Counter(KNOCK_JUNK.to_owned()));
+        exprs.push(Expr::Verdict(Verdict::Drop));
+        Rule(exprs)
+    };
+    let mut lengths = vec![length(v1, v1, true), length(v2, v2, true)];
+    if fwknop {
+        lengths.push(length(spa.0, spa.1, true));
+    }
+    rules.push(junk(lengths));
+    for (len, header) in [
+        (v1, crate::knock::packet::V1_HEADER),
+        (v2, crate::knock::packet::V2_HEADER),
+    ] {
+        rules.push(junk(vec![
+            length(len, len, false),
+            Expr::UdpPayload {
+                offset: 0,
+                from: header.to_vec(),
+                to: header.to_vec(),
+                negate: true,
+            },
+        ]));
+    }
+    if fwknop {
+        // '+' (0x2b) to 'z' (0x7a): every base64 character is in between.
+        rules.push(junk(vec![
+            length(spa.0, spa.1, false),
+            Expr::UdpPayload {
+                offset: 0,
+                from: vec![b'+'],
+                to: vec![b'z'],
+                negate: true,
+            },
         ]));
     }
 }

@@ -399,7 +399,7 @@ impl Judge {
             Expr::Seq(SeqStep::Grant {
                 family: self.family,
                 set: grants,
-                timeout_ms: ms(class.ttl + crate::clock::KERNEL_TIMER_SLACK),
+                timeout_ms: ms(crate::clock::kernel_timer().timeout(class.ttl)),
             }),
             Expr::Seq(SeqStep::Use {
                 used: SEQ_USED.to_owned(),

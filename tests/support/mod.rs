@@ -810,3 +810,20 @@ fn ip(args: &[&str]) {
 pub fn sa(ip: IpAddr, port: u16) -> SocketAddr {
     SocketAddr::new(ip, port)
 }
+
+/// `knockgate status`'s junk and refusal counts: (dropped by the kernel, refused by
+/// the daemon).
+pub fn knock_port_counts(lab: &Lab) -> (u64, u64) {
+    let out = admin(&lab.dir().join("admin.sock"), &["status"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("knock port: "))
+        .unwrap_or_else(|| panic!("no knock port line in: {text}"));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let junk = words[0].parse().unwrap_or_else(|_| panic!("{line}"));
+    let refused = words[words.len() - 5]
+        .parse()
+        .unwrap_or_else(|_| panic!("{line}"));
+    (junk, refused)
+}

@@ -586,9 +586,10 @@ fn admin_open_revoke_and_expiry() {
             UnixMs::from_secs(NOW),
         )
         .unwrap();
-    // The book ends it once the kernel surely has: the TTL and the slack its
-    // element was given (so "grant ended" never comes before the port closes).
-    let settled = Duration::from_secs(5) + crate::clock::KERNEL_TIMER_SLACK;
+    // The book ends it once the kernel surely has: the TTL, the tick or two its
+    // element was given, and time for the batch (so "grant ended" never comes
+    // before the port closes).
+    let settled = Duration::from_secs(5) + crate::clock::kernel_timer().settle();
     assert_eq!(f.core.next_expiry(UnixMs::from_secs(NOW)), Some(settled));
     assert!(f.core.expire(UnixMs::from_secs(NOW + 5)).is_empty());
     let gone = f.core.expire(UnixMs::from_secs(NOW).plus(settled));
@@ -604,7 +605,7 @@ fn admin_open_revoke_and_expiry() {
 }
 
 #[test]
-fn the_kernel_gets_the_ttl_and_a_slack_so_a_grant_never_ends_early() {
+fn the_kernel_gets_the_ttl_and_a_tick_so_a_grant_never_ends_early() {
     let mut f = fixture();
     let at = UnixMs(NOW * 1000 + 417);
     let (record, _, _) = f
@@ -620,7 +621,7 @@ fn the_kernel_gets_the_ttl_and_a_slack_so_a_grant_never_ends_early() {
     // The book keeps the TTL to the millisecond…
     assert_eq!(record.expires_at_ms, at.0 + 5000);
     assert_eq!((record.granted_at, record.expires_at), (NOW, NOW + 6));
-    // …and the kernel's element lasts the TTL plus the slack.
+    // …and the kernel's element lasts the TTL plus one tick (HZ=250 in unit tests).
     let element = f
         .core
         .firewall
@@ -629,10 +630,7 @@ fn the_kernel_gets_the_ttl_and_a_slack_so_a_grant_never_ends_early() {
         .into_iter()
         .next()
         .unwrap();
-    assert_eq!(
-        element.expires_in,
-        Some(Duration::from_secs(5) + crate::clock::KERNEL_TIMER_SLACK)
-    );
+    assert_eq!(element.expires_in, Some(Duration::from_millis(5004)));
 }
 
 #[test]
@@ -923,17 +921,16 @@ fn shared_host_switch_lasts_as_long_as_the_longest_window_only() {
             UnixMs::from_secs(now),
         )
         .unwrap();
-    let slack = crate::clock::KERNEL_TIMER_SLACK;
     assert_eq!(
         left(&mut f.core),
-        Duration::from_secs(300) + slack,
+        crate::clock::kernel_timer().timeout(Duration::from_secs(300)),
         "a short window does not cut a long one"
     );
     f.core
         .close_window(&long.id, UnixMs::from_secs(NOW))
         .unwrap();
     assert!(
-        left(&mut f.core) <= Duration::from_secs(5) + slack,
+        left(&mut f.core) <= crate::clock::kernel_timer().timeout(Duration::from_secs(5)),
         "nor does a closed long one extend a short one"
     );
 }

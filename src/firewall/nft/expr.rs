@@ -118,9 +118,75 @@ pub(super) fn add(
             group: *group,
             prefix: cstring(prefix)?,
         }),
+        Expr::UdpLength { .. } | Expr::UdpPayload { .. } | Expr::Counter(_) => {
+            udp_shape(rule, expr)?;
+        }
         Expr::Seq(step) => super::sequence_expr::add(rule, step, set_id)?,
         Expr::Verdict(Verdict::Accept) => rule.add_expr(&NftVerdict::Accept),
         Expr::Verdict(Verdict::Drop) => rule.add_expr(&NftVerdict::Drop),
+    }
+    Ok(())
+}
+
+/// The knock port's shape filter: `udp length`, raw payload bytes, a named counter.
+fn udp_shape(rule: &mut nftnl::Rule<'_>, expr: &Expr) -> Result<(), String> {
+    match expr {
+        Expr::UdpLength {
+            first,
+            last,
+            negate,
+        } => {
+            l4proto(rule, libc::IPPROTO_UDP);
+            rule.add_expr(&Payload::Transport(TransportHeaderField::Udp(
+                UdpHeaderField::Len,
+            )));
+            compare(rule, &first.to_be_bytes(), &last.to_be_bytes(), *negate)?;
+        }
+        Expr::UdpPayload {
+            offset,
+            from,
+            to,
+            negate,
+        } => {
+            if from.is_empty() || from.len() > 4 || from.len() != to.len() {
+                return Err(format!("cannot compare {} payload bytes", from.len()));
+            }
+            l4proto(rule, libc::IPPROTO_UDP);
+            rule.add_expr(&TransportPayload {
+                offset: UDP_HEADER_LEN + u32::from(*offset),
+                len: u32::try_from(from.len()).unwrap_or(4),
+            });
+            compare(rule, from, to, *negate)?;
+        }
+        Expr::Counter(name) => rule.add_expr(&CounterRef {
+            name: cstring(name)?,
+        }),
+        _ => return Err(format!("`{expr}` is not a shape match")),
+    }
+    Ok(())
+}
+
+/// Bytes of a UDP header: what a payload offset counts from.
+const UDP_HEADER_LEN: u32 = 8;
+/// `NFT_OBJECT_COUNTER`: the type of a named counter object.
+pub(super) const NFT_OBJECT_COUNTER: u32 = 1;
+
+/// Compares register 1 (loaded just before) with `from`–`to` as big-endian numbers:
+/// one value when they are equal, a range otherwise; `negate` matches outside.
+fn compare(rule: &mut nftnl::Rule<'_>, from: &[u8], to: &[u8], negate: bool) -> Result<(), String> {
+    if from == to {
+        rule.add_expr(&Cmp::new(if negate { CmpOp::Neq } else { CmpOp::Eq }, from));
+    } else if negate {
+        rule.add_expr(&RangeNeq {
+            from: from.to_vec(),
+            to: to.to_vec(),
+        });
+    } else {
+        rule.add_expr(&Cmp::new(CmpOp::Gte, from));
+        rule.add_expr(&Cmp::new(CmpOp::Lte, to));
+    }
+    if from.len() != to.len() || from > to {
+        return Err("a range must run from its low end to its high end".to_owned());
     }
     Ok(())
 }
@@ -298,6 +364,62 @@ impl Expression for NetworkPayload {
     }
 }
 
+/// `@th,OFF,LEN`: `len` bytes at `offset` of the transport header into register 1.
+struct TransportPayload {
+    offset: u32,
+    len: u32,
+}
+
+impl Expression for TransportPayload {
+    fn to_expr(&self, _rule: &nftnl::Rule<'_>) -> NonNull<sys::nftnl_expr> {
+        let e = alloc(c"payload");
+        set_u32(
+            e,
+            sys::NFTNL_EXPR_PAYLOAD_BASE,
+            u32::try_from(libc::NFT_PAYLOAD_TRANSPORT_HEADER).unwrap_or(2),
+        );
+        set_u32(e, sys::NFTNL_EXPR_PAYLOAD_OFFSET, self.offset);
+        set_u32(e, sys::NFTNL_EXPR_PAYLOAD_LEN, self.len);
+        set_u32(e, sys::NFTNL_EXPR_PAYLOAD_DREG, reg1());
+        e
+    }
+}
+
+/// `!= A-B` on register 1 (nft's `range` expression; `cmp` has no "outside").
+struct RangeNeq {
+    from: Vec<u8>,
+    to: Vec<u8>,
+}
+
+impl Expression for RangeNeq {
+    fn to_expr(&self, _rule: &nftnl::Rule<'_>) -> NonNull<sys::nftnl_expr> {
+        let e = alloc(c"range");
+        set_u32(e, sys::NFTNL_EXPR_RANGE_SREG, reg1());
+        set_u32(
+            e,
+            sys::NFTNL_EXPR_RANGE_OP,
+            u32::try_from(libc::NFT_RANGE_NEQ).unwrap_or(1),
+        );
+        set_data(e, sys::NFTNL_EXPR_RANGE_FROM_DATA, &self.from);
+        set_data(e, sys::NFTNL_EXPR_RANGE_TO_DATA, &self.to);
+        e
+    }
+}
+
+/// `counter name "NAME"`: an object reference to a named counter.
+struct CounterRef {
+    name: CString,
+}
+
+impl Expression for CounterRef {
+    fn to_expr(&self, _rule: &nftnl::Rule<'_>) -> NonNull<sys::nftnl_expr> {
+        let e = alloc(c"objref");
+        set_u32(e, sys::NFTNL_EXPR_OBJREF_IMM_TYPE, NFT_OBJECT_COUNTER);
+        set_str(e, sys::NFTNL_EXPR_OBJREF_IMM_NAME, &self.name);
+        e
+    }
+}
+
 /// The 32-bit register right after an 8-byte value loaded into register 1.
 fn reg32_02() -> u32 {
     u32::try_from(libc::NFT_REG32_02).unwrap_or(10)
@@ -429,6 +551,13 @@ pub(super) fn set_u32(e: NonNull<sys::nftnl_expr>, a: u32, value: u32) {
 pub(super) fn set_u64(e: NonNull<sys::nftnl_expr>, a: u32, value: u64) {
     // SAFETY: `e` is a live expression from `alloc`; libnftnl copies the value.
     unsafe { sys::nftnl_expr_set_u64(e.as_ptr(), attr(a), value) };
+}
+
+pub(super) fn set_data(e: NonNull<sys::nftnl_expr>, a: u32, value: &[u8]) {
+    let len = u32::try_from(value.len()).unwrap_or(0);
+    // SAFETY: `e` is a live expression from `alloc`; `value` is valid for `len` bytes
+    // and libnftnl copies them before this call returns.
+    unsafe { sys::nftnl_expr_set(e.as_ptr(), attr(a), value.as_ptr().cast(), len) };
 }
 
 pub(super) fn set_str(e: NonNull<sys::nftnl_expr>, a: u32, value: &CStr) {

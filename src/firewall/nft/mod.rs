@@ -11,6 +11,7 @@
 #![allow(unsafe_code)]
 
 mod conntrack;
+mod counter;
 mod elements;
 pub mod events;
 mod expr;
@@ -34,7 +35,8 @@ use self::socket::{EventRead, NetlinkSocket, TransactError};
 use self::table::FlaggedTable;
 use super::{Adopted, Firewall, FirewallError, MAX_ADOPTED};
 use crate::ruleset::{
-    ChainDef, Element, ElementKey, Hook, IpFamily, Policy, Ruleset, SetDef, SetKeyType, SetKind,
+    ChainDef, CounterDef, Element, ElementKey, Hook, IpFamily, Policy, Ruleset, SetDef, SetKeyType,
+    SetKind,
 };
 
 /// Largest batch sent as one transaction. The biggest knockgate makes — 100,000
@@ -406,6 +408,30 @@ impl Firewall for NftFirewall {
         Ok(self.table_flags(table)?.is_some())
     }
 
+    fn counters(&mut self, table: &str) -> Result<Vec<CounterDef>, FirewallError> {
+        let t = cstring(table).map_err(|detail| FirewallError::InvalidRuleset {
+            table: table.to_owned(),
+            detail,
+        })?;
+        self.dump_seq = self.dump_seq.wrapping_add(1);
+        let request = counter::dump_request(&t, self.dump_seq);
+        let messages = match self.socket.dump(&request, self.dump_seq) {
+            Ok(messages) => messages,
+            Err(TransactError::Refused(r)) if r.errno == libc::ENOENT => return Ok(Vec::new()),
+            Err(e) => return Err(Self::map_error(table, None, e)),
+        };
+        Ok(messages
+            .iter()
+            .filter_map(|m| counter::parse_dump_message(m))
+            .filter(|(of, ..)| of == table)
+            .map(|(_, name, packets, bytes)| CounterDef {
+                name,
+                packets,
+                bytes,
+            })
+            .collect())
+    }
+
     fn mark_connections(&mut self, mark: u32) -> Result<Adopted, FirewallError> {
         /// Update requests per datagram (each ~100 bytes; the socket buffer is 4 MiB).
         const CHUNK: usize = 512;
@@ -624,6 +650,15 @@ fn replace_batch(ruleset: &Ruleset, current: u32, flags: u32) -> Result<Labelled
             );
             builder.add(elems, MsgType::Add, label);
         }
+    }
+    for counter in &ruleset.counters {
+        let obj = counter::CounterObj::new(
+            &name,
+            &cstring(&counter.name)?,
+            counter.packets,
+            counter.bytes,
+        );
+        builder.add(&obj, MsgType::Add, format!("counter {}", counter.name));
     }
     let set_id = |name: &str| set_ids.get(name).copied();
     for def in &ruleset.chains {

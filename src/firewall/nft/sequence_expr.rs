@@ -22,7 +22,9 @@ use std::ptr::NonNull;
 use nftnl::expr::{Bitwise, Cmp, CmpOp, Expression};
 use nftnl::nftnl_sys::{self as sys, libc};
 
-use super::expr::{alloc, attr, cstring, dport_range, l4proto, nfproto, set_str, set_u32, set_u64};
+use super::expr::{
+    alloc, cstring, dport_range, l4proto, nfproto, set_data, set_str, set_u32, set_u64,
+};
 use crate::ruleset::sequence::CLASS_MASK;
 use crate::ruleset::{IpFamily, SeqStep};
 use crate::service::Protocol;
@@ -397,11 +399,4 @@ impl Expression for Dynset {
         }
         e
     }
-}
-
-fn set_data(e: NonNull<sys::nftnl_expr>, a: u32, bytes: &[u8]) {
-    let len = u32::try_from(bytes.len()).unwrap_or(0);
-    // SAFETY: `e` is a live expression from `alloc`; `bytes` is `len` readable bytes
-    // that libnftnl copies before this call returns.
-    unsafe { sys::nftnl_expr_set(e.as_ptr(), attr(a), bytes.as_ptr().cast(), len) };
 }

@@ -433,8 +433,8 @@ fn sequence_rules_come_per_protocol_and_family_with_one_completion_rule_per_clas
         .filter(|r| r.contains("add @ssh_grants_v4"))
         .collect();
     assert_eq!(completions.len(), 4, "{completions:#?}");
-    assert!(completions.iter().any(|r| r.contains("timeout 300020ms")));
-    assert!(completions.iter().any(|r| r.contains("timeout 60020ms")));
+    assert!(completions.iter().any(|r| r.contains("timeout 300004ms")));
+    assert!(completions.iter().any(|r| r.contains("timeout 60004ms")));
     // Judged after the knock port's rules, before the drop log.
     let knock = input
         .iter()
