@@ -2,7 +2,7 @@
 
 DEBS := libnftnl-dev libmnl-dev pkg-config nftables iproute2 iputils-ping procps python3 openssh-server openssh-client util-linux dnsmasq-base curl systemd adduser
 
-.PHONY: deps build demo test test-unit lint package peers bench bench-smoke vm test-vm
+.PHONY: deps build demo test test-unit lint package peers client-static bench bench-smoke vm test-vm
 deps: ## install the Debian packages the build, the lab and the demo need
 	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
@@ -41,7 +41,7 @@ lint:
 # The peers of the comparison bench, from Debian: their libraries and iptables are
 # installed; the daemons' own packages are only unpacked into target/peers/root
 # (never installed, so no maintainer script starts fwknopd or knockd on the host).
-PEER_LIBS := iptables libfko3 libpcap0.8
+PEER_LIBS := iptables libfko3 libpcap0.8 hyperfine
 PEER_DEBS := fwknop-server fwknop-client knockd
 peers: deps ## fwknopd, fwknop and knockd for `make bench`, unpacked under target/peers
 	@missing=$$(for p in $(PEER_LIBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -53,7 +53,11 @@ peers: deps ## fwknopd, fwknop and knockd for `make bench`, unpacked under targe
 	@for d in target/peers/debs/*.deb; do dpkg -x $$d target/peers/root; done
 	@target/peers/root/usr/sbin/fwknopd --version && target/peers/root/usr/sbin/knockd -V
 
-bench: peers ## knockgate, fwknopd and knockd side by side (target/bench/compare.{md,json})
+client-static: deps ## the knock client statically linked, as the package ships it
+	CARGO_TARGET_DIR=target/static RUSTFLAGS="-C target-feature=+crt-static" \
+	  cargo build --locked --release --no-default-features --bin knock --target x86_64-unknown-linux-gnu
+
+bench: peers client-static ## knockgate, fwknopd and knockd side by side (target/bench/compare.{md,json})
 	cargo bench --locked --bench compare -- --require-peers
 
 bench-smoke: peers ## the same, a few repetitions each: proves the harness works (CI)

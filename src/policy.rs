@@ -110,6 +110,11 @@ impl KeyRing {
         self.keys.get(id)
     }
 
+    /// Every native key, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&KeyId, &KeyEntry)> {
+        self.keys.iter()
+    }
+
     /// Number of keys (native and fwknop).
     #[must_use]
     pub fn len(&self) -> usize {

@@ -250,49 +250,127 @@ fn rewrite(path: &Path, guard: &ReplayGuard) -> Result<File, StateError> {
 
 /// Writes snapshots of a file (the grant book) on a thread of its own, so that a slow
 /// disk flush (15 ms at p99 on a shared VM) never holds up the daemon's loop and the
-/// knock waiting in it. Only the newest snapshot waiting is written.
+/// knock waiting in it. Only the newest snapshot waiting is written. The thread is
+/// started by a write and ends after [`WRITER_IDLE`] without one, so an idle daemon
+/// keeps no second thread (its stack and malloc arena) around.
 pub struct SnapshotWriter {
-    tx: Option<std::sync::mpsc::Sender<Vec<u8>>>,
+    path: PathBuf,
+    shared: std::sync::Arc<(std::sync::Mutex<Pending>, std::sync::Condvar)>,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// How long the writer thread waits for another snapshot before it ends.
+const WRITER_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// What the writer thread is to do; changed only under the lock.
+#[derive(Default)]
+struct Pending {
+    /// The newest snapshot not yet written.
+    bytes: Option<Vec<u8>>,
+    /// Whether a writer thread is running (it clears this, under the lock, as it ends).
+    running: bool,
 }
 
 impl SnapshotWriter {
     /// A writer for `path` (atomic replace, as [`write_atomically`]).
     #[must_use]
     pub fn new(path: PathBuf) -> Self {
-        let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
-        let thread = std::thread::Builder::new()
-            .name("book-writer".to_owned())
-            .spawn(move || {
-                while let Ok(mut bytes) = rx.recv() {
-                    while let Ok(newer) = rx.try_recv() {
-                        bytes = newer;
-                    }
-                    if let Err(e) = write_atomically(&path.with_extension("tmp"), &path, &bytes) {
-                        tracing::warn!(error = %format!("{e:#}"), "cannot save the grant book; grants stay in force");
-                    }
-                }
-            })
-            .ok();
         Self {
-            tx: Some(tx),
-            thread,
+            path,
+            shared: std::sync::Arc::default(),
+            thread: None,
         }
     }
 
-    /// Queues `bytes` to be written.
-    pub fn write(&self, bytes: Vec<u8>) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(bytes);
+    /// Queues `bytes` to be written (replacing any snapshot still waiting).
+    pub fn write(&mut self, bytes: Vec<u8>) {
+        let (lock, wake) = &*self.shared;
+        let mut pending = lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        pending.bytes = Some(bytes);
+        if pending.running {
+            wake.notify_one();
+            return;
+        }
+        pending.running = true;
+        drop(pending);
+        if let Some(done) = self.thread.take() {
+            let _ = done.join();
+        }
+        let (shared, path) = (std::sync::Arc::clone(&self.shared), self.path.clone());
+        let spawned = std::thread::Builder::new()
+            .name("book-writer".to_owned())
+            .spawn(move || write_until_idle(&shared, &path));
+        if let Ok(thread) = spawned {
+            self.thread = Some(thread);
+        } else {
+            // No thread: write here, late rather than never.
+            let mut pending = lock
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            pending.running = false;
+            if let Some(bytes) = pending.bytes.take() {
+                drop(pending);
+                save_snapshot(&self.path, &bytes);
+            }
         }
     }
 
     /// Waits until everything queued is written.
     pub fn finish(&mut self) {
-        self.tx = None;
+        let (lock, wake) = &*self.shared;
+        loop {
+            let pending = lock
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !pending.running {
+                break;
+            }
+            // Wake the thread so that it ends now rather than after its idle wait.
+            wake.notify_one();
+            drop(pending);
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            if self
+                .thread
+                .as_ref()
+                .is_some_and(std::thread::JoinHandle::is_finished)
+            {
+                break;
+            }
+        }
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// The writer thread: writes the newest snapshot while there is one; ends once none
+/// came for [`WRITER_IDLE`] (or none is waiting when woken by `finish`).
+fn write_until_idle(shared: &(std::sync::Mutex<Pending>, std::sync::Condvar), path: &Path) {
+    let (lock, wake) = shared;
+    loop {
+        let mut pending = lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if pending.bytes.is_none() {
+            pending = wake
+                .wait_timeout(pending, WRITER_IDLE)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+        let Some(bytes) = pending.bytes.take() else {
+            pending.running = false;
+            return;
+        };
+        drop(pending);
+        save_snapshot(path, &bytes);
+    }
+}
+
+fn save_snapshot(path: &Path, bytes: &[u8]) {
+    if let Err(e) = write_atomically(&path.with_extension("tmp"), path, bytes) {
+        tracing::warn!(error = %format!("{e:#}"), "cannot save the grant book; grants stay in force");
     }
 }
 
@@ -345,8 +423,11 @@ mod tests {
         }
         writer.finish();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "snapshot 49");
-        writer.write(b"after finish".to_vec()); // ignored, never panics
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), "snapshot 49");
+        assert!(writer.thread.is_none(), "no thread left after finish");
+        // A later write starts a thread again.
+        writer.write(b"after finish".to_vec());
+        writer.finish();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "after finish");
     }
 
     #[test]

@@ -15,6 +15,7 @@
 #[path = "../../tests/support/mod.rs"]
 mod support;
 
+mod client;
 mod egress;
 mod measure;
 mod report;
@@ -92,21 +93,26 @@ impl Junk {
     }
 }
 
-/// Plausibly shaped junk for `kind`'s knock port(s).
-fn junk_for(kind: Kind, subject: &Subject, client: IpAddr) -> (&'static str, Vec<KnockDatagrams>) {
+/// Plausibly shaped junk for `kind`'s knock port(s); knockgate's second kind (`alt`)
+/// is junk its nft filter drops before the socket.
+fn junk_for(
+    kind: Kind,
+    subject: &Subject,
+    client: IpAddr,
+    alt: bool,
+) -> (&'static str, Vec<KnockDatagrams>) {
     let mut rng = Junk(0x9e37_79b9_7f4a_7c15);
     match kind {
-        Kind::Knockgate => (
-            "114-byte knocks: random, and sealed with a wrong key (one HMAC each)",
+        Kind::Knockgate if alt => (
+            "malformed: random 114 bytes (the kernel's shape filter drops them)",
             (0..256)
-                .map(|i| {
-                    let d = if i % 2 == 0 {
-                        rng.bytes(114)
-                    } else {
-                        subjects::knockgate_bad_mac()
-                    };
-                    vec![(subjects::SPA_PORT, d)]
-                })
+                .map(|_| vec![(subjects::SPA_PORT, rng.bytes(114))])
+                .collect(),
+        ),
+        Kind::Knockgate => (
+            "well-shaped 114-byte knocks sealed with a wrong key (one HMAC each)",
+            (0..256)
+                .map(|_| vec![(subjects::SPA_PORT, subjects::knockgate_bad_mac())])
                 .collect(),
         ),
         Kind::Fwknopd => {
@@ -231,11 +237,18 @@ fn latency(kind: Kind, plan: &Plan, r: &mut Report) {
 }
 
 fn flood(kind: Kind, plan: &Plan, r: &mut Report) {
+    flood_of(kind, plan, r, false);
+    if kind == Kind::Knockgate {
+        flood_of(kind, plan, r, true);
+    }
+}
+
+fn flood_of(kind: Kind, plan: &Plan, r: &mut Report, alt: bool) {
     let lab = Lab::new();
     let p = v4();
     let subject = Subject::start(kind, &lab, &Setup { ttl_secs: 60 });
     let _ssh = lab.tcp_echo(support::Host::Server, "0.0.0.0:22".parse().unwrap());
-    let (what, junk) = junk_for(kind, &subject, p.client);
+    let (what, junk) = junk_for(kind, &subject, p.client, alt);
     let valid = subject.knocks(plan.valid_in_flood, p.client, 60);
     let addrs = (p.client, p.client_alt, p.server_from_client);
     let result = measure::flood(&lab, &subject, &junk, &valid, plan.flood, addrs);
@@ -373,7 +386,7 @@ fn main() {
         return;
     }
     // `--only NAME[,NAME…]`: some scenarios (latency, flood, scale, spoofed, sequence,
-    // footprint, egress).
+    // footprint, client, egress).
     let only = args
         .iter()
         .position(|a| a == "--only")
@@ -433,6 +446,10 @@ fn main() {
     }
     if runs("footprint") {
         footprint(&kinds, &plan, &mut report);
+    }
+    if runs("client") {
+        let runs = if quick { 50 } else { 1_000 };
+        report.clients = client::startup(runs).unwrap_or_default();
     }
     if runs("egress") {
         egress_overhead(&plan, &mut report);

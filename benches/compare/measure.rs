@@ -129,6 +129,9 @@ pub struct FloodResult {
     pub seconds: f64,
     /// Datagrams the kernel dropped at the daemon's full socket (UDP daemons only).
     pub socket_drops: Option<u64>,
+    /// Datagrams knockgate's nft shape filter dropped before the socket (its
+    /// `knock_junk` counter; none for the peers).
+    pub kernel_dropped: Option<u64>,
     /// Junk the daemon itself read and rejected, per second.
     pub rejected_per_sec: Option<f64>,
     /// The daemon's CPU time over the flood, as a share of one core.
@@ -151,33 +154,48 @@ pub fn flood(
 ) -> FloodResult {
     let pid = subject.pid();
     let drops_before = udp_drops(lab, SPA_PORT);
+    let kernel_before = knock_junk_counter(lab);
     let cpu_before = cpu_seconds(pid);
     let started = Instant::now();
     let (sent, opened) = std::thread::scope(|s| {
-        let generator = s.spawn(|| {
-            lab.in_ns(Host::Client, || {
-                let udp = UdpSocket::bind(SocketAddr::new(intruder, 0)).unwrap();
-                let mut sent = 0u64;
-                while started.elapsed() < duration {
-                    for knock in junk {
-                        send_knock(&udp, server, knock);
-                        sent += knock.len() as u64;
-                    }
-                }
-                sent
+        // Two sending threads (one core each on a 2-core VM, shared with the daemon):
+        // one thread's sendto rate was below what the daemon rejects.
+        let generators: Vec<_> = (0..SENDERS)
+            .map(|_| {
+                s.spawn(|| {
+                    lab.in_ns(Host::Client, || {
+                        let udp = UdpSocket::bind(SocketAddr::new(intruder, 0)).unwrap();
+                        let mut sent = 0u64;
+                        while started.elapsed() < duration {
+                            for knock in junk {
+                                send_knock(&udp, server, knock);
+                                sent += knock.len() as u64;
+                            }
+                        }
+                        sent
+                    })
+                })
             })
-        });
+            .collect();
         let opened = knock_during(lab, subject, valid, duration, client, server);
-        (generator.join().unwrap(), opened)
+        let sent: u64 = generators.into_iter().map(|g| g.join().unwrap()).sum();
+        (sent, opened)
     });
     let seconds = started.elapsed().as_secs_f64();
     let cpu_share = (cpu_seconds(pid) - cpu_before) / seconds;
     let socket_drops = drops_before.and_then(|b| udp_drops(lab, SPA_PORT).map(|a| a - b));
+    let kernel_dropped =
+        kernel_before.and_then(|b| knock_junk_counter(lab).map(|a| a.saturating_sub(b)));
     FloodResult {
         sent,
         seconds,
         socket_drops,
-        rejected_per_sec: socket_drops.map(|d| sent.saturating_sub(d) as f64 / seconds),
+        kernel_dropped,
+        rejected_per_sec: socket_drops.map(|d| {
+            sent.saturating_sub(d)
+                .saturating_sub(kernel_dropped.unwrap_or(0)) as f64
+                / seconds
+        }),
         cpu_share,
         valid_sent: valid.len(),
         valid_opened_ms: opened,
@@ -263,6 +281,8 @@ pub fn spoofed_flood(
         &["sysctl", "-qw", "net.ipv6.ip_nonlocal_bind=1"],
     );
     let pid = subject.pid();
+    let mut shaped = vec![0x5a; 114];
+    shaped[..4].copy_from_slice(&knockgate::knock::packet::V1_HEADER);
     let rss_before_kib = rss_kib(pid).0;
     let cpu_before = cpu_seconds(pid);
     let started = Instant::now();
@@ -282,7 +302,9 @@ pub fn spoofed_flood(
                         spoofed(n % sources_v6.max(1), true),
                     ]
                 });
-                sent += lab.spoof(batch, to, &[0x5a; 114]) as u64;
+                // Shaped like a knock: the kernel's shape filter would drop anything
+                // else before the meters it is meant to fill.
+                sent += lab.spoof(batch, to, &shaped) as u64;
                 round = round.wrapping_add(1);
             }
             sent
@@ -296,6 +318,7 @@ pub fn spoofed_flood(
             sent,
             seconds,
             socket_drops: None,
+            kernel_dropped: None,
             rejected_per_sec: None,
             cpu_share: (cpu_seconds(pid) - cpu_before) / seconds,
             valid_sent: valid.len(),
@@ -452,6 +475,22 @@ fn field(status: &str, name: &str) -> u64 {
 }
 
 /// The kernel's drop count for the UDP socket on `port` in the server namespace.
+/// Threads sending a junk flood.
+const SENDERS: usize = 2;
+
+/// knockgate's `knock_junk` counter in the server's namespace (none without one).
+fn knock_junk_counter(lab: &Lab) -> Option<u64> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.ns(Host::Server)])
+        .args(["nft", "list", "counter", "inet", "knockgate", "knock_junk"])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut words = text.split_whitespace();
+    words.find(|&w| w == "packets")?;
+    words.next()?.parse().ok()
+}
+
 fn udp_drops(lab: &Lab, port: u16) -> Option<u64> {
     let table = lab.exec(Host::Server, &["cat", "/proc/net/udp", "/proc/net/udp6"]);
     let local = format!(":{port:04X}");

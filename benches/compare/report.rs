@@ -116,6 +116,7 @@ pub struct Report {
     pub footprint: Vec<FootprintRow>,
     pub egress: Option<EgressRow>,
     pub sequence_rotation: Vec<RotationRow>,
+    pub clients: Vec<crate::client::ClientRow>,
 }
 
 fn opt(v: Option<f64>, digits: usize) -> String {
@@ -150,8 +151,23 @@ impl Report {
         self.spoofed_table(&mut m);
         self.scale_table(&mut m);
         self.footprint_table(&mut m);
+        self.client_table(&mut m);
         self.rotation_table(&mut m);
         m
+    }
+
+    fn client_table(&self, m: &mut String) {
+        if self.clients.is_empty() {
+            return;
+        }
+        m.push_str("\n**The knock client** (one hyperfine run in the lab's client namespace, each program sending one knock; mean of each, and over `/bin/true` in the same run)\n\n| client | mean | ± | over /bin/true |\n|---|---:|---:|---:|\n");
+        for r in &self.clients {
+            let _ = writeln!(
+                m,
+                "| {} | {:.3} ms | {:.3} ms | {:+.3} ms |",
+                r.client, r.mean_ms, r.stddev_ms, r.over_true_ms
+            );
+        }
     }
 
     fn rotation_table(&self, m: &mut String) {
@@ -237,17 +253,20 @@ impl Report {
     }
 
     fn flood_table(&self, m: &mut String) {
-        m.push_str("\n**Junk flood** (one source, as fast as one sending thread goes, while the laptop knocks validly)\n\n");
-        m.push_str("| daemon | junk | sent/s | dropped at its socket | rejected by the daemon/s | daemon CPU | rejected per CPU-second | valid knocks opened | their median / p99 |\n");
-        m.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
+        m.push_str("\n**Junk flood** (one source, as fast as two sending threads go, while the laptop knocks validly)\n\n");
+        m.push_str("| daemon | junk | sent/s | dropped by its nft filter | dropped at its socket | rejected by the daemon/s | daemon CPU | rejected per CPU-second | valid knocks opened | their median / p99 |\n");
+        m.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         for r in &self.flood {
             let f = &r.result;
             let drops = f
                 .socket_drops
                 .map_or_else(|| "—".to_owned(), |d| d.to_string());
+            let filtered = f
+                .kernel_dropped
+                .map_or_else(|| "—".to_owned(), |d| d.to_string());
             let _ = writeln!(
                 m,
-                "| {} | {} | {:.0} | {drops} | {} | {:.0}% | {} | {}/{} | {} / {} ms |",
+                "| {} | {} | {:.0} | {filtered} | {drops} | {} | {:.0}% | {} | {}/{} | {} / {} ms |",
                 r.daemon,
                 r.junk,
                 f.sent as f64 / f.seconds,

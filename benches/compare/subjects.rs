@@ -22,10 +22,10 @@ use knockgate::knock::{AddressClaim, KeyId, Knock, Secret, ServiceId};
 
 use crate::support::{self, Host, Lab};
 
-const KEY_HEX: &str = "6c1e9a4f2b7d0c5e8a3f6b1d4e9c2a7f0b5d8e3a6c1f4b9e2d7a0c5f8b3e6d1a";
+pub const KEY_HEX: &str = "6c1e9a4f2b7d0c5e8a3f6b1d4e9c2a7f0b5d8e3a6c1f4b9e2d7a0c5f8b3e6d1a";
 /// fwknop's keys, base64: a 32-byte Rijndael key and a 64-byte HMAC-SHA256 key.
-const FWKNOP_KEY: &str = "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=";
-const FWKNOP_HMAC: &str =
+pub const FWKNOP_KEY: &str = "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=";
+pub const FWKNOP_HMAC: &str =
     "ZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXp7fH1+f4CBgoOEhYaHiImKi4yNjo+QkZKTlJWWl5iZmpucnZ6foKGiow==";
 /// knockd's sequence.
 pub const KNOCKD_PORTS: [u16; 3] = [7000, 8000, 9000];

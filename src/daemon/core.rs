@@ -17,9 +17,9 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use crate::clock::{UnixMs, kernel_timer};
 use crate::firewall::{Firewall, FirewallError};
 use crate::grants::{GrantBook, GrantRecord, Granted, WindowRecord, WindowScope, new_id};
-use crate::knock::auth::ServerId;
+use crate::knock::auth::{KnockMac, ServerId};
 use crate::knock::replay::{ReplayError, ReplayGuard};
-use crate::knock::verify::{Refusal, authenticate};
+use crate::knock::verify::{Refusal, authenticate_with};
 use crate::knock::{KeyId, ServiceId};
 use crate::policy::{self, KeyRing, Limits, PolicyRefusal};
 use crate::ruleset::baseline::{
@@ -229,6 +229,15 @@ pub struct Core<F: Firewall> {
     sequencer: Option<super::sequencer::Sequencer>,
     /// Datagrams refused since the start (`knockgate status`).
     knocks_refused: u64,
+    /// Each key's HMAC state for this server, ready to clone per knock.
+    macs: HashMap<KeyId, KnockMac>,
+}
+
+/// Each key's HMAC state for `server`.
+fn knock_macs(keys: &KeyRing, server: &ServerId) -> HashMap<KeyId, KnockMac> {
+    keys.iter()
+        .map(|(id, key)| (id.clone(), KnockMac::new(&key.secret, server)))
+        .collect()
 }
 
 /// Who a grant a key's port sequence opened is booked for.
@@ -306,6 +315,7 @@ impl<F: Firewall> Core<F> {
     ) -> Self {
         let invalid = invalid_limiter(settings.ban);
         let book_writer = SnapshotWriter::new(settings.book_path.clone());
+        let macs = knock_macs(&keys, &settings.server_id);
         Self {
             firewall,
             settings,
@@ -321,6 +331,7 @@ impl<F: Firewall> Core<F> {
             counter_swept: None,
             sequencer: None,
             knocks_refused: 0,
+            macs,
         }
     }
 
@@ -369,15 +380,9 @@ impl<F: Firewall> Core<F> {
         if !self.keys.fwknop_keys().is_empty() && crate::fwknop::looks_like_spa(datagram) {
             return self.try_fwknop(datagram, source, now);
         }
-        let keys = &self.keys;
+        let macs = &self.macs;
         let skew = self.settings.skew.as_secs();
-        let knock = authenticate(
-            datagram,
-            |id| keys.get(id).map(|k| &k.secret),
-            &self.settings.server_id,
-            now.secs(),
-            skew,
-        )?;
+        let knock = authenticate_with(datagram, |id| macs.get(id).cloned(), now.secs(), skew)?;
         let key_id = knock.key_id.clone();
         let forget_after = knock.timestamp.saturating_add(skew);
         let Some(key) = self.keys.get(&key_id) else {
@@ -986,6 +991,7 @@ impl<F: Firewall> Core<F> {
         if !dropped.is_empty() {
             self.save_book();
         }
+        self.macs = knock_macs(&keys, &settings.server_id);
         self.settings = settings;
         self.keys = keys;
         dropped

@@ -26,6 +26,74 @@ const PER_SOURCE_PERIOD: std::time::Duration = std::time::Duration::from_secs(6)
 /// Refusal lines per second over all sources (spoofed floods have many sources).
 const ALL_SOURCES_PER_SECOND: u32 = 50;
 
+/// Datagrams one `recvmmsg` reads at most.
+pub(super) const BATCH: usize = 32;
+/// Largest datagram read: the longest the kernel's shape filter lets through is an
+/// fwknop packet of 399 bytes; a longer one is cut here and refused as malformed.
+const RECV_LEN: usize = 512;
+
+/// Reads the knock socket in batches: one `recvmmsg` system call for up to [`BATCH`]
+/// datagrams, into buffers allocated once.
+pub(super) struct BatchReader {
+    headers: nix::sys::socket::MultiHeaders<nix::sys::socket::SockaddrStorage>,
+    buffers: Vec<[u8; RECV_LEN]>,
+    /// Buffer, length and sender of each datagram of the last batch.
+    got: Vec<(usize, usize, SocketAddr)>,
+}
+
+impl BatchReader {
+    pub(super) fn new() -> Self {
+        Self {
+            headers: nix::sys::socket::MultiHeaders::preallocate(BATCH, None),
+            buffers: vec![[0; RECV_LEN]; BATCH],
+            got: Vec::with_capacity(BATCH),
+        }
+    }
+
+    /// Reads what is queued on `socket`, up to [`BATCH`] datagrams, without waiting;
+    /// `WouldBlock` when nothing is. Returns how many were read.
+    pub(super) fn read(&mut self, socket: &impl std::os::fd::AsRawFd) -> std::io::Result<usize> {
+        use nix::sys::socket::{MsgFlags, SockaddrLike, recvmmsg};
+        use std::io::IoSliceMut;
+        self.got.clear();
+        let mut slices: Vec<[IoSliceMut<'_>; 1]> = self
+            .buffers
+            .iter_mut()
+            .map(|b| [IoSliceMut::new(b)])
+            .collect();
+        let received = recvmmsg(
+            socket.as_raw_fd(),
+            &mut self.headers,
+            slices.iter_mut(),
+            MsgFlags::MSG_DONTWAIT,
+            None,
+        )
+        .map_err(std::io::Error::from)?;
+        let mut count = 0;
+        for (index, message) in received.enumerate() {
+            count += 1;
+            let from = message.address.and_then(|a| {
+                a.as_sockaddr_in6()
+                    .map(|a6| SocketAddr::V6((*a6).into()))
+                    .or_else(|| a.as_sockaddr_in().map(|a4| SocketAddr::V4((*a4).into())))
+                    .filter(|_| a.len() > 0)
+            });
+            // A datagram without a sender address cannot be told apart: skipped.
+            if let Some(from) = from {
+                self.got.push((index, message.bytes.min(RECV_LEN), from));
+            }
+        }
+        Ok(count)
+    }
+
+    /// The datagrams of the last batch, with their senders.
+    pub(super) fn datagrams(&self) -> impl Iterator<Item = (&[u8], SocketAddr)> {
+        self.got
+            .iter()
+            .map(|&(index, len, from)| (&self.buffers[index][..len], from))
+    }
+}
+
 /// Binds the knock socket on every address, IPv4 and IPv6, port `port`.
 pub(super) fn bind(port: u16) -> std::io::Result<tokio::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};

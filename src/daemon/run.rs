@@ -30,10 +30,8 @@ const SUMMARY_EVERY: Duration = Duration::from_secs(10);
 const BOOK_SAVE_DELAY: Duration = Duration::from_millis(200);
 /// Longest sleep of the expiry timer when no grant is due.
 const IDLE_EXPIRY_CHECK: Duration = Duration::from_secs(3600);
-/// Most datagrams handled in one turn of the run loop.
-const RECV_BATCH: usize = 256;
-/// Largest datagram read; anything longer than a knock is refused anyway.
-const RECV_LEN: usize = 512;
+/// Most `recvmmsg` batches handled in one turn of the run loop (256 datagrams).
+const RECV_BATCHES: usize = 8;
 
 type Shared = Rc<RefCell<Daemon<NftFirewall>>>;
 
@@ -73,7 +71,7 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
     let mut beats = Beats::new(sd_notify::watchdog_enabled().map(|period| period / 2));
     let mut log = KnockLog::new();
     let wake = Rc::new(tokio::sync::Notify::new());
-    let mut buf = [0u8; RECV_LEN];
+    let mut reader = listener::BatchReader::new();
     let signal = loop {
         let Timers {
             next_expiry,
@@ -85,18 +83,22 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
             beats.summarised();
         }
         tokio::select! {
-            received = socket.recv_from(&mut buf) => {
-                let Ok((len, from)) = received else { continue };
+            ready = socket.readable() => {
+                if ready.is_err() { continue; }
                 let mut d = daemon.borrow_mut();
                 let now = UnixMs::now();
-                let source = source_of(from);
-                log.outcome(&d.core().knock(&buf[..len], source, now), source);
-                // Whatever else is queued, without going round the loop (and its timers)
-                // for each datagram: under a flood this is most of the work saved.
-                for _ in 1..RECV_BATCH {
-                    let Ok((len, from)) = socket.try_recv_from(&mut buf) else { break };
-                    let source = source_of(from);
-                    log.outcome(&d.core().knock(&buf[..len], source, now), source);
+                // Whatever is queued, a batch per system call, without going round the
+                // loop (and its timers) for each: under a flood this is most of the
+                // work saved. Bounded, so timers and admin requests still get a turn.
+                for _ in 0..RECV_BATCHES {
+                    let read = socket.try_io(tokio::io::Interest::READABLE, || reader.read(&socket));
+                    // Until the socket is empty (`WouldBlock`, which also clears
+                    // tokio's readiness): what came in meanwhile saves a wake-up.
+                    let Ok(_) = read else { break };
+                    for (datagram, from) in reader.datagrams() {
+                        let source = source_of(from);
+                        log.outcome(&d.core().knock(datagram, source, now), source);
+                    }
                 }
             }
             accepted = admin_socket.accept() => {

@@ -337,6 +337,38 @@ mod authenticate {
         );
     }
 
+    /// The daemon's path: the key's MAC state is asked for only once the datagram
+    /// decodes, and at most once; so each datagram costs at most one HMAC, and junk
+    /// or an unknown key id none.
+    #[test]
+    fn at_most_one_hmac_per_datagram_and_none_for_junk() {
+        use super::super::auth::KnockMac;
+        let alice = KeyId::new("alice-laptop").unwrap();
+        let ready = KnockMac::new(&secret(1), &server());
+        let asked = std::cell::Cell::new(0);
+        let mac_for = |id: &KeyId| {
+            asked.set(asked.get() + 1);
+            (id == &alice).then(|| ready.clone())
+        };
+        let run = |bytes: &[u8]| {
+            asked.set(0);
+            let result = super::super::verify::authenticate_with(bytes, mac_for, NOW, 30);
+            (result.is_ok(), asked.get())
+        };
+        assert_eq!(run(&[0u8; 114]), (false, 0), "junk: no HMAC");
+        assert_eq!(run(&sealed(NOW, 1, "alice-laptop")), (true, 1));
+        assert_eq!(
+            run(&sealed(NOW, 2, "alice-laptop")),
+            (false, 1),
+            "bad MAC: one"
+        );
+        assert_eq!(
+            run(&sealed(NOW, 1, "mallory")),
+            (false, 1),
+            "unknown: no state, no HMAC"
+        );
+    }
+
     #[test]
     fn the_skew_window_is_inclusive() {
         for ts in [NOW - 30, NOW + 30] {

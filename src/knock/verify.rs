@@ -1,7 +1,7 @@
 //! The cheap-first check order of docs/PROTOCOL.md, up to (not including) the replay
 //! guard and policy: shape → key id known → MAC → clock. Pure.
 
-use super::auth::{ServerId, verify};
+use super::auth::{KnockMac, ServerId};
 use super::packet::{ShapeError, decode};
 use super::{KeyId, Knock, Secret};
 
@@ -36,12 +36,29 @@ pub fn authenticate<'k>(
     now: u64,
     skew_secs: u64,
 ) -> Result<Knock, Refusal> {
+    authenticate_with(
+        datagram,
+        |id| secret_for(id).map(|s| KnockMac::new(s, server)),
+        now,
+        skew_secs,
+    )
+}
+
+/// [`authenticate`] with each key's MAC state ready (the daemon's: `mac_for` clones
+/// it): exactly one HMAC per datagram that decodes and names a known key, none for
+/// any other.
+pub fn authenticate_with(
+    datagram: &[u8],
+    mac_for: impl Fn(&KeyId) -> Option<KnockMac>,
+    now: u64,
+    skew_secs: u64,
+) -> Result<Knock, Refusal> {
     let decoded = decode(datagram).map_err(Refusal::Shape)?;
     let knock = decoded.knock;
-    let Some(secret) = secret_for(&knock.key_id) else {
+    let Some(mac) = mac_for(&knock.key_id) else {
         return Err(Refusal::UnknownKey(knock.key_id));
     };
-    if !verify(secret, server, decoded.signed, decoded.mac) {
+    if !mac.verify(decoded.signed, decoded.mac) {
         return Err(Refusal::BadMac(knock.key_id));
     }
     let skew = i128::from(knock.timestamp) - i128::from(now);
