@@ -477,7 +477,9 @@ pub enum Expr {
     },
     /// `@th,OFF,LEN A-B`: bytes of a UDP payload (`offset` bytes after the header)
     /// between `from` and `to` as big-endian numbers (one value when equal; `!=`
-    /// when `negate`). Both the same length, 1 to 4 bytes.
+    /// when `negate`). Both the same length, 1 to 4 bytes. It checks no protocol of
+    /// its own: only after a UDP match in the same rule (`udp dport`, `udp length`),
+    /// as nft writes such a rule back.
     UdpPayload {
         /// Bytes after the UDP header.
         offset: u8,
@@ -839,17 +841,21 @@ impl fmt::Display for Ruleset {
     /// nft syntax that `nft -f` accepts, sets first, then chains.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "table inet {} {{", self.table)?;
+        // Counters first, as `nft list` shows a table.
+        for counter in &self.counters {
+            writeln!(f, "\tcounter {} {{", counter.name)?;
+            writeln!(
+                f,
+                "\t\tpackets {} bytes {}",
+                counter.packets, counter.bytes
+            )?;
+            writeln!(f, "\t}}\n")?;
+        }
         for (i, set) in self.sets.iter().enumerate() {
             if i > 0 {
                 writeln!(f)?;
             }
             write!(f, "{set}")?;
-        }
-        for counter in &self.counters {
-            writeln!(f)?;
-            writeln!(f, "\tcounter {} {{", counter.name)?;
-            writeln!(f, "\t\tpackets {} bytes {}", counter.packets, counter.bytes)?;
-            writeln!(f, "\t}}")?;
         }
         for chain in &self.chains {
             writeln!(f)?;

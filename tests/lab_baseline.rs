@@ -277,14 +277,18 @@ fn knock_burst(
     to: std::net::SocketAddr,
     count: usize,
 ) -> usize {
+    // Shaped like a knock (its length and first bytes), or the kernel's junk filter
+    // would drop it before the meter under test.
+    let mut datagram = vec![0x5a; knockgate::knock::packet::PACKET_LEN];
+    datagram[..4].copy_from_slice(&knockgate::knock::packet::V1_HEADER);
     lab.in_ns(Host::Client, || {
         let socket = std::net::UdpSocket::bind(sa(from, 0)).unwrap();
         for _ in 0..count {
-            let _ = socket.send_to(b"not-a-knock", to);
+            let _ = socket.send_to(&datagram, to);
         }
     });
     let mut got = 0;
-    let mut buf = [0u8; 64];
+    let mut buf = [0u8; 256];
     receiver
         .set_read_timeout(Some(std::time::Duration::from_millis(300)))
         .unwrap();

@@ -151,7 +151,8 @@ fn udp_shape(rule: &mut nftnl::Rule<'_>, expr: &Expr) -> Result<(), String> {
             if from.is_empty() || from.len() > 4 || from.len() != to.len() {
                 return Err(format!("cannot compare {} payload bytes", from.len()));
             }
-            l4proto(rule, libc::IPPROTO_UDP);
+            // No protocol check of its own: it follows the rule's `udp dport` and
+            // `udp length` (which have one), as nft writes such rules back.
             rule.add_expr(&TransportPayload {
                 offset: UDP_HEADER_LEN + u32::from(*offset),
                 len: u32::try_from(from.len()).unwrap_or(4),
