@@ -338,7 +338,17 @@ impl GrantBook {
             let known = self.by_address.get(&(service.to_owned(), address));
             if let Some(record) = known.and_then(|id| self.records.get_mut(id)) {
                 let granted = UnixMs(record.granted_at_ms);
-                record.set_times(granted, expires_at);
+                // The kernel's time reads back in ticks: within that of the book's own
+                // end, the book's stands (the kernel's would move the promise up to a
+                // tick earlier at every restart); further off, the kernel is right.
+                let booked = UnixMs(record.expires_at_ms);
+                let slack = crate::clock::kernel_timer().overshoot().as_millis();
+                let end = if u128::from(booked.0.abs_diff(expires_at.0)) <= slack {
+                    booked
+                } else {
+                    expires_at
+                };
+                record.set_times(granted, end);
             } else {
                 let mut record = GrantRecord {
                     id: self.fresh_id(&mut new_id),

@@ -844,11 +844,7 @@ impl fmt::Display for Ruleset {
         // Counters first, as `nft list` shows a table.
         for counter in &self.counters {
             writeln!(f, "\tcounter {} {{", counter.name)?;
-            writeln!(
-                f,
-                "\t\tpackets {} bytes {}",
-                counter.packets, counter.bytes
-            )?;
+            writeln!(f, "\t\tpackets {} bytes {}", counter.packets, counter.bytes)?;
             writeln!(f, "\t}}\n")?;
         }
         for (i, set) in self.sets.iter().enumerate() {

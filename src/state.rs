@@ -289,6 +289,16 @@ impl SnapshotWriter {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         pending.bytes = Some(bytes);
+        // A thread that died without clearing the flag (a panic, where panics unwind)
+        // is not running: start another rather than leave snapshots unwritten.
+        if pending.running
+            && self
+                .thread
+                .as_ref()
+                .is_some_and(std::thread::JoinHandle::is_finished)
+        {
+            pending.running = false;
+        }
         if pending.running {
             wake.notify_one();
             return;

@@ -355,11 +355,15 @@ fn udp_len(payload: usize) -> u16 {
 }
 
 /// Datagrams to the knock port that cannot be a knock are dropped here, before the
-/// socket, and counted in [`KNOCK_JUNK`] (`knockgate status` shows it): a length no
-/// knock has, a native knock's length without its magic, version and service byte,
-/// and (with fwknop keys) an fwknop length whose first byte is not base64. The
-/// daemon then spends its time — one HMAC each — only on datagrams shaped like a
-/// knock. Before the meters, so junk neither spends a source's rate nor fills them.
+/// socket, and counted in [`KNOCK_JUNK`] (`knockgate status` shows it): shorter than
+/// any knock; not starting with "KG" (nor, with fwknop keys, an fwknop packet's
+/// length starting with a base64 character); a native knock's exact length without
+/// its magic, version and service byte. Longer datagrams starting with "KG" pass:
+/// where an interface merges a flow's datagrams (UDP GRO fraglist: one client's
+/// knocks for several services, back to back), the kernel shows them here as one,
+/// with their summed length, and splits them again for the socket. The daemon then
+/// spends its time — at most one HMAC each — only on datagrams shaped like a knock.
+/// Before the meters, so junk neither spends a source's rate nor fills them.
 fn drop_junk_knocks(rules: &mut Vec<Rule>, config: &Config) {
     let port = config.knock.port;
     let fwknop = !config.fwknop_keys.is_empty();
@@ -377,41 +381,41 @@ fn drop_junk_knocks(rules: &mut Vec<Rule>, config: &Config) {
         last,
         negate,
     };
+    let bytes = |from: &[u8], to: &[u8], negate| Expr::UdpPayload {
+        offset: 0,
+        from: from.to_vec(),
+        to: to.to_vec(),
+        negate,
+    };
     let junk = |mut exprs: Vec<Expr>| {
         exprs.insert(0, Expr::UdpDport(port));
         exprs.push(Expr::Counter(KNOCK_JUNK.to_owned()));
         exprs.push(Expr::Verdict(Verdict::Drop));
         Rule(exprs)
     };
-    let mut lengths = vec![length(v1, v1, true), length(v2, v2, true)];
+    let magic = &crate::knock::packet::V1_HEADER[..2];
+    rules.push(junk(vec![length(0, v1.min(spa.0) - 1, false)]));
     if fwknop {
-        lengths.push(length(spa.0, spa.1, true));
+        // '+' (0x2b) to 'z' (0x7a): every base64 character is in between.
+        rules.push(junk(vec![
+            length(spa.0, spa.1, true),
+            bytes(magic, magic, true),
+        ]));
+        rules.push(junk(vec![
+            length(spa.0, spa.1, false),
+            bytes(magic, magic, true),
+            bytes(b"+", b"z", true),
+        ]));
+    } else {
+        rules.push(junk(vec![bytes(magic, magic, true)]));
     }
-    rules.push(junk(lengths));
     for (len, header) in [
         (v1, crate::knock::packet::V1_HEADER),
         (v2, crate::knock::packet::V2_HEADER),
     ] {
         rules.push(junk(vec![
             length(len, len, false),
-            Expr::UdpPayload {
-                offset: 0,
-                from: header.to_vec(),
-                to: header.to_vec(),
-                negate: true,
-            },
-        ]));
-    }
-    if fwknop {
-        // '+' (0x2b) to 'z' (0x7a): every base64 character is in between.
-        rules.push(junk(vec![
-            length(spa.0, spa.1, false),
-            Expr::UdpPayload {
-                offset: 0,
-                from: vec![b'+'],
-                to: vec![b'z'],
-                negate: true,
-            },
+            bytes(&header, &header, true),
         ]));
     }
 }
