@@ -53,9 +53,12 @@ peers: deps ## fwknopd, fwknop and knockd for `make bench`, unpacked under targe
 	@for d in target/peers/debs/*.deb; do dpkg -x $$d target/peers/root; done
 	@target/peers/root/usr/sbin/fwknopd --version && target/peers/root/usr/sbin/knockd -V
 
-client-static: deps ## the knock client statically linked, as the package ships it
+# (An explicit --target keeps RUSTFLAGS off build scripts and proc macros.)
+client-static: ## the knock client statically linked, as the package ships it: target/static/knock
+	host=$$(rustc -vV | sed -n 's/^host: //p'); \
 	CARGO_TARGET_DIR=target/static RUSTFLAGS="-C target-feature=+crt-static" \
-	  cargo build --locked --release --no-default-features --bin knock --target x86_64-unknown-linux-gnu
+	  cargo build --locked --release --no-default-features --bin knock --target $$host && \
+	cp target/static/$$host/release/knock target/static/knock
 
 bench: peers client-static ## knockgate, fwknopd and knockd side by side (target/bench/compare.{md,json})
 	cargo bench --locked --bench compare -- --require-peers

@@ -26,7 +26,7 @@ pub struct ClientRow {
 /// client-static`), else the release build.
 fn knock_binary() -> (PathBuf, &'static str) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let shipped = root.join("target/static/x86_64-unknown-linux-gnu/release/knock");
+    let shipped = root.join("target/static/knock");
     if shipped.exists() {
         (shipped, "knock (knockgate, static as packaged)")
     } else {
