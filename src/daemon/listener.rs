@@ -100,8 +100,18 @@ pub(super) fn bind(port: u16) -> std::io::Result<tokio::net::UdpSocket> {
     let socket = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
     socket.set_only_v6(false)?;
     socket.set_cloexec(true)?;
-    // Best effort: without CAP_NET_ADMIN the kernel caps it, which is fine.
-    let _ = socket.set_recv_buffer_size(RECV_BUFFER);
+    // The daemon has CAP_NET_ADMIN, which lets it pass `net.core.rmem_max` (212,992
+    // bytes by default: a few hundred datagrams, dropped in a burst while the daemon
+    // is not on a CPU). Without it, the capped size is what the kernel allows.
+    if nix::sys::socket::setsockopt(
+        &socket,
+        nix::sys::socket::sockopt::RcvBufForce,
+        &RECV_BUFFER,
+    )
+    .is_err()
+    {
+        let _ = socket.set_recv_buffer_size(RECV_BUFFER);
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
     tokio::net::UdpSocket::from_std(socket.into())
