@@ -102,15 +102,19 @@ pub fn revoke_lateness(
                 let udp = UdpSocket::bind(SocketAddr::new(client, 0)).unwrap();
                 let started = Instant::now();
                 send_knock(&udp, server, knock);
-                poll_open(ssh, started, OPEN_TIMEOUT, POLL)?;
+                // Open seen within 0.1 ms; then probed every millisecond until the
+                // first probe that fails, counted from when that probe *started*
+                // (its SYN met the closed port; the timeout it then waits is not
+                // lateness).
+                poll_open(ssh, started, OPEN_TIMEOUT, Duration::from_micros(100))?;
                 let opened = Instant::now();
                 let limit = ttl * 2 + Duration::from_secs(2);
                 while opened.elapsed() < limit {
+                    let probe = opened.elapsed();
                     if TcpStream::connect_timeout(&ssh, Duration::from_millis(5)).is_err() {
-                        let closed = opened.elapsed().as_secs_f64();
-                        return Some((closed - ttl.as_secs_f64()) * 1000.0);
+                        return Some((probe.as_secs_f64() - ttl.as_secs_f64()) * 1000.0);
                     }
-                    std::thread::sleep(Duration::from_millis(5));
+                    std::thread::sleep(Duration::from_millis(1));
                 }
                 None
             })

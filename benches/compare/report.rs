@@ -234,7 +234,7 @@ impl Report {
     }
 
     fn lateness_table(&self, m: &mut String) {
-        m.push_str("\n**Revoke lateness** (port really closed, relative to the TTL after it opened; negative = early)\n\n");
+        m.push_str("\n**Revoke lateness** (port seen closed — the start of the first probe that fails, probes every 1 ms — relative to the TTL after it was seen open, within 0.1 ms; negative = early)\n\n");
         m.push_str("| daemon | TTL | grants | earliest | median | latest |\n|---|---:|---:|---:|---:|---:|\n");
         for r in &self.revoke_lateness {
             let mut v = r.late_ms.clone();
