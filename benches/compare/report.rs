@@ -160,12 +160,12 @@ impl Report {
         if self.clients.is_empty() {
             return;
         }
-        m.push_str("\n**The knock client** (one hyperfine run in the lab's client namespace, each program sending one knock; mean of each, and over `/bin/true` in the same run)\n\n| client | mean | ± | over /bin/true |\n|---|---:|---:|---:|\n");
+        m.push_str("\n**The knock client** (one hyperfine run in the lab's client namespace, each program sending one knock; median of each, and over `/bin/true`'s in the same run)\n\n| client | median | mean ± σ | over /bin/true |\n|---|---:|---:|---:|\n");
         for r in &self.clients {
             let _ = writeln!(
                 m,
-                "| {} | {:.3} ms | {:.3} ms | {:+.3} ms |",
-                r.client, r.mean_ms, r.stddev_ms, r.over_true_ms
+                "| {} | {:.3} ms | {:.3} ± {:.3} ms | {:+.3} ms |",
+                r.client, r.median_ms, r.mean_ms, r.stddev_ms, r.over_true_ms
             );
         }
     }
