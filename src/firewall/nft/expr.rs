@@ -85,7 +85,8 @@ pub(super) fn add(
                 IpFamily::V4 => (16, 4),
                 IpFamily::V6 => (24, 16),
             };
-            rule.add_expr(&NetworkPayload {
+            rule.add_expr(&RawPayload {
+                base: libc::NFT_PAYLOAD_NETWORK_HEADER,
                 offset,
                 len,
                 dreg: reg32_02(),
@@ -153,9 +154,11 @@ fn udp_shape(rule: &mut nftnl::Rule<'_>, expr: &Expr) -> Result<(), String> {
             }
             // No protocol check of its own: it follows the rule's `udp dport` and
             // `udp length` (which have one), as nft writes such rules back.
-            rule.add_expr(&TransportPayload {
+            rule.add_expr(&RawPayload {
+                base: libc::NFT_PAYLOAD_TRANSPORT_HEADER,
                 offset: UDP_HEADER_LEN + u32::from(*offset),
                 len: u32::try_from(from.len()).unwrap_or(4),
+                dreg: reg1(),
             });
             compare(rule, from, to, *negate)?;
         }
@@ -342,46 +345,27 @@ impl Lookup {
 /// `limit rate N/unit burst B packets`.
 struct Limit(Rate);
 
-/// A network-header load into a register of our choosing (nftnl's payload
-/// expression always loads into register 1).
-struct NetworkPayload {
+/// A header load (`NFT_PAYLOAD_NETWORK_HEADER` or `_TRANSPORT_HEADER`) into a
+/// register of our choosing — nftnl's payload expression knows only named fields
+/// and always loads into register 1.
+struct RawPayload {
+    base: libc::c_int,
     offset: u32,
     len: u32,
     dreg: u32,
 }
 
-impl Expression for NetworkPayload {
+impl Expression for RawPayload {
     fn to_expr(&self, _rule: &nftnl::Rule<'_>) -> NonNull<sys::nftnl_expr> {
         let e = alloc(c"payload");
         set_u32(
             e,
             sys::NFTNL_EXPR_PAYLOAD_BASE,
-            u32::try_from(libc::NFT_PAYLOAD_NETWORK_HEADER).unwrap_or(1),
+            u32::try_from(self.base).unwrap_or(u32::MAX),
         );
         set_u32(e, sys::NFTNL_EXPR_PAYLOAD_OFFSET, self.offset);
         set_u32(e, sys::NFTNL_EXPR_PAYLOAD_LEN, self.len);
         set_u32(e, sys::NFTNL_EXPR_PAYLOAD_DREG, self.dreg);
-        e
-    }
-}
-
-/// `@th,OFF,LEN`: `len` bytes at `offset` of the transport header into register 1.
-struct TransportPayload {
-    offset: u32,
-    len: u32,
-}
-
-impl Expression for TransportPayload {
-    fn to_expr(&self, _rule: &nftnl::Rule<'_>) -> NonNull<sys::nftnl_expr> {
-        let e = alloc(c"payload");
-        set_u32(
-            e,
-            sys::NFTNL_EXPR_PAYLOAD_BASE,
-            u32::try_from(libc::NFT_PAYLOAD_TRANSPORT_HEADER).unwrap_or(2),
-        );
-        set_u32(e, sys::NFTNL_EXPR_PAYLOAD_OFFSET, self.offset);
-        set_u32(e, sys::NFTNL_EXPR_PAYLOAD_LEN, self.len);
-        set_u32(e, sys::NFTNL_EXPR_PAYLOAD_DREG, reg1());
         e
     }
 }
