@@ -255,6 +255,8 @@ fn rewrite(path: &Path, guard: &ReplayGuard) -> Result<File, StateError> {
 /// keeps no second thread (its stack and malloc arena) around.
 pub struct SnapshotWriter {
     path: PathBuf,
+    /// How long the thread waits for another snapshot before it ends.
+    idle: std::time::Duration,
     shared: std::sync::Arc<(std::sync::Mutex<Pending>, std::sync::Condvar)>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -277,6 +279,7 @@ impl SnapshotWriter {
     pub fn new(path: PathBuf) -> Self {
         Self {
             path,
+            idle: WRITER_IDLE,
             shared: std::sync::Arc::default(),
             thread: None,
         }
@@ -289,13 +292,14 @@ impl SnapshotWriter {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         pending.bytes = Some(bytes);
-        // A thread that died without clearing the flag (a panic, where panics unwind)
-        // is not running: start another rather than leave snapshots unwritten.
+        // A thread that died without clearing the flag (a panic, where panics unwind),
+        // or none at all, is not running: start another rather than leave snapshots
+        // unwritten.
         if pending.running
             && self
                 .thread
                 .as_ref()
-                .is_some_and(std::thread::JoinHandle::is_finished)
+                .is_none_or(std::thread::JoinHandle::is_finished)
         {
             pending.running = false;
         }
@@ -309,9 +313,10 @@ impl SnapshotWriter {
             let _ = done.join();
         }
         let (shared, path) = (std::sync::Arc::clone(&self.shared), self.path.clone());
+        let idle = self.idle;
         let spawned = std::thread::Builder::new()
             .name("book-writer".to_owned())
-            .spawn(move || write_until_idle(&shared, &path));
+            .spawn(move || write_until_idle(&shared, &path, idle));
         if let Ok(thread) = spawned {
             self.thread = Some(thread);
         } else {
@@ -341,10 +346,12 @@ impl SnapshotWriter {
             wake.notify_one();
             drop(pending);
             std::thread::sleep(std::time::Duration::from_millis(1));
+            // No thread, or one that ended without clearing the flag: nothing left
+            // to wait for.
             if self
                 .thread
                 .as_ref()
-                .is_some_and(std::thread::JoinHandle::is_finished)
+                .is_none_or(std::thread::JoinHandle::is_finished)
             {
                 break;
             }
@@ -356,8 +363,12 @@ impl SnapshotWriter {
 }
 
 /// The writer thread: writes the newest snapshot while there is one; ends once none
-/// came for [`WRITER_IDLE`] (or none is waiting when woken by `finish`).
-fn write_until_idle(shared: &(std::sync::Mutex<Pending>, std::sync::Condvar), path: &Path) {
+/// came for `idle` (or none is waiting when woken by `finish`).
+fn write_until_idle(
+    shared: &(std::sync::Mutex<Pending>, std::sync::Condvar),
+    path: &Path,
+    idle: std::time::Duration,
+) {
     let (lock, wake) = shared;
     loop {
         let mut pending = lock
@@ -365,7 +376,7 @@ fn write_until_idle(shared: &(std::sync::Mutex<Pending>, std::sync::Condvar), pa
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if pending.bytes.is_none() {
             pending = wake
-                .wait_timeout(pending, WRITER_IDLE)
+                .wait_timeout(pending, idle)
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .0;
         }
@@ -438,6 +449,34 @@ mod tests {
         writer.write(b"after finish".to_vec());
         writer.finish();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "after finish");
+    }
+
+    /// Writes racing the thread's idle end: each write either reaches the running
+    /// thread or starts a new one; none is lost, and an idle writer keeps no thread.
+    #[test]
+    fn the_snapshot_writer_thread_ends_when_idle_and_no_write_is_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("grants.json");
+        let mut writer = SnapshotWriter::new(path.clone());
+        writer.idle = std::time::Duration::from_millis(2);
+        for i in 0..200u32 {
+            writer.write(format!("snapshot {i}").into_bytes());
+            // Around the idle end: sometimes before it, sometimes after.
+            std::thread::sleep(std::time::Duration::from_micros(u64::from(i % 7) * 700));
+        }
+        writer.finish();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "snapshot 199");
+        writer.write(b"later".to_vec());
+        // Bounded: the thread ends 2 ms after its last write.
+        let ended = (0..2000).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            writer
+                .thread
+                .as_ref()
+                .is_some_and(std::thread::JoinHandle::is_finished)
+        });
+        assert!(ended, "an idle writer keeps no thread");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "later");
     }
 
     #[test]
