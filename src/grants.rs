@@ -113,6 +113,41 @@ pub struct WindowRecord {
     pub expires_at_ms: u64,
 }
 
+/// That the book saved as `book_serial` was true of the kernel: the boot and network
+/// namespace, and the ruleset generation up to which every commit was knockgated's
+/// own. A start that finds the kernel still at that generation (same boot, same
+/// namespace) and the book file at that serial knows nobody changed a thing since, and
+/// can leave the grant sets as they are instead of reading them back. Saved in a small
+/// file of its own beside the book, so that a stop with an unchanged book rewrites
+/// only this.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelStamp {
+    /// The [`GrantBook::serial`] of the book it speaks for.
+    pub book_serial: u64,
+    /// `/proc/sys/kernel/random/boot_id`.
+    pub boot_id: String,
+    /// The inode of the network namespace (`/proc/self/ns/net`).
+    pub netns: u64,
+    /// The nf_tables ruleset generation.
+    pub generation: u32,
+}
+
+impl KernelStamp {
+    /// The stamp saved in `path`, if it is there and whole (anything else: none, and
+    /// the start reads the kernel's sets back as it always could).
+    #[must_use]
+    pub fn load(path: &Path) -> Option<Self> {
+        let text = std::fs::read(path).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    /// The stamp as its file holds it.
+    #[must_use]
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
 /// Whether a grant opened a new hole or extended one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Granted {
@@ -135,6 +170,8 @@ pub struct GrantBook {
     /// Nothing expires before this; it may be earlier than the first real expiry (an
     /// extension does not raise it), never later. `expire` makes it exact again.
     earliest: Option<UnixMs>,
+    /// Which save this is (each save of a changed book counts one up).
+    serial: u64,
 }
 
 impl PartialEq for GrantBook {
@@ -151,6 +188,8 @@ struct Saved {
     grants: Vec<GrantRecord>,
     #[serde(default)]
     windows: Vec<WindowRecord>,
+    #[serde(default)]
+    serial: u64,
 }
 
 impl GrantBook {
@@ -468,6 +507,17 @@ impl GrantBook {
         self.records.get(id)
     }
 
+    /// Which save of the book this is (see [`KernelStamp`]).
+    #[must_use]
+    pub fn serial(&self) -> u64 {
+        self.serial
+    }
+
+    /// Counts a new save: the next [`GrantBook::to_json`] is a new serial.
+    pub fn next_serial(&mut self) {
+        self.serial = self.serial.wrapping_add(1);
+    }
+
     /// Reads the book saved in `path`; a missing file is an empty book.
     pub fn load(path: &Path) -> Result<Self, StateError> {
         let text = match std::fs::read_to_string(path) {
@@ -497,6 +547,7 @@ impl GrantBook {
             }
         }
         let mut book = Self {
+            serial: saved.serial,
             records: saved
                 .grants
                 .into_iter()
@@ -524,6 +575,7 @@ impl GrantBook {
         let saved = Saved {
             grants: self.records.values().cloned().collect(),
             windows: self.windows.values().cloned().collect(),
+            serial: self.serial,
         };
         serde_json::to_vec_pretty(&saved).unwrap_or_default()
     }

@@ -380,3 +380,125 @@ fn config_changes_are_roots_unless_the_group_may() {
         "the group's apply is in force"
     );
 }
+
+/// The `kept_sets=N` of the daemon's last "baseline applied" line.
+fn last_kept_sets(log: &str) -> Option<usize> {
+    log.lines()
+        .rfind(|l| l.contains("baseline applied"))
+        .and_then(|l| l.split("kept_sets=").nth(1))
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+}
+
+/// SSH opens for each family's client address and for no other.
+fn ssh_open_for_the_clients_only(lab: &Lab, after: &str) {
+    for plan in [v4(), v6()] {
+        let ssh = sa(plan.server_from_client, 22);
+        assert!(
+            lab.tcp_works_from(Host::Client, plan.client, ssh),
+            "{after}"
+        );
+        assert!(
+            !lab.tcp_works_from(Host::Client, plan.client_alt, ssh),
+            "no other {after}"
+        );
+    }
+}
+
+#[test]
+fn grant_sets_stay_in_place_across_reload_and_restart_unless_someone_else_committed() {
+    if !lab_available(
+        "grant_sets_stay_in_place_across_reload_and_restart_unless_someone_else_committed",
+    ) {
+        return;
+    }
+    let lab = Lab::new();
+    let _ssh = lab.tcp_echo(Host::Server, "[::]:22".parse().unwrap());
+    let (socket, config) = setup(&lab);
+    let mut daemon = lab.start_daemon(&config);
+    let (four, six) = (v4(), v6());
+    for (plan, ssh) in [
+        (&four, sa(four.server_from_client, 22)),
+        (&six, sa(six.server_from_client, 22)),
+    ] {
+        let from = plan.client.to_string();
+        let out = admin(&socket, &["open", "ssh", "--from", &from, "--ttl", "30m"]);
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(lab.tcp_works_from(Host::Client, plan.client, ssh));
+    }
+    // Id, service, address, who of each grant listed (not the time left).
+    let grants = || -> Vec<String> {
+        text(&admin(&socket, &["grants"]))
+            .lines()
+            .map(|l| l.split_whitespace().take(4).collect::<Vec<_>>().join(" "))
+            .collect()
+    };
+    let listed = grants();
+
+    // A reload with no commit but the daemon's own since its start: both ssh sets stay.
+    let out = admin(&socket, &["reload"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        last_kept_sets(&daemon.log_text()),
+        Some(2),
+        "{}",
+        daemon.log_text()
+    );
+    ssh_open_for_the_clients_only(&lab, "after the reload");
+
+    // A restart with nobody committing in between: the book's stamp vouches for the sets.
+    assert_eq!(daemon.terminate(), 0);
+    daemon = lab.start_daemon(&config);
+    assert_eq!(
+        last_kept_sets(&daemon.log_text()),
+        Some(2),
+        "{}",
+        daemon.log_text()
+    );
+    assert_eq!(grants(), listed, "the same grants, ids and all");
+    ssh_open_for_the_clients_only(&lab, "after the restart");
+
+    // Someone slips an address into the grant set while the daemon is stopped: the start
+    // must not leave it there unseen. It reads the sets back and books it (`recovered`),
+    // so `knockgate grants` shows it and `revoke` can close it.
+    assert_eq!(daemon.terminate(), 0);
+    let stranger = four.client_alt.to_string();
+    lab.nft(&[
+        "add",
+        "element",
+        "inet",
+        "knockgate",
+        "ssh_grants_v4",
+        &format!("{{ {stranger} timeout 1h }}"),
+    ]);
+    daemon = lab.start_daemon(&config);
+    assert_eq!(
+        last_kept_sets(&daemon.log_text()),
+        Some(0),
+        "{}",
+        daemon.log_text()
+    );
+    assert!(
+        daemon.log_text().contains("reading its grant sets back"),
+        "{}",
+        daemon.log_text()
+    );
+    let listed = text(&admin(&socket, &["grants"]));
+    let line = listed
+        .lines()
+        .find(|l| l.contains(&stranger))
+        .unwrap_or_else(|| panic!("the slipped-in address is booked: {listed}"));
+    assert!(line.contains("recovered"), "{listed}");
+    let ssh = sa(four.server_from_client, 22);
+    assert!(
+        lab.tcp_works_from(Host::Client, four.client, ssh),
+        "ours still works"
+    );
+    let id = line.split_whitespace().next().unwrap();
+    assert!(admin(&socket, &["revoke", id]).status.success());
+    assert!(
+        !lab.tcp_works_from(Host::Client, four.client_alt, ssh),
+        "revoked"
+    );
+    assert_eq!(daemon.terminate(), 0);
+}

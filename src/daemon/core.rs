@@ -219,6 +219,10 @@ pub struct Core<F: Firewall> {
     book_dirty_since: Option<std::time::Instant>,
     /// Writes the book off the daemon's loop.
     book_writer: SnapshotWriter,
+    /// Writes the book's kernel stamp (see [`crate::grants::KernelStamp`]).
+    stamp_writer: SnapshotWriter,
+    /// The generation of the last stamp handed to its writer.
+    stamped: Option<(u64, u32)>,
     invalid: Option<DefaultKeyedRateLimiter<IpAddr>>,
     /// Bans the kernel refused since the last log line about them, and when that was.
     bans_refused: u64,
@@ -315,6 +319,7 @@ impl<F: Firewall> Core<F> {
     ) -> Self {
         let invalid = invalid_limiter(settings.ban);
         let book_writer = SnapshotWriter::new(settings.book_path.clone());
+        let stamp_writer = SnapshotWriter::new(super::stamp::path_beside(&settings.book_path));
         let macs = knock_macs(&keys, &settings.server_id);
         Self {
             firewall,
@@ -325,6 +330,8 @@ impl<F: Firewall> Core<F> {
             book,
             book_dirty_since: None,
             book_writer,
+            stamp_writer,
+            stamped: None,
             invalid,
             bans_refused: 0,
             bans_refused_logged: None,
@@ -1056,17 +1063,45 @@ impl<F: Firewall> Core<F> {
         self.book_dirty_since
     }
 
-    /// Hands the book to its writer if it changed (written in the background).
+    /// Marks the book changed, to be saved shortly (a start that reconciled it).
+    pub fn book_changed(&mut self) {
+        self.save_book();
+    }
+
+    /// Hands the book to its writer if it changed (written in the background), and
+    /// its stamp after it.
     pub fn save_book_now(&mut self) {
         if self.book_dirty_since.take().is_some() {
+            self.book.next_serial();
             self.book_writer.write(self.book.to_json());
+            self.stamp_book();
         }
     }
 
-    /// Saves the book if it changed and waits until it is on disk (for the stop).
+    /// Hands the stamp for the book as last saved to its writer: the firewall's
+    /// accounted generation, or no stamp (an empty file) when it has none.
+    fn stamp_book(&mut self) {
+        let now = self
+            .firewall
+            .accounted()
+            .map(|generation| (self.book.serial(), generation));
+        if now == self.stamped {
+            return;
+        }
+        self.stamped = now;
+        let stamp = now.and_then(|(serial, generation)| super::stamp::stamp(serial, generation));
+        self.stamp_writer
+            .write(stamp.map(|s| s.to_json()).unwrap_or_default());
+    }
+
+    /// Saves the book if it changed, and its stamp if the kernel moved on since, and
+    /// waits until both are on disk (for the stop). A book that did not change is not
+    /// written again: only its small stamp is.
     pub fn save_book_and_wait(&mut self) {
         self.save_book_now();
+        self.stamp_book();
         self.book_writer.finish();
+        self.stamp_writer.finish();
     }
 }
 

@@ -11,6 +11,7 @@ mod peer;
 mod repair;
 mod run;
 pub mod sequencer;
+mod stamp;
 mod trial;
 
 pub use run::run;
@@ -114,31 +115,43 @@ impl<F: Firewall> Daemon<F> {
         now: UnixMs,
     ) -> Result<Self, StartError> {
         let first_takeover = !firewall.table_exists(&loaded.config.table)?;
-        let mut ruleset = baseline_with_live_elements(&mut firewall, &loaded)?;
-        let mut sequencer = Sequencer::new(&loaded.config, &keys, &loaded.server_id);
-        fill_sequences(&mut ruleset, sequencer.as_mut(), now);
-        let started = Instant::now();
-        firewall.replace(&ruleset)?;
-        log_applied(&loaded, &ruleset, started.elapsed());
-        if first_takeover {
-            adopt_connections(&mut firewall, loaded.config.conntrack_mark);
-        }
         let state_dir = loaded.config.knock.state_dir.clone();
-        let replay = ReplayLog::open(&state_dir, REPLAY_CAPACITY, now.secs())?;
         let book_path = state_dir.join(BOOK_FILE);
         let mut book = GrantBook::load(&book_path).unwrap_or_else(|e| {
             warn!(error = %format!("{e:#}"), "cannot read the grant book; rebuilding it from the kernel");
             GrantBook::default()
         });
         let services = crate::service::port_services(&loaded.config);
+        let keep = if first_takeover {
+            Vec::new()
+        } else {
+            kept_at_start(&mut firewall, &loaded, &book, &book_path, &services)?
+        };
+        let mut ruleset = baseline_with_live_elements(&mut firewall, &loaded, &keep)?;
+        let mut sequencer = Sequencer::new(&loaded.config, &keys, &loaded.server_id);
+        fill_sequences(&mut ruleset, sequencer.as_mut(), now);
+        let started = Instant::now();
+        let keep = apply(&mut firewall, &mut ruleset, keep)?;
+        log_applied(&loaded, &ruleset, &keep, started.elapsed());
+        if first_takeover {
+            adopt_connections(&mut firewall, loaded.config.conntrack_mark);
+        }
+        let replay = ReplayLog::open(&state_dir, REPLAY_CAPACITY, now.secs())?;
         let names: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
+        let mut changed = false;
         for gone in book.drop_services_except(&names) {
+            changed = true;
             info!(target: AUDIT, event = "expire", id = %gone.id, service = %gone.service,
                 address = %gone.address, who = %gone.who,
                 "grant ended: its service is no longer in the config");
         }
         for service in &services {
             let sets = [IpFamily::V4, IpFamily::V6].map(|f| service.grant_set(f));
+            if sets.iter().all(|s| keep.contains(s)) {
+                // The book is exact for these (nobody committed since it was saved).
+                continue;
+            }
+            changed = true;
             let live: Vec<Element> = ruleset
                 .sets
                 .iter()
@@ -162,6 +175,7 @@ impl<F: Firewall> Daemon<F> {
                 _ => None,
             })
             .collect();
+        changed |= !windows.is_empty() || book.windows().next().is_some();
         book.reconcile_windows(&windows, now, new_id);
         // One line per grant up to a point: with 100,000 grants the journal gets a count.
         for record in book.iter().take(RECOVER_LINES) {
@@ -172,10 +186,12 @@ impl<F: Firewall> Daemon<F> {
             info!(target: AUDIT, event = "recover", grants = book.len(), logged = RECOVER_LINES,
                 "more grants still open from before the start; `knockgate grants` lists them all");
         }
-        let _ = book.save(&book_path);
         let settings = settings(&loaded, book_path);
         let mut core = Core::new(firewall, settings, keys, replay, book);
         core.set_sequencer(sequencer);
+        if changed {
+            core.book_changed();
+        }
         Ok(Self {
             core,
             loaded,
@@ -216,8 +232,9 @@ impl<F: Firewall> Daemon<F> {
         let mut sequencer = Sequencer::new(&loaded.config, &keys, &loaded.server_id);
         fill_sequences(&mut ruleset, sequencer.as_mut(), now);
         let started = Instant::now();
-        self.core.firewall_mut().replace(&ruleset)?;
-        log_applied(&loaded, &ruleset, started.elapsed());
+        let keep = self.keep_on_reload(&ruleset, &loaded)?;
+        let keep = apply(self.core.firewall_mut(), &mut ruleset, keep)?;
+        log_applied(&loaded, &ruleset, &keep, started.elapsed());
         let book_path = loaded.config.knock.state_dir.join(BOOK_FILE);
         let dropped = self.core.reconfigure(settings(&loaded, book_path), keys);
         self.core.set_sequencer(sequencer);
@@ -229,6 +246,26 @@ impl<F: Firewall> Daemon<F> {
         self.loaded = loaded;
         self.ruleset = ruleset;
         Ok(dropped)
+    }
+
+    /// The grant sets a reload may leave in place: only while every commit since the
+    /// last whole replace was the daemon's own (then the kernel's grant sets hold
+    /// exactly what the book says, and copying a million of them back in is waste), and
+    /// only those the table holds with the same shape. Otherwise the book fills them
+    /// anew, as after any change by someone else.
+    fn keep_on_reload(
+        &mut self,
+        ruleset: &Ruleset,
+        loaded: &Loaded,
+    ) -> Result<Vec<String>, FirewallError> {
+        let firewall = self.core.firewall_mut();
+        if !firewall.unchanged_since_own() {
+            return Ok(Vec::new());
+        }
+        let services = crate::service::port_services(&loaded.config);
+        let candidates = grant_sets_to_keep(ruleset, &services);
+        let names: Vec<&str> = candidates.iter().map(String::as_str).collect();
+        firewall.keepable(ruleset, &names)
     }
 
     /// The ruleset in force.
@@ -295,18 +332,95 @@ fn adopt_connections<F: Firewall>(firewall: &mut F, mark: u32) {
     }
 }
 
+/// The grant sets a start may leave in place, elements and all: only when the book's
+/// stamp says nobody committed anything since the book was saved (this boot, this
+/// namespace, the kernel still at the saved generation — then the book is exact for
+/// them), and only those the table holds with the same shape, by service (both
+/// families or neither, as the book is reconciled per service). Sets port sequences add
+/// to are always read back: the packet path writes them without a commit.
+fn kept_at_start<F: Firewall>(
+    firewall: &mut F,
+    loaded: &Loaded,
+    book: &GrantBook,
+    book_path: &std::path::Path,
+    services: &[crate::service::PortService],
+) -> Result<Vec<String>, FirewallError> {
+    let stamp = crate::grants::KernelStamp::load(&stamp::path_beside(book_path));
+    let resumed = stamp.is_some_and(|s| {
+        stamp::is_here(&s, book.serial()) && firewall.resume_accounting(s.generation)
+    });
+    if !resumed {
+        info!(target: AUDIT, event = "recover", table = %loaded.config.table,
+            "the kernel may have changed since the grant book was saved; reading its grant sets back");
+        return Ok(Vec::new());
+    }
+    let ruleset = baseline(&loaded.config, &loaded.resolvers);
+    let candidates = grant_sets_to_keep(&ruleset, services);
+    let names: Vec<&str> = candidates.iter().map(String::as_str).collect();
+    let keepable = firewall.keepable(&ruleset, &names)?;
+    Ok(services
+        .iter()
+        .map(|s| [IpFamily::V4, IpFamily::V6].map(|f| s.grant_set(f)))
+        .filter(|pair| pair.iter().all(|set| keepable.contains(set)))
+        .flatten()
+        .collect())
+}
+
+/// The sets a replace may leave in place when the kernel holds exactly what the book
+/// says: every port service's grant sets, except those port sequences add to.
+fn grant_sets_to_keep(ruleset: &Ruleset, services: &[crate::service::PortService]) -> Vec<String> {
+    services
+        .iter()
+        .flat_map(|s| [IpFamily::V4, IpFamily::V6].map(|f| s.grant_set(f)))
+        .filter(|name| {
+            ruleset
+                .sets
+                .iter()
+                .any(|d| d.name == *name && d.kind == crate::ruleset::SetKind::Grants)
+        })
+        .collect()
+}
+
+/// Puts `ruleset` in force, leaving the sets in `keep` as they are; returns the sets
+/// it kept. If the kernel will not keep them (one changed or went away meanwhile), they
+/// are read back and the table is replaced whole, as it always could be.
+fn apply<F: Firewall>(
+    firewall: &mut F,
+    ruleset: &mut Ruleset,
+    keep: Vec<String>,
+) -> Result<Vec<String>, FirewallError> {
+    if keep.is_empty() {
+        firewall.replace(ruleset)?;
+        return Ok(keep);
+    }
+    match firewall.replace_keeping(ruleset, &keep) {
+        Ok(()) => Ok(keep),
+        Err(e) => {
+            let cause = std::error::Error::source(&e).map(ToString::to_string);
+            warn!(target: AUDIT, event = "apply", error = %format!("{e:#}"), cause = ?cause,
+                "cannot leave the grant sets in place; replacing the table whole");
+            for set in ruleset.sets.iter_mut().filter(|s| keep.contains(&s.name)) {
+                set.elements = firewall.elements(&ruleset.table, &set.name)?;
+            }
+            firewall.replace(ruleset)?;
+            Ok(Vec::new())
+        }
+    }
+}
+
 /// The baseline for `loaded`, with the elements the kernel's live sets hold now
-/// (grants, bans, windows with their remaining time); none when there is no table yet.
-/// A set that cannot be read is an error, never an empty set: replacing the table
-/// with it would drop its grants or bans without a word. The caller then changes
-/// nothing, and the table in force stays.
+/// (grants, bans, windows with their remaining time) except those in `keep`, which stay
+/// where they are; none when there is no table yet. A set that cannot be read is an
+/// error, never an empty set: replacing the table with it would drop its grants or bans
+/// without a word. The caller then changes nothing, and the table in force stays.
 fn baseline_with_live_elements<F: Firewall>(
     firewall: &mut F,
     loaded: &Loaded,
+    keep: &[String],
 ) -> Result<Ruleset, FirewallError> {
     let mut ruleset = baseline(&loaded.config, &loaded.resolvers);
     for set in &mut ruleset.sets {
-        if is_live(set) {
+        if is_live(set) && !keep.contains(&set.name) {
             set.elements = firewall.elements(&ruleset.table, &set.name)?;
             set.trim_to_size();
         }
@@ -358,8 +472,13 @@ fn settings(loaded: &Loaded, book_path: std::path::PathBuf) -> Settings {
     }
 }
 
-fn log_applied(loaded: &Loaded, ruleset: &Ruleset, took: Duration) {
-    let carried: usize = ruleset.sets.iter().map(|s| s.elements.len()).sum();
+fn log_applied(loaded: &Loaded, ruleset: &Ruleset, kept: &[String], took: Duration) {
+    let carried: usize = ruleset
+        .sets
+        .iter()
+        .filter(|s| !kept.contains(&s.name))
+        .map(|s| s.elements.len())
+        .sum();
     info!(
         target: AUDIT,
         event = "apply",
@@ -373,6 +492,7 @@ fn log_applied(loaded: &Loaded, ruleset: &Ruleset, took: Duration) {
         outbound = ?loaded.config.outbound,
         forward_chain = ruleset.chain(Hook::Forward).is_some(),
         carried_elements = carried,
+        kept_sets = kept.len(),
         apply_us = took.as_micros(),
         "baseline applied"
     );
@@ -514,8 +634,19 @@ mod tests {
                 UnixMs::from_secs(NOW),
             )
             .unwrap();
-        let fw = daemon.stop().unwrap();
+        let mut fw = daemon.stop().unwrap();
+        fw.dumped.clear();
         let mut again = start(fw, OnStop::Keep, &dir).unwrap();
+        let fw = again.core().firewall_mut();
+        assert!(
+            !fw.dumped.iter().any(|s| s.contains("_grants_v")),
+            "nobody committed since the stop: the grant sets are not read back ({:?})",
+            fw.dumped
+        );
+        assert!(
+            fw.kept
+                .contains(&crate::ruleset::baseline::SSH_GRANTS_V4.to_owned())
+        );
         let grants = again.core().grants(UnixMs::from_secs(NOW + 1));
         assert_eq!(grants.len(), 1);
         assert_eq!(
@@ -533,6 +664,89 @@ mod tests {
             1,
             "the element was carried across the replace"
         );
+    }
+
+    /// A daemon with one grant, stopped; its firewall and the grant's address.
+    fn stopped_with_a_grant(dir: &tempfile::TempDir) -> (MemoryFirewall, IpAddr) {
+        let mut daemon = start(MemoryFirewall::default(), OnStop::Keep, dir).unwrap();
+        let addr: IpAddr = "198.51.100.7".parse().unwrap();
+        daemon
+            .core()
+            .open(
+                "ssh",
+                addr,
+                Some(Duration::from_secs(600)),
+                "uid 0",
+                UnixMs::from_secs(NOW),
+            )
+            .unwrap();
+        (daemon.stop().unwrap(), addr)
+    }
+
+    #[test]
+    fn a_commit_by_someone_else_while_stopped_makes_the_start_read_the_grant_sets_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut fw, addr) = stopped_with_a_grant(&dir);
+        let stranger: IpAddr = "203.0.113.66".parse().unwrap();
+        fw.slip_in(
+            "knockgate",
+            crate::ruleset::baseline::SSH_GRANTS_V4,
+            ElementKey::Addr(stranger),
+            Duration::from_secs(60),
+        );
+        fw.dumped.clear();
+        let mut again = start(fw, OnStop::Keep, &dir).unwrap();
+        let fw = again.core().firewall_mut();
+        assert!(fw.kept.is_empty());
+        assert!(
+            fw.dumped
+                .contains(&crate::ruleset::baseline::SSH_GRANTS_V4.to_owned())
+        );
+        let mut booked: Vec<(IpAddr, String)> = again
+            .core()
+            .grants(UnixMs::from_secs(NOW + 1))
+            .into_iter()
+            .map(|g| (g.address, g.who))
+            .collect();
+        booked.sort();
+        assert_eq!(
+            booked,
+            vec![
+                (addr, "uid 0".to_owned()),
+                (stranger, "recovered".to_owned())
+            ],
+            "the book learns what the kernel holds, as at any start it cannot vouch for"
+        );
+    }
+
+    #[test]
+    fn a_torn_or_missing_stamp_makes_the_start_read_the_grant_sets_back() {
+        for damage in ["{\"book_serial\": 1, \"boot", ""] {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut fw, addr) = stopped_with_a_grant(&dir);
+            let stamp = stamp::path_beside(&dir.path().join(BOOK_FILE));
+            assert!(stamp.exists(), "the stop wrote a stamp");
+            std::fs::write(&stamp, damage).unwrap();
+            fw.dumped.clear();
+            let mut again = start(fw, OnStop::Keep, &dir).unwrap();
+            assert!(again.core().firewall_mut().kept.is_empty(), "{damage:?}");
+            let grants = again.core().grants(UnixMs::from_secs(NOW + 1));
+            assert_eq!(grants.len(), 1, "{damage:?}");
+            assert_eq!(grants[0].address, addr);
+        }
+    }
+
+    #[test]
+    fn a_book_saved_after_its_stamp_is_not_vouched_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let (fw, _) = stopped_with_a_grant(&dir);
+        // The book on disk one save ahead of the stamp (a crash between the two writes).
+        let path = dir.path().join(BOOK_FILE);
+        let mut book = GrantBook::load(&path).unwrap();
+        book.next_serial();
+        book.save(&path).unwrap();
+        let mut again = start(fw, OnStop::Keep, &dir).unwrap();
+        assert!(again.core().firewall_mut().kept.is_empty());
     }
 
     #[test]

@@ -312,15 +312,12 @@ mod tests {
                 UnixMs::from_secs(now),
             )
             .unwrap();
-        d.core()
-            .firewall_mut()
-            .add_element(
-                "knockgate",
-                SSH_GRANTS_V4,
-                ElementKey::Addr(stranger),
-                Duration::from_secs(3600),
-            )
-            .unwrap();
+        d.core().firewall_mut().slip_in(
+            "knockgate",
+            SSH_GRANTS_V4,
+            ElementKey::Addr(stranger),
+            Duration::from_secs(3600),
+        );
         let loaded = d.loaded().clone();
 
         d.switch_to(loaded, KeyRing::default()).unwrap();
@@ -330,5 +327,48 @@ mod tests {
             .map(|(k, _)| k)
             .collect();
         assert_eq!(kept, vec![ElementKey::Addr(laptop)]);
+        assert!(
+            d.core().firewall_mut().kept.is_empty(),
+            "after someone else's commit the book fills the grant sets anew"
+        );
+    }
+
+    #[test]
+    fn a_reload_with_no_commit_but_ours_leaves_the_grant_sets_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = daemon(&dir);
+        let now = crate::daemon::unix_now();
+        let laptop: IpAddr = "198.51.100.7".parse().unwrap();
+        d.core()
+            .open(
+                "ssh",
+                laptop,
+                Some(Duration::from_secs(600)),
+                "uid 0",
+                UnixMs::from_secs(now),
+            )
+            .unwrap();
+        let before = keys_of(&mut d, SSH_GRANTS_V4);
+        let loaded = d.loaded().clone();
+
+        d.switch_to(loaded, KeyRing::default()).unwrap();
+
+        let fw = d.core().firewall_mut();
+        assert!(fw.kept.contains(&SSH_GRANTS_V4.to_owned()), "{:?}", fw.kept);
+        assert!(
+            fw.kept.iter().all(|s| s.contains("_grants_v")),
+            "only grant sets: {:?}",
+            fw.kept
+        );
+        assert_eq!(
+            keys_of(&mut d, SSH_GRANTS_V4),
+            before,
+            "the element stayed as it was"
+        );
+        // And the reload's own commit keeps the account: the next reload keeps them too.
+        let loaded = d.loaded().clone();
+        d.core().firewall_mut().kept.clear();
+        d.switch_to(loaded, KeyRing::default()).unwrap();
+        assert!(!d.core().firewall_mut().kept.is_empty());
     }
 }

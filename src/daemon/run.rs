@@ -17,6 +17,7 @@ use crate::admin::{Request, Response};
 use crate::clock::UnixMs;
 use crate::config::{Loaded, Tamper};
 use crate::daemon::core::SequenceOutcome;
+use crate::firewall::Firewall;
 use crate::firewall::nft::events::Tampering;
 use crate::firewall::nft::nflog::SequenceLog;
 use crate::firewall::nft::{NftFirewall, TableLock, TamperWatch};

@@ -24,6 +24,15 @@ pub struct MemoryFirewall {
     pub commits: usize,
     /// Conntrack marks of the connections "tracked now", by a test's names for them.
     pub connections: BTreeMap<String, u32>,
+    /// Commits by "other processes": a test that changes `tables` behind the daemon's
+    /// back adds one, as the kernel's generation would move.
+    pub foreign_commits: u32,
+    /// The sets whose elements were read, in order (a test of what a start dumps).
+    pub dumped: Vec<String>,
+    /// The sets the last [`Firewall::replace_keeping`] kept.
+    pub kept: Vec<String>,
+    /// The generation up to which every commit was this firewall's own.
+    pub accounted: Option<u32>,
 }
 
 impl MemoryFirewall {
@@ -36,6 +45,33 @@ impl MemoryFirewall {
                 what: format!("set {set}"),
                 source: std::io::Error::from_raw_os_error(2),
             })
+    }
+
+    /// Another process puts `key` in set `set` of `table` behind the daemon's back (one
+    /// foreign commit, as `nft add element` would be).
+    pub fn slip_in(&mut self, table: &str, set: &str, key: ElementKey, ttl: Duration) {
+        if let Ok(set) = self.set_mut(table, set) {
+            set.elements.retain(|e| e.key != key);
+            set.elements.push(Element {
+                key,
+                expires_in: Some(ttl),
+            });
+        }
+        self.foreign_commits += 1;
+    }
+
+    /// The "ruleset generation": every commit, ours or a test's foreign one, moves it.
+    fn generation(&self) -> u32 {
+        u32::try_from(self.commits)
+            .unwrap_or(u32::MAX)
+            .wrapping_add(self.foreign_commits)
+    }
+
+    /// Counts one commit of ours; `whole` when it replaced the table whole.
+    fn commit(&mut self, whole: bool) {
+        let before = self.generation();
+        self.commits += 1;
+        self.accounted = (whole || self.accounted == Some(before)).then(|| self.generation());
     }
 
     fn refuse(&mut self, table: &str) -> Result<(), FirewallError> {
@@ -62,14 +98,74 @@ impl Firewall for MemoryFirewall {
     fn replace(&mut self, ruleset: &Ruleset) -> Result<(), FirewallError> {
         self.refuse(&ruleset.table)?;
         self.tables.insert(ruleset.table.clone(), ruleset.clone());
-        self.commits += 1;
+        self.commit(true);
         Ok(())
+    }
+
+    fn keepable(
+        &mut self,
+        ruleset: &Ruleset,
+        candidates: &[&str],
+    ) -> Result<Vec<String>, FirewallError> {
+        let Some(now) = self.tables.get(&ruleset.table) else {
+            return Ok(Vec::new());
+        };
+        Ok(ruleset
+            .sets
+            .iter()
+            .filter(|def| candidates.contains(&def.name.as_str()))
+            .filter(|def| {
+                now.sets
+                    .iter()
+                    .any(|s| s.name == def.name && s.key == def.key && s.kind == def.kind)
+            })
+            .map(|def| def.name.clone())
+            .collect())
+    }
+
+    fn replace_keeping(&mut self, ruleset: &Ruleset, keep: &[String]) -> Result<(), FirewallError> {
+        let names: Vec<&str> = keep.iter().map(String::as_str).collect();
+        if self.keepable(ruleset, &names)?.len() != keep.len() {
+            return Err(FirewallError::InvalidRuleset {
+                table: ruleset.table.clone(),
+                detail: "a set to keep is gone or changed shape".to_owned(),
+            });
+        }
+        self.refuse(&ruleset.table)?;
+        let mut new = ruleset.clone();
+        if let Some(old) = self.tables.get(&ruleset.table) {
+            for set in new.sets.iter_mut().filter(|s| keep.contains(&s.name)) {
+                if let Some(was) = old.sets.iter().find(|s| s.name == set.name) {
+                    set.elements.clone_from(&was.elements);
+                }
+            }
+        }
+        self.tables.insert(ruleset.table.clone(), new);
+        self.kept = keep.to_vec();
+        self.commit(false);
+        Ok(())
+    }
+
+    fn unchanged_since_own(&mut self) -> bool {
+        self.accounted == Some(self.generation())
+    }
+
+    fn accounted(&self) -> Option<u32> {
+        self.accounted
+    }
+
+    fn resume_accounting(&mut self, generation: u32) -> bool {
+        let resumed = self.generation() == generation;
+        if resumed {
+            self.accounted = Some(generation);
+        }
+        resumed
     }
 
     fn remove(&mut self, table: &str) -> Result<(), FirewallError> {
         self.refuse(table)?;
         self.tables.remove(table);
-        self.commits += 1;
+        self.commit(false);
         Ok(())
     }
 
@@ -87,7 +183,7 @@ impl Firewall for MemoryFirewall {
             key,
             expires_in: Some(ttl),
         });
-        self.commits += 1;
+        self.commit(false);
         Ok(())
     }
 
@@ -99,7 +195,7 @@ impl Firewall for MemoryFirewall {
     ) -> Result<(), FirewallError> {
         self.refuse(table)?;
         self.set_mut(table, set)?.elements.retain(|e| e.key != key);
-        self.commits += 1;
+        self.commit(false);
         Ok(())
     }
 
@@ -110,6 +206,7 @@ impl Firewall for MemoryFirewall {
                 detail: "dump failed (test)".to_owned(),
             });
         }
+        self.dumped.push(set.to_owned());
         let found = self
             .tables
             .get(table)

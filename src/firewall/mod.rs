@@ -18,6 +18,38 @@ pub trait Firewall {
     /// whole new table is in force afterwards, or the kernel refused and nothing changed.
     fn replace(&mut self, ruleset: &Ruleset) -> Result<(), FirewallError>;
 
+    /// The sets of `ruleset` named in `candidates` that its table holds now with the
+    /// very shape `ruleset` gives them (key, flags, timeout, size), so that
+    /// [`Firewall::replace_keeping`] can leave them — and their elements — in place.
+    /// Empty when there is no table, or when only a whole replace will do.
+    fn keepable(
+        &mut self,
+        ruleset: &Ruleset,
+        candidates: &[&str],
+    ) -> Result<Vec<String>, FirewallError>;
+
+    /// [`Firewall::replace`], except that the sets named in `keep` (from
+    /// [`Firewall::keepable`]) are not touched: they keep what the kernel holds, and
+    /// `ruleset`'s elements for them are ignored. One transaction, like `replace`; if a
+    /// set to keep is gone or changed shape, nothing changes and this is an error.
+    /// Reload and restart cost the same with a million grants as with none.
+    fn replace_keeping(&mut self, ruleset: &Ruleset, keep: &[String]) -> Result<(), FirewallError>;
+
+    /// Whether no process but this one has committed anything to the kernel's
+    /// ruleset since its last whole-table replace (or since the generation it resumed
+    /// from): then the table's sets hold exactly what this firewall put there (less
+    /// what timed out). `false` whenever it cannot tell.
+    fn unchanged_since_own(&mut self) -> bool;
+
+    /// The ruleset generation up to which every commit is accounted for as this
+    /// firewall's own (see [`Firewall::unchanged_since_own`]), if it is.
+    fn accounted(&self) -> Option<u32>;
+
+    /// Takes up the account of an earlier process (its [`Firewall::accounted`],
+    /// saved): if the kernel's ruleset is still at `generation`, nobody committed
+    /// anything since, and this firewall carries on from it. Returns whether it did.
+    fn resume_accounting(&mut self, generation: u32) -> bool;
+
     /// Deletes the table named `table`, and nothing else; a missing table is not an error.
     fn remove(&mut self, table: &str) -> Result<(), FirewallError>;
 
@@ -143,6 +175,30 @@ pub enum FirewallError {
 impl<F: Firewall + ?Sized> Firewall for &mut F {
     fn replace(&mut self, ruleset: &Ruleset) -> Result<(), FirewallError> {
         (**self).replace(ruleset)
+    }
+
+    fn keepable(
+        &mut self,
+        ruleset: &Ruleset,
+        candidates: &[&str],
+    ) -> Result<Vec<String>, FirewallError> {
+        (**self).keepable(ruleset, candidates)
+    }
+
+    fn replace_keeping(&mut self, ruleset: &Ruleset, keep: &[String]) -> Result<(), FirewallError> {
+        (**self).replace_keeping(ruleset, keep)
+    }
+
+    fn unchanged_since_own(&mut self) -> bool {
+        (**self).unchanged_since_own()
+    }
+
+    fn accounted(&self) -> Option<u32> {
+        (**self).accounted()
+    }
+
+    fn resume_accounting(&mut self, generation: u32) -> bool {
+        (**self).resume_accounting(generation)
     }
 
     fn remove(&mut self, table: &str) -> Result<(), FirewallError> {

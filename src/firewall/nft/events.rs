@@ -10,8 +10,8 @@
 
 use std::collections::BTreeMap;
 
-const NLMSG_HDRLEN: usize = 16;
-const NFGENMSG_LEN: usize = 4;
+pub(super) const NLMSG_HDRLEN: usize = 16;
+pub(super) const NFGENMSG_LEN: usize = 4;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFPROTO_INET: u8 = 1;
 const NLA_TYPE_MASK: u16 = 0x3fff;
@@ -227,7 +227,7 @@ fn committer(attrs: &[u8]) -> String {
 
 /// The payload of the first attribute of type `wanted`, if the attributes are well formed
 /// up to it.
-fn attribute(mut attrs: &[u8], wanted: u16) -> Option<&[u8]> {
+pub(super) fn attribute(mut attrs: &[u8], wanted: u16) -> Option<&[u8]> {
     while attrs.len() >= 4 {
         let len = usize::from(u16::from_ne_bytes([attrs[0], attrs[1]]));
         let kind = u16::from_ne_bytes([attrs[2], attrs[3]]) & NLA_TYPE_MASK;
@@ -242,7 +242,7 @@ fn attribute(mut attrs: &[u8], wanted: u16) -> Option<&[u8]> {
     None
 }
 
-fn trim_nul(bytes: &[u8]) -> &[u8] {
+pub(super) fn trim_nul(bytes: &[u8]) -> &[u8] {
     bytes.split(|&b| b == 0).next().unwrap_or(bytes)
 }
 

@@ -15,6 +15,7 @@ mod counter;
 mod elements;
 pub mod events;
 mod expr;
+mod layout;
 pub mod nflog;
 mod sequence_expr;
 mod socket;
@@ -36,7 +37,6 @@ use self::table::FlaggedTable;
 use super::{Adopted, Firewall, FirewallError, MAX_ADOPTED};
 use crate::ruleset::{
     ChainDef, CounterDef, Element, ElementKey, Hook, IpFamily, Policy, Ruleset, SetDef, SetKeyType,
-    SetKind,
 };
 
 /// Largest batch sent as one transaction. The biggest knockgate makes — 100,000
@@ -71,6 +71,8 @@ pub struct NftFirewall {
     /// notifications were lost, a kernel still at this generation has seen no change
     /// but ours ([`NftFirewall::unchanged_since_own`]).
     accounted: Option<u32>,
+    /// Whether this kernel has `NFT_TABLE_F_PERSIST` (Linux ≥ 6.9), once asked.
+    persist: Option<bool>,
 }
 
 impl NftFirewall {
@@ -83,6 +85,7 @@ impl NftFirewall {
             lock: TableLock::Off,
             want_lock: false,
             accounted: None,
+            persist: None,
         })
     }
 
@@ -100,17 +103,6 @@ impl NftFirewall {
                 table: "(generation)".to_owned(),
                 detail: "no NEWGEN in the answer to GETGEN".to_owned(),
             })
-    }
-
-    /// Whether no process but this one has committed anything since its last
-    /// whole-table replace. Used when notifications were lost (the socket overflowed,
-    /// as the daemon's own replace of 100,000 grants makes it do): then, and only then,
-    /// nothing needs repairing. `false` whenever it cannot tell.
-    pub fn unchanged_since_own(&mut self) -> bool {
-        match (self.accounted, self.generation()) {
-            (Some(accounted), Ok(now)) => accounted == now,
-            _ => false,
-        }
     }
 
     /// Asks that the next replace lock the table (owner + persist flags) where the kernel
@@ -157,6 +149,143 @@ impl NftFirewall {
             }
         })?;
         self.send(&ruleset.table, &batch, true)
+    }
+
+    /// What table `table` holds now: its chains, named sets (with their shapes) and
+    /// counters. Empty when there is no such table.
+    fn layout(&mut self, table: &str) -> Result<Layout, FirewallError> {
+        let mut dump = |request: fn(u32) -> Vec<u8>| {
+            self.dump_seq = self.dump_seq.wrapping_add(1);
+            let messages = self
+                .socket
+                .dump(&request(self.dump_seq), self.dump_seq)
+                .map_err(|e| Self::map_error(table, None, e))?;
+            Ok::<_, FirewallError>(
+                messages
+                    .iter()
+                    .map(|words| words.iter().flat_map(|w| w.to_ne_bytes()).collect())
+                    .collect::<Vec<Vec<u8>>>(),
+            )
+        };
+        let chains = dump(layout::chain_dump_request)?
+            .iter()
+            .filter_map(|m| layout::chain_name(m, table))
+            .collect();
+        let sets = dump(layout::set_dump_request)?
+            .iter()
+            .filter_map(|m| layout::set_shape(m, table))
+            .collect();
+        let counters = self.counters(table)?.into_iter().map(|c| c.name).collect();
+        Ok(Layout {
+            chains,
+            sets,
+            counters,
+        })
+    }
+
+    /// The flags a replace that keeps the table (and some of its sets) asks for, given
+    /// the flags it has now; `None` when only a whole replace can give it the lock it
+    /// should have (a table made unlocked, on a kernel that has the lock: PERSIST cannot
+    /// be switched on in place).
+    fn keep_flags(&mut self, current: u32) -> Result<Option<u32>, FirewallError> {
+        if !self.want_lock || self.lock == TableLock::Unsupported {
+            return Ok(Some(current));
+        }
+        if current & table::PERSIST != 0 {
+            // Ours already, or orphaned by the daemon before us: the owner flag takes it.
+            return Ok(Some(current | table::OWNER));
+        }
+        if self.persist_supported()? {
+            Ok(None)
+        } else {
+            self.lock = TableLock::Unsupported;
+            Ok(Some(current))
+        }
+    }
+
+    /// Whether this kernel has `NFT_TABLE_F_PERSIST`, asked without changing anything:
+    /// a batch that makes a locked probe table and then deletes a table that does not
+    /// exist always fails, so nothing is committed; a kernel without the flag refuses
+    /// the first message (EOPNOTSUPP), one with it only the second (ENOENT).
+    fn persist_supported(&mut self) -> Result<bool, FirewallError> {
+        const PROBE: &str = "knockgate-lock-probe";
+        if let Some(known) = self.persist {
+            return Ok(known);
+        }
+        let probe = cstring(PROBE).map_err(|detail| FirewallError::InvalidRuleset {
+            table: PROBE.to_owned(),
+            detail,
+        })?;
+        let missing = cstring("knockgate-lock-probe-missing").map_err(|detail| {
+            FirewallError::InvalidRuleset {
+                table: PROBE.to_owned(),
+                detail,
+            }
+        })?;
+        let mut builder = Builder::new();
+        builder.add(
+            &FlaggedTable::new(&probe, table::OWNER | table::PERSIST),
+            MsgType::Add,
+            format!("table inet {PROBE} (probe)"),
+        );
+        builder.add(
+            &Table::new(&missing, ProtoFamily::Inet),
+            MsgType::Del,
+            "a missing table (probe)".to_owned(),
+        );
+        let batch = builder.finish();
+        let first = batch.batch.sequence_numbers().start;
+        let known = match self.socket.transact(
+            &batch.batch.iter().collect::<Vec<_>>(),
+            batch.batch.sequence_numbers(),
+        ) {
+            Err(TransactError::Refused(r)) if r.errno == libc::EOPNOTSUPP && r.seq <= first + 1 => {
+                false
+            }
+            Err(TransactError::Refused(r)) if r.errno == libc::ENOENT => true,
+            Ok(()) => true,
+            Err(e) => return Err(Self::map_error(PROBE, Some(&batch), e)),
+        };
+        self.persist = Some(known);
+        Ok(known)
+    }
+
+    /// Gives table `table` (with `current` flags) the `wanted` ones, alone in one
+    /// transaction: an orphaned persistent table becomes this socket's.
+    fn take_over(&mut self, table: &str, current: u32, wanted: u32) -> Result<(), FirewallError> {
+        let name = cstring(table).map_err(|detail| FirewallError::InvalidRuleset {
+            table: table.to_owned(),
+            detail,
+        })?;
+        let mut builder = Builder::new();
+        builder.add(
+            &FlaggedTable::new(&name, current),
+            MsgType::Add,
+            format!("table inet {table} (create; refused if another process owns it)"),
+        );
+        builder.add(
+            &FlaggedTable::new(&name, wanted),
+            MsgType::Add,
+            format!("table inet {table} (take over: flags {wanted:#x})"),
+        );
+        self.send(table, &builder.finish(), false)
+    }
+
+    fn replace_keeping_with_flags(
+        &mut self,
+        ruleset: &Ruleset,
+        now: &Layout,
+        current: u32,
+        wanted: u32,
+        keep: &[String],
+    ) -> Result<(), FirewallError> {
+        let batch = keep_batch(ruleset, now, current, wanted, keep).map_err(|detail| {
+            FirewallError::InvalidRuleset {
+                table: ruleset.table.clone(),
+                detail,
+            }
+        })?;
+        self.send(&ruleset.table, &batch, false)
     }
 
     fn map_error(table: &str, batch: Option<&LabelledBatch>, e: TransactError) -> FirewallError {
@@ -268,6 +397,7 @@ impl Firewall for NftFirewall {
         match self.replace_with_flags(ruleset, now, table::OWNER | table::PERSIST) {
             Ok(()) => {
                 self.lock = TableLock::Locked;
+                self.persist = Some(true);
                 Ok(())
             }
             // A kernel before 6.9 does not know PERSIST; without it OWNER would fail
@@ -276,10 +406,80 @@ impl Firewall for NftFirewall {
                 if source.raw_os_error() == Some(libc::EOPNOTSUPP) =>
             {
                 self.lock = TableLock::Unsupported;
+                self.persist = Some(false);
                 self.replace_with_flags(ruleset, now, 0)
             }
             Err(e) => Err(e),
         }
+    }
+
+    fn keepable(
+        &mut self,
+        ruleset: &Ruleset,
+        candidates: &[&str],
+    ) -> Result<Vec<String>, FirewallError> {
+        let Some(current) = self.table_flags(&ruleset.table)? else {
+            return Ok(Vec::new());
+        };
+        if self.keep_flags(current)?.is_none() {
+            return Ok(Vec::new());
+        }
+        Ok(self.layout(&ruleset.table)?.keepable(ruleset, candidates))
+    }
+
+    fn replace_keeping(&mut self, ruleset: &Ruleset, keep: &[String]) -> Result<(), FirewallError> {
+        let Some(current) = self.table_flags(&ruleset.table)? else {
+            return Err(FirewallError::InvalidRuleset {
+                table: ruleset.table.clone(),
+                detail: "there is no table to keep sets of".to_owned(),
+            });
+        };
+        let now = self.layout(&ruleset.table)?;
+        let names: Vec<&str> = keep.iter().map(String::as_str).collect();
+        if now.keepable(ruleset, &names).len() != keep.len() {
+            return Err(FirewallError::InvalidRuleset {
+                table: ruleset.table.clone(),
+                detail: format!(
+                    "the sets to keep ({}) are no longer all there with the same shape",
+                    keep.join(", ")
+                ),
+            });
+        }
+        let Some(wanted) = self.keep_flags(current)? else {
+            return Err(FirewallError::InvalidRuleset {
+                table: ruleset.table.clone(),
+                detail: "the table can only be locked by a whole replace".to_owned(),
+            });
+        };
+        if wanted != current {
+            // Taking an orphaned table over is its own transaction: the kernel refuses
+            // base chains made in the same one as the takeover (EINVAL).
+            self.take_over(&ruleset.table, current, wanted)?;
+        }
+        self.replace_keeping_with_flags(ruleset, &now, wanted, wanted, keep)?;
+        if wanted & table::OWNER != 0 {
+            self.lock = TableLock::Locked;
+        }
+        Ok(())
+    }
+
+    fn unchanged_since_own(&mut self) -> bool {
+        match (self.accounted, self.generation()) {
+            (Some(accounted), Ok(now)) => accounted == now,
+            _ => false,
+        }
+    }
+
+    fn accounted(&self) -> Option<u32> {
+        self.accounted
+    }
+
+    fn resume_accounting(&mut self, generation: u32) -> bool {
+        let resumed = self.generation().ok() == Some(generation);
+        if resumed {
+            self.accounted = Some(generation);
+        }
+        resumed
     }
 
     fn remove(&mut self, table: &str) -> Result<(), FirewallError> {
@@ -621,24 +821,100 @@ fn replace_batch(ruleset: &Ruleset, current: u32, flags: u32) -> Result<Labelled
         MsgType::Add,
         format!("table inet {t}"),
     );
+    add_contents(&mut builder, ruleset, &table, &[])?;
+    Ok(builder.finish())
+}
 
+/// The replace transaction that leaves the sets named in `keep` — and their
+/// elements — where they are: everything else `now` (the table as dumped) holds is
+/// deleted by name (rules, then chains, then sets and counters), and `ruleset` is
+/// added around the kept sets. The table is never deleted, so it keeps its flags
+/// unless `flags` asks for more (taking over an orphaned, persistent table).
+fn keep_batch(
+    ruleset: &Ruleset,
+    now: &Layout,
+    current: u32,
+    flags: u32,
+    keep: &[String],
+) -> Result<LabelledBatch, String> {
+    let name = cstring(&ruleset.table)?;
+    let table = Table::new(&name, ProtoFamily::Inet);
+    let t = &ruleset.table;
+    let mut builder = Builder::new();
+    builder.add(
+        &FlaggedTable::new(&name, current),
+        MsgType::Add,
+        format!("table inet {t} (create; refused if another process owns it)"),
+    );
+    if flags != current {
+        builder.add(
+            &FlaggedTable::new(&name, flags),
+            MsgType::Add,
+            format!("table inet {t} (flags {flags:#x})"),
+        );
+    }
+    let chains: Vec<CString> = now
+        .chains
+        .iter()
+        .map(|c| cstring(c))
+        .collect::<Result<_, _>>()?;
+    for (chain, label) in chains.iter().zip(&now.chains) {
+        let chain = Chain::new(chain, &table);
+        let flush = nftnl::Rule::new(&chain);
+        builder.add(
+            &flush,
+            MsgType::Del,
+            format!("rules of chain {label} (flush)"),
+        );
+    }
+    for (chain, label) in chains.iter().zip(&now.chains) {
+        let chain = Chain::new(chain, &table);
+        builder.add(&chain, MsgType::Del, format!("chain {label} (delete)"));
+    }
+    for (set, _) in &now.sets {
+        // Anonymous sets belong to the rules just deleted, and go with them.
+        if keep.contains(set) || set.starts_with("__") {
+            continue;
+        }
+        let set_name = cstring(set)?;
+        let doomed = Set::<Ipv4Addr>::new_named(&set_name, 0, &table, ProtoFamily::Inet);
+        builder.add(&doomed, MsgType::Del, format!("set {set} (delete)"));
+    }
+    for counter in &now.counters {
+        let obj = counter::CounterObj::new(&name, &cstring(counter)?, 0, 0);
+        builder.add(&obj, MsgType::Del, format!("counter {counter} (delete)"));
+    }
+    let kept: Vec<&str> = keep.iter().map(String::as_str).collect();
+    add_contents(&mut builder, ruleset, &table, &kept)?;
+    Ok(builder.finish())
+}
+
+/// Adds `ruleset`'s sets (with their elements), counters and chains to `builder`,
+/// except the sets named in `kept`, which the table already holds: rules find those
+/// by name (the kernel looks a set up by name before it tries the batch's ids).
+fn add_contents(
+    builder: &mut Builder,
+    ruleset: &Ruleset,
+    table: &Table,
+    kept: &[&str],
+) -> Result<(), String> {
+    let name = cstring(&ruleset.table)?;
     let mut set_ids = HashMap::new();
     for (def, id) in ruleset.sets.iter().zip(1u32..) {
-        match def.key {
-            SetKeyType::Addr(IpFamily::V4) => add_set::<Ipv4Addr>(&mut builder, &table, def, id)?,
-            SetKeyType::Addr(IpFamily::V6) => add_set::<Ipv6Addr>(&mut builder, &table, def, id)?,
-            SetKeyType::Cgroup => add_set::<CgroupId>(&mut builder, &table, def, id)?,
-            SetKeyType::Proto => add_set::<InetProto>(&mut builder, &table, def, id)?,
-            SetKeyType::CgroupAddr(IpFamily::V4) => {
-                add_set::<CgroupV4>(&mut builder, &table, def, id)?;
-            }
-            SetKeyType::CgroupAddr(IpFamily::V6) => {
-                add_set::<CgroupV6>(&mut builder, &table, def, id)?;
-            }
-            SetKeyType::Touch => add_set::<TouchKey>(&mut builder, &table, def, id)?,
-            SetKeyType::StageTouch => add_set::<StageTouchKey>(&mut builder, &table, def, id)?,
-        }
         set_ids.insert(def.name.as_str(), id);
+        if kept.contains(&def.name.as_str()) {
+            continue;
+        }
+        match def.key {
+            SetKeyType::Addr(IpFamily::V4) => add_set::<Ipv4Addr>(builder, table, def, id)?,
+            SetKeyType::Addr(IpFamily::V6) => add_set::<Ipv6Addr>(builder, table, def, id)?,
+            SetKeyType::Cgroup => add_set::<CgroupId>(builder, table, def, id)?,
+            SetKeyType::Proto => add_set::<InetProto>(builder, table, def, id)?,
+            SetKeyType::CgroupAddr(IpFamily::V4) => add_set::<CgroupV4>(builder, table, def, id)?,
+            SetKeyType::CgroupAddr(IpFamily::V6) => add_set::<CgroupV6>(builder, table, def, id)?,
+            SetKeyType::Touch => add_set::<TouchKey>(builder, table, def, id)?,
+            SetKeyType::StageTouch => add_set::<StageTouchKey>(builder, table, def, id)?,
+        }
         let messages =
             elements::element_messages(&name, &cstring(&def.name)?, id, true, &def.elements);
         let parts = messages.len();
@@ -662,9 +938,35 @@ fn replace_batch(ruleset: &Ruleset, current: u32, flags: u32) -> Result<Labelled
     }
     let set_id = |name: &str| set_ids.get(name).copied();
     for def in &ruleset.chains {
-        add_chain(&mut builder, &table, def, &set_id)?;
+        add_chain(builder, table, def, &set_id)?;
     }
-    Ok(builder.finish())
+    Ok(())
+}
+
+/// What a table holds now, by name (see [`layout`]).
+#[derive(Debug, Default)]
+struct Layout {
+    chains: Vec<String>,
+    sets: Vec<(String, layout::SetShape)>,
+    counters: Vec<String>,
+}
+
+impl Layout {
+    /// The sets of `ruleset` named in `candidates` that this table holds with the very
+    /// shape `ruleset` gives them.
+    fn keepable(&self, ruleset: &Ruleset, candidates: &[&str]) -> Vec<String> {
+        ruleset
+            .sets
+            .iter()
+            .filter(|def| candidates.contains(&def.name.as_str()))
+            .filter(|def| {
+                self.sets
+                    .iter()
+                    .any(|(name, shape)| *name == def.name && *shape == layout::shape_of(def))
+            })
+            .map(|def| def.name.clone())
+            .collect()
+    }
 }
 
 /// Key type of cgroup-id sets: nft's `cgroupsv2`, 8 bytes in host order.
@@ -747,14 +1049,6 @@ impl SetKey for StageTouchKey {
     }
 }
 
-/// Makes `raw` a map to 4-byte `mark` values (stages, completions).
-fn map_to_mark(raw: *mut sys::nftnl_set) {
-    // SAFETY: `raw` is a live set owned by the caller's `Set`; libnftnl copies the values.
-    unsafe { sys::nftnl_set_set_u32(raw, attr(sys::NFTNL_SET_DATA_TYPE), MARK_TYPE) };
-    // SAFETY: as above.
-    unsafe { sys::nftnl_set_set_u32(raw, attr(sys::NFTNL_SET_DATA_LEN), 4) };
-}
-
 fn add_set<K: SetKey>(
     builder: &mut Builder,
     table: &Table,
@@ -764,54 +1058,22 @@ fn add_set<K: SetKey>(
     let name = cstring(&def.name)?;
     let set = Set::<K>::new_named(&name, id, table, ProtoFamily::Inet);
     let raw = set.as_ptr().as_ptr();
-    match def.kind {
-        SetKind::Grants => {
-            let flags = u32::try_from(libc::NFT_SET_TIMEOUT).unwrap_or(0);
-            // SAFETY: `raw` is the live set owned by `set`; libnftnl copies the value.
-            unsafe { sys::nftnl_set_set_u32(raw, attr(sys::NFTNL_SET_FLAGS), flags) };
-        }
-        SetKind::Bans { size } | SetKind::RuleGrants { size } => {
-            let flags = u32::try_from(libc::NFT_SET_TIMEOUT).unwrap_or(0);
-            // SAFETY: `raw` is the live set owned by `set`; libnftnl copies the value.
-            unsafe { sys::nftnl_set_set_u32(raw, attr(sys::NFTNL_SET_FLAGS), flags) };
-            // SAFETY: as above.
-            unsafe { sys::nftnl_set_set_u32(raw, attr(sys::NFTNL_SET_DESC_SIZE), size) };
-        }
-        SetKind::Meter { size, timeout_secs } => {
-            let flags = u32::try_from(libc::NFT_SET_TIMEOUT | libc::NFT_SET_EVAL).unwrap_or(0);
-            // SAFETY: as above.
-            unsafe { sys::nftnl_set_set_u32(raw, attr(sys::NFTNL_SET_FLAGS), flags) };
-            // SAFETY: as above.
-            unsafe { sys::nftnl_set_set_u32(raw, attr(sys::NFTNL_SET_DESC_SIZE), size) };
-            let timeout_ms = u64::from(timeout_secs) * 1000;
-            // SAFETY: as above.
-            unsafe { sys::nftnl_set_set_u64(raw, attr(sys::NFTNL_SET_TIMEOUT), timeout_ms) };
-        }
-        SetKind::SeqProgress { size, timeout_secs } => {
-            let flags = libc::NFT_SET_MAP | libc::NFT_SET_TIMEOUT | libc::NFT_SET_EVAL;
-            let flags = u32::try_from(flags).unwrap_or(0);
-            // SAFETY: as above.
-            unsafe { sys::nftnl_set_set_u32(raw, attr(sys::NFTNL_SET_FLAGS), flags) };
-            // SAFETY: as above.
-            unsafe { sys::nftnl_set_set_u32(raw, attr(sys::NFTNL_SET_DESC_SIZE), size) };
-            let timeout_ms = u64::from(timeout_secs) * 1000;
-            // SAFETY: as above.
-            unsafe { sys::nftnl_set_set_u64(raw, attr(sys::NFTNL_SET_TIMEOUT), timeout_ms) };
-            map_to_mark(raw);
-        }
-        SetKind::SeqMap => {
-            let flags = u32::try_from(libc::NFT_SET_MAP | libc::NFT_SET_TIMEOUT).unwrap_or(0);
-            // SAFETY: as above.
-            unsafe { sys::nftnl_set_set_u32(raw, attr(sys::NFTNL_SET_FLAGS), flags) };
-            map_to_mark(raw);
-        }
-        SetKind::SeqUsed { size } => {
-            let flags = u32::try_from(libc::NFT_SET_TIMEOUT | libc::NFT_SET_EVAL).unwrap_or(0);
-            // SAFETY: as above.
-            unsafe { sys::nftnl_set_set_u32(raw, attr(sys::NFTNL_SET_FLAGS), flags) };
-            // SAFETY: as above.
-            unsafe { sys::nftnl_set_set_u32(raw, attr(sys::NFTNL_SET_DESC_SIZE), size) };
-        }
+    let shape = layout::shape_of(def);
+    // SAFETY: `raw` is the live set owned by `set`; libnftnl copies the value.
+    unsafe { sys::nftnl_set_set_u32(raw, attr(sys::NFTNL_SET_FLAGS), shape.flags) };
+    if let Some(size) = shape.size {
+        // SAFETY: as above.
+        unsafe { sys::nftnl_set_set_u32(raw, attr(sys::NFTNL_SET_DESC_SIZE), size) };
+    }
+    if let Some(timeout_ms) = shape.timeout_ms {
+        // SAFETY: as above.
+        unsafe { sys::nftnl_set_set_u64(raw, attr(sys::NFTNL_SET_TIMEOUT), timeout_ms) };
+    }
+    if let Some((data_type, data_len)) = shape.data {
+        // SAFETY: as above.
+        unsafe { sys::nftnl_set_set_u32(raw, attr(sys::NFTNL_SET_DATA_TYPE), data_type) };
+        // SAFETY: as above.
+        unsafe { sys::nftnl_set_set_u32(raw, attr(sys::NFTNL_SET_DATA_LEN), data_len) };
     }
     builder.add(&set, MsgType::Add, format!("set {}", def.name));
     Ok(())
