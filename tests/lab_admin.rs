@@ -381,13 +381,13 @@ fn config_changes_are_roots_unless_the_group_may() {
     );
 }
 
-/// The `kept_sets=N` of the daemon's last "baseline applied" line.
+/// How many grant sets the daemon's last "baseline applied" line says it kept.
 fn last_kept_sets(log: &str) -> Option<usize> {
     log.lines()
         .rfind(|l| l.contains("baseline applied"))
         .and_then(|l| l.split("kept_sets=").nth(1))
-        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|n| n.parse().ok())
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(|sets| sets.split(',').filter(|s| s.contains("_grants_")).count())
 }
 
 /// SSH opens for each family's client address and for no other.

@@ -228,11 +228,11 @@ impl<F: Firewall> Daemon<F> {
             return Err(ReloadError::NeedsRestart("knock.state_dir"));
         }
         let now = UnixMs::now();
-        let mut ruleset = self.ruleset_from_book(&loaded, now, repair::BanRead::Required)?;
+        let started = Instant::now();
+        let keep = self.keep_on_reload(&loaded)?;
+        let mut ruleset = self.ruleset_from_book(&loaded, now, repair::BanRead::Required, &keep)?;
         let mut sequencer = Sequencer::new(&loaded.config, &keys, &loaded.server_id);
         fill_sequences(&mut ruleset, sequencer.as_mut(), now);
-        let started = Instant::now();
-        let keep = self.keep_on_reload(&ruleset, &loaded)?;
         let keep = apply(self.core.firewall_mut(), &mut ruleset, keep)?;
         log_applied(&loaded, &ruleset, &keep, started.elapsed());
         let book_path = loaded.config.knock.state_dir.join(BOOK_FILE);
@@ -248,24 +248,22 @@ impl<F: Firewall> Daemon<F> {
         Ok(dropped)
     }
 
-    /// The grant sets a reload may leave in place: only while every commit since the
-    /// last whole replace was the daemon's own (then the kernel's grant sets hold
-    /// exactly what the book says, and copying a million of them back in is waste), and
-    /// only those the table holds with the same shape. Otherwise the book fills them
-    /// anew, as after any change by someone else.
-    fn keep_on_reload(
-        &mut self,
-        ruleset: &Ruleset,
-        loaded: &Loaded,
-    ) -> Result<Vec<String>, FirewallError> {
+    /// The sets a reload may leave in place: the sets whose contents are the kernel's
+    /// own truth (bans, used sequence steps: always read back and carried anyway), and
+    /// the grant sets only while every commit since the last whole replace was the
+    /// daemon's own (then they hold exactly what the book says, and copying a million
+    /// of them back in is waste; otherwise the book fills them anew, as after any change
+    /// by someone else) — each only if the table holds it with the same shape.
+    fn keep_on_reload(&mut self, loaded: &Loaded) -> Result<Vec<String>, FirewallError> {
+        let ruleset = baseline(&loaded.config, &loaded.resolvers);
         let firewall = self.core.firewall_mut();
-        if !firewall.unchanged_since_own() {
-            return Ok(Vec::new());
+        let mut candidates = kernel_truth_sets(&ruleset);
+        if firewall.unchanged_since_own() {
+            let services = crate::service::port_services(&loaded.config);
+            candidates.extend(grant_sets_to_keep(&ruleset, &services));
         }
-        let services = crate::service::port_services(&loaded.config);
-        let candidates = grant_sets_to_keep(ruleset, &services);
         let names: Vec<&str> = candidates.iter().map(String::as_str).collect();
-        firewall.keepable(ruleset, &names)
+        firewall.keepable(&ruleset, &names)
     }
 
     /// The ruleset in force.
@@ -345,25 +343,53 @@ fn kept_at_start<F: Firewall>(
     book_path: &std::path::Path,
     services: &[crate::service::PortService],
 ) -> Result<Vec<String>, FirewallError> {
+    let ruleset = baseline(&loaded.config, &loaded.resolvers);
     let stamp = crate::grants::KernelStamp::load(&stamp::path_beside(book_path));
     let resumed = stamp.is_some_and(|s| {
         stamp::is_here(&s, book.serial()) && firewall.resume_accounting(s.generation)
     });
-    if !resumed {
+    let mut candidates = kernel_truth_sets(&ruleset);
+    if resumed {
+        candidates.extend(grant_sets_to_keep(&ruleset, services));
+    } else {
         info!(target: AUDIT, event = "recover", table = %loaded.config.table,
             "the kernel may have changed since the grant book was saved; reading its grant sets back");
-        return Ok(Vec::new());
     }
-    let ruleset = baseline(&loaded.config, &loaded.resolvers);
-    let candidates = grant_sets_to_keep(&ruleset, services);
     let names: Vec<&str> = candidates.iter().map(String::as_str).collect();
     let keepable = firewall.keepable(&ruleset, &names)?;
-    Ok(services
+    // Grant sets by service, both families or neither (the book is reconciled per
+    // service); the others one by one.
+    let grant_sets: Vec<[String; 2]> = services
         .iter()
         .map(|s| [IpFamily::V4, IpFamily::V6].map(|f| s.grant_set(f)))
-        .filter(|pair| pair.iter().all(|set| keepable.contains(set)))
-        .flatten()
+        .collect();
+    Ok(keepable
+        .iter()
+        .filter(|set| {
+            grant_sets
+                .iter()
+                .find(|pair| pair.contains(set))
+                .is_none_or(|pair| pair.iter().all(|s| keepable.contains(s)))
+        })
+        .cloned()
         .collect())
+}
+
+/// The sets whose contents are the kernel's own truth — bans, and the last steps of
+/// sequences already taken — read back and carried by every replace, so they may as
+/// well stay where they are when their shape did not change.
+fn kernel_truth_sets(ruleset: &Ruleset) -> Vec<String> {
+    ruleset
+        .sets
+        .iter()
+        .filter(|d| {
+            matches!(
+                d.kind,
+                crate::ruleset::SetKind::Bans { .. } | crate::ruleset::SetKind::SeqUsed { .. }
+            )
+        })
+        .map(|d| d.name.clone())
+        .collect()
 }
 
 /// The sets a replace may leave in place when the kernel holds exactly what the book
@@ -401,6 +427,7 @@ fn apply<F: Firewall>(
                 "cannot leave the grant sets in place; replacing the table whole");
             for set in ruleset.sets.iter_mut().filter(|s| keep.contains(&s.name)) {
                 set.elements = firewall.elements(&ruleset.table, &set.name)?;
+                set.trim_to_size();
             }
             firewall.replace(ruleset)?;
             Ok(Vec::new())
@@ -492,7 +519,7 @@ fn log_applied(loaded: &Loaded, ruleset: &Ruleset, kept: &[String], took: Durati
         outbound = ?loaded.config.outbound,
         forward_chain = ruleset.chain(Hook::Forward).is_some(),
         carried_elements = carried,
-        kept_sets = kept.len(),
+        kept_sets = %kept.join(","),
         apply_us = took.as_micros(),
         "baseline applied"
     );
@@ -697,7 +724,7 @@ mod tests {
         fw.dumped.clear();
         let mut again = start(fw, OnStop::Keep, &dir).unwrap();
         let fw = again.core().firewall_mut();
-        assert!(fw.kept.is_empty());
+        assert!(!fw.kept.iter().any(|s| s.contains("_grants_")));
         assert!(
             fw.dumped
                 .contains(&crate::ruleset::baseline::SSH_GRANTS_V4.to_owned())
@@ -729,7 +756,8 @@ mod tests {
             std::fs::write(&stamp, damage).unwrap();
             fw.dumped.clear();
             let mut again = start(fw, OnStop::Keep, &dir).unwrap();
-            assert!(again.core().firewall_mut().kept.is_empty(), "{damage:?}");
+            let kept = &again.core().firewall_mut().kept;
+            assert!(!kept.iter().any(|s| s.contains("_grants_")), "{damage:?}");
             let grants = again.core().grants(UnixMs::from_secs(NOW + 1));
             assert_eq!(grants.len(), 1, "{damage:?}");
             assert_eq!(grants[0].address, addr);
@@ -746,7 +774,8 @@ mod tests {
         book.next_serial();
         book.save(&path).unwrap();
         let mut again = start(fw, OnStop::Keep, &dir).unwrap();
-        assert!(again.core().firewall_mut().kept.is_empty());
+        let kept = &again.core().firewall_mut().kept;
+        assert!(!kept.iter().any(|s| s.contains("_grants_")), "{kept:?}");
     }
 
     #[test]

@@ -142,7 +142,7 @@ impl Firewall for MemoryFirewall {
         }
         self.tables.insert(ruleset.table.clone(), new);
         self.kept = keep.to_vec();
-        self.commit(false);
+        self.commit(true);
         Ok(())
     }
 

@@ -32,7 +32,10 @@ pub trait Firewall {
     /// [`Firewall::keepable`]) are not touched: they keep what the kernel holds, and
     /// `ruleset`'s elements for them are ignored. One transaction, like `replace`; if a
     /// set to keep is gone or changed shape, nothing changes and this is an error.
-    /// Reload and restart cost the same with a million grants as with none.
+    /// Reload and restart cost the same with a million grants as with none. Accounted
+    /// like a whole replace ([`Firewall::unchanged_since_own`]): the kept sets' contents
+    /// are the caller's to vouch for (the kernel's own truth, like bans, or grant sets
+    /// kept only while the account says nobody else committed).
     fn replace_keeping(&mut self, ruleset: &Ruleset, keep: &[String]) -> Result<(), FirewallError>;
 
     /// Whether no process but this one has committed anything to the kernel's

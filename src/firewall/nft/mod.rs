@@ -285,7 +285,8 @@ impl NftFirewall {
                 detail,
             }
         })?;
-        self.send(&ruleset.table, &batch, false)
+        // Accounted as a whole replace: what it keeps is the caller's to vouch for.
+        self.send(&ruleset.table, &batch, true)
     }
 
     fn map_error(table: &str, batch: Option<&LabelledBatch>, e: TransactError) -> FirewallError {
