@@ -178,8 +178,10 @@ fn kept_sets(daemon: &Daemon) -> usize {
         .rfind(|l| l.contains("baseline applied"))
         .and_then(|l| l.split("kept_sets=").nth(1))
         .and_then(|rest| rest.split_whitespace().next())
-        .map(|sets| sets.split(',').filter(|s| s.contains("_grants_")).count())
-        .unwrap_or_else(|| panic!("no kept_sets in the log: {log}"))
+        .map_or_else(
+            || panic!("no kept_sets in the log: {log}"),
+            |sets| sets.split(',').filter(|s| s.contains("_grants_")).count(),
+        )
 }
 
 /// Elements per NEWSETELEM message: 32 KiB over the bound of one element (48 bytes
