@@ -614,6 +614,17 @@ fn sequences_default_to_the_documented_shape() {
 }
 
 #[test]
+fn a_sequence_of_exactly_forty_bits_is_enough() {
+    // 4 touches of 1,024 TCP ports: 2^40 sequences, the least allowed.
+    let text = format!("[sequence]\nports = \"40000-41023\"\nprotocol = \"tcp\"\n{SEQ_KEY}");
+    assert!(load_text(&text).is_ok(), "{}", error_text(&text));
+    // 8 touches of 121,954 (mixed over 60,977 ports): more sequences than a u128
+    // counts, which is plenty, not an overflow.
+    let text = format!("[sequence]\nports = \"1024-62000\"\nlength = 8\n{SEQ_KEY}");
+    assert!(load_text(&text).is_ok(), "{}", error_text(&text));
+}
+
+#[test]
 fn bad_sequences_are_refused_naming_the_key() {
     let cases: &[(&str, &str, &str)] = &[
         (
@@ -637,6 +648,11 @@ fn bad_sequences_are_refused_naming_the_key() {
             "mixed",
         ),
         ("[sequence]\nlength = 2\n", "sequence.length", "3 to 8"),
+        (
+            "[sequence]\nports = \"40000-41023\"\nlength = 3\nprotocol = \"tcp\"\n",
+            "sequence.length",
+            "3 touches of 1024 ports are 30 bits; at least 40",
+        ),
         ("[sequence]\nlength = 9\n", "sequence.length", "3 to 8"),
         ("[sequence]\nstep = \"1s\"\n", "sequence.step", "2s to 1h"),
         (

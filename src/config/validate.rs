@@ -315,8 +315,9 @@ fn services(c: &Checker<'_>, config: &Config) -> Result<(), ConfigError> {
 pub const MAX_SEQUENCE_KEYS: usize = 4_096;
 
 /// Fewest bits of guessing a sequence may take (`length` × log2 of the touches one can
-/// be): 3 touches of 31,000 ports are 44.7, 4 of 1,024 are 40.
-const MIN_SEQUENCE_BITS: f64 = 40.0;
+/// be): 3 touches of 31,000 ports are 44.7, 4 of 1,024 are 40. Checked in integers
+/// (`slots^length ≥ 2^40`), which also spares the daemon libm.
+const MIN_SEQUENCE_BITS: u32 = 40;
 
 /// `[sequence]` and the keys' `sequence*` fields.
 fn sequence(c: &Checker<'_>, config: &Config) -> Result<(), ConfigError> {
@@ -375,13 +376,15 @@ fn sequence(c: &Checker<'_>, config: &Config) -> Result<(), ConfigError> {
     } else {
         size
     };
-    let bits = f64::from(q.length) * f64::from(slots).log2();
-    if bits < MIN_SEQUENCE_BITS {
+    // Every sequence there can be; too many to count is plenty.
+    let space = u128::from(slots).checked_pow(u32::from(q.length));
+    if let Some(space) = space.filter(|&n| n < 1 << MIN_SEQUENCE_BITS) {
         return Err(c.invalid(
             "sequence.length",
             format!(
-                "{} touches of {slots} ports are {bits:.0} bits; at least {MIN_SEQUENCE_BITS:.0} are needed (more touches or a wider range)",
-                q.length
+                "{} touches of {slots} ports are {} bits; at least {MIN_SEQUENCE_BITS} are needed (more touches or a wider range)",
+                q.length,
+                space.ilog2()
             ),
         ));
     }
