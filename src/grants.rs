@@ -113,20 +113,20 @@ pub struct WindowRecord {
     pub expires_at_ms: u64,
 }
 
-/// That the book saved as `book_serial` was true of the kernel: the boot and network
-/// namespace, and the ruleset generation up to which every commit was knockgated's
-/// own. A start that finds the kernel still at that generation (same boot, same
-/// namespace) and the book file at that serial knows nobody changed a thing since, and
-/// can leave the grant sets as they are instead of reading them back. Saved in a small
-/// file of its own beside the book, so that a stop with an unchanged book rewrites
-/// only this.
+/// That the book file with digest `book_sha256` was true of the kernel: the boot and
+/// network namespace, and the ruleset generation up to which every commit was
+/// knockgated's own. A start that finds the kernel still at that generation (same
+/// boot, same namespace) and the book file with that digest knows nobody changed a
+/// thing since — neither the table nor the file — and can leave the grant sets as they
+/// are instead of reading them back. Saved in a small file of its own beside the book,
+/// so that a stop with an unchanged book rewrites only this.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KernelStamp {
-    /// The [`GrantBook::serial`] of the book it speaks for.
-    pub book_serial: u64,
+    /// SHA-256 of the book file it speaks for, in hex.
+    pub book_sha256: String,
     /// `/proc/sys/kernel/random/boot_id`.
     pub boot_id: String,
-    /// The inode of the network namespace (`/proc/self/ns/net`).
+    /// The network namespace's cookie (unique within the boot).
     pub netns: u64,
     /// The nf_tables ruleset generation.
     pub generation: u32,
@@ -170,8 +170,6 @@ pub struct GrantBook {
     /// Nothing expires before this; it may be earlier than the first real expiry (an
     /// extension does not raise it), never later. `expire` makes it exact again.
     earliest: Option<UnixMs>,
-    /// Which save this is (each save of a changed book counts one up).
-    serial: u64,
 }
 
 impl PartialEq for GrantBook {
@@ -188,8 +186,6 @@ struct Saved {
     grants: Vec<GrantRecord>,
     #[serde(default)]
     windows: Vec<WindowRecord>,
-    #[serde(default)]
-    serial: u64,
 }
 
 impl GrantBook {
@@ -507,17 +503,6 @@ impl GrantBook {
         self.records.get(id)
     }
 
-    /// Which save of the book this is (see [`KernelStamp`]).
-    #[must_use]
-    pub fn serial(&self) -> u64 {
-        self.serial
-    }
-
-    /// Counts a new save: the next [`GrantBook::to_json`] is a new serial.
-    pub fn next_serial(&mut self) {
-        self.serial = self.serial.wrapping_add(1);
-    }
-
     /// Reads the book saved in `path`; a missing file is an empty book.
     pub fn load(path: &Path) -> Result<Self, StateError> {
         let text = match std::fs::read_to_string(path) {
@@ -547,7 +532,6 @@ impl GrantBook {
             }
         }
         let mut book = Self {
-            serial: saved.serial,
             records: saved
                 .grants
                 .into_iter()
@@ -575,7 +559,6 @@ impl GrantBook {
         let saved = Saved {
             grants: self.records.values().cloned().collect(),
             windows: self.windows.values().cloned().collect(),
-            serial: self.serial,
         };
         serde_json::to_vec_pretty(&saved).unwrap_or_default()
     }

@@ -500,5 +500,50 @@ fn grant_sets_stay_in_place_across_reload_and_restart_unless_someone_else_commit
         !lab.tcp_works_from(Host::Client, four.client_alt, ssh),
         "revoked"
     );
+
+    assert_eq!(daemon.terminate(), 0);
+}
+
+#[test]
+fn a_table_made_dormant_while_stopped_is_replaced_not_kept() {
+    if !lab_available("a_table_made_dormant_while_stopped_is_replaced_not_kept") {
+        return;
+    }
+    let lab = Lab::new();
+    let _ssh = lab.tcp_echo(Host::Server, "[::]:22".parse().unwrap());
+    let (socket, config) = setup(&lab);
+    // An unlocked table: Debian 12's nft cannot keep a locked table's persist flag.
+    let text = std::fs::read_to_string(&config).unwrap();
+    let config = lab.write_file("unlocked.toml", &format!("tamper = \"repair\"\n{text}"));
+    let four = v4();
+    let ssh = sa(four.server_from_client, 22);
+    let daemon = lab.start_daemon(&config);
+    let from = four.client.to_string();
+    assert!(
+        admin(&socket, &["open", "ssh", "--from", &from, "--ttl", "30m"])
+            .status
+            .success()
+    );
+    assert_eq!(daemon.terminate(), 0);
+    // Someone makes the table dormant while the daemon is stopped: its base chains hook
+    // nothing, the host is open. The start must replace that table, not keep it.
+    lab.nft(&["add", "table", "inet", "knockgate", "{ flags dormant; }"]);
+    assert!(
+        lab.tcp_works_from(Host::Client, four.client_alt, ssh),
+        "dormant: open"
+    );
+    let daemon = lab.start_daemon(&config);
+    assert!(
+        !lab.nft(&["list", "table", "inet", "knockgate"])
+            .contains("dormant")
+    );
+    assert!(
+        !lab.tcp_works_from(Host::Client, four.client_alt, ssh),
+        "closed again"
+    );
+    assert!(
+        lab.tcp_works_from(Host::Client, four.client, ssh),
+        "the grant still works"
+    );
     assert_eq!(daemon.terminate(), 0);
 }

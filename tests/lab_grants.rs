@@ -174,3 +174,95 @@ fn a_replace_carries_live_grants_with_their_remaining_time() {
         "still open after the replace"
     );
 }
+
+#[test]
+fn a_keeping_replace_is_refused_if_anyone_committed_since_the_generation_it_vouches_for() {
+    if !lab_available(
+        "a_keeping_replace_is_refused_if_anyone_committed_since_the_generation_it_vouches_for",
+    ) {
+        return;
+    }
+    let lab = Lab::new();
+    let resolvers = ["10.77.2.53".parse().unwrap()];
+    let ruleset = baseline(&Config::default(), &resolvers);
+    let keep = vec![SSH_GRANTS_V4.to_owned()];
+    let client = v4().client;
+    with_fw(&lab, |fw| {
+        fw.replace(&ruleset).unwrap();
+        fw.add_element(
+            "knockgate",
+            SSH_GRANTS_V4,
+            client.into(),
+            Duration::from_secs(600),
+        )
+        .unwrap();
+        assert_eq!(fw.keepable(&ruleset, &[SSH_GRANTS_V4]).unwrap(), keep);
+        // Only this firewall committed: the keeping replace goes through, the element stays.
+        fw.replace_keeping(&ruleset, &keep).unwrap();
+        assert_eq!(fw.elements("knockgate", SSH_GRANTS_V4).unwrap().len(), 1);
+        // Another process adds an address to the grant set; this firewall has not
+        // looked since.
+        let out = std::process::Command::new("nft")
+            .args([
+                "add",
+                "element",
+                "inet",
+                "knockgate",
+                SSH_GRANTS_V4,
+                "{ 10.77.1.99 timeout 1h }",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        // The batch carries the generation it vouches for: the kernel refuses it whole.
+        let refused = fw.replace_keeping(&ruleset, &keep);
+        assert!(
+            matches!(&refused, Err(knockgate::firewall::FirewallError::Refused { source, .. })
+                if source.raw_os_error() == Some(85)),
+            "ERESTART expected: {refused:?}"
+        );
+        assert_eq!(
+            fw.elements("knockgate", SSH_GRANTS_V4).unwrap().len(),
+            2,
+            "nothing changed"
+        );
+        assert!(!fw.unchanged_since_own());
+        // A whole replace takes the table back (the slipped-in address is gone).
+        fw.replace(&ruleset).unwrap();
+        assert!(fw.elements("knockgate", SSH_GRANTS_V4).unwrap().is_empty());
+        assert!(fw.unchanged_since_own());
+    });
+}
+
+#[test]
+fn a_table_holding_what_knockgate_never_makes_is_not_kept() {
+    if !lab_available("a_table_holding_what_knockgate_never_makes_is_not_kept") {
+        return;
+    }
+    let lab = Lab::new();
+    let resolvers = ["10.77.2.53".parse().unwrap()];
+    let ruleset = baseline(&Config::default(), &resolvers);
+    with_fw(&lab, |fw| fw.replace(&ruleset)).unwrap();
+    lab.nft(&[
+        "add",
+        "quota",
+        "inet",
+        "knockgate",
+        "q",
+        "{ over 1 mbytes }",
+    ]);
+    let kept = with_fw(&lab, |fw| fw.keepable(&ruleset, &[SSH_GRANTS_V4])).unwrap();
+    assert!(kept.is_empty(), "{kept:?}");
+    let refused = with_fw(&lab, |fw| {
+        fw.replace_keeping(&ruleset, &[SSH_GRANTS_V4.to_owned()])
+    });
+    assert!(refused.is_err(), "{refused:?}");
+    // A whole replace clears it, and then the set may stay.
+    with_fw(&lab, |fw| fw.replace(&ruleset)).unwrap();
+    assert!(
+        !lab.nft(&["list", "table", "inet", "knockgate"])
+            .contains("quota")
+    );
+    let kept = with_fw(&lab, |fw| fw.keepable(&ruleset, &[SSH_GRANTS_V4])).unwrap();
+    assert_eq!(kept, vec![SSH_GRANTS_V4.to_owned()]);
+}

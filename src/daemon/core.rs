@@ -221,8 +221,10 @@ pub struct Core<F: Firewall> {
     book_writer: SnapshotWriter,
     /// Writes the book's kernel stamp (see [`crate::grants::KernelStamp`]).
     stamp_writer: SnapshotWriter,
-    /// The generation of the last stamp handed to its writer.
-    stamped: Option<(u64, u32)>,
+    /// The digest of the book as last handed to its writer (or found at the start).
+    book_digest: Option<String>,
+    /// What the last stamp handed to its writer says (book digest, generation).
+    stamped: Option<(String, u32)>,
     invalid: Option<DefaultKeyedRateLimiter<IpAddr>>,
     /// Bans the kernel refused since the last log line about them, and when that was.
     bans_refused: u64,
@@ -331,6 +333,7 @@ impl<F: Firewall> Core<F> {
             book_dirty_since: None,
             book_writer,
             stamp_writer,
+            book_digest: None,
             stamped: None,
             invalid,
             bans_refused: 0,
@@ -1072,10 +1075,16 @@ impl<F: Firewall> Core<F> {
     /// its stamp after it.
     pub fn save_book_now(&mut self) {
         if self.book_dirty_since.take().is_some() {
-            self.book.next_serial();
-            self.book_writer.write(self.book.to_json());
+            let bytes = self.book.to_json();
+            self.book_digest = Some(super::stamp::digest(&bytes));
+            self.book_writer.write(bytes);
             self.stamp_book();
         }
+    }
+
+    /// Takes `digest` as the book file's as it is on disk (a start that found it true).
+    pub fn book_on_disk(&mut self, digest: String) {
+        self.book_digest = Some(digest);
     }
 
     /// Hands the stamp for the book as last saved to its writer: the firewall's
@@ -1084,12 +1093,15 @@ impl<F: Firewall> Core<F> {
         let now = self
             .firewall
             .accounted()
-            .map(|generation| (self.book.serial(), generation));
+            .zip(self.book_digest.clone())
+            .map(|(generation, digest)| (digest, generation));
         if now == self.stamped {
             return;
         }
+        let stamp = now.as_ref().zip(self.firewall.namespace()).and_then(
+            |((digest, generation), netns)| super::stamp::stamp(digest, netns, *generation),
+        );
         self.stamped = now;
-        let stamp = now.and_then(|(serial, generation)| super::stamp::stamp(serial, generation));
         self.stamp_writer
             .write(stamp.map(|s| s.to_json()).unwrap_or_default());
     }

@@ -121,11 +121,19 @@ impl<F: Firewall> Daemon<F> {
             warn!(error = %format!("{e:#}"), "cannot read the grant book; rebuilding it from the kernel");
             GrantBook::default()
         });
+        // What the book file holds now, as a stamp names it (a missing file: nothing).
+        let book_digest = std::fs::read(&book_path).map(|b| stamp::digest(&b)).ok();
         let services = crate::service::port_services(&loaded.config);
         let keep = if first_takeover {
             Vec::new()
         } else {
-            kept_at_start(&mut firewall, &loaded, &book, &book_path, &services)?
+            kept_at_start(
+                &mut firewall,
+                &loaded,
+                book_digest.as_deref().unwrap_or_default(),
+                &book_path,
+                &services,
+            )
         };
         let mut ruleset = baseline_with_live_elements(&mut firewall, &loaded, &keep)?;
         let mut sequencer = Sequencer::new(&loaded.config, &keys, &loaded.server_id);
@@ -191,6 +199,8 @@ impl<F: Firewall> Daemon<F> {
         core.set_sequencer(sequencer);
         if changed {
             core.book_changed();
+        } else if let Some(digest) = book_digest {
+            core.book_on_disk(digest);
         }
         Ok(Self {
             core,
@@ -229,11 +239,24 @@ impl<F: Firewall> Daemon<F> {
         }
         let now = UnixMs::now();
         let started = Instant::now();
-        let keep = self.keep_on_reload(&loaded)?;
+        let keep = self.keep_on_reload(&loaded);
         let mut ruleset = self.ruleset_from_book(&loaded, now, repair::BanRead::Required, &keep)?;
         let mut sequencer = Sequencer::new(&loaded.config, &keys, &loaded.server_id);
         fill_sequences(&mut ruleset, sequencer.as_mut(), now);
-        let keep = apply(self.core.firewall_mut(), &mut ruleset, keep)?;
+        let keep = if keep.is_empty() {
+            self.core.firewall_mut().replace(&ruleset)?;
+            keep
+        } else if let Err(e) = self.core.firewall_mut().replace_keeping(&ruleset, &keep) {
+            // As after someone else's change: grants and windows from the book, bans
+            // from the kernel, the table whole.
+            log_not_kept(&e);
+            ruleset = self.ruleset_from_book(&loaded, now, repair::BanRead::Required, &[])?;
+            fill_sequences(&mut ruleset, sequencer.as_mut(), now);
+            self.core.firewall_mut().replace(&ruleset)?;
+            Vec::new()
+        } else {
+            keep
+        };
         log_applied(&loaded, &ruleset, &keep, started.elapsed());
         let book_path = loaded.config.knock.state_dir.join(BOOK_FILE);
         let dropped = self.core.reconfigure(settings(&loaded, book_path), keys);
@@ -254,7 +277,7 @@ impl<F: Firewall> Daemon<F> {
     /// daemon's own (then they hold exactly what the book says, and copying a million
     /// of them back in is waste; otherwise the book fills them anew, as after any change
     /// by someone else) — each only if the table holds it with the same shape.
-    fn keep_on_reload(&mut self, loaded: &Loaded) -> Result<Vec<String>, FirewallError> {
+    fn keep_on_reload(&mut self, loaded: &Loaded) -> Vec<String> {
         let ruleset = baseline(&loaded.config, &loaded.resolvers);
         let firewall = self.core.firewall_mut();
         let mut candidates = kernel_truth_sets(&ruleset);
@@ -263,7 +286,7 @@ impl<F: Firewall> Daemon<F> {
             candidates.extend(grant_sets_to_keep(&ruleset, &services));
         }
         let names: Vec<&str> = candidates.iter().map(String::as_str).collect();
-        firewall.keepable(&ruleset, &names)
+        keepable_or_none(firewall, &ruleset, &names)
     }
 
     /// The ruleset in force.
@@ -339,14 +362,15 @@ fn adopt_connections<F: Firewall>(firewall: &mut F, mark: u32) {
 fn kept_at_start<F: Firewall>(
     firewall: &mut F,
     loaded: &Loaded,
-    book: &GrantBook,
+    book_digest: &str,
     book_path: &std::path::Path,
     services: &[crate::service::PortService],
-) -> Result<Vec<String>, FirewallError> {
+) -> Vec<String> {
     let ruleset = baseline(&loaded.config, &loaded.resolvers);
     let stamp = crate::grants::KernelStamp::load(&stamp::path_beside(book_path));
+    let netns = firewall.namespace();
     let resumed = stamp.is_some_and(|s| {
-        stamp::is_here(&s, book.serial()) && firewall.resume_accounting(s.generation)
+        stamp::is_here(&s, book_digest, netns) && firewall.resume_accounting(s.generation)
     });
     let mut candidates = kernel_truth_sets(&ruleset);
     if resumed {
@@ -356,14 +380,14 @@ fn kept_at_start<F: Firewall>(
             "the kernel may have changed since the grant book was saved; reading its grant sets back");
     }
     let names: Vec<&str> = candidates.iter().map(String::as_str).collect();
-    let keepable = firewall.keepable(&ruleset, &names)?;
+    let keepable = keepable_or_none(firewall, &ruleset, &names);
     // Grant sets by service, both families or neither (the book is reconciled per
     // service); the others one by one.
     let grant_sets: Vec<[String; 2]> = services
         .iter()
         .map(|s| [IpFamily::V4, IpFamily::V6].map(|f| s.grant_set(f)))
         .collect();
-    Ok(keepable
+    keepable
         .iter()
         .filter(|set| {
             grant_sets
@@ -372,7 +396,26 @@ fn kept_at_start<F: Firewall>(
                 .is_none_or(|pair| pair.iter().all(|s| keepable.contains(s)))
         })
         .cloned()
-        .collect())
+        .collect()
+}
+
+/// [`Firewall::keepable`], or nothing (the table replaced whole, as always) when the
+/// table cannot be read to tell.
+fn keepable_or_none<F: Firewall>(
+    firewall: &mut F,
+    ruleset: &Ruleset,
+    names: &[&str],
+) -> Vec<String> {
+    firewall.keepable(ruleset, names).unwrap_or_else(|e| {
+        log_not_kept(&e);
+        Vec::new()
+    })
+}
+
+fn log_not_kept(e: &FirewallError) {
+    let cause = std::error::Error::source(e).map(ToString::to_string);
+    warn!(target: AUDIT, event = "apply", error = %format!("{e:#}"), cause = ?cause,
+        "cannot leave sets in place; replacing the table whole");
 }
 
 /// The sets whose contents are the kernel's own truth — bans, and the last steps of
@@ -422,9 +465,7 @@ fn apply<F: Firewall>(
     match firewall.replace_keeping(ruleset, &keep) {
         Ok(()) => Ok(keep),
         Err(e) => {
-            let cause = std::error::Error::source(&e).map(ToString::to_string);
-            warn!(target: AUDIT, event = "apply", error = %format!("{e:#}"), cause = ?cause,
-                "cannot leave the grant sets in place; replacing the table whole");
+            log_not_kept(&e);
             for set in ruleset.sets.iter_mut().filter(|s| keep.contains(&s.name)) {
                 set.elements = firewall.elements(&ruleset.table, &set.name)?;
                 set.trim_to_size();
@@ -765,17 +806,24 @@ mod tests {
     }
 
     #[test]
-    fn a_book_saved_after_its_stamp_is_not_vouched_for() {
+    fn a_book_file_changed_while_stopped_is_not_vouched_for() {
         let dir = tempfile::tempdir().unwrap();
-        let (fw, _) = stopped_with_a_grant(&dir);
-        // The book on disk one save ahead of the stamp (a crash between the two writes).
-        let path = dir.path().join(BOOK_FILE);
-        let mut book = GrantBook::load(&path).unwrap();
-        book.next_serial();
-        book.save(&path).unwrap();
+        let (fw, addr) = stopped_with_a_grant(&dir);
+        // Someone takes the grant out of the book file (or a crash left the book one
+        // save ahead of its stamp): the kernel still holds the element.
+        std::fs::write(dir.path().join(BOOK_FILE), "{\"grants\": []}").unwrap();
         let mut again = start(fw, OnStop::Keep, &dir).unwrap();
         let kept = &again.core().firewall_mut().kept;
         assert!(!kept.iter().any(|s| s.contains("_grants_")), "{kept:?}");
+        let grants = again.core().grants(UnixMs::from_secs(NOW + 1));
+        assert_eq!(
+            grants
+                .iter()
+                .map(|g| (g.address, g.who.as_str()))
+                .collect::<Vec<_>>(),
+            vec![(addr, "recovered")],
+            "read back from the kernel, not hidden"
+        );
     }
 
     #[test]

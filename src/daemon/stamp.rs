@@ -1,8 +1,11 @@
-//! Where the book's [`KernelStamp`] comes from: this boot, this network namespace, and
-//! the ruleset generation the firewall accounts for as its own.
+//! Where the book's [`KernelStamp`] comes from: this boot, the firewall's network
+//! namespace, the ruleset generation the firewall accounts for as its own, and the
+//! digest of the book file it speaks for.
 
-use std::os::unix::fs::MetadataExt;
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
 
 use crate::grants::KernelStamp;
 
@@ -16,32 +19,43 @@ pub fn path_beside(book_path: &Path) -> PathBuf {
     book_path.with_file_name(format!("{stem}-stamp.json"))
 }
 
-/// This boot's id and this process's network namespace, or none if either cannot be
-/// read (then no stamp is written, and every start reads the kernel back).
-fn here() -> Option<(String, u64)> {
-    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
-    let netns = std::fs::metadata("/proc/self/ns/net").ok()?.ino();
-    Some((boot.trim().to_owned(), netns))
+/// The digest a stamp names a book file by.
+#[must_use]
+pub fn digest(book: &[u8]) -> String {
+    Sha256::digest(book)
+        .iter()
+        .fold(String::with_capacity(64), |mut hex, b| {
+            let _ = write!(hex, "{b:02x}");
+            hex
+        })
 }
 
-/// The stamp for the book saved as `book_serial`, true of the kernel at `generation`.
+/// This boot's id, or none if it cannot be read (then no stamp is written, and every
+/// start reads the kernel back).
+fn boot_id() -> Option<String> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    Some(boot.trim().to_owned())
+}
+
+/// The stamp for the book file with digest `book_sha256`, true of the kernel of
+/// network namespace `netns` at `generation`.
 #[must_use]
-pub fn stamp(book_serial: u64, generation: u32) -> Option<KernelStamp> {
-    let (boot_id, netns) = here()?;
+pub fn stamp(book_sha256: &str, netns: u64, generation: u32) -> Option<KernelStamp> {
     Some(KernelStamp {
-        book_serial,
-        boot_id,
+        book_sha256: book_sha256.to_owned(),
+        boot_id: boot_id()?,
         netns,
         generation,
     })
 }
 
-/// Whether `stamp` was written in this boot and network namespace, for a book saved
-/// as `book_serial`. The generation is the firewall's to check.
+/// Whether `stamp` was written in this boot, for network namespace `netns`, and for the
+/// book file with digest `book_sha256`. The generation is the firewall's to check.
 #[must_use]
-pub fn is_here(stamp: &KernelStamp, book_serial: u64) -> bool {
-    stamp.book_serial == book_serial
-        && here().is_some_and(|(boot, netns)| stamp.boot_id == boot && stamp.netns == netns)
+pub fn is_here(stamp: &KernelStamp, book_sha256: &str, netns: Option<u64>) -> bool {
+    stamp.book_sha256 == book_sha256
+        && netns == Some(stamp.netns)
+        && boot_id().is_some_and(|boot| stamp.boot_id == boot)
 }
 
 #[cfg(test)]
@@ -57,19 +71,20 @@ mod tests {
     }
 
     #[test]
-    fn a_stamp_of_this_boot_and_namespace_is_here_for_its_own_book_only() {
-        let stamp = stamp(7, 42).expect("/proc is readable");
-        assert!(is_here(&stamp, 7));
-        assert!(!is_here(&stamp, 8), "another save of the book");
+    fn a_stamp_is_here_only_for_its_own_boot_namespace_and_book() {
+        let book = digest(b"{\"grants\": []}");
+        let stamp = stamp(&book, 7, 42).expect("/proc is readable");
+        assert!(is_here(&stamp, &book, Some(7)));
+        assert!(
+            !is_here(&stamp, &digest(b"{}"), Some(7)),
+            "another book file"
+        );
+        assert!(!is_here(&stamp, &book, Some(8)), "another namespace");
+        assert!(!is_here(&stamp, &book, None), "a kernel that cannot say");
         let other_boot = KernelStamp {
             boot_id: "00000000-0000-0000-0000-000000000000".into(),
-            ..stamp.clone()
-        };
-        assert!(!is_here(&other_boot, 7));
-        let other_netns = KernelStamp {
-            netns: stamp.netns.wrapping_add(1),
             ..stamp
         };
-        assert!(!is_here(&other_netns, 7));
+        assert!(!is_here(&other_boot, &book, Some(7)));
     }
 }

@@ -162,6 +162,10 @@ impl Firewall for MemoryFirewall {
         resumed
     }
 
+    fn namespace(&self) -> Option<u64> {
+        Some(1)
+    }
+
     fn remove(&mut self, table: &str) -> Result<(), FirewallError> {
         self.refuse(table)?;
         self.tables.remove(table);

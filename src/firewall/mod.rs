@@ -53,6 +53,10 @@ pub trait Firewall {
     /// anything since, and this firewall carries on from it. Returns whether it did.
     fn resume_accounting(&mut self, generation: u32) -> bool;
 
+    /// A number for the network namespace this firewall's kernel is in, unique within
+    /// the boot (none if the kernel cannot say).
+    fn namespace(&self) -> Option<u64>;
+
     /// Deletes the table named `table`, and nothing else; a missing table is not an error.
     fn remove(&mut self, table: &str) -> Result<(), FirewallError>;
 
@@ -202,6 +206,10 @@ impl<F: Firewall + ?Sized> Firewall for &mut F {
 
     fn resume_accounting(&mut self, generation: u32) -> bool {
         (**self).resume_accounting(generation)
+    }
+
+    fn namespace(&self) -> Option<u64> {
+        (**self).namespace()
     }
 
     fn remove(&mut self, table: &str) -> Result<(), FirewallError> {

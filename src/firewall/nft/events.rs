@@ -176,6 +176,31 @@ pub fn generation_request(seq: u32) -> Vec<u8> {
     m
 }
 
+/// The BEGIN message at the start of `page` (one batch page) with an
+/// `NFNL_BATCH_GENID` attribute of `generation` added, and the length of the BEGIN it
+/// replaces; `None` if `page` does not start with a whole BEGIN. With it the kernel
+/// refuses the whole batch (ERESTART) unless the ruleset is still at `generation`.
+#[must_use]
+pub fn with_generation(page: &[u8], generation: u32) -> Option<(Vec<u8>, usize)> {
+    const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
+    const NFNL_BATCH_GENID: u16 = 1;
+    if page.len() < NLMSG_HDRLEN + NFGENMSG_LEN
+        || u16::from_ne_bytes([page[4], page[5]]) != NFNL_MSG_BATCH_BEGIN
+    {
+        return None;
+    }
+    let len = usize::try_from(u32_at(page, 0)).ok()?;
+    if len < NLMSG_HDRLEN + NFGENMSG_LEN || len > page.len() || len % 4 != 0 {
+        return None;
+    }
+    let mut begin = page[..len].to_vec();
+    begin[..4].copy_from_slice(&u32::try_from(len + 8).ok()?.to_ne_bytes());
+    begin.extend_from_slice(&8u16.to_ne_bytes());
+    begin.extend_from_slice(&NFNL_BATCH_GENID.to_ne_bytes());
+    begin.extend_from_slice(&generation.to_be_bytes());
+    Some((begin, len))
+}
+
 /// The generation in a `NEWGEN` message, if `message` is one.
 #[must_use]
 pub fn generation(message: &[u8]) -> Option<u32> {
@@ -253,6 +278,38 @@ fn u32_at(bytes: &[u8], at: usize) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_begin_message_gets_the_generation_guard_and_nothing_else_changes() {
+        let mut page = 20u32.to_ne_bytes().to_vec();
+        page.extend_from_slice(&0x10u16.to_ne_bytes());
+        page.extend_from_slice(&1u16.to_ne_bytes());
+        page.extend_from_slice(&77u32.to_ne_bytes()); // seq
+        page.extend_from_slice(&0u32.to_ne_bytes());
+        page.extend_from_slice(&[0, 0, 0, 10]); // nfgenmsg, res_id NFNL_SUBSYS_NFTABLES
+        page.extend_from_slice(b"next message");
+        let (begin, replaced) = with_generation(&page, 0x0102_0304).unwrap();
+        assert_eq!(replaced, 20);
+        assert_eq!(u32_at(&begin, 0), 28);
+        assert_eq!(
+            &begin[4..20],
+            &page[4..20],
+            "type, flags, seq, pid, nfgenmsg"
+        );
+        assert_eq!(
+            attribute(&begin[20..], 1),
+            Some(&[1, 2, 3, 4][..]),
+            "NFNL_BATCH_GENID, big-endian"
+        );
+        assert_eq!(with_generation(&page[..19], 1), None, "cut short");
+        let mut not_begin = page.clone();
+        not_begin[4] = 0x11;
+        assert_eq!(
+            with_generation(&not_begin, 1),
+            None,
+            "an END is not a BEGIN"
+        );
+    }
 
     fn attr(kind: u16, payload: &[u8]) -> Vec<u8> {
         let len = u16::try_from(4 + payload.len()).unwrap();

@@ -20,8 +20,19 @@ const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_GETCHAIN: u16 = 4;
 const NFT_MSG_NEWSET: u16 = 9;
 const NFT_MSG_GETSET: u16 = 10;
+const NFT_MSG_NEWOBJ: u16 = 18;
+const NFT_MSG_GETOBJ: u16 = 19;
+const NFT_MSG_NEWFLOWTABLE: u16 = 22;
+const NFT_MSG_GETFLOWTABLE: u16 = 23;
+/// Name and type attributes of object and flowtable messages.
+const NFTA_NAME: u16 = 2;
+const NFTA_OBJ_TYPE: u16 = 3;
+/// `NFT_OBJECT_COUNTER`.
+const COUNTER: u32 = 1;
+/// `NFT_SET_ANONYMOUS`: a set made for one rule (`{ 22, 80 }`), gone with it.
+const ANONYMOUS: u32 = 0x1;
 
-/// Attribute 1 is the table in chain and set messages alike.
+/// Attribute 1 is the table in chain, set, object and flowtable messages alike.
 const TABLE_ATTR: u16 = 1;
 const NFTA_CHAIN_NAME: u16 = 3;
 const NFTA_SET_NAME: u16 = 2;
@@ -124,6 +135,47 @@ pub(super) fn chain_dump_request(seq: u32) -> Vec<u8> {
 /// The request for every inet set.
 pub(super) fn set_dump_request(seq: u32) -> Vec<u8> {
     dump_request(NFT_MSG_GETSET, seq)
+}
+
+/// The request for every inet stateful object (counters, quotas, limits, …).
+pub(super) fn object_dump_request(seq: u32) -> Vec<u8> {
+    dump_request(NFT_MSG_GETOBJ, seq)
+}
+
+/// The request for every inet flowtable.
+pub(super) fn flowtable_dump_request(seq: u32) -> Vec<u8> {
+    dump_request(NFT_MSG_GETFLOWTABLE, seq)
+}
+
+/// One of `table`'s objects: a counter's name, or what anything else is (knockgate
+/// makes only counters).
+pub(super) enum Object {
+    /// A named counter.
+    Counter(String),
+    /// Some other kind of object, described for a log line.
+    Other(String),
+}
+
+/// The object `message` (one object dump reply) describes, if it is one of `table`'s.
+pub(super) fn object(message: &[u8], table: &str) -> Option<Object> {
+    let attrs = attributes_of(message, NFT_MSG_NEWOBJ, table)?;
+    let name = text(attrs, NFTA_NAME)?;
+    Some(match be32(attrs, NFTA_OBJ_TYPE) {
+        Some(COUNTER) => Object::Counter(name),
+        kind => Object::Other(format!("object {name} (type {})", kind.unwrap_or(0))),
+    })
+}
+
+/// The flowtable `message` (one flowtable dump reply) describes, if it is one of
+/// `table`'s.
+pub(super) fn flowtable(message: &[u8], table: &str) -> Option<String> {
+    let attrs = attributes_of(message, NFT_MSG_NEWFLOWTABLE, table)?;
+    text(attrs, NFTA_NAME).map(|name| format!("flowtable {name}"))
+}
+
+/// Whether a dumped set is an anonymous one (bound to a rule).
+pub(super) fn is_anonymous(shape: &SetShape) -> bool {
+    shape.flags & ANONYMOUS != 0
 }
 
 /// The attributes of `message` if it is an inet `kind` message about table `table`.

@@ -174,39 +174,64 @@ impl NftFirewall {
         let sets = dump(layout::set_dump_request)?
             .iter()
             .filter_map(|m| layout::set_shape(m, table))
+            .filter(|(_, shape)| !layout::is_anonymous(shape))
             .collect();
-        let counters = self.counters(table)?.into_iter().map(|c| c.name).collect();
+        let mut counters = Vec::new();
+        let mut foreign: Vec<String> = dump(layout::flowtable_dump_request)?
+            .iter()
+            .filter_map(|m| layout::flowtable(m, table))
+            .collect();
+        for object in dump(layout::object_dump_request)?
+            .iter()
+            .filter_map(|m| layout::object(m, table))
+        {
+            match object {
+                layout::Object::Counter(name) => counters.push(name),
+                layout::Object::Other(what) => foreign.push(what),
+            }
+        }
         Ok(Layout {
             chains,
             sets,
             counters,
+            foreign,
         })
     }
 
     /// The flags a replace that keeps the table (and some of its sets) asks for, given
-    /// the flags it has now; `None` when only a whole replace can give it the lock it
-    /// should have (a table made unlocked, on a kernel that has the lock: PERSIST cannot
-    /// be switched on in place).
-    fn keep_flags(&mut self, current: u32) -> Result<Option<u32>, FirewallError> {
+    /// the flags it has now; `None` when only a whole replace can give the table the
+    /// flags it should have: one with a flag knockgate never sets (dormant), or one
+    /// made unlocked on a kernel that has the lock.
+    fn keep_flags(&mut self, current: u32) -> Option<u32> {
+        // Any flag but the lock's (dormant above all: its base chains hook nothing) is
+        // not knockgate's; only a whole replace, which deletes the table, clears it.
+        if current & !(table::OWNER | table::PERSIST) != 0 {
+            return None;
+        }
         if !self.want_lock || self.lock == TableLock::Unsupported {
-            return Ok(Some(current));
+            return (current == 0).then_some(0);
         }
         if current & table::PERSIST != 0 {
             // Ours already, or orphaned by the daemon before us: the owner flag takes it.
-            return Ok(Some(current | table::OWNER));
+            return Some(table::OWNER | table::PERSIST);
         }
-        if self.persist_supported()? {
-            Ok(None)
-        } else {
-            self.lock = TableLock::Unsupported;
-            Ok(Some(current))
+        // Unlocked: fine on a kernel without the lock; elsewhere only a whole replace
+        // can lock it (PERSIST cannot be switched on in place). A probe that cannot
+        // tell means a whole replace, which learns it.
+        match self.persist_supported() {
+            Ok(false) => {
+                self.lock = TableLock::Unsupported;
+                Some(0)
+            }
+            Ok(true) | Err(_) => None,
         }
     }
 
     /// Whether this kernel has `NFT_TABLE_F_PERSIST`, asked without changing anything:
-    /// a batch that makes a locked probe table and then deletes a table that does not
-    /// exist always fails, so nothing is committed; a kernel without the flag refuses
-    /// the first message (EOPNOTSUPP), one with it only the second (ENOENT).
+    /// a batch that makes a locked probe table and then deletes a table whose name is
+    /// too long to exist always fails, so nothing is committed; a kernel without the
+    /// flag refuses the first message (EOPNOTSUPP), one with it only the second. Any
+    /// other answer (another socket owns a table of the probe's name) is an error.
     fn persist_supported(&mut self) -> Result<bool, FirewallError> {
         const PROBE: &str = "knockgate-lock-probe";
         if let Some(known) = self.persist {
@@ -216,12 +241,13 @@ impl NftFirewall {
             table: PROBE.to_owned(),
             detail,
         })?;
-        let missing = cstring("knockgate-lock-probe-missing").map_err(|detail| {
-            FirewallError::InvalidRuleset {
+        // Longer than any table name the kernel takes (NFT_NAME_MAXLEN, 256): this
+        // message fails whatever exists, so the probe never commits.
+        let missing =
+            cstring(&"x".repeat(300)).map_err(|detail| FirewallError::InvalidRuleset {
                 table: PROBE.to_owned(),
                 detail,
-            }
-        })?;
+            })?;
         let mut builder = Builder::new();
         builder.add(
             &FlaggedTable::new(&probe, table::OWNER | table::PERSIST),
@@ -242,7 +268,7 @@ impl NftFirewall {
             Err(TransactError::Refused(r)) if r.errno == libc::EOPNOTSUPP && r.seq <= first + 1 => {
                 false
             }
-            Err(TransactError::Refused(r)) if r.errno == libc::ENOENT => true,
+            Err(TransactError::Refused(r)) if r.seq > first + 1 => true,
             Ok(()) => true,
             Err(e) => return Err(Self::map_error(PROBE, Some(&batch), e)),
         };
@@ -251,8 +277,15 @@ impl NftFirewall {
     }
 
     /// Gives table `table` (with `current` flags) the `wanted` ones, alone in one
-    /// transaction: an orphaned persistent table becomes this socket's.
-    fn take_over(&mut self, table: &str, current: u32, wanted: u32) -> Result<(), FirewallError> {
+    /// transaction guarded by `generation`: an orphaned persistent table becomes this
+    /// socket's.
+    fn take_over(
+        &mut self,
+        table: &str,
+        current: u32,
+        wanted: u32,
+        generation: u32,
+    ) -> Result<(), FirewallError> {
         let name = cstring(table).map_err(|detail| FirewallError::InvalidRuleset {
             table: table.to_owned(),
             detail,
@@ -268,25 +301,51 @@ impl NftFirewall {
             MsgType::Add,
             format!("table inet {table} (take over: flags {wanted:#x})"),
         );
-        self.send(table, &builder.finish(), false)
+        self.send_guarded(table, &builder.finish(), generation)
     }
 
-    fn replace_keeping_with_flags(
+    /// [`Self::send`] for a batch that is only valid at ruleset `generation`: the
+    /// batch's BEGIN carries it (`NFNL_BATCH_GENID`), so the kernel refuses the whole
+    /// batch if anything was committed since. Accounted like a whole replace.
+    fn send_guarded(
         &mut self,
-        ruleset: &Ruleset,
-        now: &Layout,
-        current: u32,
-        wanted: u32,
-        keep: &[String],
+        table: &str,
+        batch: &LabelledBatch,
+        generation: u32,
     ) -> Result<(), FirewallError> {
-        let batch = keep_batch(ruleset, now, current, wanted, keep).map_err(|detail| {
+        let pages: Vec<&[u8]> = batch.batch.iter().collect();
+        let bytes: usize = pages.iter().map(|p| p.len()).sum();
+        if bytes > MAX_BATCH_BYTES {
+            return Err(FirewallError::InvalidRuleset {
+                table: table.to_owned(),
+                detail: format!("the batch is {bytes} bytes, more than {MAX_BATCH_BYTES}"),
+            });
+        }
+        let Some((begin, rest)) = pages.split_first() else {
+            return Err(FirewallError::InvalidRuleset {
+                table: table.to_owned(),
+                detail: "an empty batch".to_owned(),
+            });
+        };
+        let guarded = events::with_generation(begin, generation).ok_or_else(|| {
             FirewallError::InvalidRuleset {
-                table: ruleset.table.clone(),
-                detail,
+                table: table.to_owned(),
+                detail: "the batch does not start with a BEGIN message".to_owned(),
             }
         })?;
-        // Accounted as a whole replace: what it keeps is the caller's to vouch for.
-        self.send(&ruleset.table, &batch, true)
+        let mut parts: Vec<&[u8]> = vec![&guarded.0, &begin[guarded.1..]];
+        parts.extend_from_slice(rest);
+        let sent = self
+            .socket
+            .transact(&parts, batch.batch.sequence_numbers())
+            .map_err(|e| Self::map_error(table, Some(batch), e));
+        let after = self.generation().ok();
+        self.accounted = match (&sent, after) {
+            (Ok(()), Some(after)) if after == generation.wrapping_add(1) => Some(after),
+            (Err(_), Some(after)) if after == generation => self.accounted,
+            _ => None,
+        };
+        sent
     }
 
     fn map_error(table: &str, batch: Option<&LabelledBatch>, e: TransactError) -> FirewallError {
@@ -422,42 +481,61 @@ impl Firewall for NftFirewall {
         let Some(current) = self.table_flags(&ruleset.table)? else {
             return Ok(Vec::new());
         };
-        if self.keep_flags(current)?.is_none() {
+        if self.keep_flags(current).is_none() {
             return Ok(Vec::new());
         }
-        Ok(self.layout(&ruleset.table)?.keepable(ruleset, candidates))
+        let layout = self.layout(&ruleset.table)?;
+        if !layout.foreign.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(layout.keepable(ruleset, candidates))
     }
 
     fn replace_keeping(&mut self, ruleset: &Ruleset, keep: &[String]) -> Result<(), FirewallError> {
+        let refuse = |detail: String| FirewallError::InvalidRuleset {
+            table: ruleset.table.clone(),
+            detail,
+        };
+        // The generation everything below is true of: the account's, when it vouches
+        // for the table, or the kernel's now. The batch carries it, and the kernel
+        // refuses the batch (ERESTART) if anyone committed since — nothing another
+        // process did in between survives the replace unseen.
+        let generation = match self.accounted {
+            Some(accounted) => accounted,
+            None => self.generation()?,
+        };
         let Some(current) = self.table_flags(&ruleset.table)? else {
-            return Err(FirewallError::InvalidRuleset {
-                table: ruleset.table.clone(),
-                detail: "there is no table to keep sets of".to_owned(),
-            });
+            return Err(refuse("there is no table to keep sets of".to_owned()));
         };
         let now = self.layout(&ruleset.table)?;
+        if let Some(what) = now.foreign.first() {
+            return Err(refuse(format!(
+                "the table holds {what}, which knockgate does not make; it is replaced whole"
+            )));
+        }
         let names: Vec<&str> = keep.iter().map(String::as_str).collect();
         if now.keepable(ruleset, &names).len() != keep.len() {
-            return Err(FirewallError::InvalidRuleset {
-                table: ruleset.table.clone(),
-                detail: format!(
-                    "the sets to keep ({}) are no longer all there with the same shape",
-                    keep.join(", ")
-                ),
-            });
+            return Err(refuse(format!(
+                "the sets to keep ({}) are no longer all there with the same shape",
+                keep.join(", ")
+            )));
         }
-        let Some(wanted) = self.keep_flags(current)? else {
-            return Err(FirewallError::InvalidRuleset {
-                table: ruleset.table.clone(),
-                detail: "the table can only be locked by a whole replace".to_owned(),
-            });
+        let Some(wanted) = self.keep_flags(current) else {
+            return Err(refuse(format!(
+                "the table's flags ({current:#x}) can only be set right by a whole replace"
+            )));
         };
+        let mut generation = generation;
         if wanted != current {
             // Taking an orphaned table over is its own transaction: the kernel refuses
             // base chains made in the same one as the takeover (EINVAL).
-            self.take_over(&ruleset.table, current, wanted)?;
+            self.take_over(&ruleset.table, current, wanted, generation)?;
+            generation = generation.wrapping_add(1);
         }
-        self.replace_keeping_with_flags(ruleset, &now, wanted, wanted, keep)?;
+        let batch = keep_batch(ruleset, &now, wanted, wanted, keep).map_err(refuse)?;
+        // Accounted as a whole replace: what it keeps is the caller's to vouch for, and
+        // the generation guard makes sure nobody slipped anything in meanwhile.
+        self.send_guarded(&ruleset.table, &batch, generation)?;
         if wanted & table::OWNER != 0 {
             self.lock = TableLock::Locked;
         }
@@ -465,14 +543,23 @@ impl Firewall for NftFirewall {
     }
 
     fn unchanged_since_own(&mut self) -> bool {
-        match (self.accounted, self.generation()) {
+        let unchanged = match (self.accounted, self.generation()) {
             (Some(accounted), Ok(now)) => accounted == now,
             _ => false,
+        };
+        if !unchanged {
+            // Someone else committed: the account is over until the next whole replace.
+            self.accounted = None;
         }
+        unchanged
     }
 
     fn accounted(&self) -> Option<u32> {
         self.accounted
+    }
+
+    fn namespace(&self) -> Option<u64> {
+        self.socket.netns_cookie().ok()
     }
 
     fn resume_accounting(&mut self, generation: u32) -> bool {
@@ -873,8 +960,7 @@ fn keep_batch(
         builder.add(&chain, MsgType::Del, format!("chain {label} (delete)"));
     }
     for (set, _) in &now.sets {
-        // Anonymous sets belong to the rules just deleted, and go with them.
-        if keep.contains(set) || set.starts_with("__") {
+        if keep.contains(set) {
             continue;
         }
         let set_name = cstring(set)?;
@@ -948,8 +1034,12 @@ fn add_contents(
 #[derive(Debug, Default)]
 struct Layout {
     chains: Vec<String>,
+    /// Named sets (anonymous ones go with the rules they belong to).
     sets: Vec<(String, layout::SetShape)>,
     counters: Vec<String>,
+    /// What knockgate never makes (flowtables, objects other than counters): a table
+    /// holding any of it is replaced whole, never kept.
+    foreign: Vec<String>,
 }
 
 impl Layout {

@@ -12,6 +12,7 @@ use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Duration;
 
+use nftnl::nftnl_sys::libc;
 use nix::errno::Errno;
 use nix::sys::socket::{
     AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, getsockname,
@@ -86,6 +87,29 @@ impl NetlinkSocket {
 
     /// The netlink port id the kernel gave this socket: the `nlmsg_pid` of the
     /// notifications its own batches cause.
+    pub(super) fn netns_cookie(&self) -> io::Result<u64> {
+        // `SO_NETNS_COOKIE` (Linux ≥ 5.14): a number no other network namespace of this
+        // boot ever has (an inode number can be reused).
+        const SO_NETNS_COOKIE: libc::c_int = 71;
+        let mut cookie: u64 = 0;
+        let mut len = libc::socklen_t::try_from(std::mem::size_of::<u64>()).unwrap_or(8);
+        // SAFETY: `cookie` and `len` are valid for writes of the sizes given, and the
+        // kernel writes at most `len` bytes; `self.fd` is an open socket.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_NETNS_COOKIE,
+                (&raw mut cookie).cast(),
+                &raw mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(cookie)
+    }
+
     pub(super) fn port_id(&self) -> io::Result<u32> {
         let addr: NetlinkAddr = getsockname(self.fd.as_raw_fd())?;
         Ok(addr.pid())
