@@ -337,13 +337,13 @@ fn footprint(kinds: &[Kind], plan: &Plan, r: &mut Report) {
         .map(|(&k, lab)| Subject::start(k, lab, &Setup { ttl_secs: 30 }))
         .collect();
     std::thread::sleep(Duration::from_secs(1));
-    let before: Vec<u64> = subjects
+    let before: Vec<_> = subjects
         .iter()
         .map(|s| measure::context_switches(s.pid()))
         .collect();
     std::thread::sleep(plan.idle);
     for (s, b) in subjects.iter().zip(before) {
-        let woke = measure::context_switches(s.pid()) - b;
+        let woke = measure::wakeups_between(&b, &measure::context_switches(s.pid()));
         let (rss_kib, rss_anon_kib) = measure::rss_kib(s.pid());
         r.footprint.push(FootprintRow {
             daemon: s.kind.name(),

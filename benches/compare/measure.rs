@@ -445,21 +445,38 @@ pub fn pss_kib(pid: i32) -> u64 {
     )
 }
 
-/// Context switches (voluntary and not) of all of `pid`'s threads: each is a wake-up.
-pub fn context_switches(pid: i32) -> u64 {
+/// Context switches (voluntary and not) of each of `pid`'s threads, by thread id: each
+/// is a wake-up.
+pub fn context_switches(pid: i32) -> std::collections::BTreeMap<String, u64> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
+        return std::collections::BTreeMap::new();
     };
     tasks
         .flatten()
         .map(|t| {
             let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
-            ["voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:"]
+            let switches = ["voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:"]
                 .iter()
                 .map(|f| field(&status, f))
-                .sum::<u64>()
+                .sum::<u64>();
+            (t.file_name().to_string_lossy().into_owned(), switches)
         })
-        .sum()
+        .collect()
+}
+
+/// Wake-ups between two [`context_switches`] readings: each thread's own count (a
+/// thread that started meanwhile, all of its own), and one for each thread that ended
+/// meanwhile (it woke at least to end; its count went with it).
+pub fn wakeups_between(
+    before: &std::collections::BTreeMap<String, u64>,
+    after: &std::collections::BTreeMap<String, u64>,
+) -> u64 {
+    let ended = before.keys().filter(|t| !after.contains_key(*t)).count();
+    let counted: u64 = after
+        .iter()
+        .map(|(t, n)| n.saturating_sub(before.get(t).copied().unwrap_or(0)))
+        .sum();
+    counted + u64::try_from(ended).unwrap_or(u64::MAX)
 }
 
 fn status_field(pid: i32, name: &str) -> u64 {
