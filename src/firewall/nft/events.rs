@@ -148,11 +148,18 @@ impl EventFilter {
 #[must_use]
 pub fn table_dump_request(seq: u32) -> Vec<u8> {
     const NFT_MSG_GETTABLE: u16 = 1;
+    dump_request(NFT_MSG_GETTABLE, seq)
+}
+
+/// A dump request of nf_tables message type `kind` (`GETTABLE`, `GETCHAIN`, …) for
+/// every inet object of that kind, numbered `seq`. No table is named: answers are
+/// filtered by table, which works the same on every kernel whoever owns the table.
+pub(super) fn dump_request(kind: u16, seq: u32) -> Vec<u8> {
     const NLM_F_REQUEST: u16 = 1;
     const NLM_F_DUMP: u16 = 0x300;
     let len = u32::try_from(NLMSG_HDRLEN + NFGENMSG_LEN).unwrap_or(20);
     let mut m = len.to_ne_bytes().to_vec();
-    m.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE).to_ne_bytes());
+    m.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | kind).to_ne_bytes());
     m.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
     m.extend_from_slice(&seq.to_ne_bytes());
     m.extend_from_slice(&0u32.to_ne_bytes());

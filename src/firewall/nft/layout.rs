@@ -10,7 +10,7 @@
 use nftnl::nftnl_sys::libc;
 use nftnl::set::SetKey;
 
-use super::events::{NFGENMSG_LEN, NLMSG_HDRLEN, attribute, trim_nul};
+use super::events::{NFGENMSG_LEN, NLMSG_HDRLEN, attribute, dump_request, trim_nul};
 use super::{CgroupId, CgroupV4, CgroupV6, InetProto, MARK_TYPE, StageTouchKey, TouchKey};
 use crate::ruleset::{IpFamily, SetDef, SetKeyType, SetKind};
 
@@ -109,22 +109,6 @@ pub(super) fn shape_of(def: &SetDef) -> SetShape {
 
 fn key_of<K: SetKey>() -> (u32, u32) {
     (K::TYPE, K::LEN)
-}
-
-/// A dump request for every inet chain (`NFT_MSG_GETCHAIN`) or set (`GETSET`),
-/// numbered `seq`. No table is named: the answer is filtered by table instead, which
-/// works the same on every kernel whoever owns the table.
-fn dump_request(kind: u16, seq: u32) -> Vec<u8> {
-    const NLM_F_REQUEST: u16 = 1;
-    const NLM_F_DUMP: u16 = 0x300;
-    let len = u32::try_from(NLMSG_HDRLEN + NFGENMSG_LEN).unwrap_or(20);
-    let mut m = len.to_ne_bytes().to_vec();
-    m.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | kind).to_ne_bytes());
-    m.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    m.extend_from_slice(&seq.to_ne_bytes());
-    m.extend_from_slice(&0u32.to_ne_bytes());
-    m.extend_from_slice(&[NFPROTO_INET, 0, 0, 0]);
-    m
 }
 
 /// The request for every inet chain.

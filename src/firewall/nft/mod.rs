@@ -291,11 +291,7 @@ impl NftFirewall {
             detail,
         })?;
         let mut builder = Builder::new();
-        builder.add(
-            &FlaggedTable::new(&name, current),
-            MsgType::Add,
-            format!("table inet {table} (create; refused if another process owns it)"),
-        );
+        ensure_table(&mut builder, &name, table, current);
         builder.add(
             &FlaggedTable::new(&name, wanted),
             MsgType::Add,
@@ -532,7 +528,7 @@ impl Firewall for NftFirewall {
             self.take_over(&ruleset.table, current, wanted, generation)?;
             generation = generation.wrapping_add(1);
         }
-        let batch = keep_batch(ruleset, &now, wanted, wanted, keep).map_err(refuse)?;
+        let batch = keep_batch(ruleset, &now, wanted, keep).map_err(refuse)?;
         // Accounted as a whole replace: what it keeps is the caller's to vouch for, and
         // the generation guard makes sure nobody slipped anything in meanwhile.
         self.send_guarded(&ruleset.table, &batch, generation)?;
@@ -890,6 +886,16 @@ fn cstring(text: &str) -> Result<CString, String> {
     CString::new(text).map_err(|_| format!("`{}` contains a NUL byte", text.escape_debug()))
 }
 
+/// Adds table `t` with the flags it has now (`current`): a no-op if it exists, an error
+/// if another process owns it — so what follows in the batch cannot fail for its lack.
+fn ensure_table(builder: &mut Builder, name: &CString, t: &str, current: u32) {
+    builder.add(
+        &FlaggedTable::new(name, current),
+        MsgType::Add,
+        format!("table inet {t} (create; refused if another process owns it)"),
+    );
+}
+
 /// The whole replace transaction for `ruleset`: the table is (re-)added with the flags
 /// it has now (`current`; a no-op if it exists, so the delete cannot fail), deleted, and
 /// built anew with `flags`.
@@ -898,11 +904,7 @@ fn replace_batch(ruleset: &Ruleset, current: u32, flags: u32) -> Result<Labelled
     let table = Table::new(&name, ProtoFamily::Inet);
     let t = &ruleset.table;
     let mut builder = Builder::new();
-    builder.add(
-        &FlaggedTable::new(&name, current),
-        MsgType::Add,
-        format!("table inet {t} (create; refused if another process owns it)"),
-    );
+    ensure_table(&mut builder, &name, t, current);
     builder.add(&table, MsgType::Del, format!("table inet {t} (delete)"));
     builder.add(
         &FlaggedTable::new(&name, flags),
@@ -916,31 +918,19 @@ fn replace_batch(ruleset: &Ruleset, current: u32, flags: u32) -> Result<Labelled
 /// The replace transaction that leaves the sets named in `keep` — and their
 /// elements — where they are: everything else `now` (the table as dumped) holds is
 /// deleted by name (rules, then chains, then sets and counters), and `ruleset` is
-/// added around the kept sets. The table is never deleted, so it keeps its flags
-/// unless `flags` asks for more (taking over an orphaned, persistent table).
+/// added around the kept sets. The table is never deleted: it keeps its flags
+/// (`current`; a takeover is a transaction of its own).
 fn keep_batch(
     ruleset: &Ruleset,
     now: &Layout,
     current: u32,
-    flags: u32,
     keep: &[String],
 ) -> Result<LabelledBatch, String> {
     let name = cstring(&ruleset.table)?;
     let table = Table::new(&name, ProtoFamily::Inet);
     let t = &ruleset.table;
     let mut builder = Builder::new();
-    builder.add(
-        &FlaggedTable::new(&name, current),
-        MsgType::Add,
-        format!("table inet {t} (create; refused if another process owns it)"),
-    );
-    if flags != current {
-        builder.add(
-            &FlaggedTable::new(&name, flags),
-            MsgType::Add,
-            format!("table inet {t} (flags {flags:#x})"),
-        );
-    }
+    ensure_table(&mut builder, &name, t, current);
     let chains: Vec<CString> = now
         .chains
         .iter()
