@@ -690,19 +690,7 @@ mod tests {
     #[test]
     fn grants_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let mut daemon = start(MemoryFirewall::default(), OnStop::Keep, &dir).unwrap();
-        let addr: IpAddr = "198.51.100.7".parse().unwrap();
-        let (record, _, _) = daemon
-            .core()
-            .open(
-                "ssh",
-                addr,
-                Some(Duration::from_secs(600)),
-                "uid 0",
-                UnixMs::from_secs(NOW),
-            )
-            .unwrap();
-        let mut fw = daemon.stop().unwrap();
+        let (mut fw, addr, id) = stopped_with_a_grant(&dir);
         fw.dumped.clear();
         let mut again = start(fw, OnStop::Keep, &dir).unwrap();
         let fw = again.core().firewall_mut();
@@ -719,7 +707,7 @@ mod tests {
         assert_eq!(grants.len(), 1);
         assert_eq!(
             (grants[0].id.as_str(), grants[0].address),
-            (record.id.as_str(), addr)
+            (id.as_str(), addr)
         );
         let fw = again.stop().unwrap();
         let set = fw.tables["knockgate"]
@@ -734,11 +722,11 @@ mod tests {
         );
     }
 
-    /// A daemon with one grant, stopped; its firewall and the grant's address.
-    fn stopped_with_a_grant(dir: &tempfile::TempDir) -> (MemoryFirewall, IpAddr) {
+    /// A daemon with one grant, stopped; its firewall, the grant's address and its id.
+    fn stopped_with_a_grant(dir: &tempfile::TempDir) -> (MemoryFirewall, IpAddr, String) {
         let mut daemon = start(MemoryFirewall::default(), OnStop::Keep, dir).unwrap();
         let addr: IpAddr = "198.51.100.7".parse().unwrap();
-        daemon
+        let (record, _, _) = daemon
             .core()
             .open(
                 "ssh",
@@ -748,13 +736,13 @@ mod tests {
                 UnixMs::from_secs(NOW),
             )
             .unwrap();
-        (daemon.stop().unwrap(), addr)
+        (daemon.stop().unwrap(), addr, record.id)
     }
 
     #[test]
     fn a_commit_by_someone_else_while_stopped_makes_the_start_read_the_grant_sets_back() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut fw, addr) = stopped_with_a_grant(&dir);
+        let (mut fw, addr, _) = stopped_with_a_grant(&dir);
         let stranger: IpAddr = "203.0.113.66".parse().unwrap();
         fw.slip_in(
             "knockgate",
@@ -791,7 +779,7 @@ mod tests {
     fn a_torn_or_missing_stamp_makes_the_start_read_the_grant_sets_back() {
         for damage in ["{\"book_serial\": 1, \"boot", ""] {
             let dir = tempfile::tempdir().unwrap();
-            let (mut fw, addr) = stopped_with_a_grant(&dir);
+            let (mut fw, addr, _) = stopped_with_a_grant(&dir);
             let stamp = stamp::path_beside(&dir.path().join(BOOK_FILE));
             assert!(stamp.exists(), "the stop wrote a stamp");
             std::fs::write(&stamp, damage).unwrap();
@@ -808,7 +796,7 @@ mod tests {
     #[test]
     fn a_book_file_changed_while_stopped_is_not_vouched_for() {
         let dir = tempfile::tempdir().unwrap();
-        let (fw, addr) = stopped_with_a_grant(&dir);
+        let (fw, addr, _) = stopped_with_a_grant(&dir);
         // Someone takes the grant out of the book file (or a crash left the book one
         // save ahead of its stamp): the kernel still holds the element.
         std::fs::write(dir.path().join(BOOK_FILE), "{\"grants\": []}").unwrap();

@@ -282,6 +282,19 @@ fn u32_at(bytes: &[u8], at: usize) -> u32 {
     u32::from_ne_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
 }
 
+/// One netlink attribute, padded: for tests that build messages by hand.
+#[cfg(test)]
+pub(super) fn attr(kind: u16, payload: &[u8]) -> Vec<u8> {
+    let len = u16::try_from(4 + payload.len()).unwrap();
+    let mut a = len.to_ne_bytes().to_vec();
+    a.extend_from_slice(&kind.to_ne_bytes());
+    a.extend_from_slice(payload);
+    while a.len() % 4 != 0 {
+        a.push(0);
+    }
+    a
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -316,17 +329,6 @@ mod tests {
             None,
             "an END is not a BEGIN"
         );
-    }
-
-    fn attr(kind: u16, payload: &[u8]) -> Vec<u8> {
-        let len = u16::try_from(4 + payload.len()).unwrap();
-        let mut a = len.to_ne_bytes().to_vec();
-        a.extend_from_slice(&kind.to_ne_bytes());
-        a.extend_from_slice(payload);
-        while a.len() % 4 != 0 {
-            a.push(0);
-        }
-        a
     }
 
     fn message(kind: u16, port: u32, family: u8, attrs: &[u8]) -> Vec<u8> {

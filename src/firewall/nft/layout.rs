@@ -221,18 +221,8 @@ pub(super) fn set_shape(message: &[u8], table: &str) -> Option<(String, SetShape
 
 #[cfg(test)]
 mod tests {
+    use super::super::events::attr;
     use super::*;
-
-    fn attr(kind: u16, payload: &[u8]) -> Vec<u8> {
-        let len = u16::try_from(4 + payload.len()).unwrap();
-        let mut a = len.to_ne_bytes().to_vec();
-        a.extend_from_slice(&kind.to_ne_bytes());
-        a.extend_from_slice(payload);
-        while a.len() % 4 != 0 {
-            a.push(0);
-        }
-        a
-    }
 
     fn message(kind: u16, attrs: &[Vec<u8>]) -> Vec<u8> {
         let body: Vec<u8> = attrs.concat();
