@@ -8,6 +8,8 @@
 //! 2. Knock → open latency in the lab: from sending a knock in the client namespace
 //!    to the first TCP connect to port 22 that succeeds (polled every 1 ms), with
 //!    knockgated in the server namespace. Median and p99 over many runs.
+//! 3. The grant book's operations with many grants booked (in process): a new grant,
+//!    an extension, a revoke, an expiry of one grant, and the next expiry asked.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -315,7 +317,87 @@ fn ruleset_sizes() {
     }
 }
 
+/// One operation on a book of `n` grants, `ops` times; returns µs per operation.
+fn per_op(ops: u32, mut op: impl FnMut(u32)) -> f64 {
+    let t = Instant::now();
+    for i in 0..ops {
+        op(i);
+    }
+    t.elapsed().as_secs_f64() * 1e6 / f64::from(ops)
+}
+
+/// A distinct address per grant number (IPv6, one /64).
+fn grant_address(n: u32) -> IpAddr {
+    IpAddr::V6(std::net::Ipv6Addr::from(
+        (0x2001_0db8_u128 << 96) | u128::from(n),
+    ))
+}
+
+fn book_operations() {
+    use knockgate::clock::UnixMs;
+    println!("\n## The grant book with many grants (in process, µs per operation)\n");
+    println!("| grants | fill | new grant | extend | revoke | expire one | next expiry |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for n in [10_000u32, 100_000, 1_000_000] {
+        let mut book = GrantBook::default();
+        let mut next = 0u64;
+        let mut id = || {
+            next += 1;
+            format!("{next:08x}")
+        };
+        let start = UnixMs(1_800_000_000_000);
+        // Ends spread over an hour, one per grant: n + 1 ms apart would be too close
+        // for a million, so they wrap; what matters is that they differ.
+        let ttl = |i: u32| Duration::from_millis(60_000 + u64::from(i % 3_600_000));
+        let fill = per_op(n, |i| {
+            book.grant("ssh", grant_address(i), "key alice", start, ttl(i), &mut id);
+        });
+        let ops = 1_000;
+        let fresh = per_op(ops, |i| {
+            book.grant(
+                "ssh",
+                grant_address(n + i),
+                "key bob",
+                start,
+                ttl(i),
+                &mut id,
+            );
+        });
+        let extend = per_op(ops, |i| {
+            book.grant(
+                "ssh",
+                grant_address(i * 7),
+                "key alice",
+                start,
+                ttl(i + 1),
+                &mut id,
+            );
+        });
+        let victims: Vec<String> = book
+            .iter()
+            .step_by((n / ops) as usize)
+            .take(ops as usize)
+            .map(|r| r.id.clone())
+            .collect();
+        let revoke = per_op(ops, |i| {
+            black_box(book.revoke(&victims[i as usize]));
+        });
+        let mut now = start;
+        let expire = per_op(ops, |_| {
+            now = book.next_expiry().unwrap_or(now);
+            black_box(book.expire(now));
+        });
+        let next_expiry = per_op(ops, |_| {
+            black_box(book.next_expiry());
+        });
+        println!(
+            "| {n} | {fill:.2} | {fresh:.2} | {extend:.2} | {revoke:.2} | {expire:.2} | {next_expiry:.3} |"
+        );
+    }
+}
+
 fn main() {
+    book_operations();
     rejection_rates();
     knock_to_open("ssh", 22);
     knock_to_open("staging", 8443);
