@@ -292,7 +292,26 @@ fn start_knockgated(lab: &Lab) -> support::Daemon {
             spa_keys.display()
         ),
     );
-    lab.start_daemon(&config)
+    // As the package's unit runs it: with the unit's environment.
+    let env = unit_environment();
+    let env: Vec<(&str, &Path)> = env
+        .iter()
+        .map(|(k, v)| (k.as_str(), Path::new(v.as_str())))
+        .collect();
+    lab.start_daemon_with_env(&config, &env)
+}
+
+/// The `Environment=` settings of the package's unit (`systemd/knockgated.service`),
+/// so that the daemon measured here runs as an installed one does.
+fn unit_environment() -> Vec<(String, String)> {
+    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/knockgated.service");
+    let text =
+        std::fs::read_to_string(&unit).unwrap_or_else(|e| panic!("read {}: {e}", unit.display()));
+    text.lines()
+        .filter_map(|l| l.strip_prefix("Environment="))
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
 }
 
 /// The peers' guard: SSH dropped unless a rule they insert above accepts it.

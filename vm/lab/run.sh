@@ -119,6 +119,17 @@ service_group() {
     group=boot
     check table-before-network grep -qx present /run/vmlab-table-at-net
     check active bash -c 'systemctl is-active knockgated && [ "$(systemctl show -P NRestarts knockgated)" = 0 ]'
+    # The unit's GLIBC_TUNABLES reaches the daemon, and glibc honours it: the exec was
+    # not a secure one (AT_SECURE, auxv type 23, is 0), which would make it ignore them.
+    check malloc-tunable-honoured python3 -c '
+import struct, sys
+pid = sys.argv[1]
+env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+assert b"GLIBC_TUNABLES=glibc.malloc.trim_threshold=131072" in env, env
+aux = open(f"/proc/{pid}/auxv", "rb").read()
+pairs = dict(struct.iter_unpack("QQ", aux))
+assert pairs.get(23) == 0, pairs.get(23)
+print("environ has it; AT_SECURE=0")' "$(main_pid)"
     check ready-after-baseline bash -c '
         applied=$(journalctl -b -u knockgated -o short-monotonic --no-pager | grep -m1 "baseline applied" | sed "s/^\[ *\([0-9.]*\)\].*/\1/")
         started=$(journalctl -b -o short-monotonic --no-pager | grep -m1 "Started knockgated.service" | sed "s/^\[ *\([0-9.]*\)\].*/\1/")
