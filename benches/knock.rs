@@ -336,8 +336,10 @@ fn grant_address(n: u32) -> IpAddr {
 fn book_operations() {
     use knockgate::clock::UnixMs;
     println!("\n## The grant book with many grants (in process, µs per operation)\n");
-    println!("| grants | fill | new grant | extend | revoke | expire one | next expiry |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| grants | fill | new grant | extend | revoke | expire one | next expiry | save: serialise + digest | load | file |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for n in [10_000u32, 100_000, 1_000_000] {
         let mut book = GrantBook::default();
         let mut next = 0u64;
@@ -390,8 +392,23 @@ fn book_operations() {
         let next_expiry = per_op(ops, |_| {
             black_box(book.next_expiry());
         });
+        // What a save does on the daemon's loop (the file is written on a thread), and
+        // what a start does with the file.
+        let t = Instant::now();
+        let bytes = book.to_json();
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(&bytes);
+        let save = t.elapsed().as_secs_f64() * 1e3;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("grants.json");
+        std::fs::write(&path, &bytes).unwrap();
+        let t = Instant::now();
+        let loaded = GrantBook::load(&path).unwrap();
+        let load = t.elapsed().as_secs_f64() * 1e3;
+        assert_eq!(loaded.len(), book.len());
+        black_box(digest);
         println!(
-            "| {n} | {fill:.2} | {fresh:.2} | {extend:.2} | {revoke:.2} | {expire:.2} | {next_expiry:.3} |"
+            "| {n} | {fill:.2} | {fresh:.2} | {extend:.2} | {revoke:.2} | {expire:.2} | {next_expiry:.3} | {save:.0} ms | {load:.0} ms | {:.1} MB |",
+            bytes.len() as f64 / 1e6
         );
     }
 }

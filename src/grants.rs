@@ -212,12 +212,135 @@ impl PartialEq for GrantBook {
 
 impl Eq for GrantBook {}
 
-/// The book as saved.
-#[derive(Serialize, Deserialize, Default)]
-struct Saved {
+/// The book as knockgate before format 2 saved it (still read): one object per grant,
+/// every name and time spelled out, pretty-printed — 254 bytes a grant.
+#[derive(Deserialize, Default)]
+struct SavedV1 {
     grants: Vec<GrantRecord>,
     #[serde(default)]
     windows: Vec<WindowRecord>,
+}
+
+/// The book as saved (format 2): each grant one row, its service and requester
+/// numbers into tables named once, times in milliseconds only — a third of the
+/// bytes of format 1, and quicker both ways (the save is serialised on the daemon's
+/// loop; `cargo bench --bench knock` has the figures).
+#[derive(Deserialize)]
+struct SavedV2 {
+    /// [`BOOK_FORMAT`].
+    version: u32,
+    services: Vec<String>,
+    holders: Vec<String>,
+    grants: Vec<GrantRow>,
+    windows: Vec<WindowRecord>,
+}
+
+/// One grant in the file: id, service (index), address, who (index), granted and
+/// ends (Unix ms).
+type GrantRow = (String, usize, IpAddr, usize, u64, u64);
+
+/// The book file's format version.
+const BOOK_FORMAT: u32 = 2;
+
+impl SavedV2 {
+    /// The records, or `None` if a row names a service or requester the tables lack
+    /// (a damaged file).
+    fn into_records(self) -> Option<(Vec<GrantRecord>, Vec<WindowRecord>)> {
+        if self.version != BOOK_FORMAT {
+            return None;
+        }
+        let grants = self
+            .grants
+            .into_iter()
+            .map(|(id, service, address, who, granted, ends)| {
+                let mut record = GrantRecord {
+                    id,
+                    service: self.services.get(service)?.clone(),
+                    address,
+                    who: self.holders.get(who)?.clone(),
+                    granted_at: 0,
+                    expires_at: 0,
+                    granted_at_ms: 0,
+                    expires_at_ms: 0,
+                };
+                record.set_times(UnixMs(granted), UnixMs(ends));
+                Some(record)
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some((grants, self.windows))
+    }
+}
+
+/// Writes `book` in format 2 without copying its records: rows are serialised as
+/// they are read.
+struct SaveV2<'a>(&'a GrantBook);
+
+/// Names numbered in order of first use.
+#[derive(Default)]
+struct NameTable<'a> {
+    numbers: HashMap<&'a str, usize>,
+    names: Vec<&'a str>,
+}
+
+impl<'a> NameTable<'a> {
+    fn add(&mut self, name: &'a str) {
+        if !self.numbers.contains_key(name) {
+            self.numbers.insert(name, self.names.len());
+            self.names.push(name);
+        }
+    }
+
+    /// `name`'s number (every name was added first; an unknown one gets a number no
+    /// table has, so the file would read as damaged rather than as someone else's).
+    fn number(&self, name: &str) -> usize {
+        self.numbers.get(name).copied().unwrap_or(usize::MAX)
+    }
+}
+
+/// The grant rows of format 2.
+struct GrantRows<'a> {
+    book: &'a GrantBook,
+    services: &'a NameTable<'a>,
+    holders: &'a NameTable<'a>,
+}
+
+impl Serialize for GrantRows<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.book.records.values().map(|r| {
+            (
+                &r.id,
+                self.services.number(&r.service),
+                r.address,
+                self.holders.number(&r.who),
+                r.granted_at_ms,
+                r.expires_at_ms,
+            )
+        }))
+    }
+}
+
+impl Serialize for SaveV2<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let book = self.0;
+        let (mut services, mut holders) = (NameTable::default(), NameTable::default());
+        for r in book.records.values() {
+            services.add(&r.service);
+            holders.add(&r.who);
+        }
+        let rows = GrantRows {
+            book,
+            services: &services,
+            holders: &holders,
+        };
+        let mut out = serializer.serialize_struct("SavedV2", 5)?;
+        out.serialize_field("version", &BOOK_FORMAT)?;
+        out.serialize_field("services", &services.names)?;
+        out.serialize_field("holders", &holders.names)?;
+        out.serialize_field("grants", &rows)?;
+        out.serialize_field("windows", &book.windows.values().collect::<Vec<_>>())?;
+        out.end()
+    }
 }
 
 impl GrantBook {
@@ -569,7 +692,14 @@ impl GrantBook {
         };
         // A damaged book is not fatal: the kernel's sets are the truth, and
         // `reconcile` rebuilds the records from them.
-        let mut saved: Saved = serde_json::from_str(&text).unwrap_or_default();
+        let (grants, windows) = serde_json::from_str::<SavedV2>(&text)
+            .ok()
+            .and_then(SavedV2::into_records)
+            .unwrap_or_else(|| {
+                let old: SavedV1 = serde_json::from_str(&text).unwrap_or_default();
+                (old.grants, old.windows)
+            });
+        let mut saved = SavedV1 { grants, windows };
         // A book written in whole seconds (knockgate 0.1): the same times in ms.
         for r in &mut saved.grants {
             if r.expires_at_ms == 0 {
@@ -608,11 +738,7 @@ impl GrantBook {
     /// The book as its file holds it.
     #[must_use]
     pub fn to_json(&self) -> Vec<u8> {
-        let saved = Saved {
-            grants: self.records.values().cloned().collect(),
-            windows: self.windows.values().cloned().collect(),
-        };
-        serde_json::to_vec_pretty(&saved).unwrap_or_default()
+        serde_json::to_vec(&SaveV2(self)).unwrap_or_default()
     }
 }
 
@@ -849,6 +975,143 @@ mod tests {
         assert_ne!(a.id, b.id);
         assert_eq!(book.len(), 2);
         assert!(book.get(&a.id).is_some() && book.get(&b.id).is_some());
+    }
+
+    /// A book with two services, three holders, both address families, a recovered
+    /// grant and a window.
+    fn varied_book() -> GrantBook {
+        let mut book = GrantBook::default();
+        let mut id = ids();
+        let at = UnixMs(1_800_000_000_123);
+        for (service, addr, who) in [
+            ("ssh", "192.0.2.1", "key alice"),
+            ("web", "192.0.2.1", "key alice"),
+            ("ssh", "2001:db8::7", "uid 0"),
+            ("web", "198.51.100.9", "recovered"),
+        ] {
+            book.grant(
+                service,
+                ip(addr),
+                who,
+                at,
+                Duration::from_millis(60_007),
+                &mut id,
+            );
+        }
+        let mut window = WindowRecord {
+            id: "w1".to_owned(),
+            scope: WindowScope::Cgroup(42),
+            who: "uid 0".to_owned(),
+            command: "apt upgrade".to_owned(),
+            to: vec![ip("192.0.2.80")],
+            granted_at: 0,
+            expires_at: 0,
+            granted_at_ms: 0,
+            expires_at_ms: 0,
+        };
+        window.set_times(at, at.plus(Duration::from_secs(600)));
+        book.open_window(window);
+        book
+    }
+
+    #[test]
+    fn the_file_names_each_service_and_holder_once_and_reads_back_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("grants.json");
+        let book = varied_book();
+        book.save(&path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.matches("key alice").count(), 1, "{text}");
+        assert!(text.starts_with(r#"{"version":2,"#), "{text}");
+        let loaded = GrantBook::load(&path).unwrap();
+        assert_eq!(loaded, book);
+        assert_eq!(loaded.held_by("key alice"), 2);
+        assert_eq!(loaded.next_expiry(), book.next_expiry());
+        let record = loaded
+            .iter()
+            .find(|r| r.address == ip("2001:db8::7"))
+            .unwrap();
+        assert_eq!(
+            (record.granted_at, record.expires_at),
+            (1_800_000_000, 1_800_000_061)
+        );
+    }
+
+    #[test]
+    fn a_book_of_format_one_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("grants.json");
+        // What knockgate wrote before format 2 (pretty, every field spelled out).
+        std::fs::write(
+            &path,
+            r#"{
+  "grants": [
+    {"id": "a1", "service": "ssh", "address": "192.0.2.1", "who": "key alice",
+     "granted_at": 100, "expires_at": 161, "granted_at_ms": 100250, "expires_at_ms": 160500}
+  ],
+  "windows": []
+}"#,
+        )
+        .unwrap();
+        let book = GrantBook::load(&path).unwrap();
+        let record = book.get("a1").unwrap();
+        assert_eq!(
+            (record.granted_at_ms, record.expires_at_ms),
+            (100_250, 160_500)
+        );
+        assert_eq!(record.who, "key alice");
+        assert_eq!(book.next_expiry(), Some(UnixMs(160_500)));
+    }
+
+    #[test]
+    fn a_row_naming_a_service_or_holder_the_file_lacks_makes_it_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("grants.json");
+        for row in [
+            r#"["a1",1,"192.0.2.1",0,100000,160000]"#,
+            r#"["a1",0,"192.0.2.1",9,100000,160000]"#,
+            r#"["a1",18446744073709551615,"192.0.2.1",0,100000,160000]"#,
+        ] {
+            std::fs::write(
+                &path,
+                format!(r#"{{"version":2,"services":["ssh"],"holders":["uid 0"],"grants":[{row}],"windows":[]}}"#),
+            )
+            .unwrap();
+            // Damaged: nothing booked; the start reads the kernel's sets back.
+            assert_eq!(
+                GrantBook::load(&path).unwrap(),
+                GrantBook::default(),
+                "{row}"
+            );
+        }
+        std::fs::write(
+            &path,
+            r#"{"version":3,"services":["ssh"],"holders":["uid 0"],"grants":[["a1",0,"192.0.2.1",0,1,2]],"windows":[]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            GrantBook::load(&path).unwrap(),
+            GrantBook::default(),
+            "a later format"
+        );
+    }
+
+    #[test]
+    fn a_torn_book_file_reads_as_empty_never_as_part() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("grants.json");
+        let book = varied_book();
+        let whole = book.to_json();
+        for cut in 0..whole.len() {
+            std::fs::write(&path, &whole[..cut]).unwrap();
+            let loaded = GrantBook::load(&path).unwrap();
+            assert!(
+                loaded == GrantBook::default(),
+                "cut at {cut} read as {loaded:?}"
+            );
+        }
+        std::fs::write(&path, &whole).unwrap();
+        assert_eq!(GrantBook::load(&path).unwrap(), book);
     }
 
     #[test]
