@@ -408,7 +408,7 @@ fn book_operations() {
         black_box(digest);
         println!(
             "| {n} | {fill:.2} | {fresh:.2} | {extend:.2} | {revoke:.2} | {expire:.2} | {next_expiry:.3} | {save:.0} ms | {load:.0} ms | {:.1} MB |",
-            bytes.len() as f64 / 1e6
+            f64::from(u32::try_from(bytes.len()).unwrap_or(u32::MAX)) / 1e6
         );
     }
 }
