@@ -176,7 +176,7 @@ pub struct GrantBook {
 
 /// Ids by the time they end: the first end, and what is due by a time, without
 /// looking at anything else.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct Ends(BTreeSet<(UnixMs, String)>);
 
 impl Ends {
@@ -426,18 +426,16 @@ impl GrantBook {
     }
 
     /// Books `record` again as it was (a rolled-back trial's grants), replacing any
-    /// record for the same service and address.
-    pub fn restore(&mut self, record: GrantRecord) {
+    /// record for the same service and address. If its id went to another grant or a
+    /// window meanwhile, it gets a fresh one: ids name one thing each.
+    pub fn restore(&mut self, mut record: GrantRecord) {
         let key = (record.service.clone(), record.address);
         if let Some(id) = self.by_address.get(&key).cloned() {
             self.revoke(&id);
         }
-        if let Some(replaced) = self.records.remove(&record.id) {
-            // The same id under another address (never made by `fresh_id`).
-            self.by_address
-                .remove(&(replaced.service.clone(), replaced.address));
-            uncount(&mut self.by_who, &replaced.who);
-            self.grant_ends.remove(replaced.ends(), &replaced.id);
+        if self.records.contains_key(&record.id) || self.windows.contains_key(&record.id) {
+            let taken = record.id.clone();
+            record.id = self.fresh_id(&mut || taken.clone());
         }
         self.by_address.insert(key, record.id.clone());
         *self.by_who.entry(record.who.clone()).or_default() += 1;
@@ -448,8 +446,7 @@ impl GrantBook {
     /// Removes the grant `id`.
     pub fn revoke(&mut self, id: &str) -> Option<GrantRecord> {
         let record = self.records.remove(id)?;
-        self.by_address
-            .remove(&(record.service.clone(), record.address));
+        self.unindex_address(&record);
         uncount(&mut self.by_who, &record.who);
         self.grant_ends.remove(record.ends(), &record.id);
         Some(record)
@@ -464,10 +461,18 @@ impl GrantBook {
             .filter_map(|id| self.records.remove(id))
             .collect();
         for r in &gone {
-            self.by_address.remove(&(r.service.clone(), r.address));
+            self.unindex_address(r);
             uncount(&mut self.by_who, &r.who);
         }
         gone
+    }
+
+    /// Forgets `record`'s address entry if it is `record`'s (never another record's).
+    fn unindex_address(&mut self, record: &GrantRecord) {
+        let key = (record.service.clone(), record.address);
+        if self.by_address.get(&key) == Some(&record.id) {
+            self.by_address.remove(&key);
+        }
     }
 
     /// The first end of a grant or a window, if anything is open.
@@ -479,12 +484,16 @@ impl GrantBook {
         }
     }
 
-    /// Indexes the records' and windows' ends anew (after a change to many).
-    fn rebuild_ends(&mut self) {
+    /// Indexes the records' ends anew (after a change to many).
+    fn rebuild_grant_ends(&mut self) {
         self.grant_ends = Ends::default();
         for r in self.records.values() {
             self.grant_ends.insert(r.ends(), &r.id);
         }
+    }
+
+    /// Indexes the windows' ends anew.
+    fn rebuild_window_ends(&mut self) {
         self.window_ends = Ends::default();
         for w in self.windows.values() {
             self.window_ends.insert(w.ends(), &w.id);
@@ -501,7 +510,8 @@ impl GrantBook {
         for r in self.records.values() {
             *self.by_who.entry(r.who.clone()).or_default() += 1;
         }
-        self.rebuild_ends();
+        self.rebuild_grant_ends();
+        self.rebuild_window_ends();
     }
 
     /// Drops the records of every service not in `services` and returns them (a
@@ -572,7 +582,7 @@ impl GrantBook {
                 self.records.insert(record.id.clone(), record);
             }
         }
-        self.rebuild_ends();
+        self.rebuild_grant_ends();
     }
 
     /// Makes the windows agree with the kernel's egress sets (`elements` of both):
@@ -615,7 +625,7 @@ impl GrantBook {
                 self.open_window(window);
             }
         }
-        self.rebuild_ends();
+        self.rebuild_window_ends();
     }
 
     /// An id no grant or window holds: ids are 32 random bits, so among 100,000
@@ -690,13 +700,19 @@ impl GrantBook {
                 });
             }
         };
-        // A damaged book is not fatal: the kernel's sets are the truth, and
-        // `reconcile` rebuilds the records from them.
-        let (grants, windows) = serde_json::from_str::<SavedV2>(&text)
+        Ok(Self::from_text(&text))
+    }
+
+    /// The book a file's `text` holds. A damaged book is not fatal: the kernel's sets
+    /// are the truth, and `reconcile` rebuilds the records from them. Damaged is also
+    /// a book that names an id twice (among grants and windows alike) or an address
+    /// twice for one service: one record per hole is what every index relies on.
+    fn from_text(text: &str) -> Self {
+        let (grants, windows) = serde_json::from_str::<SavedV2>(text)
             .ok()
             .and_then(SavedV2::into_records)
             .unwrap_or_else(|| {
-                let old: SavedV1 = serde_json::from_str(&text).unwrap_or_default();
+                let old: SavedV1 = serde_json::from_str(text).unwrap_or_default();
                 (old.grants, old.windows)
             });
         let mut saved = SavedV1 { grants, windows };
@@ -713,6 +729,7 @@ impl GrantBook {
                 w.expires_at_ms = w.expires_at.saturating_mul(1000);
             }
         }
+        let (grants, windows) = (saved.grants.len(), saved.windows.len());
         let mut book = Self {
             records: saved
                 .grants
@@ -727,7 +744,11 @@ impl GrantBook {
             ..Self::default()
         };
         book.rebuild_index();
-        Ok(book)
+        let one_each = book.records.len() == grants
+            && book.windows.len() == windows
+            && book.by_address.len() == grants
+            && !book.windows.keys().any(|id| book.records.contains_key(id));
+        if one_each { book } else { Self::default() }
     }
 
     /// Saves the book to `path` atomically.
@@ -1097,6 +1118,71 @@ mod tests {
     }
 
     #[test]
+    fn a_book_naming_an_id_or_a_hole_twice_is_damaged() {
+        let window = r#"{"id":"w1","scope":{"cgroup":7},"who":"uid 0","command":"","to":[],"granted_at":0,"expires_at":1,"granted_at_ms":0,"expires_at_ms":1000}"#;
+        for (what, grants, windows) in [
+            (
+                "one id twice",
+                r#"["a1",0,"192.0.2.1",0,1,2000],["a1",0,"192.0.2.2",0,1,2000]"#,
+                "",
+            ),
+            (
+                "one hole twice",
+                r#"["a1",0,"192.0.2.1",0,1,2000],["a2",0,"192.0.2.1",0,1,3000]"#,
+                "",
+            ),
+            (
+                "a grant's id on a window",
+                r#"["w1",0,"192.0.2.1",0,1,2000]"#,
+                window,
+            ),
+        ] {
+            let text = format!(
+                r#"{{"version":2,"services":["ssh"],"holders":["uid 0"],"grants":[{grants}],"windows":[{windows}]}}"#
+            );
+            assert_eq!(GrantBook::from_text(&text), GrantBook::default(), "{what}");
+        }
+        // The same, well formed, is read.
+        let text = format!(
+            r#"{{"version":2,"services":["ssh"],"holders":["uid 0"],"grants":[["a1",0,"192.0.2.1",0,1,2000],["a2",0,"192.0.2.2",0,1,3000]],"windows":[{window}]}}"#
+        );
+        let book = GrantBook::from_text(&text);
+        assert_eq!((book.len(), book.windows().count()), (2, 1));
+    }
+
+    #[test]
+    fn a_restored_grant_whose_id_went_to_a_window_gets_a_fresh_one() {
+        let mut book = GrantBook::default();
+        let mut same = || "cafe0001".to_owned();
+        let (grant, _) = ssh(&mut book, "192.0.2.1", "key a", 0, 60, &mut same);
+        let revoked = book.revoke(&grant.id).unwrap();
+        let mut window = WindowRecord {
+            id: book.fresh_id(&mut same),
+            scope: WindowScope::Host,
+            who: "uid 0".to_owned(),
+            command: String::new(),
+            to: Vec::new(),
+            granted_at: 0,
+            expires_at: 0,
+            granted_at_ms: 0,
+            expires_at_ms: 0,
+        };
+        window.set_times(UnixMs(0), UnixMs(60_000));
+        book.open_window(window);
+        assert_eq!(book.windows().next().unwrap().id, "cafe0001");
+        book.restore(revoked);
+        let restored = book.iter().next().unwrap();
+        assert_ne!(restored.id, "cafe0001");
+        assert!(book.holds("ssh", ip("192.0.2.1")));
+        let text = String::from_utf8(book.to_json()).unwrap();
+        assert_eq!(
+            GrantBook::from_text(&text),
+            book,
+            "still one id each after a save"
+        );
+    }
+
+    #[test]
     fn a_torn_book_file_reads_as_empty_never_as_part() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("grants.json");
@@ -1154,6 +1240,15 @@ mod tests {
         Close(u8),
         ExpireWindows(u16),
         DropServices(u8),
+        /// The kernel's set for a service holds the hosts in the mask, each `left`.
+        Reconcile {
+            service: u8,
+            hosts: u8,
+            now: u16,
+            left: u16,
+        },
+        /// Saved and read back.
+        Reload,
     }
 
     fn step() -> impl proptest::strategy::Strategy<Value = Step> {
@@ -1168,11 +1263,15 @@ mod tests {
             1 => any::<u8>().prop_map(Step::Close),
             1 => (0..700u16).prop_map(Step::ExpireWindows),
             1 => (0..3u8).prop_map(Step::DropServices),
+            1 => (0..2u8, any::<u8>(), 0..500u16, 0..300u16)
+                .prop_map(|(service, hosts, now, left)| Step::Reconcile { service, hosts, now, left }),
+            1 => Just(Step::Reload),
         ]
     }
 
     /// What must hold after any change: the next expiry is the first end of what is
-    /// booked, and each index says what the records say.
+    /// booked, each index is exactly what indexing the records anew gives, and there
+    /// is one record per service and address.
     fn assert_indexes_agree(book: &GrantBook) {
         let first = book
             .iter()
@@ -1180,14 +1279,60 @@ mod tests {
             .chain(book.windows().map(WindowRecord::ends))
             .min();
         assert_eq!(book.next_expiry(), first);
-        assert_eq!(book.grant_ends.0.len(), book.len());
-        assert_eq!(book.window_ends.0.len(), book.windows().count());
-        for r in book.iter() {
-            assert!(book.holds(&r.service, r.address));
-            let held = book.iter().filter(|o| o.who == r.who).count();
-            assert_eq!(book.held_by(&r.who), held);
-        }
+        let mut fresh = book.clone();
+        fresh.rebuild_index();
+        assert_eq!(book.grant_ends, fresh.grant_ends);
+        assert_eq!(book.window_ends, fresh.window_ends);
+        assert_eq!(book.by_address, fresh.by_address);
+        assert_eq!(book.by_who, fresh.by_who);
         assert_eq!(book.by_address.len(), book.len());
+    }
+
+    /// Ids from a pool of five, so that ids are drawn again, fall back to a suffix,
+    /// and come back to a revoked record's id.
+    fn pooled_ids() -> impl FnMut() -> String {
+        let mut n = 0;
+        move || {
+            n += 1;
+            format!("g{}", n % 5)
+        }
+    }
+
+    /// Expires grants at `now` and checks that exactly the due ones went, earliest
+    /// first.
+    fn expire_and_check(book: &mut GrantBook, now: UnixMs) {
+        let mut due: Vec<String> = book
+            .iter()
+            .filter(|r| r.ends() <= now)
+            .map(|r| r.id.clone())
+            .collect();
+        let gone = book.expire(now);
+        assert!(
+            gone.windows(2).all(|w| w[0].ends() <= w[1].ends()),
+            "earliest first"
+        );
+        let mut gone: Vec<String> = gone.into_iter().map(|r| r.id).collect();
+        gone.sort();
+        due.sort();
+        assert_eq!(gone, due);
+    }
+
+    /// The same for windows.
+    fn expire_windows_and_check(book: &mut GrantBook, now: UnixMs) {
+        let mut due: Vec<String> = book
+            .windows()
+            .filter(|w| w.ends() <= now)
+            .map(|w| w.id.clone())
+            .collect();
+        let gone = book.expire_windows(now);
+        assert!(
+            gone.windows(2).all(|w| w[0].ends() <= w[1].ends()),
+            "earliest first"
+        );
+        let mut gone: Vec<String> = gone.into_iter().map(|w| w.id).collect();
+        gone.sort();
+        due.sort();
+        assert_eq!(gone, due);
     }
 
     fn apply(
@@ -1227,19 +1372,7 @@ mod tests {
                     book.restore(record);
                 }
             }
-            Step::Expire(now) => {
-                let now = UnixMs(u64::from(now));
-                let due: Vec<String> = book
-                    .iter()
-                    .filter(|r| r.ends() <= now)
-                    .map(|r| r.id.clone())
-                    .collect();
-                let mut gone: Vec<String> = book.expire(now).into_iter().map(|r| r.id).collect();
-                gone.sort();
-                let mut due = due;
-                due.sort();
-                assert_eq!(gone, due);
-            }
+            Step::Expire(now) => expire_and_check(book, UnixMs(u64::from(now))),
             Step::Open { scope, at, ttl } => {
                 let mut window = WindowRecord {
                     id: book.fresh_id(id),
@@ -1263,18 +1396,40 @@ mod tests {
                     book.close_window(&target);
                 }
             }
-            Step::ExpireWindows(now) => {
-                let now = UnixMs(u64::from(now));
-                let due = book.windows().filter(|w| w.ends() <= now).count();
-                assert_eq!(book.expire_windows(now).len(), due);
-            }
+            Step::ExpireWindows(now) => expire_windows_and_check(book, UnixMs(u64::from(now))),
             Step::DropServices(keep) => {
                 let keep: &[&str] = match keep {
                     0 => &["ssh"],
                     1 => &["web"],
                     _ => &["ssh", "web"],
                 };
-                book.drop_services_except(keep);
+                revoked.extend(book.drop_services_except(keep));
+            }
+            Step::Reconcile {
+                service,
+                hosts,
+                now,
+                left,
+            } => {
+                let kernel: Vec<Element> = (0..6u8)
+                    .filter(|h| hosts & (1 << h) != 0)
+                    .map(|h| Element {
+                        key: crate::ruleset::ElementKey::Addr(IpAddr::from([192, 0, 2, h])),
+                        expires_in: Some(Duration::from_millis(u64::from(left))),
+                    })
+                    .collect();
+                book.reconcile(
+                    ["ssh", "web"][usize::from(service)],
+                    &kernel,
+                    UnixMs(u64::from(now)),
+                    id,
+                );
+            }
+            Step::Reload => {
+                let text = String::from_utf8(book.to_json()).unwrap();
+                let loaded = GrantBook::from_text(&text);
+                assert_eq!(&loaded, book);
+                *book = loaded;
             }
         }
     }
@@ -1286,7 +1441,7 @@ mod tests {
         fn the_indexes_agree_with_the_records_after_any_steps(steps in proptest::collection::vec(step(), 1..60)) {
             let mut book = GrantBook::default();
             let mut revoked = Vec::new();
-            let mut id = ids();
+            let mut id = pooled_ids();
             for step in &steps {
                 apply(&mut book, step, &mut revoked, &mut id);
                 assert_indexes_agree(&book);

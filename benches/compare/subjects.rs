@@ -309,8 +309,19 @@ fn unit_environment() -> Vec<(String, String)> {
         std::fs::read_to_string(&unit).unwrap_or_else(|e| panic!("read {}: {e}", unit.display()));
     text.lines()
         .filter_map(|l| l.strip_prefix("Environment="))
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .map(|kv| {
+            // One plain assignment per line: systemd's quoting and several
+            // assignments on a line are not read here, so they must not be misread.
+            assert!(
+                !kv.contains(['"', '\'', ' ', '\\']),
+                "{}: read only one unquoted assignment per Environment= line: {kv}",
+                unit.display()
+            );
+            let (k, v) = kv
+                .split_once('=')
+                .unwrap_or_else(|| panic!("{}: Environment={kv}", unit.display()));
+            (k.to_owned(), v.to_owned())
+        })
         .collect()
 }
 
