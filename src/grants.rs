@@ -700,21 +700,24 @@ impl GrantBook {
                 });
             }
         };
-        Ok(Self::from_text(&text))
+        Self::from_text(&text).ok_or_else(|| StateError::Damaged {
+            path: path.to_owned(),
+        })
     }
 
-    /// The book a file's `text` holds. A damaged book is not fatal: the kernel's sets
-    /// are the truth, and `reconcile` rebuilds the records from them. Damaged is also
-    /// a book that names an id twice (among grants and windows alike) or an address
-    /// twice for one service: one record per hole is what every index relies on.
-    fn from_text(text: &str) -> Self {
+    /// The book a file's `text` holds, or `None` if it is damaged (the start then
+    /// reads the kernel's sets back and reconciles an empty book with them). Damaged
+    /// is also a book that names an id twice (among grants and windows alike) or an
+    /// address twice for one service: one record per hole is what every index relies
+    /// on.
+    fn from_text(text: &str) -> Option<Self> {
         let (grants, windows) = serde_json::from_str::<SavedV2>(text)
             .ok()
             .and_then(SavedV2::into_records)
-            .unwrap_or_else(|| {
-                let old: SavedV1 = serde_json::from_str(text).unwrap_or_default();
-                (old.grants, old.windows)
-            });
+            .or_else(|| {
+                let old: SavedV1 = serde_json::from_str(text).ok()?;
+                Some((old.grants, old.windows))
+            })?;
         let mut saved = SavedV1 { grants, windows };
         // A book written in whole seconds (knockgate 0.1): the same times in ms.
         for r in &mut saved.grants {
@@ -748,7 +751,7 @@ impl GrantBook {
             && book.windows.len() == windows
             && book.by_address.len() == grants
             && !book.windows.keys().any(|id| book.records.contains_key(id));
-        if one_each { book } else { Self::default() }
+        one_each.then_some(book)
     }
 
     /// Saves the book to `path` atomically.
@@ -932,7 +935,11 @@ mod tests {
         book.save(&path).unwrap();
         assert_eq!(GrantBook::load(&path).unwrap(), book);
         std::fs::write(&path, "{not json").unwrap();
-        assert_eq!(GrantBook::load(&path).unwrap(), GrantBook::default());
+        assert!(is_damaged(&GrantBook::load(&path)));
+    }
+
+    fn is_damaged(loaded: &Result<GrantBook, StateError>) -> bool {
+        matches!(loaded, Err(StateError::Damaged { .. }))
     }
 
     #[test]
@@ -1098,23 +1105,15 @@ mod tests {
                 format!(r#"{{"version":2,"services":["ssh"],"holders":["uid 0"],"grants":[{row}],"windows":[]}}"#),
             )
             .unwrap();
-            // Damaged: nothing booked; the start reads the kernel's sets back.
-            assert_eq!(
-                GrantBook::load(&path).unwrap(),
-                GrantBook::default(),
-                "{row}"
-            );
+            // Damaged: the start books nothing from it and reads the kernel's sets back.
+            assert!(is_damaged(&GrantBook::load(&path)), "{row}");
         }
         std::fs::write(
             &path,
             r#"{"version":3,"services":["ssh"],"holders":["uid 0"],"grants":[["a1",0,"192.0.2.1",0,1,2]],"windows":[]}"#,
         )
         .unwrap();
-        assert_eq!(
-            GrantBook::load(&path).unwrap(),
-            GrantBook::default(),
-            "a later format"
-        );
+        assert!(is_damaged(&GrantBook::load(&path)), "a later format");
     }
 
     #[test]
@@ -1140,13 +1139,13 @@ mod tests {
             let text = format!(
                 r#"{{"version":2,"services":["ssh"],"holders":["uid 0"],"grants":[{grants}],"windows":[{windows}]}}"#
             );
-            assert_eq!(GrantBook::from_text(&text), GrantBook::default(), "{what}");
+            assert_eq!(GrantBook::from_text(&text), None, "{what}");
         }
         // The same, well formed, is read.
         let text = format!(
             r#"{{"version":2,"services":["ssh"],"holders":["uid 0"],"grants":[["a1",0,"192.0.2.1",0,1,2000],["a2",0,"192.0.2.2",0,1,3000]],"windows":[{window}]}}"#
         );
-        let book = GrantBook::from_text(&text);
+        let book = GrantBook::from_text(&text).unwrap();
         assert_eq!((book.len(), book.windows().count()), (2, 1));
     }
 
@@ -1177,24 +1176,21 @@ mod tests {
         let text = String::from_utf8(book.to_json()).unwrap();
         assert_eq!(
             GrantBook::from_text(&text),
-            book,
+            Some(book),
             "still one id each after a save"
         );
     }
 
     #[test]
-    fn a_torn_book_file_reads_as_empty_never_as_part() {
+    fn a_torn_book_file_is_damaged_never_read_in_part() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("grants.json");
         let book = varied_book();
         let whole = book.to_json();
         for cut in 0..whole.len() {
             std::fs::write(&path, &whole[..cut]).unwrap();
-            let loaded = GrantBook::load(&path).unwrap();
-            assert!(
-                loaded == GrantBook::default(),
-                "cut at {cut} read as {loaded:?}"
-            );
+            let loaded = GrantBook::load(&path);
+            assert!(is_damaged(&loaded), "cut at {cut} read as {loaded:?}");
         }
         std::fs::write(&path, &whole).unwrap();
         assert_eq!(GrantBook::load(&path).unwrap(), book);
@@ -1427,7 +1423,7 @@ mod tests {
             }
             Step::Reload => {
                 let text = String::from_utf8(book.to_json()).unwrap();
-                let loaded = GrantBook::from_text(&text);
+                let loaded = GrantBook::from_text(&text).expect("a saved book reads back");
                 assert_eq!(&loaded, book);
                 *book = loaded;
             }

@@ -50,6 +50,13 @@ pub enum StateError {
         #[source]
         source: std::io::Error,
     },
+    /// A state file is there but does not hold what it should (torn, edited, or
+    /// written by a knockgate of another format).
+    #[error("state file {path} is damaged")]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+    },
 }
 
 /// The replay log of one state directory.

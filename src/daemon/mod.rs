@@ -117,12 +117,19 @@ impl<F: Firewall> Daemon<F> {
         let first_takeover = !firewall.table_exists(&loaded.config.table)?;
         let state_dir = loaded.config.knock.state_dir.clone();
         let book_path = state_dir.join(BOOK_FILE);
-        let mut book = GrantBook::load(&book_path).unwrap_or_else(|e| {
-            warn!(error = %format!("{e:#}"), "cannot read the grant book; rebuilding it from the kernel");
-            GrantBook::default()
-        });
         // What the book file holds now, as a stamp names it (a missing file: nothing).
-        let book_digest = std::fs::read(&book_path).map(|b| stamp::digest(&b)).ok();
+        // A book that cannot be read is never vouched for, whatever a stamp says of
+        // its bytes: its grant sets are read back.
+        let (mut book, book_digest) = match GrantBook::load(&book_path) {
+            Ok(book) => {
+                let digest = std::fs::read(&book_path).map(|b| stamp::digest(&b)).ok();
+                (book, digest)
+            }
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "cannot read the grant book; rebuilding it from the kernel");
+                (GrantBook::default(), None)
+            }
+        };
         let services = crate::service::port_services(&loaded.config);
         let keep = if first_takeover {
             Vec::new()
@@ -811,6 +818,33 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![(addr, "recovered")],
             "read back from the kernel, not hidden"
+        );
+    }
+
+    #[test]
+    fn a_damaged_book_is_not_vouched_for_even_by_a_stamp_naming_its_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (fw, addr, _) = stopped_with_a_grant(&dir);
+        // A book file that reads as damaged (one id twice), and a stamp that names
+        // exactly its bytes: the book vouches for nothing it cannot read.
+        let damaged = r#"{"version":2,"services":["ssh"],"holders":["uid 0"],"grants":[["a1",0,"192.0.2.9",0,1,2],["a1",0,"192.0.2.8",0,1,2]],"windows":[]}"#;
+        let book_path = dir.path().join(BOOK_FILE);
+        std::fs::write(&book_path, damaged).unwrap();
+        let stamp_path = stamp::path_beside(&book_path);
+        let mut vouching = crate::grants::KernelStamp::load(&stamp_path).expect("a stamp at stop");
+        vouching.book_sha256 = stamp::digest(damaged.as_bytes());
+        std::fs::write(&stamp_path, vouching.to_json()).unwrap();
+        let mut again = start(fw, OnStop::Keep, &dir).unwrap();
+        let kept = &again.core().firewall_mut().kept;
+        assert!(!kept.iter().any(|s| s.contains("_grants_")), "{kept:?}");
+        let grants = again.core().grants(UnixMs::from_secs(NOW + 1));
+        assert_eq!(
+            grants
+                .iter()
+                .map(|g| (g.address, g.who.as_str()))
+                .collect::<Vec<_>>(),
+            vec![(addr, "recovered")],
+            "read back from the kernel, not hidden behind an empty book"
         );
     }
 
