@@ -1297,35 +1297,38 @@ mod tests {
     /// Expires grants at `now` and checks that exactly the due ones went, earliest
     /// first.
     fn expire_and_check(book: &mut GrantBook, now: UnixMs) {
-        let mut due: Vec<String> = book
+        let due = book
             .iter()
             .filter(|r| r.ends() <= now)
             .map(|r| r.id.clone())
             .collect();
         let gone = book.expire(now);
-        assert!(
-            gone.windows(2).all(|w| w[0].ends() <= w[1].ends()),
-            "earliest first"
-        );
-        let mut gone: Vec<String> = gone.into_iter().map(|r| r.id).collect();
-        gone.sort();
-        due.sort();
-        assert_eq!(gone, due);
+        assert_took_due(due, &gone, GrantRecord::ends, |r| &r.id);
     }
 
     /// The same for windows.
     fn expire_windows_and_check(book: &mut GrantBook, now: UnixMs) {
-        let mut due: Vec<String> = book
+        let due = book
             .windows()
             .filter(|w| w.ends() <= now)
             .map(|w| w.id.clone())
             .collect();
         let gone = book.expire_windows(now);
+        assert_took_due(due, &gone, WindowRecord::ends, |w| &w.id);
+    }
+
+    /// That `gone` is exactly the `due` ids, earliest first.
+    fn assert_took_due<T>(
+        mut due: Vec<String>,
+        gone: &[T],
+        ends: impl Fn(&T) -> UnixMs,
+        id: impl Fn(&T) -> &String,
+    ) {
         assert!(
-            gone.windows(2).all(|w| w[0].ends() <= w[1].ends()),
+            gone.windows(2).all(|w| ends(&w[0]) <= ends(&w[1])),
             "earliest first"
         );
-        let mut gone: Vec<String> = gone.into_iter().map(|w| w.id).collect();
+        let mut gone: Vec<String> = gone.iter().map(|g| id(g).clone()).collect();
         gone.sort();
         due.sort();
         assert_eq!(gone, due);
