@@ -1297,30 +1297,23 @@ mod tests {
     /// Expires grants at `now` and checks that exactly the due ones went, earliest
     /// first.
     fn expire_and_check(book: &mut GrantBook, now: UnixMs) {
-        let due = book
-            .iter()
-            .filter(|r| r.ends() <= now)
-            .map(|r| r.id.clone())
-            .collect();
+        let before: Vec<GrantRecord> = book.iter().cloned().collect();
         let gone = book.expire(now);
-        assert_took_due(due, &gone, GrantRecord::ends, |r| &r.id);
+        assert_took_due(&before, &gone, now, GrantRecord::ends, |r| &r.id);
     }
 
     /// The same for windows.
     fn expire_windows_and_check(book: &mut GrantBook, now: UnixMs) {
-        let due = book
-            .windows()
-            .filter(|w| w.ends() <= now)
-            .map(|w| w.id.clone())
-            .collect();
+        let before: Vec<WindowRecord> = book.windows().cloned().collect();
         let gone = book.expire_windows(now);
-        assert_took_due(due, &gone, WindowRecord::ends, |w| &w.id);
+        assert_took_due(&before, &gone, now, WindowRecord::ends, |w| &w.id);
     }
 
-    /// That `gone` is exactly the `due` ids, earliest first.
+    /// That `gone` is exactly those of `before` due by `now`, earliest first.
     fn assert_took_due<T>(
-        mut due: Vec<String>,
+        before: &[T],
         gone: &[T],
+        now: UnixMs,
         ends: impl Fn(&T) -> UnixMs,
         id: impl Fn(&T) -> &String,
     ) {
@@ -1328,7 +1321,8 @@ mod tests {
             gone.windows(2).all(|w| ends(&w[0]) <= ends(&w[1])),
             "earliest first"
         );
-        let mut gone: Vec<String> = gone.iter().map(|g| id(g).clone()).collect();
+        let mut due: Vec<&String> = before.iter().filter(|b| ends(b) <= now).map(&id).collect();
+        let mut gone: Vec<&String> = gone.iter().map(&id).collect();
         gone.sort();
         due.sort();
         assert_eq!(gone, due);
