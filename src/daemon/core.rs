@@ -16,7 +16,7 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use crate::clock::{UnixMs, kernel_timer};
 use crate::firewall::{Firewall, FirewallError};
-use crate::grants::{GrantBook, GrantRecord, Granted, WindowRecord, WindowScope, new_id};
+use crate::grants::{GrantBook, GrantRecord, Granted, WindowRecord, WindowScope, id_text, new_id};
 use crate::knock::auth::{KnockMac, ServerId};
 use crate::knock::replay::{ReplayError, ReplayGuard};
 use crate::knock::verify::{Refusal, authenticate_with};
@@ -791,7 +791,7 @@ impl<F: Firewall> Core<F> {
             }
         }
         let mut window = WindowRecord {
-            id: self.book.fresh_id(&mut new_id),
+            id: id_text(self.book.fresh_id(&mut new_id)),
             scope,
             who: who.to_owned(),
             command: command.to_owned(),
@@ -879,7 +879,7 @@ impl<F: Firewall> Core<F> {
 
     /// Closes grant `id` now; `Ok(None)` if there is no such grant.
     pub fn revoke(&mut self, id: &str) -> Result<Option<GrantRecord>, FirewallError> {
-        let Some(record) = self.book.get(id).cloned() else {
+        let Some(record) = self.book.get(id) else {
             return Ok(None);
         };
         self.firewall.remove_element(
@@ -933,7 +933,7 @@ impl<F: Firewall> Core<F> {
             );
             match added {
                 Ok(()) => {
-                    self.book.restore(record);
+                    self.book.restore(&record);
                     restored += 1;
                 }
                 Err(e) => tracing::warn!(target: crate::logging::AUDIT, event = "rollback",
@@ -949,7 +949,7 @@ impl<F: Firewall> Core<F> {
     /// The live grants.
     pub fn grants(&mut self, now: UnixMs) -> Vec<GrantRecord> {
         self.expire(now);
-        self.book.iter().cloned().collect()
+        self.book.sorted()
     }
 
     /// Number of keys that can knock.
@@ -1024,13 +1024,9 @@ impl<F: Firewall> Core<F> {
                 *at = (*at).max(expires_at);
             }
         };
-        for grant in self.book.iter() {
-            let addr = policy::canonical(grant.address);
-            book(
-                grant_set(&grant.service, addr),
-                ElementKey::Addr(addr),
-                grant.ends(),
-            );
+        for (service, address, ends) in self.book.holes() {
+            let addr = policy::canonical(address);
+            book(grant_set(service, addr), ElementKey::Addr(addr), ends);
         }
         for window in self.book.windows() {
             for (set, key) in window_elements(window.scope, &window.to) {

@@ -17,6 +17,7 @@ mod trial;
 pub use run::run;
 
 use std::net::IpAddr;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
@@ -102,6 +103,22 @@ pub struct Daemon<F: Firewall> {
     trial: Option<trial::Trial>,
 }
 
+/// The book file and its digest (a missing file: an empty book and no digest). The
+/// file is read once: with a million grants it is 64 MB.
+fn read_book(path: &Path) -> Result<(GrantBook, Option<String>), StateError> {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let digest = stamp::digest(&bytes);
+            Ok((GrantBook::from_file(bytes, path)?, Some(digest)))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((GrantBook::default(), None)),
+        Err(source) => Err(StateError::File {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
 impl<F: Firewall> Daemon<F> {
     /// Applies the baseline built from `loaded` in one transaction, carrying the
     /// grants and bans the kernel holds with their remaining time, then opens the
@@ -120,11 +137,8 @@ impl<F: Firewall> Daemon<F> {
         // What the book file holds now, as a stamp names it (a missing file: nothing).
         // A book that cannot be read is never vouched for, whatever a stamp says of
         // its bytes: its grant sets are read back.
-        let (mut book, book_digest) = match GrantBook::load(&book_path) {
-            Ok(book) => {
-                let digest = std::fs::read(&book_path).map(|b| stamp::digest(&b)).ok();
-                (book, digest)
-            }
+        let (mut book, book_digest) = match read_book(&book_path) {
+            Ok(read) => read,
             Err(e) => {
                 warn!(error = %format!("{e:#}"), "cannot read the grant book; rebuilding it from the kernel");
                 (GrantBook::default(), None)
@@ -833,7 +847,7 @@ mod tests {
         let (fw, addr, _) = stopped_with_a_grant(&dir);
         // A book file that reads as damaged (one id twice), and a stamp that names
         // exactly its bytes: the book vouches for nothing it cannot read.
-        let damaged = r#"{"version":2,"services":["ssh"],"holders":["uid 0"],"grants":[["a1",0,"192.0.2.9",0,1,2],["a1",0,"192.0.2.8",0,1,2]],"windows":[]}"#;
+        let damaged = r#"{"version":2,"services":["ssh"],"holders":["uid 0"],"grants":[["000000a1",0,"192.0.2.9",0,1,2],["000000a1",0,"192.0.2.8",0,1,2]],"windows":[]}"#;
         let book_path = dir.path().join(BOOK_FILE);
         std::fs::write(&book_path, damaged).unwrap();
         let stamp_path = stamp::path_beside(&book_path);
