@@ -119,6 +119,7 @@ fn rejection_rates_with(fwknop_stanzas: usize) {
         egress_max_ttl: Duration::from_secs(3600),
         services: knockgate::service::port_services(&knockgate::config::Config::default()),
         egress_service: false,
+        max_grants: 100_000,
     };
     let replay = ReplayLog::open(dir.path(), REPLAY_CAPACITY, unix_now()).unwrap();
     let mut core = Core::new(fw, settings, keys, replay, GrantBook::default());

@@ -282,6 +282,11 @@ pub struct Knock {
     pub max_ttl: Dur,
     /// Where the replay guard and the grant book are kept across restarts.
     pub state_dir: PathBuf,
+    /// Most grants open at once, all services and both families together (the last
+    /// 1,000 are kept for admins). Each costs the daemon ~150 bytes and the kernel
+    /// ~120 (charged to the daemon's cgroup): past 100,000, raise the unit's
+    /// `MemoryMax` with it.
+    pub max_grants: u32,
     /// Banning sources that keep sending invalid knocks.
     pub ban: Ban,
 }
@@ -515,6 +520,14 @@ impl Default for Inbound {
     }
 }
 
+/// `knock.max_grants` unless the config says otherwise.
+pub const DEFAULT_MAX_GRANTS: u32 = 100_000;
+/// The most `knock.max_grants` may be: what is measured (`cargo bench --bench knock`,
+/// "a million grants in the lab").
+pub const MOST_GRANTS: u32 = 1_000_000;
+/// The least it may be: more than the admins' reserve.
+pub const LEAST_GRANTS: u32 = 2_000;
+
 impl Default for Knock {
     fn default() -> Self {
         Self {
@@ -529,6 +542,7 @@ impl Default for Knock {
             default_ttl: Dur(Duration::from_secs(15 * 60)),
             max_ttl: Dur(Duration::from_secs(60 * 60)),
             state_dir: PathBuf::from("/var/lib/knockgate"),
+            max_grants: DEFAULT_MAX_GRANTS,
             ban: Ban::default(),
         }
     }

@@ -346,12 +346,14 @@ fn missing_key_file_is_named() {
 }
 
 #[test]
-fn meter_and_prefix_settings_are_bounded() {
+fn meter_prefix_and_grant_settings_are_bounded() {
     for (text, key) in [
         ("[knock]\nipv6_prefix = 129\n", "knock.ipv6_prefix"),
         ("[knock]\nipv6_prefix = 8\n", "knock.ipv6_prefix"),
         ("[knock]\nmeter_size = 0\n", "knock.meter_size"),
         ("[knock]\nmeter_size = 2000000\n", "knock.meter_size"),
+        ("[knock]\nmax_grants = 1999\n", "knock.max_grants"),
+        ("[knock]\nmax_grants = 1000001\n", "knock.max_grants"),
         (
             "[knock]\nfull_meter_rate_per_second = 0\n",
             "knock.full_meter_rate_per_second",
@@ -384,6 +386,7 @@ fn config_like() -> impl proptest::strategy::Strategy<Value = String> {
         Just("skew"),
         Just("max_ttl"),
         Just("meter_size"),
+        Just("max_grants"),
         Just("ipv6_prefix"),
         Just("after"),
         Just("max"),

@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use super::schema::{LEAST_GRANTS, MOST_GRANTS};
 use super::{Config, ConfigError};
 use crate::knock::KeyId;
 use crate::knock::auth::ServerId;
@@ -126,6 +127,12 @@ fn knock(c: &Checker<'_>, config: &Config) -> Result<(), ConfigError> {
     c.positive("knock.burst", k.burst)?;
     if !(16..=1 << 20).contains(&k.meter_size) {
         return Err(c.invalid("knock.meter_size", "expected 16 to 1048576 sources"));
+    }
+    if !(LEAST_GRANTS..=MOST_GRANTS).contains(&k.max_grants) {
+        return Err(c.invalid(
+            "knock.max_grants",
+            format!("expected {LEAST_GRANTS} to {MOST_GRANTS} grants"),
+        ));
     }
     c.positive(
         "knock.full_meter_rate_per_second",

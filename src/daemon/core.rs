@@ -141,18 +141,14 @@ impl KnockRefusal {
 /// sources that have gone quiet are dropped; if none have, the counts start afresh.
 pub const MAX_COUNTED_SOURCES: usize = 65_536;
 
-/// Most grants open at once (every service, both families). The kernel and every
-/// whole-table replace are measured with this many (README); a key holder who binds
-/// knocks to address after address cannot grow the table past it.
-pub const MAX_GRANTS: usize = 100_000;
 /// Grants only an admin may open: knocks (whatever their keys' quotas add up to) stop
-/// short of [`MAX_GRANTS`] by this many, so an admin can always let someone in.
+/// short of `knock.max_grants` by this many, so an admin can always let someone in.
 pub const ADMIN_RESERVE: usize = 1_000;
 
 /// Why a grant was not opened.
 #[derive(Debug, thiserror::Error)]
 pub enum GrantError {
-    /// [`MAX_GRANTS`] holes are open already; renewing one of them still works.
+    /// `knock.max_grants` holes are open already; renewing one of them still works.
     #[error("{0} grants are open, the most knockgated holds; refused until some end")]
     Full(usize),
     /// No port service of that name in the config.
@@ -187,6 +183,10 @@ pub struct Settings {
     pub services: Vec<PortService>,
     /// Whether `egress` can be opened by a knock (outbound is locked).
     pub egress_service: bool,
+    /// Most grants open at once, every service and both families (`knock.max_grants`):
+    /// a key holder who binds knocks to address after address cannot grow the book
+    /// and the kernel's sets past it.
+    pub max_grants: usize,
 }
 
 impl Settings {
@@ -427,7 +427,7 @@ impl<F: Firewall> Core<F> {
                     PolicyRefusal::KeyGrants { max },
                 ));
             }
-            if self.book.len() >= MAX_GRANTS - ADMIN_RESERVE {
+            if self.book.len() >= self.knocks_may_hold() {
                 return Err(KnockRefusal::Full(self.book.len()));
             }
         }
@@ -509,7 +509,7 @@ impl<F: Firewall> Core<F> {
                 let max = entry.max_grants;
                 return Err(KnockRefusal::Policy(id, PolicyRefusal::KeyGrants { max }));
             }
-            if self.book.len() + new_holes > MAX_GRANTS - ADMIN_RESERVE {
+            if self.book.len() + new_holes > self.knocks_may_hold() {
                 return Err(KnockRefusal::Full(self.book.len()));
             }
         }
@@ -725,8 +725,9 @@ impl<F: Firewall> Core<F> {
             return Err(GrantError::UnknownService(service.to_owned()));
         }
         let address = policy::canonical(address);
-        if self.book.len() >= MAX_GRANTS && !self.book.holds(service, address) {
-            return Err(GrantError::Full(MAX_GRANTS));
+        let most = self.settings.max_grants;
+        if self.book.len() >= most && !self.book.holds(service, address) {
+            return Err(GrantError::Full(most));
         }
         // The kernel is asked for a little more than the TTL, so the port never
         // closes early; the book keeps the TTL.
@@ -952,6 +953,11 @@ impl<F: Firewall> Core<F> {
         self.book.sorted()
     }
 
+    /// How many grants knocks may fill: all but the admins' reserve.
+    fn knocks_may_hold(&self) -> usize {
+        self.settings.max_grants.saturating_sub(ADMIN_RESERVE)
+    }
+
     /// Number of keys that can knock.
     #[must_use]
     pub fn key_count(&self) -> usize {
@@ -1017,32 +1023,47 @@ impl<F: Firewall> Core<F> {
     /// kernel, is the truth after someone else changed the table.
     #[must_use]
     pub fn booked_elements(&self, now: UnixMs) -> HashMap<String, Vec<Element>> {
-        let mut until: HashMap<(String, ElementKey), UnixMs> = HashMap::new();
-        let mut book = |set: String, key, expires_at: UnixMs| {
-            if expires_at > now {
-                let at = until.entry((set, key)).or_insert(expires_at);
-                *at = (*at).max(expires_at);
-            }
-        };
-        for (service, address, ends) in self.book.holes() {
-            let addr = policy::canonical(address);
-            book(grant_set(service, addr), ElementKey::Addr(addr), ends);
-        }
-        for window in self.book.windows() {
-            for (set, key) in window_elements(window.scope, &window.to) {
-                book(set.to_owned(), key, window.ends());
-            }
-        }
         let mut out: HashMap<String, Vec<Element>> = self
             .sequencer
             .as_ref()
             .map(|s| s.held(now))
             .unwrap_or_default();
+        let element = |key, at: UnixMs| Element {
+            key,
+            expires_in: (at != UnixMs::NEVER).then(|| kernel_timeout(now.until(at))),
+        };
+        // One grant per service and address: straight into its set (a million grants
+        // make no key, string or map entry each on the way).
+        let mut names: HashMap<(&str, IpFamily), String> = HashMap::new();
+        for (service, address, ends) in self.book.holes() {
+            if ends > now {
+                let addr = policy::canonical(address);
+                let family = IpFamily::of(addr);
+                let set = names
+                    .entry((service, family))
+                    .or_insert_with(|| service::grant_set(service, family));
+                if !out.contains_key(set.as_str()) {
+                    out.insert(set.clone(), Vec::new());
+                }
+                if let Some(list) = out.get_mut(set.as_str()) {
+                    list.push(element(ElementKey::Addr(addr), ends));
+                }
+            }
+        }
+        // Windows may share an element (a scope, a destination): the longest wins.
+        let mut until: HashMap<(&str, ElementKey), UnixMs> = HashMap::new();
+        for window in self.book.windows() {
+            for (set, key) in window_elements(window.scope, &window.to) {
+                if window.ends() > now {
+                    let at = until.entry((set, key)).or_insert(window.ends());
+                    *at = (*at).max(window.ends());
+                }
+            }
+        }
         for ((set, key), at) in until {
-            out.entry(set).or_default().push(Element {
-                key,
-                expires_in: (at != UnixMs::NEVER).then(|| kernel_timeout(now.until(at))),
-            });
+            out.entry(set.to_owned())
+                .or_default()
+                .push(element(key, at));
         }
         out
     }

@@ -558,6 +558,7 @@ fn settings(loaded: &Loaded, book_path: std::path::PathBuf) -> Settings {
         egress_max_ttl: loaded.config.egress.max_ttl.0,
         services: crate::service::port_services(&loaded.config),
         egress_service: loaded.config.outbound == crate::config::Outbound::Locked,
+        max_grants: usize::try_from(knock.max_grants).unwrap_or(usize::MAX),
     }
 }
 

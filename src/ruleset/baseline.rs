@@ -119,7 +119,7 @@ fn sets(config: &Config) -> Vec<SetDef> {
         .map(|(name, family)| {
             let kind = if ruled.contains(name) {
                 SetKind::RuleGrants {
-                    size: super::sequence::GRANT_SET_SIZE,
+                    size: config.knock.max_grants,
                 }
             } else {
                 SetKind::Grants

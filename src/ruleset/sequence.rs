@@ -201,9 +201,6 @@ impl fmt::Display for SeqStep {
 
 /// The class bits of a completion.
 pub const CLASS_MASK: u32 = 0xff00_0000;
-/// The size of a grant set that sequence rules add to: the daemon's most grants.
-/// Without one the kernel caps a set a rule adds to at 65,535 elements.
-pub const GRANT_SET_SIZE: u32 = 100_000;
 /// Most keys a completion can name (20 bits).
 pub const MAX_KEY_INDEX: usize = (1 << 20) - 1;
 

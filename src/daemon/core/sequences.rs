@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use super::{ADMIN_RESERVE, Core, MAX_GRANTS, grant_set};
+use super::{Core, grant_set};
 use crate::clock::UnixMs;
 use crate::daemon::sequencer::{Completed, Sequencer};
 use crate::firewall::{Firewall, FirewallError};
@@ -104,7 +104,7 @@ impl<F: Firewall> Core<F> {
             let max = self.keys.get(&completed.key).map_or(0, |k| k.max_grants);
             if self.key_grants(&completed.key) >= max {
                 Some(format!("the key holds its most grants ({max})"))
-            } else if self.book.len() >= MAX_GRANTS - ADMIN_RESERVE {
+            } else if self.book.len() >= self.knocks_may_hold() {
                 Some(format!(
                     "{} grants are open, all that knocks may take",
                     self.book.len()

@@ -106,6 +106,7 @@ fn settings(dir: &std::path::Path, config: &Config) -> Settings {
         egress_max_ttl: Duration::from_secs(600),
         services: crate::service::port_services(config),
         egress_service: true,
+        max_grants: usize::try_from(config.knock.max_grants).unwrap(),
     }
 }
 
@@ -1280,8 +1281,26 @@ fn a_completed_sequence_is_booked_like_a_knock_and_closed_again_past_the_keys_gr
 
 #[test]
 fn grant_sets_that_rules_add_to_hold_every_grant_the_daemon_may_book() {
-    assert_eq!(
-        usize::try_from(crate::ruleset::sequence::GRANT_SET_SIZE).unwrap(),
-        MAX_GRANTS
-    );
+    for most in [
+        crate::config::LEAST_GRANTS,
+        100_000,
+        crate::config::MOST_GRANTS,
+    ] {
+        let mut config = config();
+        config.keys = vec![crate::config::KeySpec::with_sequence("seq", 60)];
+        config.knock.max_grants = most;
+        let ruleset = baseline(&config, &[]);
+        let sizes: Vec<u32> = ruleset
+            .sets
+            .iter()
+            .filter_map(|s| match s.kind {
+                crate::ruleset::SetKind::RuleGrants { size } => Some(size),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            !sizes.is_empty() && sizes.iter().all(|&s| s == most),
+            "{sizes:?}"
+        );
+    }
 }

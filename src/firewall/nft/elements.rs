@@ -91,55 +91,71 @@ pub(super) struct ElemMsg {
 }
 
 /// `elements` of set `set` (id `set_id`, see [`ElemMsg::new`]) as as many messages as
-/// the [`ELEM_MSG_BUDGET`] needs, in order.
-pub(super) fn element_messages(
-    table: &CStr,
-    set: &CStr,
+/// the [`ELEM_MSG_BUDGET`] needs, in order, each built only when the one before is
+/// taken: a batch writes a message as it is added, so its libnftnl objects (a couple
+/// of hundred bytes an element) are freed before the next are made — a whole replace
+/// of a million elements would otherwise hold all of them at once.
+pub(super) fn element_messages<'a>(
+    table: &'a CStr,
+    set: &'a CStr,
     set_id: u32,
     exclusive: bool,
-    elements: &[Element],
-) -> Vec<ElemMsg> {
-    let mut messages = Vec::new();
-    let mut current = ElemMsg::new(table, set, set_id, exclusive);
-    for e in elements {
-        if !current.fits(e.key) {
-            let full = std::mem::replace(&mut current, ElemMsg::new(table, set, set_id, exclusive));
-            messages.push(full);
-        }
-        current.push(e.key, e.expires_in);
-    }
-    if current.count > 0 {
-        messages.push(current);
-    }
-    messages
+    elements: &'a [Element],
+) -> impl Iterator<Item = ElemMsg> + 'a {
+    messages_of(
+        elements,
+        move || ElemMsg::new(table, set, set_id, exclusive),
+        |m, e| {
+            m.push(e.key, e.expires_in);
+        },
+    )
 }
 
 /// One phase of refreshing `elements` of set `set` (existing, id 0), as as many
-/// messages as the budget needs.
-pub(super) fn refresh_messages(
-    table: &CStr,
-    set: &CStr,
-    elements: &[Element],
+/// messages as the budget needs, built one at a time likewise.
+pub(super) fn refresh_messages<'a>(
+    table: &'a CStr,
+    set: &'a CStr,
+    elements: &'a [Element],
     phase: super::Phase,
-) -> Vec<ElemMsg> {
+) -> impl Iterator<Item = ElemMsg> + 'a {
     let exclusive = phase == super::Phase::Add;
-    let mut messages = Vec::new();
-    let mut current = ElemMsg::new(table, set, 0, exclusive);
-    for e in elements {
-        if !current.fits(e.key) {
-            let full = std::mem::replace(&mut current, ElemMsg::new(table, set, 0, exclusive));
-            messages.push(full);
+    messages_of(
+        elements,
+        move || ElemMsg::new(table, set, 0, exclusive),
+        move |m, e| match phase {
+            super::Phase::Ensure => m.push(e.key, Some(Duration::from_secs(1))),
+            super::Phase::Delete => m.push_key(e.key),
+            super::Phase::Add => m.push(e.key, e.expires_in),
+        },
+    )
+}
+
+/// `elements` split into messages made by `new`, each filled by `push` while the next
+/// element [`ElemMsg::fits`].
+fn messages_of<'a>(
+    elements: &'a [Element],
+    new: impl Fn() -> ElemMsg + 'a,
+    push: impl Fn(&mut ElemMsg, &Element) + 'a,
+) -> impl Iterator<Item = ElemMsg> + 'a {
+    let mut rest = elements;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
         }
-        match phase {
-            super::Phase::Ensure => current.push(e.key, Some(Duration::from_secs(1))),
-            super::Phase::Delete => current.push_key(e.key),
-            super::Phase::Add => current.push(e.key, e.expires_in),
+        let mut message = new();
+        // `fits` is true of any element in an empty message: each takes at least one.
+        let mut taken = 0;
+        for e in rest {
+            if !message.fits(e.key) {
+                break;
+            }
+            push(&mut message, e);
+            taken += 1;
         }
-    }
-    if current.count > 0 {
-        messages.push(current);
-    }
-    messages
+        rest = &rest[taken..];
+        Some(message)
+    })
 }
 
 impl ElemMsg {
@@ -427,7 +443,7 @@ mod tests {
             [("v4", &v4), ("v6", &v6), ("cgroup.v6", &cgroup_v6)];
         for (name, key) in keys {
             let all = elements(20_000, key);
-            let messages = element_messages(t, s, 1, true, &all);
+            let messages: Vec<ElemMsg> = element_messages(t, s, 1, true, &all).collect();
             assert_eq!(
                 messages.iter().map(|m| m.count).sum::<usize>(),
                 all.len(),
@@ -462,7 +478,8 @@ mod tests {
             per_message + 1,
             3 * per_message + 7,
         ] {
-            let messages = element_messages(t, s, 0, false, &elements(n, v4));
+            let list = elements(n, v4);
+            let messages: Vec<ElemMsg> = element_messages(t, s, 0, false, &list).collect();
             let counts: Vec<usize> = messages.iter().map(|m| m.count).collect();
             assert_eq!(counts.iter().sum::<usize>(), n);
             assert_eq!(messages.len(), n.div_ceil(per_message), "{n}: {counts:?}");

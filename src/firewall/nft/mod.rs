@@ -992,16 +992,11 @@ fn add_contents(
             SetKeyType::Touch => add_set::<TouchKey>(builder, table, def, id)?,
             SetKeyType::StageTouch => add_set::<StageTouchKey>(builder, table, def, id)?,
         }
-        let messages =
-            elements::element_messages(&name, &cstring(&def.name)?, id, true, &def.elements);
-        let parts = messages.len();
-        for (part, elems) in messages.iter().enumerate() {
-            let label = format!(
-                "elements of set {} (message {} of {parts})",
-                def.name,
-                part + 1
-            );
-            builder.add(elems, MsgType::Add, label);
+        let set = cstring(&def.name)?;
+        let messages = elements::element_messages(&name, &set, id, true, &def.elements);
+        for (part, elems) in messages.enumerate() {
+            let label = format!("elements of set {} (message {})", def.name, part + 1);
+            builder.add(&elems, MsgType::Add, label);
         }
     }
     for counter in &ruleset.counters {
