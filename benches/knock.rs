@@ -10,9 +10,13 @@
 //!    knockgated in the server namespace. Median and p99 over many runs.
 //! 3. The grant book's operations with many grants booked (in process): a new grant,
 //!    an extension, a revoke, an expiry of one grant, and the next expiry asked.
+//! 4. A million grants in the lab: start, stop, restart and reload (`million.rs`).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
+
+#[path = "knock/million.rs"]
+mod million;
 
 use std::hint::black_box;
 use std::net::{IpAddr, SocketAddr, TcpStream};
@@ -235,8 +239,11 @@ fn knock_to_open(service: &str, port: u16) {
         };
         samples.push(took);
         // Close it again for the next run.
-        let grants =
-            knockgate::admin::client::call(&socket, &knockgate::admin::Request::Grants).unwrap();
+        let grants = knockgate::admin::client::call(
+            &socket,
+            &knockgate::admin::Request::Grants { after: None },
+        )
+        .unwrap();
         if let knockgate::admin::Response::Grants { grants, .. } = grants {
             for g in grants {
                 knockgate::admin::client::call(
@@ -445,7 +452,16 @@ fn book_operations() {
 }
 
 fn main() {
+    // The unit's environment (`systemd/knockgated.service`): the daemon as installed.
+    let tunables = std::path::Path::new("glibc.malloc.trim_threshold=131072");
+    let unit_env = [("GLIBC_TUNABLES", tunables)];
+    // `cargo bench --bench knock -- million`: only that (it takes a minute or two).
+    if std::env::args().any(|a| a == "million") {
+        million::million_grants(&unit_env);
+        return;
+    }
     book_operations();
+    million::million_grants(&unit_env);
     rejection_rates();
     knock_to_open("ssh", 22);
     knock_to_open("staging", 8443);

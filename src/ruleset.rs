@@ -65,6 +65,19 @@ pub struct Ruleset {
     pub counters: Vec<CounterDef>,
 }
 
+impl Ruleset {
+    /// The same ruleset without its sets' elements: what the daemon keeps of the one
+    /// in force (the kernel holds the elements; with a million grants they would be
+    /// ~50 MB held for nothing).
+    #[must_use]
+    pub fn without_elements(mut self) -> Self {
+        for set in &mut self.sets {
+            set.elements = Vec::new();
+        }
+        self
+    }
+}
+
 /// A named counter object: `counter NAME { packets P bytes B }`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CounterDef {

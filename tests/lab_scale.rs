@@ -108,7 +108,7 @@ fn kernel_grants(lab: &Lab) -> BTreeSet<IpAddr> {
 
 /// The daemon's book, as `knockgate grants` reads it.
 fn booked(socket: &Path) -> BTreeSet<IpAddr> {
-    match ask(socket, &Request::Grants) {
+    match knockgate::admin::client::all_grants(socket).unwrap() {
         Response::Grants { grants, .. } => grants.iter().map(|g| g.address).collect(),
         other => panic!("grants: {other:?}"),
     }

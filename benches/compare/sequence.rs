@@ -136,7 +136,8 @@ fn revoke_all(socket: &std::path::Path) {
     use knockgate::admin::{Request, Response, client::call};
     // The daemon books a completion a moment after the kernel opened it.
     for _ in 0..50 {
-        if let Ok(Response::Grants { grants, .. }) = call(socket, &Request::Grants) {
+        if let Ok(Response::Grants { grants, .. }) = call(socket, &Request::Grants { after: None })
+        {
             if !grants.is_empty() {
                 for g in grants {
                     let _ = call(socket, &Request::Revoke { id: g.id });

@@ -154,7 +154,7 @@ impl Subject {
             Kind::Knockgate => {
                 use knockgate::admin::{Request, Response, client::call};
                 if let Ok(Response::Grants { grants, .. }) =
-                    call(&self.admin_socket, &Request::Grants)
+                    call(&self.admin_socket, &Request::Grants { after: None })
                 {
                     for g in grants {
                         let _ = call(&self.admin_socket, &Request::Revoke { id: g.id });

@@ -15,6 +15,10 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 /// Longest answer line a client reads: `grants` with the most grants the daemon holds
 /// (100,000, ~150 bytes each in JSON) fits.
 pub const MAX_ANSWER: usize = 64 << 20;
+/// Most grants in one answer to `grants`: ~10 MB of JSON, well inside
+/// [`MAX_ANSWER`] — a million in one answer would be ~190 MB, built on the daemon's
+/// loop and under its memory cap.
+pub const GRANTS_PAGE: usize = 50_000;
 
 fn ssh() -> String {
     crate::service::SSH.to_owned()
@@ -26,8 +30,14 @@ fn ssh() -> String {
 pub enum Request {
     /// The daemon's state in brief.
     Status,
-    /// Every live grant.
-    Grants,
+    /// The live grants in pages, by id: the first page (with every egress window)
+    /// when `after` is absent, else the page after that grant id. The CLI asks for
+    /// page after page until the answer names no next one.
+    Grants {
+        /// The last grant id of the page before.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<String>,
+    },
     /// Open `service` for `from` for `ttl_secs` (the server's default if absent;
     /// capped). Sent as `open`; `open_ssh` (knockgate 0.1's CLI) is read as `ssh`.
     #[serde(alias = "open_ssh")]
@@ -81,7 +91,7 @@ impl Request {
     pub fn name(&self) -> &'static str {
         match self {
             Self::Status => "status",
-            Self::Grants => "grants",
+            Self::Grants { .. } => "grants",
             Self::Open { .. } => "open",
             Self::OpenEgress { .. } => "open_egress",
             Self::Reload => "reload",
@@ -133,13 +143,16 @@ pub enum Response {
         #[serde(default)]
         knocks_refused: u64,
     },
-    /// Answer to `grants`.
+    /// Answer to `grants`: a page of at most [`GRANTS_PAGE`] grants by id.
     Grants {
-        /// Every live grant.
+        /// Live grants, by id.
         grants: Vec<GrantRecord>,
-        /// Every open egress window.
+        /// Every open egress window (on the first page).
         #[serde(default)]
         windows: Vec<WindowRecord>,
+        /// The id to ask `after` for the next page, if there are more grants.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next: Option<String>,
     },
     /// An egress window was opened; it closes when the requesting connection does.
     WindowOpened {
@@ -230,6 +243,21 @@ mod tests {
             }
         );
         assert!(serde_json::from_str::<Request>(r#"{"op":"format_disk"}"#).is_err());
+        // `grants` before pages: the first page; a page after an id.
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"grants"}"#).unwrap(),
+            Request::Grants { after: None }
+        );
+        let next = Request::Grants {
+            after: Some("0a1b2c3d".into()),
+        };
+        let line = serde_json::to_string(&next).unwrap();
+        assert_eq!(line, r#"{"op":"grants","after":"0a1b2c3d"}"#);
+        assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), next);
+        assert_eq!(
+            serde_json::to_string(&Request::Grants { after: None }).unwrap(),
+            r#"{"op":"grants"}"#
+        );
     }
 
     /// Lines that look like requests, with every field's value drawn at random.
@@ -265,6 +293,7 @@ mod tests {
             Just("text"),
             Just("confirm_secs"),
             Just("id"),
+            Just("after"),
         ];
         (op, proptest::collection::vec((key, value), 0..5)).prop_map(|(op, fields)| {
             let fields: Vec<String> = fields

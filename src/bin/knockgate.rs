@@ -24,7 +24,7 @@ fn main() -> ExitCode {
 fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let request = match &args.command {
         Command::Status => Request::Status,
-        Command::Grants { .. } => Request::Grants,
+        Command::Grants { .. } => Request::Grants { after: None },
         Command::Open { service, from, ttl } => Request::Open {
             service: service.clone(),
             from: *from,
@@ -83,7 +83,13 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
         }
     };
     let json = matches!(args.command, Command::Grants { json: true });
-    Ok(show(&call(&args.socket_path()?, &request)?, json))
+    let socket = args.socket_path()?;
+    let answer = if matches!(request, Request::Grants { .. }) {
+        knockgate::admin::client::all_grants(&socket)?
+    } else {
+        call(&socket, &request)?
+    };
+    Ok(show(&answer, json))
 }
 
 fn show(response: &Response, json: bool) -> ExitCode {
@@ -111,7 +117,9 @@ fn show(response: &Response, json: bool) -> ExitCode {
                 "knock port: {junk} junk datagrams dropped by the kernel, {knocks_refused} refused by the daemon"
             );
         }
-        Response::Grants { grants, windows } if json => {
+        Response::Grants {
+            grants, windows, ..
+        } if json => {
             let both = serde_json::json!({ "grants": grants, "windows": windows });
             let text = serde_json::to_string_pretty(&both).unwrap_or_default() + "\n";
             if let Err(e) = knockgate::exit::write_stdout(&text) {
@@ -119,7 +127,9 @@ fn show(response: &Response, json: bool) -> ExitCode {
                 return ExitCode::from(1);
             }
         }
-        Response::Grants { grants, windows } => {
+        Response::Grants {
+            grants, windows, ..
+        } => {
             let text = grants_table(grants) + &windows_table(windows);
             if let Err(e) = knockgate::exit::write_stdout(&text) {
                 eprintln!("knockgate: cannot write the list: {e}");

@@ -339,6 +339,33 @@ fn verify_window_scope(peer: &Peer, scope: WindowScope) -> Result<super::peer::P
     Ok(process)
 }
 
+/// A page of `grants` (with the windows on the first), or why `after` names no grant
+/// id.
+fn grants_page<F: Firewall>(
+    core: &mut Core<F>,
+    now: crate::clock::UnixMs,
+    after: Option<&str>,
+) -> Response {
+    let after = match after.map(crate::grants::parse_id) {
+        None => None,
+        Some(Some(id)) => Some(id),
+        Some(None) => {
+            return Response::error("bad_request", "`after` is not a grant id (8 hex digits)");
+        }
+    };
+    let (grants, next) = core.grants_page(now, after, crate::admin::GRANTS_PAGE);
+    let windows = if after.is_none() {
+        core.windows(now)
+    } else {
+        Vec::new()
+    };
+    Response::Grants {
+        grants,
+        windows,
+        next: next.map(crate::grants::id_text),
+    }
+}
+
 /// Opens the window for the verified `process`; its real command line is what the
 /// log and `knockgate grants` show.
 fn open_window<F: Firewall>(
@@ -379,10 +406,7 @@ pub fn dispatch<F: Firewall>(
         Request::Reload | Request::Apply { .. } | Request::Confirm => {
             Response::error("bad_request", "not a core request")
         }
-        Request::Grants => Response::Grants {
-            grants: core.grants(now),
-            windows: core.windows(now),
-        },
+        Request::Grants { after } => grants_page(core, now, after.as_deref()),
         Request::OpenEgress { ref to, .. } if to.len() > MAX_WINDOW_DESTINATIONS => {
             Response::error(
                 "bad_request",

@@ -947,10 +947,22 @@ impl<F: Firewall> Core<F> {
         restored
     }
 
-    /// The live grants.
+    /// The live grants, by id.
     pub fn grants(&mut self, now: UnixMs) -> Vec<GrantRecord> {
         self.expire(now);
         self.book.sorted()
+    }
+
+    /// At most `limit` live grants by id, after the grant `after` (from the first
+    /// without), and the last one's id if more follow.
+    pub fn grants_page(
+        &mut self,
+        now: UnixMs,
+        after: Option<crate::grants::GrantId>,
+        limit: usize,
+    ) -> (Vec<GrantRecord>, Option<crate::grants::GrantId>) {
+        self.expire(now);
+        self.book.page(after, limit)
     }
 
     /// How many grants knocks may fill: all but the admins' reserve.
@@ -1022,7 +1034,7 @@ impl<F: Firewall> Core<F> {
     /// set: each element with the time its longest booking has left. The book, not the
     /// kernel, is the truth after someone else changed the table.
     #[must_use]
-    pub fn booked_elements(&self, now: UnixMs) -> HashMap<String, Vec<Element>> {
+    pub fn booked_elements(&self, now: UnixMs, kept: &[String]) -> HashMap<String, Vec<Element>> {
         let mut out: HashMap<String, Vec<Element>> = self
             .sequencer
             .as_ref()
@@ -1034,14 +1046,18 @@ impl<F: Firewall> Core<F> {
         };
         // One grant per service and address: straight into its set (a million grants
         // make no key, string or map entry each on the way).
-        let mut names: HashMap<(&str, IpFamily), String> = HashMap::new();
+        // Sets left in place by the replace need none (their names: `None`).
+        let mut names: HashMap<(&str, IpFamily), Option<String>> = HashMap::new();
         for (service, address, ends) in self.book.holes() {
             if ends > now {
                 let addr = policy::canonical(address);
                 let family = IpFamily::of(addr);
-                let set = names
-                    .entry((service, family))
-                    .or_insert_with(|| service::grant_set(service, family));
+                let set_name = names.entry((service, family)).or_insert_with(|| {
+                    Some(service::grant_set(service, family)).filter(|s| !kept.contains(s))
+                });
+                let Some(set) = set_name else {
+                    continue;
+                };
                 if !out.contains_key(set.as_str()) {
                     out.insert(set.clone(), Vec::new());
                 }

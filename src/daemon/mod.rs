@@ -6,6 +6,7 @@
 
 mod admin;
 pub mod core;
+mod keepalive;
 mod listener;
 mod peer;
 mod repair;
@@ -226,7 +227,7 @@ impl<F: Firewall> Daemon<F> {
         Ok(Self {
             core,
             loaded,
-            ruleset,
+            ruleset: ruleset.without_elements(),
             trial: None,
         })
     }
@@ -288,7 +289,7 @@ impl<F: Firewall> Daemon<F> {
                 "grant closed: its service was removed from the config");
         }
         self.loaded = loaded;
-        self.ruleset = ruleset;
+        self.ruleset = ruleset.without_elements();
         Ok(dropped)
     }
 
@@ -651,7 +652,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let daemon = start(MemoryFirewall::default(), OnStop::Keep, &dir).unwrap();
         let want = baseline(&Config::default(), &["192.0.2.53".parse().unwrap()]);
-        assert_eq!(daemon.ruleset(), &want);
+        assert_eq!(daemon.ruleset(), &want.clone().without_elements());
         let fw = daemon.stop().unwrap();
         assert_eq!(fw.tables.get("knockgate"), Some(&want));
     }

@@ -23,7 +23,7 @@ impl<F: Firewall> Daemon<F> {
         let ruleset = self.ruleset_from_book(&loaded, now, BanRead::BestEffort, &[])?;
         self.core.firewall_mut().replace(&ruleset)?;
         let restored = ruleset.sets.iter().map(|s| s.elements.len()).sum();
-        self.ruleset = ruleset;
+        self.ruleset = ruleset.without_elements();
         Ok(restored)
     }
 
@@ -39,7 +39,7 @@ impl<F: Firewall> Daemon<F> {
         keep: &[String],
     ) -> Result<Ruleset, FirewallError> {
         let mut ruleset = baseline(&loaded.config, &loaded.resolvers);
-        let mut booked = self.core.booked_elements(now);
+        let mut booked = self.core.booked_elements(now, keep);
         for set in &mut ruleset.sets {
             if keep.contains(&set.name) {
                 // Left in place by the replace: nothing to fill in.
@@ -154,16 +154,11 @@ mod tests {
             vec![(ElementKey::Addr(laptop), 500)]
         );
         let in_force = d.core().firewall_mut().tables["knockgate"].clone();
-        let mut without_elements = in_force.clone();
-        for set in &mut without_elements.sets {
-            set.elements.clear();
-        }
-        let mut want = applied;
-        for set in &mut want.sets {
-            set.elements.clear();
-        }
+        let without_elements = in_force.without_elements();
+        let want = applied.without_elements();
         assert_eq!(without_elements, want, "the same baseline, rule for rule");
-        assert_eq!(d.ruleset(), &in_force);
+        // The daemon keeps the ruleset in force without its elements (the kernel's).
+        assert_eq!(d.ruleset(), &without_elements);
     }
 
     #[test]

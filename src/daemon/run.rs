@@ -46,6 +46,19 @@ pub fn run(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
     local.block_on(&runtime, serve(loaded, keys))
 }
 
+/// Applies the baseline and books what the kernel holds ([`Daemon::start`]), telling
+/// the service manager all along that the start goes on: with a million grants to
+/// read back it takes minutes.
+fn start(
+    firewall: NftFirewall,
+    loaded: Loaded,
+    keys: KeyRing,
+) -> Result<Shared, super::StartError> {
+    let _keepalive = super::keepalive::StartKeepalive::for_systemd();
+    let daemon = Daemon::start(firewall, loaded, keys, UnixMs::now())?;
+    Ok(Rc::new(RefCell::new(daemon)))
+}
+
 async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let port = loaded.config.knock.port;
@@ -55,12 +68,7 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
     let (firewall, mut watch) = open_firewall(&loaded)?;
     // The baseline first: whatever fails after this point (state directory, sockets,
     // signals) leaves the host locked down rather than open while the service restarts.
-    let daemon: Shared = Rc::new(RefCell::new(Daemon::start(
-        firewall,
-        loaded,
-        keys,
-        UnixMs::now(),
-    )?));
+    let daemon = start(firewall, loaded, keys)?;
     let mut sequences = SequenceListener::open(&daemon)?;
     let socket = listener::bind(port).with_context(|| format!("cannot bind udp port {port}"))?;
     let admin_socket = admin::bind(&admin_path, &group)?;

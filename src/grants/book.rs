@@ -451,6 +451,28 @@ impl GrantBook {
         slots.into_iter().map(|s| self.record(s)).collect()
     }
 
+    /// At most `limit` grants by id, after `after` (from the first without), and the
+    /// last one's id if more follow: a listing in pages costs each page its own size.
+    #[must_use]
+    pub fn page(
+        &self,
+        after: Option<GrantId>,
+        limit: usize,
+    ) -> (Vec<GrantRecord>, Option<GrantId>) {
+        use std::ops::Bound;
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut ids = self.by_id.range((from, Bound::Unbounded));
+        let page: Vec<GrantRecord> = ids
+            .by_ref()
+            .take(limit)
+            .filter_map(|(_, &n)| self.slots.get(n as usize))
+            .map(|s| self.record(s))
+            .collect();
+        let more = ids.next().is_some();
+        let next = page.last().and_then(|r| parse_id(&r.id)).filter(|_| more);
+        (page, next)
+    }
+
     /// The grant `id`.
     #[must_use]
     pub fn get(&self, id: &str) -> Option<GrantRecord> {

@@ -770,3 +770,43 @@ fn a_name_no_grant_uses_is_forgotten_and_its_number_used_again() {
     let text = String::from_utf8(book.to_json()).unwrap();
     assert_eq!(GrantBook::from_text(text.as_bytes()), Some(book));
 }
+
+#[test]
+fn pages_list_every_grant_once_by_id_whatever_their_size() {
+    let mut book = GrantBook::default();
+    let mut id = pooled_ids();
+    for host in 0..=200u8 {
+        let service = if host % 3 == 0 { "web" } else { "ssh" };
+        book.grant(
+            service,
+            IpAddr::from([192, 0, 2, host]),
+            "k",
+            UnixMs(0),
+            Duration::from_secs(9),
+            &mut id,
+        );
+    }
+    let all: Vec<String> = book.sorted().into_iter().map(|r| r.id).collect();
+    assert_eq!(all.len(), 201);
+    for limit in [1, 7, 200, 201, 500] {
+        let (mut seen, mut after) = (Vec::new(), None);
+        loop {
+            let (page, next) = book.page(after, limit);
+            assert!(page.len() <= limit);
+            seen.extend(page.into_iter().map(|r| r.id));
+            match next {
+                Some(last) => {
+                    assert_eq!(id_text(last), *seen.last().unwrap());
+                    after = Some(last);
+                }
+                None => break,
+            }
+        }
+        assert_eq!(seen, all, "limit {limit}");
+    }
+    // After a grant that is gone: from the next id on.
+    let third = all[2].clone();
+    book.revoke(&third);
+    let (page, _) = book.page(parse_id(&third), 1);
+    assert_eq!(page[0].id, all[3]);
+}

@@ -516,11 +516,23 @@ impl Lab {
         env: &[(&str, &Path)],
         wrapper: &[&str],
     ) -> Daemon {
+        self.start_daemon_within(config, env, wrapper, DAEMON_START_TIMEOUT)
+    }
+
+    /// [`Lab::start_daemon_wrapped`], waiting up to `limit` for it to listen (a bench
+    /// whose start has a million elements to read back).
+    pub fn start_daemon_within(
+        &self,
+        config: &Path,
+        env: &[(&str, &Path)],
+        wrapper: &[&str],
+        limit: Duration,
+    ) -> Daemon {
         let n = NEXT_LAB.fetch_add(1, Ordering::Relaxed);
         let log = self.dir.path().join(format!("knockgated-{n}.log"));
         let child = self.spawn_daemon(config, &log, env, wrapper);
         let mut daemon = Daemon { child, log };
-        let deadline = Instant::now() + DAEMON_START_TIMEOUT;
+        let deadline = Instant::now() + limit;
         while !daemon.log_text().contains("listening for knocks") {
             if let Ok(Some(status)) = daemon.child.try_wait() {
                 panic!("knockgated exited with {status}:\n{}", daemon.log_text());

@@ -1191,7 +1191,7 @@ fn a_reload_that_drops_a_service_drops_its_grants_and_keeps_the_rest() {
         .collect();
     left.sort();
     assert_eq!(left, ["ssh", "web"]);
-    let booked = f.core.booked_elements(UnixMs::from_secs(NOW));
+    let booked = f.core.booked_elements(UnixMs::from_secs(NOW), &[]);
     assert!(!booked.contains_key("wireguard_grants_v4"));
     assert!(booked.contains_key("web_grants_v4"));
     // An admin cannot open a service that is not there.

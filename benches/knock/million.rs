@@ -1,0 +1,205 @@
+//! A million grants in the lab (root): `knock.max_grants = 1000000`, the grant sets
+//! filled by another process (`nft -f`, 500,000 addresses of each family) while
+//! knockgated is stopped; the start reads them back and books them. Then restart and
+//! reload, each both ways — leaving the grant sets in place (only the daemon
+//! committed) and whole (after another process's commit) — timed, with the daemon's
+//! peak RSS. Every step checks that the million is still booked.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use knockgate::admin::client::call;
+use knockgate::admin::{Request, Response};
+
+use crate::support::{Daemon, Lab};
+
+const PER_FAMILY: u32 = 500_000;
+
+/// The `n`-th address of each family (never routed: set elements only).
+fn addresses(n: u32) -> (Ipv4Addr, Ipv6Addr) {
+    (
+        Ipv4Addr::from(0x6440_0000 + n),
+        Ipv6Addr::from((0x2001_0db8_0001_u128 << 80) | u128::from(n)),
+    )
+}
+
+/// `nft -f` text adding the million, 10,000 to a command.
+fn fill_text() -> String {
+    let mut text = String::new();
+    for (set, v4) in [("ssh_grants_v4", true), ("ssh_grants_v6", false)] {
+        for chunk in (0..PER_FAMILY).collect::<Vec<_>>().chunks(10_000) {
+            let _ = write!(text, "add element inet knockgate {set} {{ ");
+            for &n in chunk {
+                let (a, b) = addresses(n);
+                let addr: IpAddr = if v4 { a.into() } else { b.into() };
+                let _ = write!(text, "{addr} timeout 20h, ");
+            }
+            text.push_str("}\n");
+        }
+    }
+    text
+}
+
+fn ask(socket: &Path, request: &Request) -> Response {
+    call(socket, request).unwrap_or_else(|e| panic!("{request:?}: {e:#}"))
+}
+
+/// That the daemon books all of them.
+fn assert_all_booked(socket: &Path, after: &str) {
+    match ask(socket, &Request::Status) {
+        Response::Status { grants, .. } => {
+            assert_eq!(grants, 2 * PER_FAMILY as usize, "after {after}");
+        }
+        other => panic!("status after {after}: {other:?}"),
+    }
+}
+
+/// How many grant sets the daemon's last "baseline applied" line says it kept.
+fn kept_sets(daemon: &Daemon) -> usize {
+    let log = daemon.log_text();
+    log.lines()
+        .rfind(|l| l.contains("baseline applied"))
+        .and_then(|l| l.split("kept_sets=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .map_or(0, |sets| {
+            sets.split(',').filter(|s| s.contains("_grants_")).count()
+        })
+}
+
+/// The daemon's peak RSS so far, in MB.
+fn peak_mb(daemon: &Daemon) -> f64 {
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u32>().ok())
+        .map_or(0.0, |kb| f64::from(kb) / 1024.0)
+}
+
+/// Another process commits: the daemon can no longer vouch for its grant sets.
+fn someone_else_commits(lab: &Lab) {
+    lab.nft(&["add", "table", "inet", "someone-else"]);
+    lab.nft(&["delete", "table", "inet", "someone-else"]);
+}
+
+struct Row {
+    what: &'static str,
+    seconds: f64,
+    kept: Option<usize>,
+    /// The daemon's peak RSS in this step.
+    peak: Option<f64>,
+}
+
+fn timed<T>(rows: &mut Vec<Row>, what: &'static str, f: impl FnOnce() -> T) -> T {
+    let started = Instant::now();
+    let out = f();
+    rows.push(Row {
+        what,
+        seconds: started.elapsed().as_secs_f64(),
+        kept: None,
+        peak: None,
+    });
+    out
+}
+
+/// Starts the daemon's peak RSS again from its present RSS.
+fn reset_peak(daemon: &Daemon) {
+    std::fs::write(format!("/proc/{}/clear_refs", daemon.pid()), "5").ok();
+}
+
+/// Notes the daemon's kept sets and peak RSS on the last row.
+fn note(rows: &mut [Row], daemon: &Daemon) {
+    if let Some(r) = rows.last_mut() {
+        r.kept = Some(kept_sets(daemon));
+        r.peak = Some(peak_mb(daemon));
+    }
+}
+
+/// The bench (see the module's doc).
+pub fn million_grants(unit_env: &[(&str, &Path)]) {
+    if !nix::unistd::geteuid().is_root() {
+        println!("\n(a million grants in the lab skipped: the lab needs root)");
+        return;
+    }
+    let lab = Lab::new();
+    let socket = lab.dir().join("admin.sock");
+    let config: PathBuf = lab.write_file(
+        "million.toml",
+        "[knock]\nserver_id = \"bench\"\nmax_grants = 1000000\nmax_ttl = \"24h\"\n\
+         [dns]\nresolvers = [\"10.77.2.53\"]\n",
+    );
+    let start = |rows: &mut Vec<Row>, what| {
+        // Reading a million elements back takes the kernel minutes (below).
+        let limit = Duration::from_secs(900);
+        let daemon = timed(rows, what, || {
+            lab.start_daemon_within(&config, unit_env, &[], limit)
+        });
+        note(rows, &daemon);
+        daemon
+    };
+    let mut rows = Vec::new();
+    let daemon = lab.start_daemon_with_env(&config, unit_env);
+    assert_eq!(daemon.terminate(), 0);
+    let fill = lab.write_file("fill.nft", &fill_text());
+    timed(
+        &mut rows,
+        "nft -f: 1,000,000 elements added by another process (while stopped)",
+        || {
+            lab.nft(&["-f", &fill.display().to_string()]);
+        },
+    );
+    let mut daemon = start(&mut rows, "start: all read back and booked `recovered`");
+    assert_all_booked(&socket, "the first start");
+    timed(
+        &mut rows,
+        "stop (SIGTERM): the book written, 1,000,000 rows",
+        || {
+            assert_eq!(daemon.terminate(), 0);
+        },
+    );
+    daemon = start(&mut rows, "start: grant sets left in place");
+    assert_all_booked(&socket, "a restart");
+    let reload = |rows: &mut Vec<Row>, daemon: &Daemon, what| {
+        reset_peak(daemon);
+        timed(rows, what, || {
+            assert!(matches!(
+                ask(&socket, &Request::Reload),
+                Response::Reloaded { .. }
+            ));
+        });
+        note(rows, daemon);
+    };
+    reload(&mut rows, &daemon, "reload: grant sets left in place");
+    assert_all_booked(&socket, "a reload");
+    someone_else_commits(&lab);
+    reload(
+        &mut rows,
+        &daemon,
+        "reload after another process's commit (whole)",
+    );
+    assert_all_booked(&socket, "a whole reload");
+    assert_eq!(daemon.terminate(), 0);
+    someone_else_commits(&lab);
+    daemon = start(
+        &mut rows,
+        "start after another process's commit (read back)",
+    );
+    assert_all_booked(&socket, "a whole restart");
+    assert_eq!(daemon.terminate(), 0);
+
+    println!("\n## A million grants in the lab (release, `knock.max_grants = 1000000`)\n");
+    println!("| step | seconds | grant sets kept | the daemon's peak RSS |");
+    println!("|---|---:|---:|---:|");
+    for row in &rows {
+        let kept = row
+            .kept
+            .map_or_else(|| "–".to_owned(), |k| format!("{k} of 2"));
+        let peak = row
+            .peak
+            .map_or_else(|| "–".to_owned(), |p| format!("{p:.0} MB"));
+        println!("| {} | {:.2} | {kept} | {peak} |", row.what, row.seconds);
+    }
+}

@@ -1,0 +1,92 @@
+//! Tells the service manager that a long start is still starting. A start that must
+//! read a million grants back from the kernel takes it minutes (each dump message of
+//! a set walks the set from its first element: `benches/knock/million.rs`), and
+//! systemd kills a start that passes `TimeoutStartSec` (90 s by default) — then
+//! starts it again, to be killed again, while no knock is heard.
+
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// How often a long start says so, and how much longer it asks for each time.
+pub const EVERY: Duration = Duration::from_secs(20);
+const EXTEND_BY: Duration = Duration::from_secs(60);
+
+/// While alive, calls `extend` every [`EVERY`] from a thread of its own (the start
+/// blocks the daemon's thread); dropped, the thread ends at once.
+pub struct StartKeepalive {
+    stop: Option<Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl StartKeepalive {
+    /// Keeps systemd's start timeout extended ([`EXTEND_BY`] at a time). Outside
+    /// systemd the notifications go nowhere.
+    #[must_use]
+    pub fn for_systemd() -> Self {
+        let usec = u32::try_from(EXTEND_BY.as_micros()).unwrap_or(u32::MAX);
+        Self::spawn(EVERY, move || {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::ExtendTimeoutUsec(usec)]);
+        })
+    }
+
+    /// Calls `extend` every `every` until dropped. If no thread can be made, the start
+    /// goes on without (it is the timeout it risks, not the start).
+    pub fn spawn(every: Duration, extend: impl Fn() + Send + 'static) -> Self {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("start-keepalive".into())
+            .spawn(move || {
+                while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
+                    extend();
+                }
+            })
+            .ok();
+        Self {
+            stop: Some(stop),
+            thread,
+        }
+    }
+}
+
+impl Drop for StartKeepalive {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn a_long_start_says_so_until_it_ends_and_not_after() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&calls);
+        let keepalive = StartKeepalive::spawn(Duration::from_millis(5), move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+        });
+        // Bounded wait for at least two calls (no timing asserted: a loaded machine
+        // only makes this slower).
+        for _ in 0..2_000 {
+            if calls.load(Ordering::SeqCst) >= 2 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(calls.load(Ordering::SeqCst) >= 2);
+        drop(keepalive);
+        let after = calls.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            after,
+            "the thread ended with it"
+        );
+    }
+}
