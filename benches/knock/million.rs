@@ -174,6 +174,17 @@ pub fn million_grants(unit_env: &[(&str, &Path)]) {
     };
     reload(&mut rows, &daemon, "reload: grant sets left in place");
     assert_all_booked(&socket, "a reload");
+    reset_peak(&daemon);
+    let listed = timed(
+        &mut rows,
+        "`knockgate grants`: all, in pages of 50,000",
+        || match knockgate::admin::client::all_grants(&socket) {
+            Ok(Response::Grants { grants, .. }) => grants.len(),
+            other => panic!("grants: {other:?}"),
+        },
+    );
+    note(&mut rows, &daemon);
+    assert_eq!(listed, 2 * PER_FAMILY as usize, "listed");
     someone_else_commits(&lab);
     reload(
         &mut rows,

@@ -11,6 +11,7 @@ use super::{
     GrantId, GrantRecord, Granted, WindowRecord, WindowScope, id_text, kernel_end, parse_id,
 };
 use crate::clock::UnixMs;
+use crate::policy::canonical;
 use crate::ruleset::Element;
 
 /// One grant as the book holds it: no heap, the names are numbers into the book's
@@ -196,6 +197,7 @@ impl GrantBook {
         ttl: Duration,
         mut new_id: impl FnMut() -> GrantId,
     ) -> (GrantRecord, Granted) {
+        let address = canonical(address);
         let ends = now.plus(ttl);
         if let Some(n) = self.slot_of(service, address) {
             if self.slots[n].ends() <= now {
@@ -236,14 +238,15 @@ impl GrantBook {
     /// Whether `service` is open for `address` (a renewal, not a new hole).
     #[must_use]
     pub fn holds(&self, service: &str, address: IpAddr) -> bool {
-        self.slot_of(service, address).is_some()
+        self.slot_of(service, canonical(address)).is_some()
     }
 
     /// Books `record` again as it was (a rolled-back trial's grants), replacing any
     /// record for the same service and address. If its id went to another grant or a
     /// window meanwhile, it gets a fresh one: ids name one thing each.
     pub fn restore(&mut self, record: &GrantRecord) {
-        if let Some(n) = self.slot_of(&record.service, record.address) {
+        let address = canonical(record.address);
+        if let Some(n) = self.slot_of(&record.service, address) {
             self.remove_slot(n);
         }
         let wanted = parse_id(&record.id);
@@ -258,7 +261,7 @@ impl GrantBook {
         self.new_slot(
             id,
             &record.service,
-            record.address,
+            address,
             &record.who,
             UnixMs(record.granted_at_ms),
             record.ends(),
@@ -308,7 +311,10 @@ impl GrantBook {
         now: UnixMs,
         mut new_id: impl FnMut() -> GrantId,
     ) {
-        let in_kernel: HashSet<IpAddr> = kernel.iter().filter_map(Element::addr).collect();
+        // One hole per address as the rules match it: `::ffff:192.0.2.1` in a v6 set is
+        // 192.0.2.1's hole (two records for it would be two elements in one set).
+        let addr_of = |e: &Element| e.addr().map(canonical);
+        let in_kernel: HashSet<IpAddr> = kernel.iter().filter_map(addr_of).collect();
         if let Some(number) = self.services.number(service) {
             let gone: Vec<GrantId> = self
                 .slots
@@ -322,7 +328,7 @@ impl GrantBook {
         // the book's stands (the kernel's would move the promise up to a tick earlier
         // at every restart); further off, the kernel is right.
         let slack = crate::clock::kernel_timer().overshoot().as_millis();
-        for (element, address) in kernel.iter().filter_map(|e| Some((e, e.addr()?))) {
+        for (element, address) in kernel.iter().filter_map(|e| Some((e, addr_of(e)?))) {
             let kernel_ends = kernel_end(now, element.expires_in);
             if let Some(n) = self.slot_of(service, address) {
                 let booked = self.slots[n].ends();

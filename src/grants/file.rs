@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::book::{GrantBook, Names, Slot};
 use super::{GrantId, GrantRecord, WindowRecord, new_id, parse_id};
+use crate::policy::canonical;
 use crate::state::{StateError, write_atomically};
 
 /// The book file's format version.
@@ -81,6 +82,9 @@ impl GrantBook {
     /// A format 1 book (one object per grant, every name spelled out), and the
     /// slots of its grants whose ids are not as knockgate writes them.
     fn from_v1(saved: SavedV1) -> Option<(Self, Vec<Slot>)> {
+        if saved.version.is_some() {
+            return None;
+        }
         let mut book = Self::default();
         let mut unnamed = Vec::new();
         for r in saved.grants {
@@ -99,7 +103,7 @@ impl GrantBook {
                 id: 0,
                 service: book.services.acquire(&r.service),
                 who: book.holders.acquire(&r.who),
-                address: r.address,
+                address: canonical(r.address),
             };
             book.book_row(parse_id(&r.id), slot, &mut unnamed);
         }
@@ -179,6 +183,9 @@ impl GrantBook {
 /// and time spelled out, pretty-printed — 254 bytes a grant.
 #[derive(Deserialize, Default)]
 struct SavedV1 {
+    /// Format 1 has none: a file that names a version is of another format.
+    #[serde(default)]
+    version: Option<serde::de::IgnoredAny>,
     grants: Vec<GrantRecord>,
     #[serde(default)]
     windows: Vec<WindowRecord>,
@@ -239,7 +246,7 @@ impl Serialize for HexId {
 }
 
 /// The fields of a format 2 file.
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
 #[serde(field_identifier, rename_all = "lowercase")]
 enum Field {
     Version,
@@ -277,7 +284,16 @@ impl<'de> Visitor<'de> for BookV2<'_> {
         let mut version = None;
         let (mut services, mut holders) = (None::<Vec<String>>, None::<Vec<String>>);
         let (mut grants, mut windows) = (false, false);
+        let mut seen = Vec::new();
         while let Some(field) = map.next_key::<Field>()? {
+            // A field twice is not a file knockgate wrote (a second `grants` would add
+            // to the first; a second table would renumber the rows after it).
+            if field != Field::Other {
+                if seen.contains(&field) {
+                    return Err(de::Error::custom("a field twice"));
+                }
+                seen.push(field);
+            }
             match field {
                 Field::Version => version = Some(map.next_value::<u32>()?),
                 Field::Services => services = Some(map.next_value()?),
@@ -386,7 +402,7 @@ impl<'de> Visitor<'de> for Rows<'_> {
                 id: 0,
                 service,
                 who,
-                address,
+                address: canonical(address),
             };
             self.book.book_row(id.0, slot, self.unnamed);
         }

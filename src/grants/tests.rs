@@ -810,3 +810,62 @@ fn pages_list_every_grant_once_by_id_whatever_their_size() {
     let (page, _) = book.page(parse_id(&third), 1);
     assert_eq!(page[0].id, all[3]);
 }
+
+#[test]
+fn an_ipv4_address_is_one_hole_however_it_is_written() {
+    let mapped = ip("::ffff:192.0.2.1");
+    let mut book = GrantBook::default();
+    let mut id = ids();
+    let (first, _) = ssh(&mut book, "192.0.2.1", "key a", 100, 60, &mut id);
+    let (again, kind) = book.grant(
+        "ssh",
+        mapped,
+        "key a",
+        UnixMs::from_secs(110),
+        Duration::from_secs(60),
+        &mut id,
+    );
+    assert_eq!(
+        (kind, again.id, again.address),
+        (Granted::Extended, first.id, ip("192.0.2.1"))
+    );
+    assert!(book.holds("ssh", mapped));
+    // The kernel holding it both ways (someone added the mapped form to the v6 set):
+    // one record, not two elements for one address in the v4 set.
+    let kernel = [
+        Element {
+            key: ip("192.0.2.1").into(),
+            expires_in: Some(Duration::from_secs(40)),
+        },
+        Element {
+            key: mapped.into(),
+            expires_in: Some(Duration::from_secs(50)),
+        },
+    ];
+    book.reconcile("ssh", &kernel, UnixMs::from_secs(120), &mut id);
+    assert_eq!(book.len(), 1);
+    assert_indexes_agree(&book);
+    // A file naming it both ways names one hole twice: damaged.
+    let text = r#"{"version":2,"services":["ssh"],"holders":["uid 0"],"grants":[["0000000a",0,"192.0.2.1",0,1,2000],["0000000b",0,"::ffff:192.0.2.1",0,1,2000]],"windows":[]}"#;
+    assert_eq!(GrantBook::from_text(text.as_bytes()), None);
+}
+
+#[test]
+fn a_field_twice_or_a_version_on_the_old_format_is_damaged() {
+    let row = r#"["0000000a",0,"192.0.2.1",0,1,2000]"#;
+    let other = r#"["0000000b",0,"192.0.2.2",0,1,2000]"#;
+    for text in [
+        format!(
+            r#"{{"version":2,"services":["ssh"],"holders":["a"],"grants":[{row}],"grants":[{other}],"windows":[]}}"#
+        ),
+        format!(
+            r#"{{"version":2,"services":["ssh"],"holders":["a"],"grants":[{row}],"windows":[],"windows":[]}}"#
+        ),
+        format!(
+            r#"{{"version":2,"services":["ssh"],"holders":["a"],"grants":[{row}],"services":["web"],"windows":[]}}"#
+        ),
+        r#"{"version":3,"grants":[],"windows":[]}"#.to_owned(),
+    ] {
+        assert_eq!(GrantBook::from_text(text.as_bytes()), None, "{text}");
+    }
+}

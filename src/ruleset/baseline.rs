@@ -107,7 +107,11 @@ fn sets(config: &Config) -> Vec<SetDef> {
         .iter()
         .flat_map(|s| [IpFamily::V4, IpFamily::V6].map(|f| (s.grant_set(f), f)))
         .collect();
-    // Grant sets that sequence rules add to need a size (the kernel would cap them).
+    // Grant sets that sequence rules add to need a size (the kernel would cap them
+    // at 65,535): the most `knock.max_grants` may be, whatever it is now — sized by
+    // it, a set could not be kept, nor filled again, after it was lowered below the
+    // grants it holds (the kernel refuses adds past a set's size). The daemon closes
+    // what rules add past a key's grants or the daemon's.
     let ruled: Vec<String> = super::sequence::classes(config)
         .iter()
         .flat_map(|c| {
@@ -119,7 +123,7 @@ fn sets(config: &Config) -> Vec<SetDef> {
         .map(|(name, family)| {
             let kind = if ruled.contains(name) {
                 SetKind::RuleGrants {
-                    size: config.knock.max_grants,
+                    size: crate::config::MOST_GRANTS,
                 }
             } else {
                 SetKind::Grants

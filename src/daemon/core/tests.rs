@@ -1290,6 +1290,8 @@ fn grant_sets_that_rules_add_to_hold_every_grant_the_daemon_may_book() {
         config.keys = vec![crate::config::KeySpec::with_sequence("seq", 60)];
         config.knock.max_grants = most;
         let ruleset = baseline(&config, &[]);
+        // The most any config may book, whatever this one says: lowered below what a
+        // set holds, the set must still take back the elements it is refilled with.
         let sizes: Vec<u32> = ruleset
             .sets
             .iter()
@@ -1299,7 +1301,10 @@ fn grant_sets_that_rules_add_to_hold_every_grant_the_daemon_may_book() {
             })
             .collect();
         assert!(
-            !sizes.is_empty() && sizes.iter().all(|&s| s == most),
+            !sizes.is_empty()
+                && sizes
+                    .iter()
+                    .all(|&s| s == crate::config::MOST_GRANTS && s >= most),
             "{sizes:?}"
         );
     }
