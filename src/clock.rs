@@ -65,8 +65,19 @@ impl KernelTimer {
     /// rounding down gives back exactly that many ticks.
     #[must_use]
     pub fn timeout(self, ttl: Duration) -> Duration {
+        self.timeout_behind(ttl, Duration::ZERO)
+    }
+
+    /// [`KernelTimer::timeout`] when the kernel's tick count trails real time by
+    /// `lag` ([`tick_lag`]): the kernel counts an element's ticks from the jiffy it
+    /// holds, and a jiffy is counted only when its tick is processed — on a VM often
+    /// more than a tick late (7.5 ms at HZ=250 was seen here). Asked for the TTL plus
+    /// one tick only, such an element closed up to 0.8 ms before its TTL. Counting the
+    /// lag in keeps it never early; the close is still under two ticks after the TTL.
+    #[must_use]
+    pub fn timeout_behind(self, ttl: Duration, lag: Duration) -> Duration {
         let hz = u128::from(self.hz);
-        let ticks = (ttl.as_nanos() * hz).div_ceil(1_000_000_000) + 1;
+        let ticks = (ttl.saturating_add(lag).as_nanos() * hz).div_ceil(1_000_000_000) + 1;
         let ms = (ticks * 1000).div_ceil(hz);
         Duration::from_millis(u64::try_from(ms).unwrap_or(u64::MAX))
     }
@@ -105,6 +116,39 @@ pub fn kernel_timer() -> KernelTimer {
     {
         static TIMER: std::sync::OnceLock<KernelTimer> = std::sync::OnceLock::new();
         *TIMER.get_or_init(KernelTimer::measure)
+    }
+}
+
+/// How far the kernel's tick count trails real time now: `CLOCK_MONOTONIC` less
+/// `CLOCK_MONOTONIC_COARSE` (the coarse clock moves with the jiffies, when a tick is
+/// processed), both from the vDSO. At most a second (a clock that cannot be read, or
+/// an absurd gap, counts as none rather than as a day). Unit tests: none, so that
+/// timeouts they check do not depend on the machine.
+#[must_use]
+pub fn tick_lag() -> Duration {
+    #[cfg(test)]
+    {
+        Duration::ZERO
+    }
+    #[cfg(not(test))]
+    {
+        measured_tick_lag()
+    }
+}
+
+/// [`tick_lag`], measured.
+#[must_use]
+pub fn measured_tick_lag() -> Duration {
+    use nix::time::{ClockId, clock_gettime};
+    let read = |id| clock_gettime(id).ok().map(Duration::from);
+    match (
+        read(ClockId::CLOCK_MONOTONIC_COARSE),
+        read(ClockId::CLOCK_MONOTONIC),
+    ) {
+        (Some(coarse), Some(fine)) => Some(fine.saturating_sub(coarse))
+            .filter(|lag| *lag <= Duration::from_secs(1))
+            .unwrap_or_default(),
+        _ => Duration::ZERO,
     }
 }
 
@@ -187,6 +231,59 @@ mod tests {
     fn longest_life_ns(timer: KernelTimer, asked: Duration) -> u128 {
         let hz = u128::from(timer.hz());
         asked.as_nanos() * hz / 1_000_000_000 * 1_000_000_000 / hz
+    }
+
+    /// The kernel's tick count trailing real time (a tick processed late, as on a
+    /// VM): the jiffy an element starts from began `behind` before the add; the
+    /// coarse clock moved when that jiffy was processed, `processed` after it began,
+    /// so the lag knockgate measures is `behind - processed`.
+    #[test]
+    fn a_lagging_tick_count_is_counted_in_never_early_under_two_ticks_late() {
+        for hz in [100u32, 250, 1000] {
+            let timer = KernelTimer::with_hz(hz);
+            let tick = 1_000_000_000 / u128::from(hz);
+            for ms in [1u64, 999, 1000, 30_000] {
+                let ttl = Duration::from_millis(ms);
+                for behind in [0, tick / 3, tick, tick + tick / 2, 2 * tick, 3 * tick - 1] {
+                    for processed in [0, tick / 100, tick / 2] {
+                        let Some(measured) = behind.checked_sub(processed) else {
+                            continue;
+                        };
+                        let lag = Duration::from_nanos(u64::try_from(measured).unwrap());
+                        let asked = timer.timeout_behind(ttl, lag);
+                        // The kernel rounds the milliseconds down to ticks and counts
+                        // them from the start of the jiffy it holds.
+                        let ticks = asked.as_nanos() * u128::from(hz) / 1_000_000_000;
+                        let life = ticks * tick - behind;
+                        assert!(
+                            life >= ttl.as_nanos(),
+                            "HZ={hz} ttl={ms} ms behind={behind} ns: ends {} ns early",
+                            ttl.as_nanos() - life
+                        );
+                        assert!(
+                            life < ttl.as_nanos() + 2 * tick,
+                            "HZ={hz} ttl={ms} ms: late"
+                        );
+                    }
+                }
+            }
+            // Without a lag, the same as before.
+            let ttl = Duration::from_millis(1234);
+            assert_eq!(
+                timer.timeout_behind(ttl, Duration::ZERO),
+                timer.timeout(ttl)
+            );
+        }
+        // The old request (TTL + one tick) with a jiffy 1.5 ticks behind: early.
+        let timer = KernelTimer::with_hz(250);
+        let asked = timer.timeout(Duration::from_secs(1));
+        let ticks = asked.as_nanos() * 250 / 1_000_000_000;
+        assert!(ticks * 4_000_000 - 6_000_000 < 1_000_000_000);
+    }
+
+    #[test]
+    fn the_measured_lag_is_a_duration_under_a_second() {
+        assert!(measured_tick_lag() <= Duration::from_secs(1));
     }
 
     #[test]

@@ -257,7 +257,7 @@ fn grant_set(service: &str, addr: IpAddr) -> String {
 
 /// The timeout the kernel is asked for so that an element lasts at least `ttl`.
 fn kernel_timeout(ttl: Duration) -> Duration {
-    kernel_timer().timeout(ttl)
+    kernel_timer().timeout_behind(ttl, crate::clock::tick_lag())
 }
 
 /// What a knock opened.
