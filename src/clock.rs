@@ -88,11 +88,13 @@ impl KernelTimer {
         Duration::from_millis(u64::from(1000_u32.div_ceil(self.hz)))
     }
 
-    /// The most an element outlives the TTL it was asked for: under two ticks, in
-    /// whole milliseconds. The book reads a kernel's remaining time back through it.
+    /// The most an element outlives the TTL it was asked for: under three ticks
+    /// (the TTL and the lag rounded up to a tick, one tick more, and the coarse
+    /// clock's lag over-counting the jiffies' by up to a tick), in whole
+    /// milliseconds. The book reads a kernel's remaining time back through it.
     #[must_use]
     pub fn overshoot(self) -> Duration {
-        Duration::from_millis(u64::from(2000_u32.div_ceil(self.hz)))
+        Duration::from_millis(u64::from(3000_u32.div_ceil(self.hz)))
     }
 
     /// When the book may say a grant ended: the kernel has surely closed it by its
