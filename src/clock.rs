@@ -77,6 +77,7 @@ impl KernelTimer {
     #[must_use]
     pub fn timeout_behind(self, ttl: Duration, lag: Duration) -> Duration {
         let hz = u128::from(self.hz);
+        let lag = lag.min(self.most_lag());
         let ticks = (ttl.saturating_add(lag).as_nanos() * hz).div_ceil(1_000_000_000) + 1;
         let ms = (ticks * 1000).div_ceil(hz);
         Duration::from_millis(u64::try_from(ms).unwrap_or(u64::MAX))
@@ -88,13 +89,22 @@ impl KernelTimer {
         Duration::from_millis(u64::from(1000_u32.div_ceil(self.hz)))
     }
 
-    /// The most an element outlives the TTL it was asked for: under three ticks
-    /// (the TTL and the lag rounded up to a tick, one tick more, and the coarse
-    /// clock's lag over-counting the jiffies' by up to a tick), in whole
-    /// milliseconds. The book reads a kernel's remaining time back through it.
+    /// The most an element outlives the TTL it was asked for, in whole milliseconds:
+    /// the TTL rounded up to a tick, one tick more, and the lag counted in (at most
+    /// [`KernelTimer::most_lag`]; the jiffies may have caught up by the add). The book
+    /// reads a kernel's remaining time back through it, and says "ended" only after it.
     #[must_use]
     pub fn overshoot(self) -> Duration {
-        Duration::from_millis(u64::from(3000_u32.div_ceil(self.hz)))
+        Duration::from_millis(u64::from(2000_u32.div_ceil(self.hz))) + self.most_lag()
+    }
+
+    /// The most lag [`KernelTimer::timeout_behind`] counts in: two ticks or 10 ms,
+    /// whichever is longer (7.5 ms was the most seen on a VM at HZ=250). A longer one
+    /// counts as that much: a timer stalled that long is a machine in trouble, and
+    /// the close it would delay is also how long the book waits to say "ended".
+    #[must_use]
+    pub fn most_lag(self) -> Duration {
+        Duration::from_millis(u64::from(2000_u32.div_ceil(self.hz)).max(10))
     }
 
     /// When the book may say a grant ended: the kernel has surely closed it by its

@@ -43,7 +43,7 @@ pub struct GrantRecord {
     #[serde(default)]
     pub granted_at_ms: u64,
     /// Unix milliseconds when it ends (its TTL after the grant; the kernel closes the
-    /// port within a timer tick or two after it, never before).
+    /// port within a few timer ticks after it, never before: `KernelTimer::overshoot`).
     #[serde(default)]
     pub expires_at_ms: u64,
 }

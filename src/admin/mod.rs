@@ -12,12 +12,13 @@ use crate::grants::{GrantRecord, WindowRecord, WindowScope};
 
 /// Longest request line the daemon reads.
 pub const MAX_REQUEST: usize = 64 * 1024;
-/// Longest answer line a client reads: `grants` with the most grants the daemon holds
-/// (100,000, ~150 bytes each in JSON) fits.
+/// Longest answer line a client reads: a page of `grants` ([`GRANTS_PAGE`] grants, at
+/// most ~300 bytes each in JSON) fits four times over.
 pub const MAX_ANSWER: usize = 64 << 20;
-/// Most grants in one answer to `grants`: ~10 MB of JSON, well inside
-/// [`MAX_ANSWER`] — a million in one answer would be ~190 MB, built on the daemon's
-/// loop and under its memory cap.
+/// Most grants in one answer to `grants`: ~10 MB of JSON (15 MB at worst), well
+/// inside [`MAX_ANSWER`] — a million in one answer would be ~190 MB, built on the
+/// daemon's loop and under its memory cap. A client from before pages, which sends no
+/// `after` and ignores `next`, lists the first page only.
 pub const GRANTS_PAGE: usize = 50_000;
 
 fn ssh() -> String {

@@ -11,6 +11,9 @@ use std::time::Duration;
 /// How often a long start says so, and how much longer it asks for each time.
 pub const EVERY: Duration = Duration::from_secs(20);
 const EXTEND_BY: Duration = Duration::from_secs(60);
+/// At most this many times (30 minutes: a million grants read back take one or
+/// two): a start that hangs is still killed and started again by systemd.
+const MOST_EXTENSIONS: usize = 90;
 
 /// While alive, calls `extend` every [`EVERY`] from a thread of its own (the start
 /// blocks the daemon's thread); dropped, the thread ends at once.
@@ -25,21 +28,27 @@ impl StartKeepalive {
     #[must_use]
     pub fn for_systemd() -> Self {
         let usec = u32::try_from(EXTEND_BY.as_micros()).unwrap_or(u32::MAX);
-        Self::spawn(EVERY, move || {
+        Self::spawn(EVERY, MOST_EXTENSIONS, move || {
             let _ = sd_notify::notify(&[sd_notify::NotifyState::ExtendTimeoutUsec(usec)]);
         })
     }
 
-    /// Calls `extend` every `every` until dropped. If no thread can be made, the start
-    /// goes on without (it is the timeout it risks, not the start).
-    pub fn spawn(every: Duration, extend: impl Fn() + Send + 'static) -> Self {
+    /// Calls `extend` every `every`, at most `most` times, until dropped. If no thread
+    /// can be made, the start goes on without (it is the timeout it risks, not the
+    /// start).
+    pub fn spawn(every: Duration, most: usize, extend: impl Fn() + Send + 'static) -> Self {
         let (stop, stopped) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("start-keepalive".into())
             .spawn(move || {
-                while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
+                for _ in 0..most {
+                    if stopped.recv_timeout(every) != Err(RecvTimeoutError::Timeout) {
+                        return;
+                    }
                     extend();
                 }
+                // Past the most: wait to be dropped, saying nothing more.
+                let _ = stopped.recv();
             })
             .ok();
         Self {
@@ -68,7 +77,7 @@ mod tests {
     fn a_long_start_says_so_until_it_ends_and_not_after() {
         let calls = Arc::new(AtomicUsize::new(0));
         let counted = Arc::clone(&calls);
-        let keepalive = StartKeepalive::spawn(Duration::from_millis(5), move || {
+        let keepalive = StartKeepalive::spawn(Duration::from_millis(5), 1_000, move || {
             counted.fetch_add(1, Ordering::SeqCst);
         });
         // Bounded wait for at least two calls (no timing asserted: a loaded machine
@@ -88,5 +97,23 @@ mod tests {
             after,
             "the thread ended with it"
         );
+    }
+
+    #[test]
+    fn a_start_that_hangs_is_extended_only_so_many_times() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&calls);
+        let keepalive = StartKeepalive::spawn(Duration::from_millis(1), 3, move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+        });
+        for _ in 0..2_000 {
+            if calls.load(Ordering::SeqCst) >= 3 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        drop(keepalive);
     }
 }

@@ -324,19 +324,20 @@ impl GrantBook {
                 .collect();
             self.remove_ids(&gone);
         }
-        // The kernel's time reads back in ticks: within that of the book's own end,
-        // the book's stands (the kernel's would move the promise up to a tick earlier
-        // at every restart); further off, the kernel is right.
-        let slack = crate::clock::kernel_timer().overshoot().as_millis();
+        // The kernel's time reads back in ticks, less the tick every timeout gets
+        // (`kernel_end`): a booked end from a tick after that to the most an element
+        // outlives its TTL before it is one the kernel keeps, and stands (the kernel's
+        // would move the promise earlier at every restart); any other, the kernel is
+        // right — never a booked end after the port closes.
+        let timer = crate::clock::kernel_timer();
+        let (tick, overshoot) = (timer.tick(), timer.overshoot());
         for (element, address) in kernel.iter().filter_map(|e| Some((e, addr_of(e)?))) {
             let kernel_ends = kernel_end(now, element.expires_in);
             if let Some(n) = self.slot_of(service, address) {
                 let booked = self.slots[n].ends();
-                let ends = if u128::from(booked.0.abs_diff(kernel_ends.0)) <= slack {
-                    booked
-                } else {
-                    kernel_ends
-                };
+                let kept =
+                    booked <= kernel_ends.plus(tick) && booked.plus(overshoot) >= kernel_ends;
+                let ends = if kept { booked } else { kernel_ends };
                 let granted = UnixMs(self.slots[n].granted_ms);
                 self.retime(n, granted, ends);
             } else {

@@ -869,3 +869,31 @@ fn a_field_twice_or_a_version_on_the_old_format_is_damaged() {
         assert_eq!(GrantBook::from_text(text.as_bytes()), None, "{text}");
     }
 }
+
+#[test]
+fn a_read_back_end_keeps_the_booked_one_only_if_the_kernel_keeps_it() {
+    let element = |ms| Element {
+        key: ip("192.0.2.1").into(),
+        expires_in: Some(Duration::from_millis(ms)),
+    };
+    for (left, want) in [
+        // What knockgate asks for (the TTL and a tick or two): the book's end stands.
+        (10_008, 10_000),
+        (10_004, 10_000),
+        // Someone shortened it: the port closes before the booked end, so the
+        // kernel's (less the tick every timeout has) is the end.
+        (9_992, 9_988),
+        // Far longer (someone lengthened it): the kernel's.
+        (60_000, 59_996),
+    ] {
+        let mut book = GrantBook::default();
+        let mut id = ids();
+        ssh(&mut book, "192.0.2.1", "key a", 0, 10, &mut id);
+        book.reconcile("ssh", &[element(left)], UnixMs(0), &mut id);
+        assert_eq!(
+            book.iter().next().unwrap().expires_at_ms,
+            want,
+            "{left} ms left"
+        );
+    }
+}
