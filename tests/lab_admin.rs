@@ -381,15 +381,6 @@ fn config_changes_are_roots_unless_the_group_may() {
     );
 }
 
-/// How many grant sets the daemon's last "baseline applied" line says it kept.
-fn last_kept_sets(log: &str) -> Option<usize> {
-    log.lines()
-        .rfind(|l| l.contains("baseline applied"))
-        .and_then(|l| l.split("kept_sets=").nth(1))
-        .and_then(|rest| rest.split_whitespace().next())
-        .map(|sets| sets.split(',').filter(|s| s.contains("_grants_")).count())
-}
-
 /// SSH opens for each family's client address and for no other.
 fn ssh_open_for_the_clients_only(lab: &Lab, after: &str) {
     for plan in [v4(), v6()] {
@@ -438,23 +429,13 @@ fn grant_sets_stay_in_place_across_reload_and_restart_unless_someone_else_commit
     // A reload with no commit but the daemon's own since its start: both ssh sets stay.
     let out = admin(&socket, &["reload"]);
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(
-        last_kept_sets(&daemon.log_text()),
-        Some(2),
-        "{}",
-        daemon.log_text()
-    );
+    assert_eq!(daemon.kept_grant_sets(), Some(2), "{}", daemon.log_text());
     ssh_open_for_the_clients_only(&lab, "after the reload");
 
     // A restart with nobody committing in between: the book's stamp vouches for the sets.
     assert_eq!(daemon.terminate(), 0);
     daemon = lab.start_daemon(&config);
-    assert_eq!(
-        last_kept_sets(&daemon.log_text()),
-        Some(2),
-        "{}",
-        daemon.log_text()
-    );
+    assert_eq!(daemon.kept_grant_sets(), Some(2), "{}", daemon.log_text());
     assert_eq!(grants(), listed, "the same grants, ids and all");
     ssh_open_for_the_clients_only(&lab, "after the restart");
 
@@ -472,12 +453,7 @@ fn grant_sets_stay_in_place_across_reload_and_restart_unless_someone_else_commit
         &format!("{{ {stranger} timeout 1h }}"),
     ]);
     daemon = lab.start_daemon(&config);
-    assert_eq!(
-        last_kept_sets(&daemon.log_text()),
-        Some(0),
-        "{}",
-        daemon.log_text()
-    );
+    assert_eq!(daemon.kept_grant_sets(), Some(0), "{}", daemon.log_text());
     assert!(
         daemon.log_text().contains("reading its grant sets back"),
         "{}",

@@ -173,15 +173,9 @@ fn someone_else_commits(lab: &Lab) {
 
 /// How many grant sets the daemon's last "baseline applied" line says it kept.
 fn kept_sets(daemon: &Daemon) -> usize {
-    let log = daemon.log_text();
-    log.lines()
-        .rfind(|l| l.contains("baseline applied"))
-        .and_then(|l| l.split("kept_sets=").nth(1))
-        .and_then(|rest| rest.split_whitespace().next())
-        .map_or_else(
-            || panic!("no kept_sets in the log: {log}"),
-            |sets| sets.split(',').filter(|s| s.contains("_grants_")).count(),
-        )
+    daemon
+        .kept_grant_sets()
+        .unwrap_or_else(|| panic!("no kept_sets in the log: {}", daemon.log_text()))
 }
 
 /// Elements per NEWSETELEM message: 32 KiB over the bound of one element (48 bytes

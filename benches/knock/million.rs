@@ -59,18 +59,6 @@ fn assert_all_booked(socket: &Path, after: &str) {
     }
 }
 
-/// How many grant sets the daemon's last "baseline applied" line says it kept.
-fn kept_sets(daemon: &Daemon) -> usize {
-    let log = daemon.log_text();
-    log.lines()
-        .rfind(|l| l.contains("baseline applied"))
-        .and_then(|l| l.split("kept_sets=").nth(1))
-        .and_then(|rest| rest.split_whitespace().next())
-        .map_or(0, |sets| {
-            sets.split(',').filter(|s| s.contains("_grants_")).count()
-        })
-}
-
 /// The daemon's peak RSS so far, in MB.
 fn peak_mb(daemon: &Daemon) -> f64 {
     let status =
@@ -116,7 +104,7 @@ fn reset_peak(daemon: &Daemon) {
 /// Notes the daemon's kept sets and peak RSS on the last row.
 fn note(rows: &mut [Row], daemon: &Daemon) {
     if let Some(r) = rows.last_mut() {
-        r.kept = Some(kept_sets(daemon));
+        r.kept = daemon.kept_grant_sets();
         r.peak = Some(peak_mb(daemon));
     }
 }

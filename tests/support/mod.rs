@@ -652,6 +652,17 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// How many grant sets its last "baseline applied" line says it left in place
+    /// (`None` if no such line has a `kept_sets`).
+    pub fn kept_grant_sets(&self) -> Option<usize> {
+        let log = self.log_text();
+        log.lines()
+            .rfind(|l| l.contains("baseline applied"))
+            .and_then(|l| l.split("kept_sets=").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(|sets| sets.split(',').filter(|s| s.contains("_grants_")).count())
+    }
+
     /// What it has logged so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
