@@ -73,22 +73,32 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    #[test]
-    fn a_long_start_says_so_until_it_ends_and_not_after() {
+    /// A keepalive every `every`, at most `most` times, and its count of calls once
+    /// it has made `at_least` of them (waited for within a bound, no timing asserted:
+    /// a loaded machine only makes this slower).
+    fn counted(
+        every: Duration,
+        most: usize,
+        at_least: usize,
+    ) -> (StartKeepalive, Arc<AtomicUsize>) {
         let calls = Arc::new(AtomicUsize::new(0));
-        let counted = Arc::clone(&calls);
-        let keepalive = StartKeepalive::spawn(Duration::from_millis(5), 1_000, move || {
-            counted.fetch_add(1, Ordering::SeqCst);
+        let counter = Arc::clone(&calls);
+        let keepalive = StartKeepalive::spawn(every, most, move || {
+            counter.fetch_add(1, Ordering::SeqCst);
         });
-        // Bounded wait for at least two calls (no timing asserted: a loaded machine
-        // only makes this slower).
         for _ in 0..2_000 {
-            if calls.load(Ordering::SeqCst) >= 2 {
+            if calls.load(Ordering::SeqCst) >= at_least {
                 break;
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert!(calls.load(Ordering::SeqCst) >= 2);
+        assert!(calls.load(Ordering::SeqCst) >= at_least);
+        (keepalive, calls)
+    }
+
+    #[test]
+    fn a_long_start_says_so_until_it_ends_and_not_after() {
+        let (keepalive, calls) = counted(Duration::from_millis(5), 1_000, 2);
         drop(keepalive);
         let after = calls.load(Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(50));
@@ -101,17 +111,7 @@ mod tests {
 
     #[test]
     fn a_start_that_hangs_is_extended_only_so_many_times() {
-        let calls = Arc::new(AtomicUsize::new(0));
-        let counted = Arc::clone(&calls);
-        let keepalive = StartKeepalive::spawn(Duration::from_millis(1), 3, move || {
-            counted.fetch_add(1, Ordering::SeqCst);
-        });
-        for _ in 0..2_000 {
-            if calls.load(Ordering::SeqCst) >= 3 {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let (keepalive, calls) = counted(Duration::from_millis(1), 3, 3);
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(calls.load(Ordering::SeqCst), 3);
         drop(keepalive);
