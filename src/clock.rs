@@ -164,6 +164,71 @@ pub fn measured_tick_lag() -> Duration {
     }
 }
 
+/// Notices when the wall clock jumps: `CLOCK_REALTIME` less `CLOCK_MONOTONIC` moves
+/// only when the wall clock is set (`date -s`, an NTP step, a leap second, a resume
+/// from suspend) — slewing moves both alike. The daemon closes grants at their
+/// booked wall-clock end; after a jump forward that end comes early in real time,
+/// so a grant booked before a jump is left to the kernel's own timeout (never early).
+#[derive(Debug, Clone, Copy)]
+pub struct StepWatch {
+    /// The offset at the last look, in nanoseconds.
+    offset: Option<i128>,
+}
+
+impl StepWatch {
+    /// A jump smaller than this is the two clock reads' own jitter.
+    const TOLERANCE_NS: i128 = 1_000_000;
+
+    /// A watch that starts from the clocks now.
+    #[must_use]
+    pub fn new() -> Self {
+        Self {
+            offset: Self::offset(),
+        }
+    }
+
+    /// A watch whose next look counts as a jump (tests of what follows one).
+    #[cfg(test)]
+    #[must_use]
+    pub fn unread() -> Self {
+        Self { offset: None }
+    }
+
+    /// Whether the wall clock jumped since the last look (or cannot be read: in doubt,
+    /// a jump).
+    pub fn jumped(&mut self) -> bool {
+        self.observe(Self::offset())
+    }
+
+    /// [`StepWatch::jumped`] with the offset given: remembers it, and says whether it
+    /// differs from the last by more than the tolerance.
+    pub fn observe(&mut self, offset: Option<i128>) -> bool {
+        let jumped = match (self.offset, offset) {
+            (Some(before), Some(now)) => (now - before).abs() > Self::TOLERANCE_NS,
+            _ => true,
+        };
+        self.offset = offset;
+        jumped
+    }
+
+    /// `CLOCK_REALTIME` less `CLOCK_MONOTONIC`, in nanoseconds (vDSO, no system call).
+    fn offset() -> Option<i128> {
+        use nix::time::{ClockId, clock_gettime};
+        let nanos = |id| {
+            clock_gettime(id)
+                .ok()
+                .map(|t| i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec()))
+        };
+        Some(nanos(ClockId::CLOCK_REALTIME)? - nanos(ClockId::CLOCK_MONOTONIC)?)
+    }
+}
+
+impl Default for StepWatch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Unix time in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct UnixMs(pub u64);
@@ -204,6 +269,17 @@ impl UnixMs {
     pub fn plus(self, d: Duration) -> Self {
         let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         Self(self.0.saturating_add(ms))
+    }
+
+    /// How long from the system clock now (to the nanosecond) until `self` (zero
+    /// if it has passed; the longest there is if it cannot be told).
+    #[must_use]
+    pub fn time_left(self) -> Duration {
+        UNIX_EPOCH
+            .checked_add(Duration::from_millis(self.0))
+            .map_or(Duration::MAX, |at| {
+                at.duration_since(SystemTime::now()).unwrap_or_default()
+            })
     }
 
     /// How long from `self` until `later` (zero if it has passed).
@@ -329,5 +405,33 @@ mod tests {
         assert!((24..=1000).contains(&hz), "HZ={hz}");
         // Not the fallback: the machines this runs on measure their tick.
         assert_ne!(KernelTimer::measure(), KernelTimer::COARSEST);
+    }
+
+    #[test]
+    fn a_wall_clock_jump_is_seen_and_slewing_is_not() {
+        let mut watch = StepWatch { offset: Some(0) };
+        // Jitter of the two reads, and NTP's slewing (both clocks alike): no jump.
+        assert!(!watch.observe(Some(300_000)));
+        assert!(!watch.observe(Some(-600_000)));
+        // `date -s` an hour on; then back; then a clock that cannot be read.
+        assert!(watch.observe(Some(3_600_000_000_000)));
+        assert!(!watch.observe(Some(3_600_000_000_001)));
+        assert!(watch.observe(Some(1_000_000_000)));
+        assert!(watch.observe(None));
+        assert!(
+            watch.observe(Some(1_000_000_000)),
+            "from an unread clock: a jump"
+        );
+        // The real clocks, looked at twice in a row, have not jumped.
+        let mut real = StepWatch::new();
+        assert!(!real.jumped());
+    }
+
+    #[test]
+    fn time_left_is_zero_once_passed_and_never_wraps() {
+        assert_eq!(UnixMs(0).time_left(), Duration::ZERO);
+        let later = UnixMs::now().plus(Duration::from_secs(60)).time_left();
+        assert!(later >= Duration::from_secs(30) && later <= Duration::from_secs(60));
+        assert!(UnixMs::NEVER.time_left() >= Duration::from_secs(1 << 40));
     }
 }

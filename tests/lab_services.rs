@@ -496,6 +496,16 @@ fn a_grant_never_closes_before_its_ttl_and_is_logged_ended_only_once_closed() {
             eventually(Duration::from_secs(2), || ended() == ended_before + 1),
             "round {round}: the end is logged once closed"
         );
+        // Closed by the daemon at the booked end, not left to the kernel's timeout
+        // (which would close it a few ticks later).
+        assert_eq!(
+            daemon
+                .log_text()
+                .matches("closed_by=\"knockgated\"")
+                .count(),
+            round,
+            "round {round}: the daemon closed it"
+        );
         // Opened again after the end: a new grant, not an extension (the next round's).
         let said = String::from_utf8_lossy(&open().stdout).into_owned();
         assert!(

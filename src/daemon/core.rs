@@ -237,6 +237,32 @@ pub struct Core<F: Firewall> {
     knocks_refused: u64,
     /// Each key's HMAC state for this server, ready to clone per knock.
     macs: HashMap<KeyId, KnockMac>,
+    /// Grants that end at or before this are closed by their kernel timeouts, not
+    /// by the daemon: those booked by an earlier process or before the wall clock
+    /// jumped, whose booked end may be early in real time.
+    precise_after: UnixMs,
+    /// Watches the wall clock for jumps.
+    steps: crate::clock::StepWatch,
+}
+
+/// The most grants one expiry pass closes (the rest in the next, right after).
+pub const CLOSES_PER_PASS: usize = 4096;
+
+/// How long after its booked end the daemon closes a grant, in ms: the booked
+/// start is the clock's millisecond rounded down.
+const CLOSE_AFTER_MS: u64 = 1;
+
+/// What an expiry pass ended.
+#[derive(Debug, Default)]
+pub struct Ended {
+    /// Grants the daemon closed now, at their booked end.
+    pub closed: Vec<GrantRecord>,
+    /// Grants their kernel timeouts closed, now dropped from the book.
+    pub timed_out: Vec<GrantRecord>,
+    /// Windows that ended.
+    pub windows: Vec<WindowRecord>,
+    /// How many grants could not be closed, and why (their kernel timeouts close them).
+    pub close_failed: Option<(usize, FirewallError)>,
 }
 
 /// Each key's HMAC state for `server`.
@@ -323,6 +349,8 @@ impl<F: Firewall> Core<F> {
         let book_writer = SnapshotWriter::new(settings.book_path.clone());
         let stamp_writer = SnapshotWriter::new(super::stamp::path_beside(&settings.book_path));
         let macs = knock_macs(&keys, &settings.server_id);
+        // Booked by an earlier process: the wall clock may have jumped since.
+        let book_last_end = book.last_end().unwrap_or_default();
         Self {
             firewall,
             settings,
@@ -342,6 +370,8 @@ impl<F: Firewall> Core<F> {
             sequencer: None,
             knocks_refused: 0,
             macs,
+            precise_after: book_last_end,
+            steps: crate::clock::StepWatch::new(),
         }
     }
 
@@ -874,7 +904,7 @@ impl<F: Firewall> Core<F> {
 
     /// The open egress windows.
     pub fn windows(&mut self, now: UnixMs) -> Vec<WindowRecord> {
-        self.expire(now);
+        self.expire_settled(now);
         self.book.windows().cloned().collect()
     }
 
@@ -893,19 +923,79 @@ impl<F: Firewall> Core<F> {
         Ok(Some(record))
     }
 
-    /// Drops grants whose time is over from the book (the kernel closed them
-    /// already) and returns them, for the expiry log lines.
+    /// Closes the grants whose time is up and drops them from the book, with those
+    /// the kernel's timeouts closed; returns them, for the expiry log lines.
     pub fn expire(&mut self, now: UnixMs) -> Vec<GrantRecord> {
-        self.expire_all(now).0
+        let mut ended = self.expire_all(now);
+        ended.closed.append(&mut ended.timed_out);
+        ended.closed
     }
 
-    /// [`Core::expire`], with the windows that ended too.
-    pub fn expire_all(&mut self, now: UnixMs) -> (Vec<GrantRecord>, Vec<WindowRecord>) {
+    /// What is over at `now`: each grant whose booked end has passed is closed now,
+    /// its element taken out of the kernel in one batch with the others due (at most
+    /// [`CLOSES_PER_PASS`]); a grant the daemon does not close (booked before this
+    /// process or before a jump of the wall clock, or whose removal failed) leaves
+    /// the book once the kernel's timeout has surely closed it. Windows likewise.
+    pub fn expire_all(&mut self, now: UnixMs) -> Ended {
+        let (closed, close_failed) = self.close_due(now);
+        let (timed_out, windows) = self.expire_settled(now);
+        Ended {
+            closed,
+            timed_out,
+            windows,
+            close_failed,
+        }
+    }
+
+    /// Closes the grants whose booked end is a millisecond past (the booked start
+    /// is the clock's millisecond rounded down): the port closes at the TTL, not up
+    /// to the two ticks and the tick lag later that the kernel's timeout allows for.
+    fn close_due(&mut self, now: UnixMs) -> (Vec<GrantRecord>, Option<(usize, FirewallError)>) {
+        if self.steps.jumped() {
+            // A grant booked before the jump ends in real time elsewhere than its
+            // booked end says: the kernel's timeout, counted in ticks, closes it.
+            if let Some(last) = self.book.last_end() {
+                self.precise_after = self.precise_after.max(last);
+            }
+            tracing::warn!(target: crate::logging::AUDIT, event = "clock-jump",
+                open = self.book.len(),
+                "the wall clock jumped; the grants open now close by their kernel timeouts");
+        }
+        let by = UnixMs(now.0.saturating_sub(CLOSE_AFTER_MS));
+        let due = self.book.ending(self.precise_after, by, CLOSES_PER_PASS);
+        let Some(last) = due.last().map(GrantRecord::ends) else {
+            return (Vec::new(), None);
+        };
+        let sets: Vec<String> = due
+            .iter()
+            .map(|r| grant_set(&r.service, r.address))
+            .collect();
+        let elements: Vec<(&str, ElementKey)> = sets
+            .iter()
+            .zip(&due)
+            .map(|(set, r)| (set.as_str(), r.address.into()))
+            .collect();
+        let table = self.settings.table.clone();
+        if let Err(e) = self.firewall.remove_elements(&table, &elements) {
+            // Not tried again: the kernel's timeouts close them a few ticks later,
+            // and the book drops them then.
+            self.precise_after = self.precise_after.max(last);
+            return (Vec::new(), Some((due.len(), e)));
+        }
+        for record in &due {
+            self.book.revoke(&record.id);
+        }
+        self.save_book();
+        (due, None)
+    }
+
+    /// Drops from the book the grants and windows the kernel has surely closed by
+    /// now (the TTL plus the slack its timeout was given), so "ended" never comes
+    /// before the port closes. A knock in between is a new grant, not an extension
+    /// (the book's `grant` looks at the time, not at whether the record is still
+    /// there).
+    fn expire_settled(&mut self, now: UnixMs) -> (Vec<GrantRecord>, Vec<WindowRecord>) {
         self.guard.expire(now.secs());
-        // Ended in the book once the kernel has surely closed it (the TTL plus the
-        // slack its timeout was given), so "grant ended" never comes before the port
-        // closes. A knock in between is a new grant, not an extension (the book's
-        // `grant` looks at the time, not at whether the record is still there).
         let settle = u64::try_from(kernel_timer().settle().as_millis()).unwrap_or(0);
         let settled = UnixMs(now.0.saturating_sub(settle));
         let gone = self.book.expire(settled);
@@ -949,7 +1039,7 @@ impl<F: Firewall> Core<F> {
 
     /// The live grants, by id.
     pub fn grants(&mut self, now: UnixMs) -> Vec<GrantRecord> {
-        self.expire(now);
+        self.expire_settled(now);
         self.book.sorted()
     }
 
@@ -961,7 +1051,7 @@ impl<F: Firewall> Core<F> {
         after: Option<crate::grants::GrantId>,
         limit: usize,
     ) -> (Vec<GrantRecord>, Option<crate::grants::GrantId>) {
-        self.expire(now);
+        self.expire_settled(now);
         self.book.page(after, limit)
     }
 
@@ -996,9 +1086,24 @@ impl<F: Firewall> Core<F> {
     /// How long until the next grant or window ends, for the daemon's expiry timer.
     #[must_use]
     pub fn next_expiry(&self, now: UnixMs) -> Option<Duration> {
-        self.book
+        self.next_expiry_at().map(|at| now.until(at))
+    }
+
+    /// When the next grant is due to be closed or dropped, or window to end.
+    #[must_use]
+    pub fn next_expiry_at(&self) -> Option<UnixMs> {
+        let close = self
+            .book
+            .first_end_after(self.precise_after)
+            .map(|at| UnixMs(at.0.saturating_add(CLOSE_AFTER_MS)));
+        let settled = self
+            .book
             .next_expiry()
-            .map(|at| now.until(at.plus(kernel_timer().settle())))
+            .map(|at| at.plus(kernel_timer().settle()));
+        match (close, settled) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// The firewall, for the daemon's stop.

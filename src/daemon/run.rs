@@ -346,16 +346,26 @@ fn write_sequences(daemon: &Shared) {
     }
 }
 
-/// Books the grants whose time is up as ended, one log line each.
+/// Closes the grants whose time is up and books them as ended, one log line each
+/// (saying whether knockgated closed the port now or the kernel's timeout did).
 fn expire(daemon: &Shared) {
-    let (grants, windows) = daemon.borrow_mut().core().expire_all(UnixMs::now());
-    for window in windows {
+    let ended = daemon.borrow_mut().core().expire_all(UnixMs::now());
+    for window in ended.windows {
         info!(target: AUDIT, event = "egress-expire", id = %window.id, scope = %window.scope,
             who = %window.who, command = ?window.command, "egress window ended");
     }
-    for record in grants {
+    if let Some((count, e)) = ended.close_failed {
+        tracing::warn!(target: AUDIT, event = "expire", grants = count, error = %format!("{e:#}"),
+            "cannot close grants at their end; their kernel timeouts close them within a few ticks");
+    }
+    for (record, closer) in ended
+        .closed
+        .into_iter()
+        .map(|r| (r, "knockgated"))
+        .chain(ended.timed_out.into_iter().map(|r| (r, "kernel timeout")))
+    {
         info!(target: AUDIT, event = "expire", id = %record.id, service = %record.service,
-            address = %record.address, who = %record.who, "grant ended");
+            address = %record.address, who = %record.who, closed_by = closer, "grant ended");
     }
 }
 
@@ -410,9 +420,11 @@ impl Timers {
             .map(|at| at.saturating_duration_since(std::time::Instant::now()));
         let core = d.core();
         Self {
-            next_expiry: core
-                .next_expiry(UnixMs::now())
-                .map_or(IDLE_EXPIRY_CHECK, |d| d.min(IDLE_EXPIRY_CHECK)),
+            // From the clock to the microsecond, not its millisecond rounded down:
+            // a close is due a millisecond after its booked end, not up to two.
+            next_expiry: core.next_expiry_at().map_or(IDLE_EXPIRY_CHECK, |at| {
+                at.time_left().min(IDLE_EXPIRY_CHECK)
+            }),
             book_due: core
                 .book_dirty_since()
                 .map(|since| tokio::time::Instant::from_std(since + BOOK_SAVE_DELAY)),

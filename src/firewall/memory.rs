@@ -203,6 +203,23 @@ impl Firewall for MemoryFirewall {
         Ok(())
     }
 
+    fn remove_elements(
+        &mut self,
+        table: &str,
+        elements: &[(&str, ElementKey)],
+    ) -> Result<(), FirewallError> {
+        // All or none, as the kernel's one transaction: every set is looked up first.
+        self.refuse(table)?;
+        for (set, _) in elements {
+            self.set_mut(table, set)?;
+        }
+        for (set, key) in elements {
+            self.set_mut(table, set)?.elements.retain(|e| e.key != *key);
+        }
+        self.commit(false);
+        Ok(())
+    }
+
     fn elements(&mut self, table: &str, set: &str) -> Result<Vec<Element>, FirewallError> {
         if self.fail_dumps {
             return Err(FirewallError::BadReply {

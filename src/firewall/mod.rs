@@ -91,6 +91,19 @@ pub trait Firewall {
         key: ElementKey,
     ) -> Result<(), FirewallError>;
 
+    /// [`Firewall::remove_element`] for each of `elements` (set, key), in one
+    /// transaction: all of them or none.
+    fn remove_elements(
+        &mut self,
+        table: &str,
+        elements: &[(&str, ElementKey)],
+    ) -> Result<(), FirewallError> {
+        for (set, key) in elements {
+            self.remove_element(table, set, *key)?;
+        }
+        Ok(())
+    }
+
     /// What set `set` holds now, with each element's remaining time; empty when the
     /// table or the set does not exist. Any other failure to read it is an error —
     /// never an empty set.
@@ -241,6 +254,14 @@ impl<F: Firewall + ?Sized> Firewall for &mut F {
         key: ElementKey,
     ) -> Result<(), FirewallError> {
         (**self).remove_element(table, set, key)
+    }
+
+    fn remove_elements(
+        &mut self,
+        table: &str,
+        elements: &[(&str, ElementKey)],
+    ) -> Result<(), FirewallError> {
+        (**self).remove_elements(table, elements)
     }
 
     fn elements(&mut self, table: &str, set: &str) -> Result<Vec<Element>, FirewallError> {

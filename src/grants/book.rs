@@ -289,6 +289,36 @@ impl GrantBook {
         }
     }
 
+    /// The first end of a grant after `after`, if any.
+    #[must_use]
+    pub fn first_end_after(&self, after: UnixMs) -> Option<UnixMs> {
+        self.grant_ends
+            .0
+            .range((after.plus(Duration::from_millis(1)), GrantId::MIN)..)
+            .next()
+            .map(|(at, _)| *at)
+    }
+
+    /// The last end of any grant, if any.
+    #[must_use]
+    pub fn last_end(&self) -> Option<UnixMs> {
+        self.grant_ends.0.last().map(|(at, _)| *at)
+    }
+
+    /// At most `limit` grants that end after `after` and at or before `by`, earliest
+    /// first; the book keeps them (the caller closes them, then revokes).
+    #[must_use]
+    pub fn ending(&self, after: UnixMs, by: UnixMs, limit: usize) -> Vec<GrantRecord> {
+        self.grant_ends
+            .0
+            .range((after.plus(Duration::from_millis(1)), GrantId::MIN)..)
+            .take_while(|(at, _)| *at <= by)
+            .take(limit)
+            .filter_map(|&(_, id)| self.slot_of_id(id))
+            .map(|n| self.record(&self.slots[n]))
+            .collect()
+    }
+
     /// Drops the records of every service not in `services` and returns them (a
     /// reload removed the service, and its sets with it).
     pub fn drop_services_except(&mut self, services: &[&str]) -> Vec<GrantRecord> {

@@ -587,22 +587,129 @@ fn admin_open_revoke_and_expiry() {
             UnixMs::from_secs(NOW),
         )
         .unwrap();
-    // The book ends it once the kernel surely has: the TTL, the tick or two its
-    // element was given, and time for the batch (so "grant ended" never comes
-    // before the port closes).
-    let settled = Duration::from_secs(5) + crate::clock::kernel_timer().settle();
-    assert_eq!(f.core.next_expiry(UnixMs::from_secs(NOW)), Some(settled));
+    // The daemon closes it a millisecond after its booked end (the booked start is
+    // the clock's millisecond rounded down), not before.
+    let due = Duration::from_millis(5001);
+    assert_eq!(f.core.next_expiry(UnixMs::from_secs(NOW)), Some(due));
     assert!(f.core.expire(UnixMs::from_secs(NOW + 5)).is_empty());
-    let gone = f.core.expire(UnixMs::from_secs(NOW).plus(settled));
+    assert_eq!(elements(&mut f.core, SSH_GRANTS_V4), vec![ip("192.0.2.1")]);
+    let ended = f.core.expire_all(UnixMs::from_secs(NOW).plus(due));
     assert_eq!(
-        gone.iter().map(|r| &r.id).collect::<Vec<_>>(),
+        ended.closed.iter().map(|r| &r.id).collect::<Vec<_>>(),
         vec![&short.id]
     );
+    assert!(ended.timed_out.is_empty() && ended.close_failed.is_none());
     assert!(
-        f.core
-            .grants(UnixMs::from_secs(NOW).plus(settled))
-            .is_empty()
+        elements(&mut f.core, SSH_GRANTS_V4).is_empty(),
+        "closed now"
     );
+    assert!(f.core.grants(UnixMs::from_secs(NOW).plus(due)).is_empty());
+    assert_eq!(f.core.next_expiry(UnixMs::from_secs(NOW)), None);
+}
+
+/// Opens `n` five-second grants for 10.9.x.y at `NOW`.
+fn open_many(core: &mut Core<MemoryFirewall>, n: u32) -> Vec<GrantRecord> {
+    (0..n)
+        .map(|i| {
+            let [_, _, high, low] = i.to_be_bytes();
+            let address = IpAddr::from([10, 9, high, low]);
+            let ttl = Some(Duration::from_secs(5));
+            core.open("ssh", address, ttl, "uid 0", UnixMs::from_secs(NOW))
+                .unwrap()
+                .0
+        })
+        .collect()
+}
+
+#[test]
+fn grants_due_together_close_in_bounded_batches_each_pass_right_after_the_last() {
+    let mut f = fixture();
+    let n = u32::try_from(CLOSES_PER_PASS).unwrap() + 10;
+    open_many(&mut f.core, n);
+    let end = UnixMs::from_secs(NOW + 5).plus(Duration::from_millis(1));
+    let first = f.core.expire_all(end);
+    assert_eq!(first.closed.len(), CLOSES_PER_PASS);
+    // The rest are due at once: the loop's next turn closes them.
+    assert_eq!(f.core.next_expiry(end), Some(Duration::ZERO));
+    assert_eq!(elements(&mut f.core, SSH_GRANTS_V4).len(), 10);
+    assert_eq!(f.core.expire_all(end).closed.len(), 10);
+    assert!(elements(&mut f.core, SSH_GRANTS_V4).is_empty());
+}
+
+#[test]
+fn a_close_the_kernel_refuses_is_left_to_its_timeout_and_not_retried() {
+    let mut f = fixture();
+    let opened = open_many(&mut f.core, 2);
+    let due = UnixMs::from_secs(NOW + 5).plus(Duration::from_millis(1));
+    f.core.firewall.refuse_next = true;
+    let ended = f.core.expire_all(due);
+    assert!(ended.closed.is_empty());
+    assert_eq!(ended.close_failed.as_ref().map(|(n, _)| *n), Some(2));
+    // Both still in the kernel and the book (nothing half-closed); the next wake is
+    // when the kernel has surely timed them out, where the book drops them.
+    assert_eq!(elements(&mut f.core, SSH_GRANTS_V4).len(), 2);
+    let settled = Duration::from_secs(5) + crate::clock::kernel_timer().settle();
+    assert_eq!(f.core.next_expiry(UnixMs::from_secs(NOW)), Some(settled));
+    assert!(f.core.expire_all(due).close_failed.is_none(), "not retried");
+    let ended = f.core.expire_all(UnixMs::from_secs(NOW).plus(settled));
+    assert_eq!(ended.timed_out.len(), 2);
+    assert_eq!(ended.timed_out[0].id, opened[0].id);
+}
+
+#[test]
+fn after_a_wall_clock_jump_the_grants_open_are_left_to_their_kernel_timeouts() {
+    let mut f = fixture();
+    let before = open_many(&mut f.core, 1);
+    // The wall clock jumps (here: the next look says so); a grant booked after the
+    // look is closed by the daemon again.
+    f.core.steps = crate::clock::StepWatch::unread();
+    let due = UnixMs::from_secs(NOW + 5).plus(Duration::from_millis(1));
+    assert!(f.core.expire_all(due).closed.is_empty());
+    assert_eq!(
+        elements(&mut f.core, SSH_GRANTS_V4),
+        vec![before[0].address]
+    );
+    let settled = UnixMs::from_secs(NOW + 5).plus(crate::clock::kernel_timer().settle());
+    let ended = f.core.expire_all(settled);
+    assert_eq!(ended.timed_out[0].id, before[0].id);
+    assert!(ended.closed.is_empty());
+    let after = f
+        .core
+        .open(
+            "ssh",
+            ip("192.0.2.7"),
+            Some(Duration::from_secs(6)),
+            "uid 0",
+            UnixMs::from_secs(NOW),
+        )
+        .unwrap()
+        .0;
+    let ended = f
+        .core
+        .expire_all(UnixMs::from_secs(NOW + 6).plus(Duration::from_millis(1)));
+    assert_eq!(
+        ended.closed.iter().map(|r| &r.id).collect::<Vec<_>>(),
+        vec![&after.id]
+    );
+    assert!(elements(&mut f.core, SSH_GRANTS_V4).contains(&before[0].address));
+    assert!(!elements(&mut f.core, SSH_GRANTS_V4).contains(&after.address));
+}
+
+#[test]
+fn grants_booked_by_an_earlier_process_are_left_to_their_kernel_timeouts() {
+    let mut f = fixture();
+    let opened = open_many(&mut f.core, 1);
+    f.core.save_book_and_wait();
+    let book = crate::grants::GrantBook::load(&f.core.settings.book_path).unwrap();
+    let fw = std::mem::take(&mut f.core.firewall);
+    let replay = ReplayLog::open(f.dir.path(), REPLAY_CAPACITY, NOW).unwrap();
+    let settings = settings(f.dir.path(), &config());
+    let mut again = Core::new(fw, settings, keys(), replay, book);
+    let due = UnixMs::from_secs(NOW + 5).plus(Duration::from_millis(1));
+    assert!(again.expire_all(due).closed.is_empty());
+    assert_eq!(elements(&mut again, SSH_GRANTS_V4).len(), 1);
+    let settled = UnixMs::from_secs(NOW + 5).plus(crate::clock::kernel_timer().settle());
+    assert_eq!(again.expire_all(settled).timed_out[0].id, opened[0].id);
 }
 
 #[test]

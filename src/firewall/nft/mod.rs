@@ -442,6 +442,50 @@ impl NftFirewall {
         }
         self.send(table, &builder.finish(), false)
     }
+
+    /// Refreshes (or with no `Add` phase, removes) `elements` in one transaction:
+    /// each of `phases` over every element, set by set.
+    fn refresh_batch(
+        &mut self,
+        table: &str,
+        elements: &[(&str, ElementKey, Duration)],
+        phases: &[Phase],
+    ) -> Result<(), FirewallError> {
+        if elements.is_empty() {
+            return Ok(());
+        }
+        let invalid = |detail| FirewallError::InvalidRuleset {
+            table: table.to_owned(),
+            detail,
+        };
+        let t = cstring(table).map_err(invalid)?;
+        let mut by_set: Vec<(&str, Vec<Element>)> = Vec::new();
+        for (set, key, ttl) in elements {
+            let e = Element {
+                key: *key,
+                expires_in: Some(*ttl),
+            };
+            match by_set.iter_mut().find(|(s, _)| s == set) {
+                Some((_, list)) => list.push(e),
+                None => by_set.push((set, vec![e])),
+            }
+        }
+        // The phases of one element's refresh, each over every element.
+        let mut builder = Builder::new();
+        for &phase in phases {
+            for (set, list) in &by_set {
+                let s = cstring(set).map_err(invalid)?;
+                let (kind, label) = match phase {
+                    Phase::Delete => (MsgType::Del, "(delete)"),
+                    Phase::Ensure | Phase::Add => (MsgType::Add, ""),
+                };
+                for msg in elements::refresh_messages(&t, &s, list, phase) {
+                    builder.add(&msg, kind, format!("elements of set {set} {label}"));
+                }
+            }
+        }
+        self.send(table, &builder.finish(), false)
+    }
 }
 
 impl Firewall for NftFirewall {
@@ -600,40 +644,22 @@ impl Firewall for NftFirewall {
         table: &str,
         elements: &[(&str, ElementKey, Duration)],
     ) -> Result<(), FirewallError> {
-        if elements.is_empty() {
-            return Ok(());
-        }
-        let invalid = |detail| FirewallError::InvalidRuleset {
-            table: table.to_owned(),
-            detail,
-        };
-        let t = cstring(table).map_err(invalid)?;
-        let mut by_set: Vec<(&str, Vec<Element>)> = Vec::new();
-        for (set, key, ttl) in elements {
-            let e = Element {
-                key: *key,
-                expires_in: Some(*ttl),
-            };
-            match by_set.iter_mut().find(|(s, _)| s == set) {
-                Some((_, list)) => list.push(e),
-                None => by_set.push((set, vec![e])),
-            }
-        }
-        // The same three phases as one element's refresh, each over every element.
-        let mut builder = Builder::new();
-        for phase in [Phase::Ensure, Phase::Delete, Phase::Add] {
-            for (set, list) in &by_set {
-                let s = cstring(set).map_err(invalid)?;
-                let (kind, label) = match phase {
-                    Phase::Delete => (MsgType::Del, "(delete)"),
-                    Phase::Ensure | Phase::Add => (MsgType::Add, ""),
-                };
-                for msg in elements::refresh_messages(&t, &s, list, phase) {
-                    builder.add(&msg, kind, format!("elements of set {set} {label}"));
-                }
-            }
-        }
-        self.send(table, &builder.finish(), false)
+        self.refresh_batch(table, elements, &[Phase::Ensure, Phase::Delete, Phase::Add])
+    }
+
+    fn remove_elements(
+        &mut self,
+        table: &str,
+        elements: &[(&str, ElementKey)],
+    ) -> Result<(), FirewallError> {
+        // Made to exist (a placeholder timeout), then deleted: an element the kernel
+        // already timed out is not an error.
+        let placeholder = Duration::from_secs(1);
+        let elements: Vec<(&str, ElementKey, Duration)> = elements
+            .iter()
+            .map(|&(set, key)| (set, key, placeholder))
+            .collect();
+        self.refresh_batch(table, &elements, &[Phase::Ensure, Phase::Delete])
     }
 
     fn remove_element(
