@@ -82,6 +82,21 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
     let wake = Rc::new(tokio::sync::Notify::new());
     let mut reader = listener::BatchReader::new();
     let signal = loop {
+        // A big commit (a start, reload or repair with many grants) is made with the
+        // watch out of the notification group; if anyone else committed meanwhile, it
+        // is handled as lost notifications.
+        if daemon
+            .borrow_mut()
+            .core()
+            .firewall_mut()
+            .take_missed_events()
+        {
+            let lost = Tampering {
+                lost_events: true,
+                ..Tampering::default()
+            };
+            on_tamper(&daemon, tamper, Ok(lost));
+        }
         let Timers {
             next_expiry,
             book_due,
@@ -439,7 +454,7 @@ impl Timers {
 fn open_firewall(loaded: &Loaded) -> anyhow::Result<(NftFirewall, AsyncFd<TamperWatch>)> {
     let mut firewall = NftFirewall::open()?;
     firewall.want_lock(loaded.config.tamper == Tamper::Lock);
-    let watch = TamperWatch::open(&firewall, &loaded.config.table)?
+    let watch = TamperWatch::open(&mut firewall, &loaded.config.table)?
         .register()
         .context("cannot watch nftables notifications")?;
     Ok((firewall, watch))

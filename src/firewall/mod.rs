@@ -48,6 +48,14 @@ pub trait Firewall {
     /// firewall's own (see [`Firewall::unchanged_since_own`]), if it is.
     fn accounted(&self) -> Option<u32>;
 
+    /// Whether commits went by that the tamper watch did not hear (it is taken out of
+    /// the notification group while a big batch commits, and someone else committed
+    /// meanwhile, or the generations could not be read), since the last call: the
+    /// daemon then treats it as lost notifications.
+    fn take_missed_events(&mut self) -> bool {
+        false
+    }
+
     /// Takes up the account of an earlier process (its [`Firewall::accounted`],
     /// saved): if the kernel's ruleset is still at `generation`, nobody committed
     /// anything since, and this firewall carries on from it. Returns whether it did.
@@ -215,6 +223,10 @@ impl<F: Firewall + ?Sized> Firewall for &mut F {
 
     fn accounted(&self) -> Option<u32> {
         (**self).accounted()
+    }
+
+    fn take_missed_events(&mut self) -> bool {
+        (**self).take_missed_events()
     }
 
     fn resume_accounting(&mut self, generation: u32) -> bool {

@@ -19,6 +19,7 @@ use nix::sys::socket::{
     recv, sendmsg, setsockopt, socket, sockopt,
 };
 use nix::sys::time::TimeVal;
+use nix::{setsockopt_impl, sockopt_impl};
 
 /// Socket buffers big enough for a baseline with many live grants (G3: the defaults
 /// fail large batches with EMSGSIZE, and their ACKs with ENOBUFS).
@@ -368,6 +369,37 @@ pub(super) fn open_events() -> io::Result<OwnedFd> {
     bind(fd.as_raw_fd(), &NetlinkAddr::new(0, NFTABLES_GROUP_MASK))?;
     setsockopt(&fd, sockopt::RcvBufForce, &SOCKET_BUFFER)?;
     Ok(fd)
+}
+
+/// `NFNLGRP_NFTABLES`, the nf_tables notification group.
+const NFTABLES_GROUP: libc::c_int = 7;
+
+sockopt_impl!(
+    /// Joins a netlink multicast group.
+    AddMembership,
+    SetOnly,
+    libc::SOL_NETLINK,
+    libc::NETLINK_ADD_MEMBERSHIP,
+    libc::c_int
+);
+sockopt_impl!(
+    /// Leaves a netlink multicast group.
+    DropMembership,
+    SetOnly,
+    libc::SOL_NETLINK,
+    libc::NETLINK_DROP_MEMBERSHIP,
+    libc::c_int
+);
+
+/// Puts event socket `fd` in the nf_tables notification group (`true`) or takes it
+/// out: out of it, the kernel builds no notifications for it to skip.
+pub(super) fn hear_events(fd: &OwnedFd, hear: bool) -> io::Result<()> {
+    if hear {
+        setsockopt(fd, AddMembership, &NFTABLES_GROUP)?;
+    } else {
+        setsockopt(fd, DropMembership, &NFTABLES_GROUP)?;
+    }
+    Ok(())
 }
 
 /// What one non-blocking read of the event socket gave.
