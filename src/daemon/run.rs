@@ -82,21 +82,7 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
     let wake = Rc::new(tokio::sync::Notify::new());
     let mut reader = listener::BatchReader::new();
     let signal = loop {
-        // A big commit (a start, reload or repair with many grants) is made with the
-        // watch out of the notification group; if anyone else committed meanwhile, it
-        // is handled as lost notifications.
-        if daemon
-            .borrow_mut()
-            .core()
-            .firewall_mut()
-            .take_missed_events()
-        {
-            let lost = Tampering {
-                lost_events: true,
-                ..Tampering::default()
-            };
-            on_tamper(&daemon, tamper, Ok(lost));
-        }
+        heed_missed_events(&daemon, tamper);
         let Timers {
             next_expiry,
             book_due,
@@ -505,6 +491,24 @@ fn tamper_seen(
     let seen = ready.get_inner_mut().take();
     ready.clear_ready();
     on_tamper(daemon, tamper, seen);
+}
+
+/// A big commit (a start, reload or repair with many grants) is made with the watch
+/// out of the notification group; if anyone else committed meanwhile, that is
+/// handled as lost notifications.
+fn heed_missed_events(daemon: &Shared, tamper: Tamper) {
+    if daemon
+        .borrow_mut()
+        .core()
+        .firewall_mut()
+        .take_missed_events()
+    {
+        let lost = Tampering {
+            lost_events: true,
+            ..Tampering::default()
+        };
+        on_tamper(daemon, tamper, Ok(lost));
+    }
 }
 
 fn on_tamper(daemon: &Shared, tamper: Tamper, seen: std::io::Result<Tampering>) {
