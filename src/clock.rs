@@ -164,68 +164,33 @@ pub fn measured_tick_lag() -> Duration {
     }
 }
 
-/// Notices when the wall clock jumps: `CLOCK_REALTIME` less `CLOCK_MONOTONIC` moves
-/// only when the wall clock is set (`date -s`, an NTP step, a leap second, a resume
-/// from suspend) — slewing moves both alike. The daemon closes grants at their
-/// booked wall-clock end; after a jump forward that end comes early in real time,
-/// so a grant booked before a jump is left to the kernel's own timeout (never early).
-#[derive(Debug, Clone, Copy)]
-pub struct StepWatch {
-    /// The offset at the last look, in nanoseconds.
-    offset: Option<i128>,
-}
-
-impl StepWatch {
-    /// A jump smaller than this is the two clock reads' own jitter.
-    const TOLERANCE_NS: i128 = 1_000_000;
-
-    /// A watch that starts from the clocks now.
-    #[must_use]
-    pub fn new() -> Self {
-        Self {
-            offset: Self::offset(),
-        }
-    }
-
-    /// A watch whose next look counts as a jump (tests of what follows one).
+/// `CLOCK_MONOTONIC` for the daemon's closes of grants: a wall clock set forward or
+/// back (`date -s`, an NTP step) moves no close, and it counts like the kernel's
+/// jiffies (neither runs while the machine sleeps). Unit tests set it by hand.
+#[derive(Debug, Clone, Default)]
+pub enum MonoClock {
+    /// The system's.
+    #[default]
+    System,
+    /// A test's, in µs.
     #[cfg(test)]
-    #[must_use]
-    pub fn unread() -> Self {
-        Self { offset: None }
-    }
-
-    /// Whether the wall clock jumped since the last look (or cannot be read: in doubt,
-    /// a jump).
-    pub fn jumped(&mut self) -> bool {
-        self.observe(Self::offset())
-    }
-
-    /// [`StepWatch::jumped`] with the offset given: remembers it, and says whether it
-    /// differs from the last by more than the tolerance.
-    pub fn observe(&mut self, offset: Option<i128>) -> bool {
-        let jumped = match (self.offset, offset) {
-            (Some(before), Some(now)) => (now - before).abs() > Self::TOLERANCE_NS,
-            _ => true,
-        };
-        self.offset = offset;
-        jumped
-    }
-
-    /// `CLOCK_REALTIME` less `CLOCK_MONOTONIC`, in nanoseconds (vDSO, no system call).
-    fn offset() -> Option<i128> {
-        use nix::time::{ClockId, clock_gettime};
-        let nanos = |id| {
-            clock_gettime(id)
-                .ok()
-                .map(|t| i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec()))
-        };
-        Some(nanos(ClockId::CLOCK_REALTIME)? - nanos(ClockId::CLOCK_MONOTONIC)?)
-    }
+    Manual(std::rc::Rc<std::cell::Cell<u64>>),
 }
 
-impl Default for StepWatch {
-    fn default() -> Self {
-        Self::new()
+impl MonoClock {
+    /// Microseconds since boot (not counting sleep); 0 if the clock cannot be read
+    /// (a close then comes early in the daemon's eyes, late in the kernel's: never
+    /// before its deadline, which was read from the same clock).
+    #[must_use]
+    pub fn now_us(&self) -> u64 {
+        match self {
+            Self::System => nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+                .ok()
+                .map(Duration::from)
+                .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+            #[cfg(test)]
+            Self::Manual(at) => at.get(),
+        }
     }
 }
 
@@ -269,17 +234,6 @@ impl UnixMs {
     pub fn plus(self, d: Duration) -> Self {
         let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         Self(self.0.saturating_add(ms))
-    }
-
-    /// How long from the system clock now (to the nanosecond) until `self` (zero
-    /// if it has passed; the longest there is if it cannot be told).
-    #[must_use]
-    pub fn time_left(self) -> Duration {
-        UNIX_EPOCH
-            .checked_add(Duration::from_millis(self.0))
-            .map_or(Duration::MAX, |at| {
-                at.duration_since(SystemTime::now()).unwrap_or_default()
-            })
     }
 
     /// How long from `self` until `later` (zero if it has passed).
@@ -408,30 +362,9 @@ mod tests {
     }
 
     #[test]
-    fn a_wall_clock_jump_is_seen_and_slewing_is_not() {
-        let mut watch = StepWatch { offset: Some(0) };
-        // Jitter of the two reads, and NTP's slewing (both clocks alike): no jump.
-        assert!(!watch.observe(Some(300_000)));
-        assert!(!watch.observe(Some(-600_000)));
-        // `date -s` an hour on; then back; then a clock that cannot be read.
-        assert!(watch.observe(Some(3_600_000_000_000)));
-        assert!(!watch.observe(Some(3_600_000_000_001)));
-        assert!(watch.observe(Some(1_000_000_000)));
-        assert!(watch.observe(None));
-        assert!(
-            watch.observe(Some(1_000_000_000)),
-            "from an unread clock: a jump"
-        );
-        // The real clocks, looked at twice in a row, have not jumped.
-        let mut real = StepWatch::new();
-        assert!(!real.jumped());
-    }
-
-    #[test]
-    fn time_left_is_zero_once_passed_and_never_wraps() {
-        assert_eq!(UnixMs(0).time_left(), Duration::ZERO);
-        let later = UnixMs::now().plus(Duration::from_secs(60)).time_left();
-        assert!(later >= Duration::from_secs(30) && later <= Duration::from_secs(60));
-        assert!(UnixMs::NEVER.time_left() >= Duration::from_secs(1 << 40));
+    fn the_monotonic_clock_moves_forward() {
+        let clock = MonoClock::System;
+        let (a, b) = (clock.now_us(), clock.now_us());
+        assert!(a > 0 && b >= a, "{a} {b}");
     }
 }

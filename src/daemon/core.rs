@@ -237,20 +237,12 @@ pub struct Core<F: Firewall> {
     knocks_refused: u64,
     /// Each key's HMAC state for this server, ready to clone per knock.
     macs: HashMap<KeyId, KnockMac>,
-    /// Grants that end at or before this are closed by their kernel timeouts, not
-    /// by the daemon: those booked by an earlier process or before the wall clock
-    /// jumped, whose booked end may be early in real time.
-    precise_after: UnixMs,
-    /// Watches the wall clock for jumps.
-    steps: crate::clock::StepWatch,
+    /// The clock the daemon's closes of grants are timed by.
+    mono: crate::clock::MonoClock,
 }
 
 /// The most grants one expiry pass closes (the rest in the next, right after).
 pub const CLOSES_PER_PASS: usize = 4096;
-
-/// How long after its booked end the daemon closes a grant, in ms: the booked
-/// start is the clock's millisecond rounded down.
-const CLOSE_AFTER_MS: u64 = 1;
 
 /// What an expiry pass ended.
 #[derive(Debug, Default)]
@@ -261,7 +253,8 @@ pub struct Ended {
     pub timed_out: Vec<GrantRecord>,
     /// Windows that ended.
     pub windows: Vec<WindowRecord>,
-    /// How many grants could not be closed, and why (their kernel timeouts close them).
+    /// How many grants could not be closed, and the first reason (their kernel
+    /// timeouts close them).
     pub close_failed: Option<(usize, FirewallError)>,
 }
 
@@ -279,6 +272,12 @@ fn sequence_who(id: &KeyId) -> String {
 
 fn grant_set(service: &str, addr: IpAddr) -> String {
     service::grant_set(service, IpFamily::of(addr))
+}
+
+/// Whether something that ends at `ends` may still be open at `now`: its kernel
+/// timeout has not surely closed it yet.
+fn not_settled(ends: UnixMs, now: UnixMs) -> bool {
+    ends.plus(kernel_timer().settle()) > now
 }
 
 /// The timeout the kernel is asked for so that an element lasts at least `ttl`.
@@ -349,8 +348,6 @@ impl<F: Firewall> Core<F> {
         let book_writer = SnapshotWriter::new(settings.book_path.clone());
         let stamp_writer = SnapshotWriter::new(super::stamp::path_beside(&settings.book_path));
         let macs = knock_macs(&keys, &settings.server_id);
-        // Booked by an earlier process: the wall clock may have jumped since.
-        let book_last_end = book.last_end().unwrap_or_default();
         Self {
             firewall,
             settings,
@@ -370,8 +367,7 @@ impl<F: Firewall> Core<F> {
             sequencer: None,
             knocks_refused: 0,
             macs,
-            precise_after: book_last_end,
-            steps: crate::clock::StepWatch::new(),
+            mono: crate::clock::MonoClock::default(),
         }
     }
 
@@ -768,6 +764,8 @@ impl<F: Firewall> Core<F> {
             kernel_timeout(ttl),
         )?;
         let booked = self.book.grant(service, address, who, now, ttl, new_id);
+        // Timed from now, with the element in the kernel: the port is open the TTL.
+        self.close_after(&booked.0.id, ttl);
         self.save_book();
         Ok(booked)
     }
@@ -904,8 +902,11 @@ impl<F: Firewall> Core<F> {
 
     /// The open egress windows.
     pub fn windows(&mut self, now: UnixMs) -> Vec<WindowRecord> {
-        self.expire_settled(now);
-        self.book.windows().cloned().collect()
+        self.book
+            .windows()
+            .filter(|w| not_settled(w.ends(), now))
+            .cloned()
+            .collect()
     }
 
     /// Closes grant `id` now; `Ok(None)` if there is no such grant.
@@ -931,13 +932,13 @@ impl<F: Firewall> Core<F> {
         ended.closed
     }
 
-    /// What is over at `now`: each grant whose booked end has passed is closed now,
+    /// What is over at `now`: each grant the daemon booked is closed at its TTL,
     /// its element taken out of the kernel in one batch with the others due (at most
-    /// [`CLOSES_PER_PASS`]); a grant the daemon does not close (booked before this
-    /// process or before a jump of the wall clock, or whose removal failed) leaves
-    /// the book once the kernel's timeout has surely closed it. Windows likewise.
+    /// [`CLOSES_PER_PASS`]); a grant the daemon does not close (booked by an earlier
+    /// process, or whose removal failed) leaves the book once its kernel timeout has
+    /// surely closed it. Windows likewise.
     pub fn expire_all(&mut self, now: UnixMs) -> Ended {
-        let (closed, close_failed) = self.close_due(now);
+        let (closed, close_failed) = self.close_due();
         let (timed_out, windows) = self.expire_settled(now);
         Ended {
             closed,
@@ -947,25 +948,17 @@ impl<F: Firewall> Core<F> {
         }
     }
 
-    /// Closes the grants whose booked end is a millisecond past (the booked start
-    /// is the clock's millisecond rounded down): the port closes at the TTL, not up
-    /// to the two ticks and the tick lag later that the kernel's timeout allows for.
-    fn close_due(&mut self, now: UnixMs) -> (Vec<GrantRecord>, Option<(usize, FirewallError)>) {
-        if self.steps.jumped() {
-            // A grant booked before the jump ends in real time elsewhere than its
-            // booked end says: the kernel's timeout, counted in ticks, closes it.
-            if let Some(last) = self.book.last_end() {
-                self.precise_after = self.precise_after.max(last);
-            }
-            tracing::warn!(target: crate::logging::AUDIT, event = "clock-jump",
-                open = self.book.len(),
-                "the wall clock jumped; the grants open now close by their kernel timeouts");
-        }
-        let by = UnixMs(now.0.saturating_sub(CLOSE_AFTER_MS));
-        let due = self.book.ending(self.precise_after, by, CLOSES_PER_PASS);
-        let Some(last) = due.last().map(GrantRecord::ends) else {
+    /// Closes the grants whose close time (`CLOCK_MONOTONIC`, read after the kernel
+    /// took the element, plus the TTL) has come: the port closes at the TTL, not up
+    /// to the two ticks and the tick lag later that the kernel's timeout allows for,
+    /// and a wall clock set meanwhile changes nothing. A batch the kernel refuses is
+    /// tried element by element; what still fails is left to its kernel timeout.
+    fn close_due(&mut self) -> (Vec<GrantRecord>, Option<(usize, FirewallError)>) {
+        let due = self.book.closing_by(self.mono.now_us(), CLOSES_PER_PASS);
+        if due.is_empty() {
             return (Vec::new(), None);
-        };
+        }
+        let table = self.settings.table.clone();
         let sets: Vec<String> = due
             .iter()
             .map(|r| grant_set(&r.service, r.address))
@@ -975,18 +968,31 @@ impl<F: Firewall> Core<F> {
             .zip(&due)
             .map(|(set, r)| (set.as_str(), r.address.into()))
             .collect();
-        let table = self.settings.table.clone();
-        if let Err(e) = self.firewall.remove_elements(&table, &elements) {
-            // Not tried again: the kernel's timeouts close them a few ticks later,
-            // and the book drops them then.
-            self.precise_after = self.precise_after.max(last);
-            return (Vec::new(), Some((due.len(), e)));
-        }
-        for record in &due {
-            self.book.revoke(&record.id);
+        let (mut closed, mut failed) = (Vec::new(), None::<(usize, FirewallError)>);
+        let all = self.firewall.remove_elements(&table, &elements);
+        for (record, &(set, key)) in due.into_iter().zip(&elements) {
+            let alone = match &all {
+                Ok(()) => Ok(()),
+                Err(_) => self.firewall.remove_element(&table, set, key),
+            };
+            match alone {
+                Ok(()) => {
+                    self.book.revoke(&record.id);
+                    closed.push(record);
+                }
+                Err(e) => {
+                    if let Some(id) = crate::grants::parse_id(&record.id) {
+                        self.book.close_at(id, None);
+                    }
+                    match &mut failed {
+                        Some((n, _)) => *n += 1,
+                        None => failed = Some((1, e)),
+                    }
+                }
+            }
         }
         self.save_book();
-        (due, None)
+        (closed, failed)
     }
 
     /// Drops from the book the grants and windows the kernel has surely closed by
@@ -1025,6 +1031,7 @@ impl<F: Firewall> Core<F> {
             match added {
                 Ok(()) => {
                     self.book.restore(&record);
+                    self.close_after(&record.id, left);
                     restored += 1;
                 }
                 Err(e) => tracing::warn!(target: crate::logging::AUDIT, event = "rollback",
@@ -1037,10 +1044,13 @@ impl<F: Firewall> Core<F> {
         restored
     }
 
-    /// The live grants, by id.
+    /// The live grants, by id. A listing changes nothing: what ended is dropped
+    /// (and logged) by the expiry timer alone; until then it is left out here once
+    /// its kernel timeout has surely closed it.
     pub fn grants(&mut self, now: UnixMs) -> Vec<GrantRecord> {
-        self.expire_settled(now);
-        self.book.sorted()
+        let mut grants = self.book.sorted();
+        grants.retain(|r| not_settled(r.ends(), now));
+        grants
     }
 
     /// At most `limit` live grants by id, after the grant `after` (from the first
@@ -1051,8 +1061,9 @@ impl<F: Firewall> Core<F> {
         after: Option<crate::grants::GrantId>,
         limit: usize,
     ) -> (Vec<GrantRecord>, Option<crate::grants::GrantId>) {
-        self.expire_settled(now);
-        self.book.page(after, limit)
+        let (mut page, next) = self.book.page(after, limit);
+        page.retain(|r| not_settled(r.ends(), now));
+        (page, next)
     }
 
     /// How many grants knocks may fill: all but the admins' reserve.
@@ -1083,26 +1094,30 @@ impl<F: Firewall> Core<F> {
             .map(|c| c.packets)
     }
 
-    /// How long until the next grant or window ends, for the daemon's expiry timer.
+    /// How long until the next grant is to be closed or dropped, or window ends,
+    /// for the daemon's expiry timer.
     #[must_use]
     pub fn next_expiry(&self, now: UnixMs) -> Option<Duration> {
-        self.next_expiry_at().map(|at| now.until(at))
-    }
-
-    /// When the next grant is due to be closed or dropped, or window to end.
-    #[must_use]
-    pub fn next_expiry_at(&self) -> Option<UnixMs> {
         let close = self
             .book
-            .first_end_after(self.precise_after)
-            .map(|at| UnixMs(at.0.saturating_add(CLOSE_AFTER_MS)));
+            .first_close()
+            .map(|at| Duration::from_micros(at.saturating_sub(self.mono.now_us())));
         let settled = self
             .book
             .next_expiry()
-            .map(|at| at.plus(kernel_timer().settle()));
+            .map(|at| now.until(at.plus(kernel_timer().settle())));
         match (close, settled) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
+        }
+    }
+
+    /// Has the daemon close grant `id` `ttl` from now.
+    fn close_after(&mut self, id: &str, ttl: Duration) {
+        let ttl_us = u64::try_from(ttl.as_micros()).unwrap_or(u64::MAX);
+        if let Some(id) = crate::grants::parse_id(id) {
+            let at = self.mono.now_us().saturating_add(ttl_us);
+            self.book.close_at(id, Some(at));
         }
     }
 

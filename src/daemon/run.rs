@@ -19,7 +19,7 @@ use crate::config::{Loaded, Tamper};
 use crate::daemon::core::SequenceOutcome;
 use crate::firewall::Firewall;
 use crate::firewall::nft::events::Tampering;
-use crate::firewall::nft::nflog::SequenceLog;
+use crate::firewall::nft::nflog::{Logged, SequenceLog};
 use crate::firewall::nft::{NftFirewall, TableLock, TamperWatch};
 use crate::logging::AUDIT;
 use crate::policy::KeyRing;
@@ -131,7 +131,10 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
             }
             () = wake.notified() => {}
             ready = watch.readable_mut() => tamper_seen(&daemon, tamper, ready),
-            () = tokio::time::sleep(next_expiry) => expire(&daemon),
+            () = tokio::time::sleep(next_expiry) => {
+                drain_sequences(&daemon, &mut sequences);
+                expire(&daemon);
+            }
             () = tokio::time::sleep(sequences_due.unwrap_or(IDLE_EXPIRY_CHECK)), if sequences_due.is_some() => write_sequences(&daemon),
             ready = readable(sequences.log.as_mut()) => on_sequences(&daemon, ready),
             () = tokio::time::sleep_until(beats.summary_due), if log.has_counts() => {
@@ -264,6 +267,21 @@ fn on_sequences(
             Err(e)
         }
     };
+    book_sequences(daemon, logged, lost);
+}
+
+/// Books what the sequence log holds now, without waiting: before an expiry pass, so
+/// that a grant a sequence just extended in the kernel is not closed as if it had
+/// not been (its readiness stays set: the next turn finds the log empty).
+fn drain_sequences(daemon: &Shared, listener: &mut SequenceListener) {
+    if let Some(log) = listener.log.as_mut() {
+        let (taken, lost) = log.get_mut().take_all();
+        book_sequences(daemon, taken.map(|(logged, _)| logged), lost);
+    }
+}
+
+/// Books (or closes again) what completed sequences opened, one line each.
+fn book_sequences(daemon: &Shared, logged: std::io::Result<Vec<Logged>>, lost: bool) {
     if lost {
         warn!(target: AUDIT, event = "sequence",
             "the kernel dropped completed-sequence reports (socket full); their grants end on time but are not in `knockgate grants`");
@@ -421,11 +439,9 @@ impl Timers {
             .map(|at| at.saturating_duration_since(std::time::Instant::now()));
         let core = d.core();
         Self {
-            // From the clock to the microsecond, not its millisecond rounded down:
-            // a close is due a millisecond after its booked end, not up to two.
-            next_expiry: core.next_expiry_at().map_or(IDLE_EXPIRY_CHECK, |at| {
-                at.time_left().min(IDLE_EXPIRY_CHECK)
-            }),
+            next_expiry: core
+                .next_expiry(UnixMs::now())
+                .map_or(IDLE_EXPIRY_CHECK, |d| d.min(IDLE_EXPIRY_CHECK)),
             book_due: core
                 .book_dirty_since()
                 .map(|since| tokio::time::Instant::from_std(since + BOOK_SAVE_DELAY)),

@@ -1,4 +1,4 @@
-//! The grant book's storage: every grant one 48-byte slot in one vector, names kept
+//! The grant book's storage: every grant one 56-byte slot in one vector, names kept
 //! once in tables, and indexes of slot numbers — so a million grants take ~150 MB,
 //! not the ~600 MB six heap strings a grant took, and a lookup, a grant, a revoke,
 //! an expiry and the next expiry cost the same with a million grants as with one.
@@ -20,6 +20,10 @@ use crate::ruleset::Element;
 pub(super) struct Slot {
     pub(super) granted_ms: u64,
     pub(super) ends_ms: u64,
+    /// When the daemon closes it, in µs of `CLOCK_MONOTONIC`; 0: its kernel
+    /// timeout does (a grant booked by an earlier process). Not saved: the clock is
+    /// this boot's.
+    pub(super) close_us: u64,
     pub(super) id: GrantId,
     pub(super) service: u32,
     pub(super) who: u32,
@@ -29,6 +33,11 @@ pub(super) struct Slot {
 impl Slot {
     pub(super) fn ends(&self) -> UnixMs {
         UnixMs(self.ends_ms)
+    }
+
+    /// Whether the daemon closes it (else its kernel timeout does).
+    fn closed_by_daemon(&self) -> bool {
+        self.close_us != 0
     }
 }
 
@@ -168,8 +177,11 @@ pub struct GrantBook {
     pub(super) services: Names,
     /// Who asked, counted (a key's quota is checked per knock).
     pub(super) holders: Names,
-    /// The grants' ends, exactly as the slots hold them.
+    /// The ends of the grants left to their kernel timeouts, exactly as the slots
+    /// hold them.
     pub(super) grant_ends: Ends<GrantId>,
+    /// When the daemon closes each of the others (µs, `CLOCK_MONOTONIC`).
+    pub(super) closes: BTreeSet<(u64, GrantId)>,
     pub(super) windows: BTreeMap<String, WindowRecord>,
     /// The windows' ends, likewise.
     pub(super) window_ends: Ends<String>,
@@ -274,13 +286,14 @@ impl GrantBook {
         self.remove_slot(n)
     }
 
-    /// Removes and returns the grants whose time is over, earliest first.
+    /// Removes and returns the grants left to their kernel timeouts whose time is
+    /// over, earliest first.
     pub fn expire(&mut self, now: UnixMs) -> Vec<GrantRecord> {
         let due = self.grant_ends.take_due(now);
         self.remove_ids(&due)
     }
 
-    /// The first end of a grant or a window, if anything is open.
+    /// The first end of a grant left to its kernel timeout or of a window, if any.
     #[must_use]
     pub fn next_expiry(&self) -> Option<UnixMs> {
         match (self.grant_ends.first(), self.window_ends.first()) {
@@ -289,34 +302,36 @@ impl GrantBook {
         }
     }
 
-    /// The first end of a grant after `after`, if any.
-    #[must_use]
-    pub fn first_end_after(&self, after: UnixMs) -> Option<UnixMs> {
-        self.grant_ends
-            .0
-            .range((after.plus(Duration::from_millis(1)), GrantId::MIN)..)
-            .next()
-            .map(|(at, _)| *at)
+    /// Has the daemon close grant `id` at `close_us` (µs of `CLOCK_MONOTONIC`), or
+    /// with `None` leaves it to its kernel timeout.
+    pub fn close_at(&mut self, id: GrantId, close_us: Option<u64>) {
+        let Some(n) = self.slot_of_id(id) else {
+            return;
+        };
+        self.unindex_end(n);
+        // 0 stands for "the kernel's timeout": a close at 0 µs is a close at 1.
+        self.slots[n].close_us = close_us.map_or(0, |at| at.max(1));
+        self.index_end(n);
     }
 
-    /// The last end of any grant, if any.
+    /// At most `limit` grants the daemon closes at or before `now_us` (µs,
+    /// `CLOCK_MONOTONIC`), earliest first; the book keeps them (the caller closes
+    /// them, then revokes).
     #[must_use]
-    pub fn last_end(&self) -> Option<UnixMs> {
-        self.grant_ends.0.last().map(|(at, _)| *at)
-    }
-
-    /// At most `limit` grants that end after `after` and at or before `by`, earliest
-    /// first; the book keeps them (the caller closes them, then revokes).
-    #[must_use]
-    pub fn ending(&self, after: UnixMs, by: UnixMs, limit: usize) -> Vec<GrantRecord> {
-        self.grant_ends
-            .0
-            .range((after.plus(Duration::from_millis(1)), GrantId::MIN)..)
-            .take_while(|(at, _)| *at <= by)
+    pub fn closing_by(&self, now_us: u64, limit: usize) -> Vec<GrantRecord> {
+        self.closes
+            .iter()
+            .take_while(|(at, _)| *at <= now_us)
             .take(limit)
             .filter_map(|&(_, id)| self.slot_of_id(id))
             .map(|n| self.record(&self.slots[n]))
             .collect()
+    }
+
+    /// When the daemon next closes a grant (µs, `CLOCK_MONOTONIC`).
+    #[must_use]
+    pub fn first_close(&self) -> Option<u64> {
+        self.closes.first().map(|(at, _)| *at)
     }
 
     /// Drops the records of every service not in `services` and returns them (a
@@ -563,6 +578,7 @@ impl GrantBook {
         let slot = Slot {
             granted_ms: granted.0,
             ends_ms: ends.0,
+            close_us: 0,
             id,
             service: self.services.acquire(service),
             who: self.holders.acquire(who),
@@ -625,10 +641,31 @@ impl GrantBook {
 
     /// Sets slot `n`'s times, keeping the ends index in step.
     fn retime(&mut self, n: usize, granted: UnixMs, ends: UnixMs) {
+        self.unindex_end(n);
         let slot = &mut self.slots[n];
-        self.grant_ends.remove(slot.ends(), slot.id);
         (slot.granted_ms, slot.ends_ms) = (granted.0, ends.0);
-        self.grant_ends.insert(slot.ends(), slot.id);
+        self.index_end(n);
+    }
+
+    /// Takes slot `n` out of the index of its end (the daemon's closes or the
+    /// kernel-timed ends).
+    fn unindex_end(&mut self, n: usize) {
+        let slot = self.slots[n];
+        if slot.closed_by_daemon() {
+            self.closes.remove(&(slot.close_us, slot.id));
+        } else {
+            self.grant_ends.remove(slot.ends(), slot.id);
+        }
+    }
+
+    /// Puts slot `n` in the index of its end.
+    fn index_end(&mut self, n: usize) {
+        let slot = self.slots[n];
+        if slot.closed_by_daemon() {
+            self.closes.insert((slot.close_us, slot.id));
+        } else {
+            self.grant_ends.insert(slot.ends(), slot.id);
+        }
     }
 
     /// Takes the grant in slot `n` out of the book and every index; the last slot
@@ -645,7 +682,11 @@ impl GrantBook {
         if self.by_address.get(&hole) == Some(&here) {
             self.by_address.remove(&hole);
         }
-        self.grant_ends.remove(slot.ends(), slot.id);
+        if slot.closed_by_daemon() {
+            self.closes.remove(&(slot.close_us, slot.id));
+        } else {
+            self.grant_ends.remove(slot.ends(), slot.id);
+        }
         self.services.release(slot.service);
         self.holders.release(slot.who);
         if let Some(moved) = self.slots.get(n) {
@@ -675,7 +716,10 @@ impl GrantBook {
 
     /// Indexes the grants' ends anew, at once (a load).
     pub(super) fn rebuild_grant_ends(&mut self) {
-        self.grant_ends = self.slots.iter().map(|s| (s.ends(), s.id)).collect();
+        let (closed, timed): (Vec<&Slot>, Vec<&Slot>) =
+            self.slots.iter().partition(|s| s.closed_by_daemon());
+        self.grant_ends = timed.iter().map(|s| (s.ends(), s.id)).collect();
+        self.closes = closed.iter().map(|s| (s.close_us, s.id)).collect();
     }
 
     /// Indexes the windows' ends anew.

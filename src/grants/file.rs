@@ -100,6 +100,7 @@ impl GrantBook {
             let slot = Slot {
                 granted_ms: granted,
                 ends_ms: ends,
+                close_us: 0,
                 id: 0,
                 service: book.services.acquire(&r.service),
                 who: book.holders.acquire(&r.who),
@@ -399,6 +400,7 @@ impl<'de> Visitor<'de> for Rows<'_> {
             let slot = Slot {
                 granted_ms: granted,
                 ends_ms: ends,
+                close_us: 0,
                 id: 0,
                 service,
                 who,

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use super::book::{Names, slot_number};
+use super::book::{Names, Slot, slot_number};
 use super::*;
 use crate::ruleset::Element;
 use crate::state::StateError;
@@ -462,6 +462,9 @@ enum Step {
     },
     /// Saved and read back.
     Reload,
+    /// The daemon is to close a grant at a time of its clock (0: leaves it to the
+    /// kernel's timeout).
+    CloseAt(u8, u16),
 }
 
 fn step() -> impl proptest::strategy::Strategy<Value = Step> {
@@ -479,6 +482,7 @@ fn step() -> impl proptest::strategy::Strategy<Value = Step> {
         1 => (0..2u8, any::<u8>(), 0..500u16, 0..300u16)
             .prop_map(|(service, hosts, now, left)| Step::Reconcile { service, hosts, now, left }),
         1 => Just(Step::Reload),
+        2 => (any::<u8>(), 0..600u16).prop_map(|(n, at)| Step::CloseAt(n, at)),
     ]
 }
 
@@ -486,16 +490,27 @@ fn step() -> impl proptest::strategy::Strategy<Value = Step> {
 /// booked, each index is exactly what indexing the records anew gives, and there
 /// is one record per service and address.
 fn assert_indexes_agree(book: &GrantBook) {
+    // The ends of what the kernel's timeouts close; the daemon's closes apart.
     let first = book
+        .slots
         .iter()
-        .map(|r| r.ends())
+        .filter(|s| s.close_us == 0)
+        .map(Slot::ends)
         .chain(book.windows().map(WindowRecord::ends))
         .min();
     assert_eq!(book.next_expiry(), first);
+    let first_close = book
+        .slots
+        .iter()
+        .map(|s| s.close_us)
+        .filter(|at| *at != 0)
+        .min();
+    assert_eq!(book.first_close(), first_close);
     let mut fresh = book.clone();
     fresh.rebuild_grant_ends();
     fresh.rebuild_window_ends();
     assert_eq!(book.grant_ends, fresh.grant_ends);
+    assert_eq!(book.closes, fresh.closes);
     assert_eq!(book.window_ends, fresh.window_ends);
     let numbered = book.slots.iter().enumerate();
     let by_id: BTreeMap<GrantId, u32> = numbered
@@ -542,10 +557,19 @@ fn pooled_ids() -> impl FnMut() -> GrantId {
     }
 }
 
-/// Expires grants at `now` and checks that exactly the due ones went, earliest
-/// first.
+/// Expires grants at `now` and checks that exactly the due ones left to their kernel
+/// timeouts went, earliest first (the daemon closes the others itself).
 fn expire_and_check(book: &mut GrantBook, now: UnixMs) {
-    let before: Vec<GrantRecord> = book.iter().collect();
+    let kernel_timed: Vec<String> = book
+        .slots
+        .iter()
+        .filter(|s| s.close_us == 0)
+        .map(|s| id_text(s.id))
+        .collect();
+    let before: Vec<GrantRecord> = book
+        .iter()
+        .filter(|r| kernel_timed.contains(&r.id))
+        .collect();
     let gone = book.expire(now);
     assert_took_due(&before, &gone, now, GrantRecord::ends, |r| &r.id);
 }
@@ -574,6 +598,17 @@ fn assert_took_due<T>(
     gone.sort();
     due.sort();
     assert_eq!(gone, due);
+}
+
+/// Has the daemon close grant `target` at `at` (0: leaves it to the kernel), and
+/// checks it is due then, and only if it has a time.
+fn close_and_check(book: &mut GrantBook, target: &str, at: u16) {
+    let at = (at != 0).then_some(u64::from(at));
+    book.close_at(parse_id(target).unwrap(), at);
+    let slot = book.slots.iter().find(|s| id_text(s.id) == target).unwrap();
+    assert_eq!(slot.close_us, at.unwrap_or(0));
+    let due = book.closing_by(at.unwrap_or(0), usize::MAX);
+    assert_eq!(due.iter().any(|r| r.id == target), at.is_some());
 }
 
 fn apply(
@@ -670,7 +705,15 @@ fn apply(
             let text = String::from_utf8(book.to_json()).unwrap();
             let loaded = GrantBook::from_text(text.as_bytes()).expect("a saved book reads back");
             assert_eq!(&loaded, book);
+            // The daemon's closes are its own process's: a load leaves every grant
+            // to its kernel timeout.
+            assert!(loaded.closes.is_empty());
             *book = loaded;
+        }
+        Step::CloseAt(n, at) => {
+            if let Some(target) = nth(n, book.iter().map(|r| r.id).collect()) {
+                close_and_check(book, &target, at);
+            }
         }
     }
 }

@@ -577,6 +577,7 @@ fn admin_open_revoke_and_expiry() {
     assert!(elements(&mut f.core, SSH_GRANTS_V6).is_empty());
     assert!(f.core.revoke(&record.id).unwrap().is_none());
 
+    let clock = manual_clock(&mut f.core);
     let (short, _, _) = f
         .core
         .open(
@@ -587,13 +588,14 @@ fn admin_open_revoke_and_expiry() {
             UnixMs::from_secs(NOW),
         )
         .unwrap();
-    // The daemon closes it a millisecond after its booked end (the booked start is
-    // the clock's millisecond rounded down), not before.
-    let due = Duration::from_millis(5001);
-    assert_eq!(f.core.next_expiry(UnixMs::from_secs(NOW)), Some(due));
-    assert!(f.core.expire(UnixMs::from_secs(NOW + 5)).is_empty());
+    // The daemon closes it five seconds (its own clock) after the kernel took it.
+    let now = UnixMs::from_secs(NOW);
+    assert_eq!(f.core.next_expiry(now), Some(Duration::from_secs(5)));
+    clock.set(T0 + 5_000_000 - 1);
+    assert!(f.core.expire_all(now).closed.is_empty());
     assert_eq!(elements(&mut f.core, SSH_GRANTS_V4), vec![ip("192.0.2.1")]);
-    let ended = f.core.expire_all(UnixMs::from_secs(NOW).plus(due));
+    clock.set(T0 + 5_000_000);
+    let ended = f.core.expire_all(now);
     assert_eq!(
         ended.closed.iter().map(|r| &r.id).collect::<Vec<_>>(),
         vec![&short.id]
@@ -603,8 +605,18 @@ fn admin_open_revoke_and_expiry() {
         elements(&mut f.core, SSH_GRANTS_V4).is_empty(),
         "closed now"
     );
-    assert!(f.core.grants(UnixMs::from_secs(NOW).plus(due)).is_empty());
-    assert_eq!(f.core.next_expiry(UnixMs::from_secs(NOW)), None);
+    assert!(f.core.grants(now).is_empty());
+    assert_eq!(f.core.next_expiry(now), None);
+}
+
+/// Where the tests' `CLOCK_MONOTONIC` stands when they set it by hand (µs).
+const T0: u64 = 1_000_000_000;
+
+/// Puts `core`'s closes on a clock the test sets, at [`T0`].
+fn manual_clock(core: &mut Core<MemoryFirewall>) -> std::rc::Rc<std::cell::Cell<u64>> {
+    let clock = std::rc::Rc::new(std::cell::Cell::new(T0));
+    core.mono = crate::clock::MonoClock::Manual(std::rc::Rc::clone(&clock));
+    clock
 }
 
 /// Opens `n` five-second grants for 10.9.x.y at `NOW`.
@@ -624,75 +636,140 @@ fn open_many(core: &mut Core<MemoryFirewall>, n: u32) -> Vec<GrantRecord> {
 #[test]
 fn grants_due_together_close_in_bounded_batches_each_pass_right_after_the_last() {
     let mut f = fixture();
+    let clock = manual_clock(&mut f.core);
     let n = u32::try_from(CLOSES_PER_PASS).unwrap() + 10;
     open_many(&mut f.core, n);
-    let end = UnixMs::from_secs(NOW + 5).plus(Duration::from_millis(1));
-    let first = f.core.expire_all(end);
+    clock.set(T0 + 5_000_000);
+    let now = UnixMs::from_secs(NOW + 5);
+    let first = f.core.expire_all(now);
     assert_eq!(first.closed.len(), CLOSES_PER_PASS);
     // The rest are due at once: the loop's next turn closes them.
-    assert_eq!(f.core.next_expiry(end), Some(Duration::ZERO));
+    assert_eq!(f.core.next_expiry(now), Some(Duration::ZERO));
     assert_eq!(elements(&mut f.core, SSH_GRANTS_V4).len(), 10);
-    assert_eq!(f.core.expire_all(end).closed.len(), 10);
+    assert_eq!(f.core.expire_all(now).closed.len(), 10);
     assert!(elements(&mut f.core, SSH_GRANTS_V4).is_empty());
 }
 
 #[test]
-fn a_close_the_kernel_refuses_is_left_to_its_timeout_and_not_retried() {
+fn a_refused_batch_is_closed_one_by_one_and_what_still_fails_is_left_to_the_kernel() {
     let mut f = fixture();
+    let clock = manual_clock(&mut f.core);
     let opened = open_many(&mut f.core, 2);
-    let due = UnixMs::from_secs(NOW + 5).plus(Duration::from_millis(1));
+    clock.set(T0 + 5_000_000);
+    // The batch and then the first grant alone are refused; the second goes.
     f.core.firewall.refuse_next = true;
-    let ended = f.core.expire_all(due);
-    assert!(ended.closed.is_empty());
-    assert_eq!(ended.close_failed.as_ref().map(|(n, _)| *n), Some(2));
-    // Both still in the kernel and the book (nothing half-closed); the next wake is
-    // when the kernel has surely timed them out, where the book drops them.
-    assert_eq!(elements(&mut f.core, SSH_GRANTS_V4).len(), 2);
+    f.core.firewall.refuse_after = Some(1);
+    let now = UnixMs::from_secs(NOW + 5);
+    let ended = f.core.expire_all(now);
+    assert_eq!(ended.closed.len(), 1);
+    assert_eq!(ended.close_failed.as_ref().map(|(n, _)| *n), Some(1));
+    // The two have the same end: which went first is the ids' order.
+    let left = opened.iter().find(|r| r.id != ended.closed[0].id).unwrap();
+    assert_eq!(elements(&mut f.core, SSH_GRANTS_V4), vec![left.address]);
+    // Not tried again: the book drops it once its kernel timeout has surely closed it.
+    assert!(f.core.expire_all(now).closed.is_empty());
     let settled = Duration::from_secs(5) + crate::clock::kernel_timer().settle();
     assert_eq!(f.core.next_expiry(UnixMs::from_secs(NOW)), Some(settled));
-    assert!(f.core.expire_all(due).close_failed.is_none(), "not retried");
     let ended = f.core.expire_all(UnixMs::from_secs(NOW).plus(settled));
-    assert_eq!(ended.timed_out.len(), 2);
-    assert_eq!(ended.timed_out[0].id, opened[0].id);
+    assert_eq!(ended.timed_out.len(), 1);
+    assert_eq!(ended.timed_out[0].id, left.id);
 }
 
 #[test]
-fn after_a_wall_clock_jump_the_grants_open_are_left_to_their_kernel_timeouts() {
+fn a_wall_clock_set_forward_or_back_moves_no_close() {
     let mut f = fixture();
-    let before = open_many(&mut f.core, 1);
-    // The wall clock jumps (here: the next look says so); a grant booked after the
-    // look is closed by the daemon again.
-    f.core.steps = crate::clock::StepWatch::unread();
-    let due = UnixMs::from_secs(NOW + 5).plus(Duration::from_millis(1));
-    assert!(f.core.expire_all(due).closed.is_empty());
+    let clock = manual_clock(&mut f.core);
+    let opened = open_many(&mut f.core, 1);
+    // An hour on by the wall clock, a second by the real one: still open, and not
+    // dropped from the book either.
+    clock.set(T0 + 1_000_000);
+    let ended = f.core.expire_all(UnixMs::from_secs(NOW + 3600));
+    assert!(ended.closed.is_empty() && ended.timed_out.is_empty());
     assert_eq!(
         elements(&mut f.core, SSH_GRANTS_V4),
-        vec![before[0].address]
+        vec![opened[0].address]
     );
-    let settled = UnixMs::from_secs(NOW + 5).plus(crate::clock::kernel_timer().settle());
-    let ended = f.core.expire_all(settled);
-    assert_eq!(ended.timed_out[0].id, before[0].id);
-    assert!(ended.closed.is_empty());
-    let after = f
+    // An hour back by the wall clock, five seconds on by the real one: closed.
+    clock.set(T0 + 5_000_000);
+    let ended = f.core.expire_all(UnixMs::from_secs(NOW - 3600));
+    assert_eq!(ended.closed[0].id, opened[0].id);
+    assert!(elements(&mut f.core, SSH_GRANTS_V4).is_empty());
+}
+
+#[test]
+fn an_extended_or_reopened_grant_closes_at_its_new_end_only() {
+    let mut f = fixture();
+    let clock = manual_clock(&mut f.core);
+    let ttl = Some(Duration::from_secs(5));
+    // Extended three seconds in; reopened (IPv4-mapped) after its end, before a pass.
+    let extended = ip("192.0.2.1");
+    f.core
+        .open("ssh", extended, ttl, "uid 0", UnixMs::from_secs(NOW))
+        .unwrap();
+    let reopened = f
         .core
-        .open(
-            "ssh",
-            ip("192.0.2.7"),
-            Some(Duration::from_secs(6)),
-            "uid 0",
-            UnixMs::from_secs(NOW),
-        )
+        .open("ssh", ip("192.0.2.2"), ttl, "uid 0", UnixMs::from_secs(NOW))
         .unwrap()
         .0;
-    let ended = f
+    clock.set(T0 + 3_000_000);
+    f.core
+        .open("ssh", extended, ttl, "uid 0", UnixMs::from_secs(NOW + 3))
+        .unwrap();
+    clock.set(T0 + 5_000_100);
+    let mapped = ip("::ffff:192.0.2.2");
+    let again = f
         .core
-        .expire_all(UnixMs::from_secs(NOW + 6).plus(Duration::from_millis(1)));
-    assert_eq!(
-        ended.closed.iter().map(|r| &r.id).collect::<Vec<_>>(),
-        vec![&after.id]
+        .open("ssh", mapped, ttl, "uid 0", UnixMs::from_secs(NOW + 5))
+        .unwrap()
+        .0;
+    assert_ne!(again.id, reopened.id, "after its end: a new grant");
+    assert!(
+        f.core
+            .expire_all(UnixMs::from_secs(NOW + 5))
+            .closed
+            .is_empty()
     );
-    assert!(elements(&mut f.core, SSH_GRANTS_V4).contains(&before[0].address));
-    assert!(!elements(&mut f.core, SSH_GRANTS_V4).contains(&after.address));
+    assert_eq!(elements(&mut f.core, SSH_GRANTS_V4).len(), 2);
+    clock.set(T0 + 8_000_000);
+    let ended = f.core.expire_all(UnixMs::from_secs(NOW + 8));
+    assert_eq!(ended.closed.len(), 1);
+    assert_eq!(elements(&mut f.core, SSH_GRANTS_V4), vec![ip("192.0.2.2")]);
+    clock.set(T0 + 10_000_100);
+    let ended = f.core.expire_all(UnixMs::from_secs(NOW + 10));
+    assert_eq!(
+        ended.closed[0].address,
+        ip("192.0.2.2"),
+        "the v4 element, mapped or not"
+    );
+    assert!(elements(&mut f.core, SSH_GRANTS_V4).is_empty());
+    assert!(elements(&mut f.core, SSH_GRANTS_V6).is_empty());
+}
+
+#[test]
+fn grants_put_back_by_a_rollback_close_when_their_time_left_is_up() {
+    let mut f = fixture();
+    let clock = manual_clock(&mut f.core);
+    let opened = open_many(&mut f.core, 1);
+    let record = f.core.revoke(&opened[0].id).unwrap().unwrap();
+    clock.set(T0 + 2_000_000);
+    assert_eq!(
+        f.core
+            .restore_grants(vec![record], UnixMs::from_secs(NOW + 2)),
+        1
+    );
+    clock.set(T0 + 5_000_000 - 1);
+    assert!(
+        f.core
+            .expire_all(UnixMs::from_secs(NOW + 5))
+            .closed
+            .is_empty()
+    );
+    clock.set(T0 + 5_000_000);
+    assert_eq!(
+        f.core.expire_all(UnixMs::from_secs(NOW + 5)).closed.len(),
+        1
+    );
+    assert!(elements(&mut f.core, SSH_GRANTS_V4).is_empty());
 }
 
 #[test]
@@ -705,8 +782,14 @@ fn grants_booked_by_an_earlier_process_are_left_to_their_kernel_timeouts() {
     let replay = ReplayLog::open(f.dir.path(), REPLAY_CAPACITY, NOW).unwrap();
     let settings = settings(f.dir.path(), &config());
     let mut again = Core::new(fw, settings, keys(), replay, book);
-    let due = UnixMs::from_secs(NOW + 5).plus(Duration::from_millis(1));
-    assert!(again.expire_all(due).closed.is_empty());
+    let clock = manual_clock(&mut again);
+    clock.set(u64::MAX / 2);
+    assert!(
+        again
+            .expire_all(UnixMs::from_secs(NOW + 5))
+            .closed
+            .is_empty()
+    );
     assert_eq!(elements(&mut again, SSH_GRANTS_V4).len(), 1);
     let settled = UnixMs::from_secs(NOW + 5).plus(crate::clock::kernel_timer().settle());
     assert_eq!(again.expire_all(settled).timed_out[0].id, opened[0].id);
