@@ -337,6 +337,24 @@ impl NftFirewall {
         batch: &LabelledBatch,
         generation: u32,
     ) -> Result<(), FirewallError> {
+        let sent = self.transact_guarded(table, batch, generation);
+        let after = self.generation().ok();
+        self.accounted = match (&sent, after) {
+            (Ok(()), Some(after)) if after == generation.wrapping_add(1) => Some(after),
+            (Err(_), Some(after)) if after == generation => self.accounted,
+            _ => None,
+        };
+        sent
+    }
+
+    /// Commits `batch` only if the kernel is still at `generation` (it refuses the
+    /// whole batch with ERESTART otherwise); committed, the kernel is at the next.
+    fn transact_guarded(
+        &self,
+        table: &str,
+        batch: &LabelledBatch,
+        generation: u32,
+    ) -> Result<(), FirewallError> {
         let pages: Vec<&[u8]> = batch.batch.iter().collect();
         let bytes: usize = pages.iter().map(|p| p.len()).sum();
         if bytes > MAX_BATCH_BYTES {
@@ -359,17 +377,9 @@ impl NftFirewall {
         })?;
         let mut parts: Vec<&[u8]> = vec![&guarded.0, &begin[guarded.1..]];
         parts.extend_from_slice(rest);
-        let sent = self
-            .socket
+        self.socket
             .transact(&parts, batch.batch.sequence_numbers())
-            .map_err(|e| Self::map_error(table, Some(batch), e));
-        let after = self.generation().ok();
-        self.accounted = match (&sent, after) {
-            (Ok(()), Some(after)) if after == generation.wrapping_add(1) => Some(after),
-            (Err(_), Some(after)) if after == generation => self.accounted,
-            _ => None,
-        };
-        sent
+            .map_err(|e| Self::map_error(table, Some(batch), e))
     }
 
     fn map_error(table: &str, batch: Option<&LabelledBatch>, e: TransactError) -> FirewallError {
@@ -448,6 +458,13 @@ impl NftFirewall {
         batch: &LabelledBatch,
         whole: bool,
     ) -> Result<(), FirewallError> {
+        if !whole {
+            return match self.accounted {
+                Some(accounted) => self.send_chained(table, batch, accounted),
+                // Nothing to chain to: only a whole replace starts an account again.
+                None => self.transact(table, batch),
+            };
+        }
         let before = self.generation().ok();
         let sent = self.transact(table, batch);
         let after = self.generation().ok();
@@ -461,6 +478,39 @@ impl NftFirewall {
             None
         };
         sent
+    }
+
+    /// Sends a batch chained to the account: carrying the accounted generation, so
+    /// the kernel refuses it (ERESTART) if anyone else committed since and otherwise
+    /// commits it as exactly the next one. The account moves on without reading the
+    /// generation before or after: a knock's grant waits on no extra round trip.
+    /// Refused so, the batch goes again unchained and the account is over.
+    fn send_chained(
+        &mut self,
+        table: &str,
+        batch: &LabelledBatch,
+        accounted: u32,
+    ) -> Result<(), FirewallError> {
+        match self.transact_guarded(table, batch, accounted) {
+            Ok(()) => {
+                self.accounted = Some(accounted.wrapping_add(1));
+                Ok(())
+            }
+            Err(FirewallError::Refused { source, .. })
+                if source.raw_os_error() == Some(libc::ERESTART) =>
+            {
+                self.accounted = None;
+                self.transact(table, batch)
+            }
+            Err(e) => {
+                // Refused for what it asked (nothing committed), or lost on the way:
+                // the generation says which.
+                if self.generation().ok() != Some(accounted) {
+                    self.accounted = None;
+                }
+                Err(e)
+            }
+        }
     }
 
     fn transact(&self, table: &str, batch: &LabelledBatch) -> Result<(), FirewallError> {
