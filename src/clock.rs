@@ -178,18 +178,17 @@ pub enum MonoClock {
 }
 
 impl MonoClock {
-    /// Microseconds since boot (not counting sleep); 0 if the clock cannot be read
-    /// (a close then comes early in the daemon's eyes, late in the kernel's: never
-    /// before its deadline, which was read from the same clock).
+    /// Microseconds since boot (not counting sleep), if the clock can be read (if
+    /// not, grants are left to their kernel timeouts).
     #[must_use]
-    pub fn now_us(&self) -> u64 {
+    pub fn now_us(&self) -> Option<u64> {
         match self {
             Self::System => nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
                 .ok()
                 .map(Duration::from)
-                .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+                .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
             #[cfg(test)]
-            Self::Manual(at) => at.get(),
+            Self::Manual(at) => Some(at.get()),
         }
     }
 }
@@ -364,7 +363,7 @@ mod tests {
     #[test]
     fn the_monotonic_clock_moves_forward() {
         let clock = MonoClock::System;
-        let (a, b) = (clock.now_us(), clock.now_us());
+        let (a, b) = (clock.now_us().unwrap(), clock.now_us().unwrap());
         assert!(a > 0 && b >= a, "{a} {b}");
     }
 }

@@ -765,7 +765,9 @@ impl<F: Firewall> Core<F> {
         )?;
         let booked = self.book.grant(service, address, who, now, ttl, new_id);
         // Timed from now, with the element in the kernel: the port is open the TTL.
-        self.close_after(&booked.0.id, ttl);
+        if let Some(id) = crate::grants::parse_id(&booked.0.id) {
+            self.close_after(id, ttl);
+        }
         self.save_book();
         Ok(booked)
     }
@@ -954,7 +956,10 @@ impl<F: Firewall> Core<F> {
     /// and a wall clock set meanwhile changes nothing. A batch the kernel refuses is
     /// tried element by element; what still fails is left to its kernel timeout.
     fn close_due(&mut self) -> (Vec<GrantRecord>, Option<(usize, FirewallError)>) {
-        let due = self.book.closing_by(self.mono.now_us(), CLOSES_PER_PASS);
+        let Some(now_us) = self.mono.now_us() else {
+            return (Vec::new(), None);
+        };
+        let due = self.book.closing_by(now_us, CLOSES_PER_PASS);
         if due.is_empty() {
             return (Vec::new(), None);
         }
@@ -1030,8 +1035,9 @@ impl<F: Firewall> Core<F> {
             );
             match added {
                 Ok(()) => {
-                    self.book.restore(&record);
-                    self.close_after(&record.id, left);
+                    // Under the id the book gave it (its own, unless another took it).
+                    let id = self.book.restore(&record);
+                    self.close_after(id, left);
                     restored += 1;
                 }
                 Err(e) => tracing::warn!(target: crate::logging::AUDIT, event = "rollback",
@@ -1049,7 +1055,7 @@ impl<F: Firewall> Core<F> {
     /// its kernel timeout has surely closed it.
     pub fn grants(&mut self, now: UnixMs) -> Vec<GrantRecord> {
         let mut grants = self.book.sorted();
-        grants.retain(|r| not_settled(r.ends(), now));
+        grants.retain(|r| self.listed(r, now));
         grants
     }
 
@@ -1062,8 +1068,15 @@ impl<F: Firewall> Core<F> {
         limit: usize,
     ) -> (Vec<GrantRecord>, Option<crate::grants::GrantId>) {
         let (mut page, next) = self.book.page(after, limit);
-        page.retain(|r| not_settled(r.ends(), now));
+        page.retain(|r| self.listed(r, now));
         (page, next)
+    }
+
+    /// Whether a listing shows `record`: a grant the daemon closes is open until it
+    /// does (and leaves the book then); another, until its kernel timeout surely
+    /// closed it.
+    fn listed(&self, record: &GrantRecord, now: UnixMs) -> bool {
+        self.book.close_of(&record.id).is_some() || not_settled(record.ends(), now)
     }
 
     /// How many grants knocks may fill: all but the admins' reserve.
@@ -1101,7 +1114,8 @@ impl<F: Firewall> Core<F> {
         let close = self
             .book
             .first_close()
-            .map(|at| Duration::from_micros(at.saturating_sub(self.mono.now_us())));
+            .zip(self.mono.now_us())
+            .map(|(at, now_us)| Duration::from_micros(at.saturating_sub(now_us)));
         let settled = self
             .book
             .next_expiry()
@@ -1112,13 +1126,18 @@ impl<F: Firewall> Core<F> {
         }
     }
 
-    /// Has the daemon close grant `id` `ttl` from now.
-    fn close_after(&mut self, id: &str, ttl: Duration) {
+    /// Times the daemon's closes by `clock` (a test's, set by hand).
+    #[cfg(test)]
+    pub fn use_clock(&mut self, clock: crate::clock::MonoClock) {
+        self.mono = clock;
+    }
+
+    /// Has the daemon close grant `id` `ttl` from now (or, if its clock cannot be
+    /// read, leaves it to its kernel timeout).
+    fn close_after(&mut self, id: crate::grants::GrantId, ttl: Duration) {
         let ttl_us = u64::try_from(ttl.as_micros()).unwrap_or(u64::MAX);
-        if let Some(id) = crate::grants::parse_id(id) {
-            let at = self.mono.now_us().saturating_add(ttl_us);
-            self.book.close_at(id, Some(at));
-        }
+        let at = self.mono.now_us().map(|now| now.saturating_add(ttl_us));
+        self.book.close_at(id, at);
     }
 
     /// The firewall, for the daemon's stop.
@@ -1170,8 +1189,15 @@ impl<F: Firewall> Core<F> {
         // make no key, string or map entry each on the way).
         // Sets left in place by the replace need none (their names: `None`).
         let mut names: HashMap<(&str, IpFamily), Option<String>> = HashMap::new();
-        for (service, address, ends) in self.book.holes() {
-            if ends > now {
+        let mono_now = self.mono.now_us();
+        for (service, address, ends, close_us) in self.book.holes() {
+            // A grant the daemon closes has the time left by its own clock (a wall
+            // clock set since moves nothing); the others, by the booked end.
+            let left = match (close_us, mono_now) {
+                (0, _) | (_, None) => now.until(ends),
+                (at, Some(mono)) => Duration::from_micros(at.saturating_sub(mono)),
+            };
+            if !left.is_zero() || ends == UnixMs::NEVER {
                 let addr = policy::canonical(address);
                 let family = IpFamily::of(addr);
                 let set_name = names.entry((service, family)).or_insert_with(|| {
@@ -1184,7 +1210,11 @@ impl<F: Firewall> Core<F> {
                     out.insert(set.clone(), Vec::new());
                 }
                 if let Some(list) = out.get_mut(set.as_str()) {
-                    list.push(element(ElementKey::Addr(addr), ends));
+                    list.push(Element {
+                        key: ElementKey::Addr(addr),
+                        expires_in: (ends != UnixMs::NEVER)
+                            .then(|| timer.timeout_behind(left, lag)),
+                    });
                 }
             }
         }

@@ -117,6 +117,14 @@ mod tests {
         .unwrap()
     }
 
+    /// Puts the daemon's closes on a clock the test sets (µs), at `NOW` seconds.
+    fn manual_clock(d: &mut Daemon<MemoryFirewall>) -> std::rc::Rc<std::cell::Cell<u64>> {
+        let clock = std::rc::Rc::new(std::cell::Cell::new(NOW * 1_000_000));
+        d.core()
+            .use_clock(crate::clock::MonoClock::Manual(std::rc::Rc::clone(&clock)));
+        clock
+    }
+
     fn keys_of(daemon: &mut Daemon<MemoryFirewall>, set: &str) -> Vec<(ElementKey, u64)> {
         let fw = daemon.core().firewall_mut();
         let mut keys: Vec<_> = fw
@@ -133,6 +141,7 @@ mod tests {
     fn a_flushed_table_comes_back_with_the_booked_grants_and_their_time_left() {
         let dir = tempfile::tempdir().unwrap();
         let mut d = daemon(&dir);
+        let clock = manual_clock(&mut d);
         let laptop: IpAddr = "198.51.100.7".parse().unwrap();
         d.core()
             .open(
@@ -146,6 +155,7 @@ mod tests {
         let applied = d.ruleset().clone();
         d.core().firewall_mut().tables.clear();
 
+        clock.set((NOW + 100) * 1_000_000);
         let restored = d.repair(UnixMs::from_secs(NOW + 100)).unwrap();
 
         assert_eq!(restored, 1);
@@ -196,6 +206,7 @@ mod tests {
     fn expired_bookings_are_not_put_back_and_a_refusal_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let mut d = daemon(&dir);
+        let clock = manual_clock(&mut d);
         let laptop: IpAddr = "198.51.100.7".parse().unwrap();
         d.core()
             .open(
@@ -206,6 +217,7 @@ mod tests {
                 UnixMs::from_secs(NOW),
             )
             .unwrap();
+        clock.set((NOW + 61) * 1_000_000);
         assert_eq!(d.repair(UnixMs::from_secs(NOW + 61)).unwrap(), 0);
         d.core().firewall_mut().refuse_next = true;
         let before = d.ruleset().clone();
@@ -217,6 +229,7 @@ mod tests {
     fn bans_that_cannot_be_read_back_do_not_stop_the_repair() {
         let dir = tempfile::tempdir().unwrap();
         let mut d = daemon(&dir);
+        let clock = manual_clock(&mut d);
         let laptop: IpAddr = "198.51.100.7".parse().unwrap();
         d.core()
             .open(
@@ -230,6 +243,7 @@ mod tests {
         d.core().firewall_mut().tables.clear();
         d.core().firewall_mut().fail_dumps = true;
 
+        clock.set((NOW + 1) * 1_000_000);
         assert_eq!(d.repair(UnixMs::from_secs(NOW + 1)).unwrap(), 1);
 
         d.core().firewall_mut().fail_dumps = false;

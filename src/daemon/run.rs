@@ -562,6 +562,11 @@ fn on_tamper(daemon: &Shared, tamper: Tamper, seen: std::io::Result<Tampering>) 
         return;
     }
     let (changes, by) = (seen.summary(), seen.by.join(", "));
+    if seen.changes.is_empty() {
+        // Only notifications lost: someone committed, perhaps to another table.
+        lost_and_committed(daemon, tamper, &changes);
+        return;
+    }
     if tamper == Tamper::Warn {
         warn!(target: AUDIT, event = "tamper", changes = %changes, by = %by, action = "none",
             "knockgate's table was changed by another process; left as it is (tamper = warn)");
@@ -576,6 +581,29 @@ fn on_tamper(daemon: &Shared, tamper: Tamper, seen: std::io::Result<Tampering>) 
         Err(e) => tracing::error!(target: AUDIT, event = "tamper", changes = %changes, by = %by,
             action = "repair-failed", error = %format!("{e:#}"),
             "knockgate's table was changed by another process and could not be repaired"),
+    }
+}
+
+/// Notifications were lost (or not heard during a big replace) while another process
+/// committed: what it changed is not known, so the table is re-applied as a
+/// precaution (or, with `tamper = "warn"`, only logged).
+fn lost_and_committed(daemon: &Shared, tamper: Tamper, changes: &str) {
+    if tamper == Tamper::Warn {
+        warn!(target: AUDIT, event = "tamper", changes, action = "none",
+            "nftables notifications were lost while another process committed; knockgate's table may have been changed (tamper = warn)");
+        return;
+    }
+    let started = std::time::Instant::now();
+    let result = daemon.borrow_mut().repair(UnixMs::now());
+    match result {
+        Ok(restored) => warn!(target: AUDIT, event = "tamper", changes, action = "repaired",
+            restored_elements = restored, repair_us = started.elapsed().as_micros(),
+            "nftables notifications were lost while another process committed (to any table); baseline and booked grants re-applied as a precaution"),
+        Err(e) => {
+            tracing::error!(target: AUDIT, event = "tamper", changes, action = "repair-failed",
+            error = %format!("{e:#}"),
+            "nftables notifications were lost while another process committed, and the table could not be re-applied");
+        }
     }
 }
 

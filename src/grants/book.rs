@@ -255,8 +255,9 @@ impl GrantBook {
 
     /// Books `record` again as it was (a rolled-back trial's grants), replacing any
     /// record for the same service and address. If its id went to another grant or a
-    /// window meanwhile, it gets a fresh one: ids name one thing each.
-    pub fn restore(&mut self, record: &GrantRecord) {
+    /// window meanwhile, it gets a fresh one: ids name one thing each. Returns the id
+    /// it is booked under.
+    pub fn restore(&mut self, record: &GrantRecord) -> GrantId {
         let address = canonical(record.address);
         if let Some(n) = self.slot_of(&record.service, address) {
             self.remove_slot(n);
@@ -278,6 +279,7 @@ impl GrantBook {
             UnixMs(record.granted_at_ms),
             record.ends(),
         );
+        id
     }
 
     /// Removes the grant `id`.
@@ -488,11 +490,24 @@ impl GrantBook {
         self.slots.iter().map(|s| self.record(s))
     }
 
-    /// Every grant's hole — service, address, end — without making records of them.
-    pub fn holes(&self) -> impl Iterator<Item = (&str, IpAddr, UnixMs)> + '_ {
-        self.slots
-            .iter()
-            .map(|s| (self.services.name(s.service), s.address, s.ends()))
+    /// Every grant's hole — service, address, end, and when the daemon closes it (µs
+    /// of `CLOCK_MONOTONIC`; 0: its kernel timeout does) — without making records.
+    pub fn holes(&self) -> impl Iterator<Item = (&str, IpAddr, UnixMs, u64)> + '_ {
+        self.slots.iter().map(|s| {
+            (
+                self.services.name(s.service),
+                s.address,
+                s.ends(),
+                s.close_us,
+            )
+        })
+    }
+
+    /// When the daemon closes grant `id` (µs of `CLOCK_MONOTONIC`), if it does.
+    #[must_use]
+    pub fn close_of(&self, id: &str) -> Option<u64> {
+        let n = self.slot_of_id(parse_id(id)?)?;
+        Some(self.slots[n].close_us).filter(|at| *at != 0)
     }
 
     /// Every grant, by id.

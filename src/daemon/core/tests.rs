@@ -773,6 +773,54 @@ fn grants_put_back_by_a_rollback_close_when_their_time_left_is_up() {
 }
 
 #[test]
+fn a_rolled_back_grant_whose_id_was_taken_gets_the_close_not_the_new_holder() {
+    let mut f = fixture();
+    let clock = manual_clock(&mut f.core);
+    let opened = open_many(&mut f.core, 2);
+    // Rolled back while another grant holds its id: booked under a fresh one.
+    let mut record = f.core.revoke(&opened[0].id).unwrap().unwrap();
+    record.id.clone_from(&opened[1].id);
+    clock.set(T0 + 1_000_000);
+    assert_eq!(
+        f.core
+            .restore_grants(vec![record], UnixMs::from_secs(NOW + 1)),
+        1
+    );
+    let mut ids: Vec<String> = f
+        .core
+        .grants(UnixMs::from_secs(NOW + 1))
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    ids.retain(|id| *id != opened[1].id);
+    assert_eq!(ids.len(), 1, "the restored grant, under a fresh id");
+    assert_eq!(
+        f.core.book.close_of(&opened[1].id),
+        Some(T0 + 5_000_000),
+        "unmoved"
+    );
+    assert_eq!(f.core.book.close_of(&ids[0]), Some(T0 + 5_000_000));
+}
+
+#[test]
+fn a_refill_counts_a_grants_time_by_the_daemons_clock_and_listings_change_nothing() {
+    let mut f = fixture();
+    let clock = manual_clock(&mut f.core);
+    let opened = open_many(&mut f.core, 1);
+    // Two real seconds on, the wall clock an hour on: three seconds left.
+    clock.set(T0 + 2_000_000);
+    let late = UnixMs::from_secs(NOW + 3600);
+    let booked = f.core.booked_elements(late, &[]);
+    let element = &booked[SSH_GRANTS_V4][0];
+    assert_eq!(element.addr(), Some(opened[0].address));
+    let three = crate::clock::kernel_timer().timeout(Duration::from_secs(3));
+    assert_eq!(element.expires_in, Some(three));
+    // Listed while open, whatever the wall clock says; a listing drops nothing.
+    assert_eq!(f.core.grants(late).len(), 1);
+    assert_eq!(f.core.book.len(), 1);
+}
+
+#[test]
 fn grants_booked_by_an_earlier_process_are_left_to_their_kernel_timeouts() {
     let mut f = fixture();
     let opened = open_many(&mut f.core, 1);

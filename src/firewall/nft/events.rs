@@ -295,13 +295,6 @@ pub(super) fn attr(kind: u16, payload: &[u8]) -> Vec<u8> {
     a
 }
 
-/// Whether the commits between generation `left` (read after the watch left the
-/// notification group) and `back` (after it rejoined) can only be ours: one if our
-/// batch `went_through`, none if it was refused. Unread generations: not known.
-pub(super) fn only_ours_unheard(left: Option<u32>, back: Option<u32>, went_through: bool) -> bool {
-    matches!((left, back), (Some(l), Some(b)) if b.wrapping_sub(l) == u32::from(went_through))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -435,19 +428,5 @@ mod tests {
         let mut out = Tampering::default();
         EventFilter::new("knockgate", 5).read(&m, &mut out);
         assert!(out.is_empty());
-    }
-
-    #[test]
-    fn only_our_own_commit_may_go_unheard_while_the_watch_is_out() {
-        assert!(only_ours_unheard(Some(41), Some(42), true));
-        assert!(only_ours_unheard(Some(41), Some(41), false));
-        assert!(only_ours_unheard(Some(u32::MAX), Some(0), true), "wraps");
-        // Someone else committed too (before or after ours), or a refused batch
-        // beside another's commit, or a generation that could not be read.
-        assert!(!only_ours_unheard(Some(41), Some(43), true));
-        assert!(!only_ours_unheard(Some(41), Some(42), false));
-        assert!(!only_ours_unheard(Some(41), Some(41), true));
-        assert!(!only_ours_unheard(None, Some(42), true));
-        assert!(!only_ours_unheard(Some(41), None, true));
     }
 }

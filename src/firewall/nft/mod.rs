@@ -84,7 +84,7 @@ pub struct NftFirewall {
     missed_events: bool,
 }
 
-/// Batches bigger than this are committed with the tamper watch out of the
+/// Replaces bigger than this are committed with the tamper watch out of the
 /// notification group. With anyone listening, the kernel builds a notification per
 /// element: a million elements took 26.6 s with an idle listener against 5.4 s
 /// without one (`nft -f`, this VM, 6.18). The watch then learns from the
@@ -404,25 +404,25 @@ impl NftFirewall {
         }
     }
 
-    /// Commits `batch` through `commit`; a big one with the tamper watch out of the
-    /// notification group. Every commit while it was out goes unheard, so only ours
-    /// may happen then: the generations before leaving and after rejoining must be
-    /// one apart if ours went through and equal if it did not; anything else (or a
-    /// generation that cannot be read) counts as missed events.
+    /// Commits `batch` — a replace, whole or keeping sets — through `commit`; a big
+    /// one with the tamper watch out of the notification group. A replace starts the
+    /// account afresh ([`Self::accounted`]: what anyone did to the table before it
+    /// is gone, or, for a keeping one, refused by the kernel if anyone committed
+    /// since the generation it carries), so what the watch could not hear matters
+    /// only if someone else committed after it: if the kernel is not at the
+    /// account's generation once the watch is back in the group, that counts as
+    /// missed notifications (the tamper handling then repairs). Other batches are
+    /// always heard.
     fn quietly(
         &mut self,
         batch: &LabelledBatch,
         commit: impl FnOnce(&mut Self) -> Result<(), FirewallError>,
     ) -> Result<(), FirewallError> {
+        self.rejoin_watch();
+        let bytes: usize = batch.batch.iter().map(<[u8]>::len).sum();
         let Some(watch) = self.watch.take() else {
             return commit(self);
         };
-        if std::mem::take(&mut self.watch_deaf) {
-            // Back in the group after a failed rejoin; what went by unheard is missed.
-            self.missed_events = true;
-            self.watch_deaf = socket::hear_events(&watch, true).is_err();
-        }
-        let bytes: usize = batch.batch.iter().map(<[u8]>::len).sum();
         if self.watch_deaf
             || bytes <= QUIET_ABOVE_BYTES
             || socket::hear_events(&watch, false).is_err()
@@ -430,15 +430,33 @@ impl NftFirewall {
             self.watch = Some(watch);
             return commit(self);
         }
-        let left = self.generation().ok();
         let sent = commit(self);
-        self.watch_deaf = socket::hear_events(&watch, true).is_err();
-        let back = self.generation().ok();
+        if let Err(e) = socket::hear_events(&watch, true) {
+            self.watch_deaf = true;
+            tracing::error!(target: crate::logging::AUDIT, event = "tamper", error = %e,
+                "the tamper watch cannot rejoin the nftables notification group; tried again at each turn of the daemon's loop");
+        }
         self.watch = Some(watch);
-        if self.watch_deaf || !events::only_ours_unheard(left, back, sent.is_ok()) {
+        if self.watch_deaf || !self.unchanged_since_own() {
             self.missed_events = true;
         }
         sent
+    }
+
+    /// Puts the watch back in the notification group if a rejoin failed; what went
+    /// by meanwhile counts as missed.
+    fn rejoin_watch(&mut self) {
+        if !self.watch_deaf {
+            return;
+        }
+        if let Some(watch) = &self.watch {
+            self.watch_deaf = socket::hear_events(watch, true).is_err();
+            if !self.watch_deaf {
+                tracing::warn!(target: crate::logging::AUDIT, event = "tamper",
+                    "the tamper watch is back in the nftables notification group; what went by meanwhile is checked");
+            }
+        }
+        self.missed_events = true;
     }
 
     /// Sends `batch` as one transaction; `whole` when it replaces the table whole (so
@@ -449,7 +467,12 @@ impl NftFirewall {
         batch: &LabelledBatch,
         whole: bool,
     ) -> Result<(), FirewallError> {
-        self.quietly(batch, |me| me.send_heard(table, batch, whole))
+        if whole {
+            self.quietly(batch, |me| me.send_heard(table, batch, whole))
+        } else {
+            self.rejoin_watch();
+            self.send_heard(table, batch, whole)
+        }
     }
 
     fn send_heard(
@@ -723,6 +746,7 @@ impl Firewall for NftFirewall {
     }
 
     fn take_missed_events(&mut self) -> bool {
+        self.rejoin_watch();
         std::mem::take(&mut self.missed_events)
     }
 
