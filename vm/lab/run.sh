@@ -166,6 +166,10 @@ print("environ has it; AT_SECURE=0")' "$(main_pid)"
     # The port sequence: the kernel of this release judges it (dynset delete, maps,
     # nfnetlink_log to the sandboxed unit), and a replay from elsewhere opens nothing.
     group=sequence
+    # The intruder's sequence below is a replay of the laptop's only if both fall in
+    # one 30 s step (a step boundary between them made it a fresh, valid sequence):
+    # start with at least 10 s of the step left (a bounded wait).
+    for _ in $(seq 1 15); do (( $(date +%s) % 30 < 20 )) && break; sleep 1; done
     check sequence-sent in_ns laptop env HOME=/root/laptop knock vmlab --sequence
     check sequence-opens until_true 10 in_ns laptop $P tcp 10.77.1.1 22
     check sequence-booked-and-logged until_true 10 bash -c 'journalctl -b -u knockgated --no-pager | grep "port sequence completed" | grep -q "key=laptop"'
