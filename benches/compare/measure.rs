@@ -1,10 +1,14 @@
 //! The measurements, the same for every daemon: real packets in the lab, timed with
 //! the monotonic clock, and what /proc says about the daemon's process.
 
+use std::io::IoSlice;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+use nix::sys::socket::{ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, sendmmsg};
 
 use crate::subjects::{KnockDatagrams, SPA_PORT, Subject, send_knock};
 use crate::support::{Host, Lab};
@@ -162,19 +166,19 @@ pub fn flood(
     let cpu_before = cpu_seconds(pid);
     let started = Instant::now();
     let (sent, opened) = std::thread::scope(|s| {
-        // Two sending threads (one core each on a 2-core VM, shared with the daemon):
-        // one thread's sendto rate was below what the daemon rejects.
+        // Two sending threads (one core each on a 2-core VM, shared with the daemon),
+        // each handing the kernel 64 datagrams a call (`sendmmsg`): one thread's
+        // `sendto` per datagram was below what the daemon rejects, and with two the
+        // daemon was never saturated, so its small batches measured its wake-ups.
         let generators: Vec<_> = (0..SENDERS)
             .map(|_| {
                 s.spawn(|| {
                     lab.in_ns(Host::Client, || {
                         let udp = UdpSocket::bind(SocketAddr::new(intruder, 0)).unwrap();
+                        let batches = JunkBatches::new(server, junk);
                         let mut sent = 0u64;
                         while started.elapsed() < duration {
-                            for knock in junk {
-                                send_knock(&udp, server, knock);
-                                sent += knock.len() as u64;
-                            }
+                            sent += batches.send_all(&udp);
                         }
                         sent
                     })
@@ -495,9 +499,53 @@ fn field(status: &str, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// The kernel's drop count for the UDP socket on `port` in the server namespace.
 /// Threads sending a junk flood.
 const SENDERS: usize = 2;
+/// Datagrams handed to the kernel per `sendmmsg` call by a junk sender.
+const SEND_BATCH: usize = 64;
+
+/// A junk set laid out for `sendmmsg`: every datagram with its destination, sent in
+/// calls of up to [`SEND_BATCH`].
+struct JunkBatches<'a> {
+    datagrams: Vec<[IoSlice<'a>; 1]>,
+    to: Vec<Option<SockaddrStorage>>,
+}
+
+impl<'a> JunkBatches<'a> {
+    fn new(server: IpAddr, junk: &'a [KnockDatagrams]) -> Self {
+        let all = junk.iter().flatten();
+        Self {
+            datagrams: all.clone().map(|(_, d)| [IoSlice::new(d)]).collect(),
+            to: all
+                .map(|(port, _)| Some(SockaddrStorage::from(SocketAddr::new(server, *port))))
+                .collect(),
+        }
+    }
+
+    /// Sends the whole set once; returns how many datagrams the kernel took.
+    fn send_all(&self, udp: &UdpSocket) -> u64 {
+        let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(SEND_BATCH, None);
+        let mut sent = 0u64;
+        for (datagrams, to) in self
+            .datagrams
+            .chunks(SEND_BATCH)
+            .zip(self.to.chunks(SEND_BATCH))
+        {
+            let no_cmsgs: [ControlMessage; 0] = [];
+            if let Ok(results) = sendmmsg(
+                udp.as_raw_fd(),
+                &mut headers,
+                datagrams,
+                to,
+                no_cmsgs,
+                MsgFlags::empty(),
+            ) {
+                sent += results.count() as u64;
+            }
+        }
+        sent
+    }
+}
 
 /// knockgate's `knock_junk` counter in the server's namespace (none without one).
 fn knock_junk_counter(lab: &Lab) -> Option<u64> {
@@ -512,6 +560,7 @@ fn knock_junk_counter(lab: &Lab) -> Option<u64> {
     words.next()?.parse().ok()
 }
 
+/// The kernel's drop count for the UDP socket on `port` in the server namespace.
 fn udp_drops(lab: &Lab, port: u16) -> Option<u64> {
     let table = lab.exec(Host::Server, &["cat", "/proc/net/udp", "/proc/net/udp6"]);
     let local = format!(":{port:04X}");
