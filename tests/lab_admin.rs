@@ -396,6 +396,229 @@ fn ssh_open_for_the_clients_only(lab: &Lab, after: &str) {
     }
 }
 
+/// Other processes commit all the time on a real server (fail2ban, docker,
+/// libvirt): commits to their own tables, heard whole by the tamper watch, must not
+/// cost the next reload or restart its kept grant sets. The attacker: one transaction
+/// that touches another table *and* slips an address into the grant set. It must
+/// not be vouched for as harmless: the watch repairs it and the address gets no SSH.
+#[test]
+fn other_processes_commits_to_other_tables_keep_the_grant_sets_one_that_touches_the_table_does_not()
+{
+    if !lab_available(
+        "other_processes_commits_to_other_tables_keep_the_grant_sets_one_that_touches_the_table_does_not",
+    ) {
+        return;
+    }
+    let lab = Lab::new();
+    let _ssh = lab.tcp_echo(Host::Server, "[::]:22".parse().unwrap());
+    let (socket, locked) = setup(&lab);
+    // Not locked (a kernel ≥ 6.9 would refuse the attacker's commit outright).
+    let config = lab.write_file(
+        "repair.toml",
+        &format!(
+            "tamper = \"repair\"\n{}",
+            std::fs::read_to_string(&locked).unwrap()
+        ),
+    );
+    let mut daemon = lab.start_daemon(&config);
+    let (four, six) = (v4(), v6());
+    for plan in [&four, &six] {
+        let from = plan.client.to_string();
+        let out = admin(&socket, &["open", "ssh", "--from", &from, "--ttl", "30m"]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let someone_else_commits = || {
+        lab.nft(&["add", "table", "inet", "someone-else"]);
+        lab.nft(&["add", "chain", "inet", "someone-else", "input"]);
+        lab.nft(&["delete", "table", "inet", "someone-else"]);
+    };
+
+    // Commits elsewhere, then a reload at once: nothing waits for the loop to have
+    // read the watch (the reload reads it).
+    someone_else_commits();
+    let out = admin(&socket, &["reload"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(daemon.kept_grant_sets(), Some(2), "{}", daemon.log_text());
+    ssh_open_for_the_clients_only(&lab, "after a reload that followed commits elsewhere");
+
+    // A grant opened right after a commit elsewhere (its batch is chained to the
+    // account: refused, then sent again once the watch has vouched for the commit),
+    // then commits elsewhere and a restart: the stop's stamp carries the account on.
+    someone_else_commits();
+    let alt = four.client_alt.to_string();
+    let out = admin(&socket, &["open", "ssh", "--from", &alt, "--ttl", "30m"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let ssh = sa(four.server_from_client, 22);
+    assert!(lab.tcp_works_from(Host::Client, four.client_alt, ssh));
+    let id = text(&admin(&socket, &["grants"]))
+        .lines()
+        .find(|l| l.contains(&alt))
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .expect("the new grant is listed");
+    assert!(admin(&socket, &["revoke", &id]).status.success());
+    someone_else_commits();
+    assert_eq!(daemon.terminate(), 0);
+    daemon = lab.start_daemon(&config);
+    assert_eq!(daemon.kept_grant_sets(), Some(2), "{}", daemon.log_text());
+    ssh_open_for_the_clients_only(&lab, "after a restart that followed commits elsewhere");
+
+    // The attacker: one transaction, another table and an address in the grant set.
+    let stranger = four.client_alt.to_string();
+    let both = lab.write_file(
+        "both.nft",
+        &format!(
+            "add table inet someone-else\n\
+             add element inet knockgate ssh_grants_v4 {{ {stranger} timeout 1h }}\n\
+             delete table inet someone-else\n"
+        ),
+    );
+    lab.nft(&["-f", &both.display().to_string()]);
+    // Vouched for, the change would be taken for one the daemon had already undone
+    // ("nothing left to repair") and the stranger would keep the hole.
+    assert!(
+        daemon.logged_soon("action=\"repaired\""),
+        "the watch repairs the table: {}",
+        daemon.log_text()
+    );
+    ssh_open_for_the_clients_only(&lab, "after a commit that also touched the table");
+    assert!(
+        !text(&admin(&socket, &["grants"])).contains(&stranger),
+        "the slipped-in address is not booked"
+    );
+    // The repair's whole replace starts the account afresh.
+    someone_else_commits();
+    let out = admin(&socket, &["reload"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(daemon.kept_grant_sets(), Some(2), "{}", daemon.log_text());
+    assert_eq!(daemon.terminate(), 0);
+}
+
+/// A netlink socket to nf_tables in the server's namespace, as another process
+/// with CAP_NET_ADMIN would open.
+fn nfnetlink_socket() -> std::os::fd::OwnedFd {
+    use nix::sys::socket::{
+        AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, socket,
+    };
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkNetFilter,
+    )
+    .expect("netlink socket");
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &NetlinkAddr::new(0, 0),
+    )
+    .expect("bind");
+    fd
+}
+
+/// One nf_tables message: header, nfgenmsg, `attrs`.
+fn nf_tables_message(kind: u16, flags: u16, attrs: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(16 + 4 + attrs.len()).unwrap();
+    let mut m = len.to_ne_bytes().to_vec();
+    m.extend_from_slice(&((10u16 << 8) | kind).to_ne_bytes()); // NFNL_SUBSYS_NFTABLES
+    m.extend_from_slice(&flags.to_ne_bytes());
+    m.extend_from_slice(&1u32.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    m.extend_from_slice(&[0, 0, 0, 0]);
+    m.extend_from_slice(attrs);
+    m
+}
+
+/// The ruleset's generation now (`GETGEN`), in the server's namespace.
+fn ruleset_generation(lab: &Lab) -> u32 {
+    use nix::sys::socket::{MsgFlags, NetlinkAddr, recv, sendto};
+    lab.in_ns(Host::Server, || {
+        let fd = nfnetlink_socket();
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        let request = nf_tables_message(16, 1, &[]); // NFT_MSG_GETGEN, NLM_F_REQUEST
+        sendto(raw, &request, &NetlinkAddr::new(0, 0), MsgFlags::empty()).expect("GETGEN");
+        let mut buf = vec![0u8; 4096];
+        let len = recv(raw, &mut buf, MsgFlags::empty()).expect("NEWGEN");
+        // The first attribute of the NEWGEN is NFTA_GEN_ID, big-endian.
+        assert!(len >= 28, "short NEWGEN");
+        u32::from_be_bytes([buf[24], buf[25], buf[26], buf[27]])
+    })
+}
+
+/// The attacker of decision 76: a process with CAP_NET_ADMIN multicasts a forged
+/// `NEWGEN` for the next generation to the nf_tables group, then slips an address
+/// into the grant set (which the kernel numbers that generation). Were the forgery read
+/// as the kernel's, the daemon would vouch for the generation, take the real change
+/// for one it had already undone, and leave the address its SSH hole.
+#[test]
+fn a_forged_notification_does_not_vouch_for_a_change_to_the_table() {
+    use nix::sys::socket::{MsgFlags, NetlinkAddr, sendto};
+    if !lab_available("a_forged_notification_does_not_vouch_for_a_change_to_the_table") {
+        return;
+    }
+    let lab = Lab::new();
+    let _ssh = lab.tcp_echo(Host::Server, "[::]:22".parse().unwrap());
+    let (socket, locked) = setup(&lab);
+    let config = lab.write_file(
+        "repair.toml",
+        &format!(
+            "tamper = \"repair\"\n{}",
+            std::fs::read_to_string(&locked).unwrap()
+        ),
+    );
+    let daemon = lab.start_daemon(&config);
+    let four = v4();
+    let from = four.client.to_string();
+    let out = admin(&socket, &["open", "ssh", "--from", &from, "--ttl", "30m"]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    let next = ruleset_generation(&lab) + 1;
+    let mut gen_id = 8u16.to_ne_bytes().to_vec();
+    gen_id.extend_from_slice(&1u16.to_ne_bytes()); // NFTA_GEN_ID
+    gen_id.extend_from_slice(&next.to_be_bytes());
+    let forged = nf_tables_message(15, 0, &gen_id); // NFT_MSG_NEWGEN
+    lab.in_ns(Host::Server, || {
+        let fd = nfnetlink_socket();
+        let group = NetlinkAddr::new(0, 1 << 6); // NFNLGRP_NFTABLES (7)
+        sendto(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &forged,
+            &group,
+            MsgFlags::empty(),
+        )
+        .expect("multicast to the nf_tables group");
+    });
+    let stranger = four.client_alt.to_string();
+    lab.nft(&[
+        "add",
+        "element",
+        "inet",
+        "knockgate",
+        "ssh_grants_v4",
+        &format!("{{ {stranger} timeout 1h }}"),
+    ]);
+    assert_eq!(
+        ruleset_generation(&lab),
+        next,
+        "the change took the forged number"
+    );
+    assert!(
+        daemon.logged_soon("action=\"repaired\""),
+        "the change is repaired: {}",
+        daemon.log_text()
+    );
+    assert!(
+        daemon.log_text().contains("the kernel did not send"),
+        "the forgery is logged: {}",
+        daemon.log_text()
+    );
+    let ssh = sa(four.server_from_client, 22);
+    assert!(lab.tcp_works_from(Host::Client, four.client, ssh));
+    assert!(
+        !lab.tcp_works_from(Host::Client, four.client_alt, ssh),
+        "the stranger has no SSH"
+    );
+    assert_eq!(daemon.terminate(), 0);
+}
+
 #[test]
 fn grant_sets_stay_in_place_across_reload_and_restart_unless_someone_else_committed() {
     if !lab_available(

@@ -19,7 +19,7 @@ use knockgate::admin::{Request, Response};
 use knockgate::firewall::Firewall;
 use knockgate::firewall::nft::NftFirewall;
 use knockgate::ruleset::baseline::{KNOCK_BAN_V4, KNOCK_BAN_V6, SSH_GRANTS_V4, SSH_GRANTS_V6};
-use support::{Daemon, Host, Lab, lab_available, sa, v4};
+use support::{Daemon, Host, Lab, eventually, lab_available, sa, v4};
 
 /// The n-th address granted in each family (never routed: set elements only).
 fn v4_addr(n: u32) -> IpAddr {
@@ -163,12 +163,27 @@ fn restart(lab: &Lab, daemon: Daemon, config: &Path) -> Daemon {
     lab.start_daemon(config)
 }
 
-/// Another process commits (a table of its own, made and deleted): the kernel's
-/// generation moves, so the daemon can no longer vouch for its grant sets and the next
-/// reload or start rebuilds them whole (from the book, or read back).
+/// Another process commits to a table of its own (made and deleted). While the daemon
+/// runs, its tamper watch hears that the table was left alone and the grant sets stay
+/// vouched for (decision 76); while it is stopped nobody hears it, so the next start
+/// reads the sets back.
 fn someone_else_commits(lab: &Lab) {
     lab.nft(&["add", "table", "inet", "someone-else"]);
     lab.nft(&["delete", "table", "inet", "someone-else"]);
+}
+
+/// Another process adds a chain to knockgate's table: the daemon (`tamper = "repair"`)
+/// replaces the table whole, every grant sent again from the book. Returns once the
+/// repair is logged.
+fn someone_changes_the_table(lab: &Lab, daemon: &Daemon) {
+    let repairs = || daemon.log_text().matches("action=\"repaired\"").count();
+    let before = repairs();
+    lab.nft(&["add", "chain", "inet", "knockgate", "someone-elses"]);
+    assert!(
+        eventually(SCALE_WORK, || repairs() > before),
+        "not repaired: {}",
+        daemon.log_text()
+    );
 }
 
 /// How many grant sets the daemon's last "baseline applied" line says it kept.
@@ -211,24 +226,36 @@ fn grant_counts_across_every_message_split_survive_reload_and_restart_exactly() 
             }
             n += 1;
         }
-        // Each change twice: leaving the grant sets in place (only the daemon
-        // committed), and whole, every element sent again (someone else committed).
-        for (whole, kept) in [(false, 2), (true, 0)] {
-            if whole {
+        // A reload leaving the grant sets in place: with only the daemon committing,
+        // and after another process's commits to its own table (heard).
+        for elsewhere in [false, true] {
+            if elsewhere {
                 someone_else_commits(&lab);
             }
             assert!(matches!(
                 ask(&socket, &Request::Reload),
                 Response::Reloaded { .. }
             ));
-            assert_eq!(kept_sets(&daemon), kept, "reload, whole: {whole}");
+            assert_eq!(
+                kept_sets(&daemon),
+                2,
+                "reload, commits elsewhere: {elsewhere}"
+            );
             assert_exact(
                 &lab,
                 &socket,
                 &opened,
-                &format!("reload at {count} per family (whole: {whole})"),
+                &format!("reload at {count} per family (commits elsewhere: {elsewhere})"),
             );
         }
+        // Whole, every element sent again: the repair of someone else's change.
+        someone_changes_the_table(&lab, &daemon);
+        assert_exact(
+            &lab,
+            &socket,
+            &opened,
+            &format!("repair at {count} per family"),
+        );
         for (whole, kept) in [(false, 2), (true, 0)] {
             assert_eq!(daemon.terminate(), 0);
             if whole {
@@ -314,9 +341,11 @@ fn open_the_most_grants(
     opened
 }
 
-/// Reload and restart with 100,000 grants, each both ways: leaving the grant sets in
-/// place (only the daemon committed) and whole (after another process's commit);
-/// timed, and checked exactly.
+/// Reload, repair and restart with 100,000 grants: reloads leaving the grant sets in
+/// place (only the daemon committed; another process committed to its own table), a
+/// repair whole (another process changed the table), a restart leaving them in place
+/// and a start reading them back (another process committed while stopped); timed,
+/// and checked exactly.
 fn reload_and_restart_both_ways(
     lab: &Lab,
     mut daemon: Daemon,
@@ -337,7 +366,7 @@ fn reload_and_restart_both_ways(
     assert_exact(lab, socket, opened, "reload");
     someone_else_commits(lab);
     timed(
-        "reload with 100,000 grants (whole, after another commit)",
+        "reload with 100,000 grants (after another process's commits to its own table)",
         || {
             assert!(matches!(
                 ask(socket, &Request::Reload),
@@ -345,9 +374,14 @@ fn reload_and_restart_both_ways(
             ));
         },
     );
-    assert_eq!(kept_sets(&daemon), 0);
-    assert_exact(lab, socket, opened, "whole reload");
-    assert_bans_full(lab, "reload");
+    assert_eq!(kept_sets(&daemon), 2);
+    assert_exact(lab, socket, opened, "reload after commits elsewhere");
+    timed(
+        "repair with 100,000 grants (whole: another process added a chain)",
+        || someone_changes_the_table(lab, &daemon),
+    );
+    assert_exact(lab, socket, opened, "repair after a change");
+    assert_bans_full(lab, "reload and repair");
 
     daemon = timed(
         "SIGTERM + start with 100,000 grants (grant sets left in place)",

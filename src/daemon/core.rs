@@ -1275,6 +1275,8 @@ impl<F: Firewall> Core<F> {
     /// Hands the stamp for the book as last saved to its writer: the firewall's
     /// accounted generation, or no stamp (an empty file) when it has none.
     fn stamp_book(&mut self) {
+        // Other processes' commits the watch heard leave the account current.
+        self.firewall.hear();
         let now = self
             .firewall
             .accounted()

@@ -82,7 +82,7 @@ async fn serve(loaded: Loaded, keys: KeyRing) -> anyhow::Result<()> {
     let wake = Rc::new(tokio::sync::Notify::new());
     let mut reader = listener::BatchReader::new();
     let signal = loop {
-        heed_missed_events(&daemon, tamper);
+        heed_heard(&daemon, tamper);
         let Timers {
             next_expiry,
             book_due,
@@ -504,42 +504,30 @@ fn tamper_seen(
     ready: std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, TamperWatch>>,
 ) {
     let Ok(mut ready) = ready else { return };
-    let seen = ready.get_inner_mut().take();
-    ready.clear_ready();
-    on_tamper(daemon, tamper, seen);
-}
-
-/// A big commit (a start, reload or repair with many grants) is made with the watch
-/// out of the notification group; if anyone else committed meanwhile, that is
-/// handled as lost notifications.
-fn heed_missed_events(daemon: &Shared, tamper: Tamper) {
-    if daemon
-        .borrow_mut()
-        .core()
-        .firewall_mut()
-        .take_missed_events()
-    {
-        let lost = Tampering {
-            lost_events: true,
-            ..Tampering::default()
-        };
-        on_tamper(daemon, tamper, Ok(lost));
+    // The firewall reads the watch's socket (a duplicate of this one), so that its
+    // account can move over other processes' commits to other tables. In bounded
+    // helpings: while it has not read it empty the watch stays ready, and the loop
+    // comes back to it after a turn for everything else.
+    if daemon.borrow_mut().core().firewall_mut().hear_some() {
+        ready.clear_ready();
     }
+    heed_heard(daemon, tamper);
 }
 
-fn on_tamper(daemon: &Shared, tamper: Tamper, seen: std::io::Result<Tampering>) {
-    let seen = match seen {
-        Ok(seen) if seen.is_empty() => return,
-        Ok(seen) => seen,
-        Err(e) => {
-            // Cannot tell what happened: treat it as a change.
-            warn!(error = %e, "cannot read nftables notifications");
-            Tampering {
-                lost_events: true,
-                ..Tampering::default()
-            }
-        }
-    };
+/// Whatever the firewall heard (when the watch woke the loop, or when it read the
+/// watch itself to bring its account up to date) is handled here, at every turn of
+/// the loop. A big commit (a start, reload or repair with many grants) is made with
+/// the watch out of the notification group; if anyone else committed meanwhile, that
+/// is handled as lost notifications.
+fn heed_heard(daemon: &Shared, tamper: Tamper) {
+    let heard = daemon.borrow_mut().core().firewall_mut().take_heard();
+    on_tamper(daemon, tamper, &heard);
+}
+
+fn on_tamper(daemon: &Shared, tamper: Tamper, seen: &Tampering) {
+    if seen.is_empty() {
+        return;
+    }
     // The generation tells whether anyone else committed since knockgated's last
     // whole-table change (and its own changes after it, chained). If not, what was
     // seen is already undone: notifications lost to the daemon's own big replace

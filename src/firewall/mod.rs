@@ -48,13 +48,12 @@ pub trait Firewall {
     /// firewall's own (see [`Firewall::unchanged_since_own`]), if it is.
     fn accounted(&self) -> Option<u32>;
 
-    /// Whether commits went by that the tamper watch did not hear (it is taken out of
-    /// the notification group while a big batch commits, and someone else committed
-    /// meanwhile, or the generations could not be read), since the last call: the
-    /// daemon then treats it as lost notifications.
-    fn take_missed_events(&mut self) -> bool {
-        false
-    }
+    /// Reads what the tamper watch heard (kernels with one): every generation heard
+    /// whole whose changes to the table were all this firewall's — another process's
+    /// commit to other tables — moves the account of [`Firewall::accounted`] on, so
+    /// such commits do not cost the next reload or restart its kept grant sets. What
+    /// else was heard waits for the daemon's tamper handling.
+    fn hear(&mut self) {}
 
     /// Takes up the account of an earlier process (its [`Firewall::accounted`],
     /// saved): if the kernel's ruleset is still at `generation`, nobody committed
@@ -225,8 +224,8 @@ impl<F: Firewall + ?Sized> Firewall for &mut F {
         (**self).accounted()
     }
 
-    fn take_missed_events(&mut self) -> bool {
-        (**self).take_missed_events()
+    fn hear(&mut self) {
+        (**self).hear();
     }
 
     fn resume_accounting(&mut self, generation: u32) -> bool {

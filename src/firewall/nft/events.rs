@@ -57,6 +57,12 @@ pub struct Tampering {
     /// The kernel dropped notifications (the socket overflowed): anything may have
     /// happened, so the table must be treated as changed.
     pub lost_events: bool,
+    /// Generations whose notifications, as far as they were heard, did not name the
+    /// table from another socket (another process's commit to other tables, or the
+    /// daemon's own), in the order heard. The firewall's account vouches for those
+    /// it heard whole (`NftFirewall::hear`). Not a change: [`Tampering::is_empty`]
+    /// ignores them.
+    pub untouched: Vec<u32>,
 }
 
 impl Tampering {
@@ -101,19 +107,21 @@ impl EventFilter {
         }
     }
 
-    /// Adds what `datagram` says to `out`. Malformed messages end the datagram (they
-    /// are counted as lost events: the table must then be checked).
-    pub fn read(&mut self, datagram: &[u8], out: &mut Tampering) {
+    /// Adds what `datagram` says to `out`; returns whether it was read whole. Malformed
+    /// messages end the datagram (they are counted as lost events: the table must then
+    /// be checked).
+    pub fn read(&mut self, datagram: &[u8], out: &mut Tampering) -> bool {
         let mut rest = datagram;
         while rest.len() >= NLMSG_HDRLEN {
             let len = usize::try_from(u32_at(rest, 0)).unwrap_or(usize::MAX);
             if len < NLMSG_HDRLEN || len > rest.len() {
                 out.lost_events = true;
-                return;
+                return false;
             }
             self.message(&rest[..len], out);
             rest = rest.get(len.div_ceil(4) * 4..).unwrap_or(&[]);
         }
+        true
     }
 
     fn message(&mut self, message: &[u8], out: &mut Tampering) {
@@ -128,18 +136,21 @@ impl EventFilter {
         if kind == NFT_MSG_NEWGEN {
             if std::mem::take(&mut self.pending) {
                 out.by.push(committer(attrs));
+            } else if let Some(generation) = generation(message) {
+                out.untouched.push(generation);
             }
             return;
         }
-        let Some(what) = change_name(kind) else {
-            return;
-        };
         if port == self.own_port || family != NFPROTO_INET {
             return;
         }
         if attribute(attrs, NFTA_TABLE_ATTR).map(trim_nul) == Some(self.table.as_slice()) {
-            *out.changes.entry(what).or_default() += 1;
+            // Any message of another socket's naming the table keeps its generation
+            // from being vouched for; the kinds nft has words for are changes.
             self.pending = true;
+            if let Some(what) = change_name(kind) {
+                *out.changes.entry(what).or_default() += 1;
+            }
         }
     }
 }
@@ -353,7 +364,11 @@ mod tests {
     }
 
     fn newgen(port: u32, pid: u32, name: &str) -> Vec<u8> {
-        let mut attrs = attr(1, &9u32.to_be_bytes());
+        numbered_newgen(port, pid, name, 9)
+    }
+
+    fn numbered_newgen(port: u32, pid: u32, name: &str, generation: u32) -> Vec<u8> {
+        let mut attrs = attr(1, &generation.to_be_bytes());
         attrs.extend(attr(2, &pid.to_be_bytes()));
         attrs.extend(attr(3, format!("{name}\0").as_bytes()));
         message(NFT_MSG_NEWGEN, port, 0, &attrs)
@@ -390,6 +405,52 @@ mod tests {
     }
 
     #[test]
+    fn generations_that_leave_the_table_alone_are_untouched_the_others_are_not() {
+        // 20: another process's commit to another table; 21: the daemon's own;
+        // 22: another process's commit to another table *and* to the table (one
+        // transaction, as `nft -f` makes); 23: a message kind nft has no word for,
+        // naming the table; 24: another family's table of the same name.
+        let mut d = on_table(0, 99, "someone-else");
+        d.extend(on_table(3, 99, "someone-else"));
+        d.extend(numbered_newgen(99, 4242, "nft", 20));
+        d.extend(on_table(12, 5, "knockgate"));
+        d.extend(numbered_newgen(5, 1, "knockgated", 21));
+        d.extend(on_table(0, 99, "someone-else"));
+        d.extend(on_table(12, 99, "knockgate"));
+        d.extend(numbered_newgen(99, 4243, "nft", 22));
+        d.extend(on_table(30, 99, "knockgate"));
+        d.extend(numbered_newgen(99, 4244, "nft", 23));
+        d.extend(message(12, 99, 2, &attr(1, b"knockgate\0")));
+        d.extend(numbered_newgen(99, 4245, "nft", 24));
+        let mut out = Tampering::default();
+        assert!(EventFilter::new("knockgate", 5).read(&d, &mut out));
+        assert_eq!(out.untouched, vec![20, 21, 24]);
+        assert_eq!(
+            out.summary(),
+            "add element ×1",
+            "the unknown kind is no change"
+        );
+        assert_eq!(out.by, vec!["nft (pid 4243)", "nft (pid 4244)"]);
+        assert!(!out.is_empty(), "untouched generations alone are no change");
+        let mut only_untouched = Tampering::default();
+        EventFilter::new("knockgate", 5)
+            .read(&numbered_newgen(99, 1, "nft", 7), &mut only_untouched);
+        assert_eq!(only_untouched.untouched, vec![7]);
+        assert!(only_untouched.is_empty());
+    }
+
+    #[test]
+    fn a_foreign_change_split_over_datagrams_keeps_its_generation_from_being_untouched() {
+        let mut filter = EventFilter::new("knockgate", 5);
+        let mut out = Tampering::default();
+        assert!(filter.read(&on_table(14, 99, "knockgate"), &mut out));
+        assert!(filter.read(&numbered_newgen(99, 4242, "nft", 30), &mut out));
+        assert!(filter.read(&numbered_newgen(99, 4242, "nft", 31), &mut out));
+        assert_eq!(out.untouched, vec![31]);
+        assert_eq!(out.summary(), "delete element ×1");
+    }
+
+    #[test]
     fn table_flags_are_read_from_a_dump_reply() {
         let mut attrs = attr(1, b"knockgate\0");
         attrs.extend(attr(2, &6u32.to_be_bytes()));
@@ -420,7 +481,7 @@ mod tests {
         let mut bad = good.clone();
         bad[0] = 200;
         let mut out = Tampering::default();
-        EventFilter::new("knockgate", 5).read(&bad, &mut out);
+        assert!(!EventFilter::new("knockgate", 5).read(&bad, &mut out));
         assert!(out.lost_events && !out.is_empty());
         // An attribute longer than its message is ignored, not read past.
         let mut m = on_table(2, 99, "knockgate");

@@ -73,15 +73,66 @@ pub struct NftFirewall {
     accounted: Option<u32>,
     /// Whether this kernel has `NFT_TABLE_F_PERSIST` (Linux ≥ 6.9), once asked.
     persist: Option<bool>,
-    /// The tamper watch's socket (a duplicate), taken out of the notification group
-    /// while a big batch commits ([`NftFirewall::quietly`]).
-    watch: Option<std::os::fd::OwnedFd>,
+    /// The tamper watch's socket (a duplicate) and what it heard: read here, so the
+    /// account can move over other processes' commits to other tables
+    /// ([`NftFirewall::hear`]); taken out of the notification group while a big batch
+    /// commits ([`NftFirewall::quietly`]).
+    watch: Option<Watch>,
     /// The watch could not rejoin the group after a big batch: tried again with the
     /// next batch.
     watch_deaf: bool,
     /// Commits went by unheard while the watch was out of the group (see
     /// [`Firewall::take_missed_events`]).
     missed_events: bool,
+}
+
+/// The tamper watch's socket as the firewall reads it.
+struct Watch {
+    /// A duplicate of the socket [`TamperWatch`] registers for wake-ups.
+    fd: std::os::fd::OwnedFd,
+    filter: EventFilter,
+    buf: Vec<u8>,
+    /// Heard and not yet taken by the daemon's tamper handling.
+    heard: Tampering,
+    /// Generations after this one were heard from their first notification: the
+    /// kernel's generation read after the socket last joined the group or lost
+    /// notifications (a commit numbers its generation before it notifies). `None`
+    /// until read: nothing is vouched for meanwhile.
+    whole_above: Option<u32>,
+}
+
+/// Datagrams [`NftFirewall::hear_some`] reads at most in one call: a process that
+/// commits without pause cannot hold the daemon (or a knock whose chained batch was
+/// refused) in the read.
+const MAX_HEARD_PER_CALL: usize = 1024;
+
+/// The generation the kernel gives the next commit after `generation`: it skips 0
+/// when the count wraps (0 in a batch's BEGIN means "no check").
+fn next_generation(generation: u32) -> u32 {
+    match generation.wrapping_add(1) {
+        0 => 1,
+        next => next,
+    }
+}
+
+/// How many times a batch chained to the account is sent again after the kernel
+/// refused it because another process committed first and the watch vouched for that
+/// commit: a bound, so a process committing without pause cannot hold a knock up.
+const CHAIN_RETRIES: usize = 4;
+
+/// The account after hearing that `generation` changed nothing of the table but by
+/// this firewall: moved on to it if it is exactly the next one and was heard whole
+/// (after `whole_above`); otherwise as it was.
+fn vouched(accounted: Option<u32>, generation: u32, whole_above: Option<u32>) -> Option<u32> {
+    // Generations wrap: "after" is less than half the circle ahead.
+    let heard_whole = whole_above.is_some_and(|k| {
+        let ahead = generation.wrapping_sub(k);
+        ahead != 0 && ahead < 1 << 31
+    });
+    match accounted {
+        Some(a) if heard_whole && next_generation(a) == generation => Some(generation),
+        other => other,
+    }
 }
 
 /// Replaces bigger than this are committed with the tamper watch out of the
@@ -134,6 +185,88 @@ impl NftFirewall {
     #[must_use]
     pub fn lock(&self) -> TableLock {
         self.lock
+    }
+
+    /// What the tamper watch heard since the last call (read already by
+    /// [`Firewall::hear`]: the daemon calls that when the watch wakes it, and the
+    /// firewall whenever it needs the account current), with commits that went by
+    /// while the watch was out of the notification group (a big batch committed, and
+    /// someone else committed meanwhile, or the generations could not be read)
+    /// counted as lost notifications. Reads nothing itself: cheap at every turn of the
+    /// daemon's loop.
+    pub fn take_heard(&mut self) -> Tampering {
+        self.rejoin_watch();
+        let mut heard = self
+            .watch
+            .as_mut()
+            .map(|w| std::mem::take(&mut w.heard))
+            .unwrap_or_default();
+        if std::mem::take(&mut self.missed_events) {
+            heard.lost_events = true;
+        }
+        heard
+    }
+
+    /// Reads what the tamper watch heard, up to [`MAX_HEARD_PER_CALL`] datagrams
+    /// ([`Firewall::hear`]); returns whether it read all there was. Each generation
+    /// heard whole that no other socket's message changed the table in moves the
+    /// account on; anything lost — an overflow (ENOBUFS), a malformed datagram, a
+    /// failed read — stops that until the socket has been read empty: the kernel
+    /// drops quietly while a socket stays congested, and only an empty queue ends
+    /// that. Datagrams another process sent to the group are ignored, and logged.
+    pub fn hear_some(&mut self) -> bool {
+        fn lost(watch: &mut Watch) {
+            watch.heard.lost_events = true;
+            watch.heard.untouched.clear();
+            watch.whole_above = None;
+        }
+        let Some(mut watch) = self.watch.take() else {
+            return true;
+        };
+        let (mut forged, mut drained) = (0usize, false);
+        for _ in 0..MAX_HEARD_PER_CALL {
+            match socket::read_event(&watch.fd, &mut watch.buf) {
+                Ok(EventRead::Datagram(len)) => {
+                    if !watch.filter.read(&watch.buf[..len], &mut watch.heard) {
+                        lost(&mut watch);
+                        continue;
+                    }
+                    for generation in std::mem::take(&mut watch.heard.untouched) {
+                        let moved = vouched(self.accounted, generation, watch.whole_above);
+                        if moved != self.accounted {
+                            tracing::debug!(
+                                generation,
+                                "a commit that left knockgate's table alone; the account moves on"
+                            );
+                        }
+                        self.accounted = moved;
+                    }
+                }
+                Ok(EventRead::Forged) => forged += 1,
+                Ok(EventRead::Overrun) => lost(&mut watch),
+                Ok(EventRead::Empty) => {
+                    drained = true;
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read nftables notifications");
+                    lost(&mut watch);
+                    break;
+                }
+            }
+        }
+        if drained && watch.whole_above.is_none() {
+            // Read empty: the kernel drops nothing more unreported (a drop now sets
+            // ENOBUFS again), and a commit numbers its generation before it notifies,
+            // so every generation after this one is heard whole.
+            watch.whole_above = self.generation().ok();
+        }
+        if forged > 0 {
+            tracing::warn!(target: crate::logging::AUDIT, event = "tamper", forged,
+                "datagrams on the nftables notification group that the kernel did not send (another process with CAP_NET_ADMIN sent them) were ignored");
+        }
+        self.watch = Some(watch);
+        drained
     }
 
     /// The netlink port id of this socket: notifications caused by it carry it.
@@ -340,7 +473,7 @@ impl NftFirewall {
         let sent = self.transact_guarded(table, batch, generation);
         let after = self.generation().ok();
         self.accounted = match (&sent, after) {
-            (Ok(()), Some(after)) if after == generation.wrapping_add(1) => Some(after),
+            (Ok(()), Some(after)) if after == next_generation(generation) => Some(after),
             (Err(_), Some(after)) if after == generation => self.accounted,
             _ => None,
         };
@@ -420,18 +553,19 @@ impl NftFirewall {
     ) -> Result<(), FirewallError> {
         self.rejoin_watch();
         let bytes: usize = batch.batch.iter().map(<[u8]>::len).sum();
-        let Some(watch) = self.watch.take() else {
+        let Some(mut watch) = self.watch.take() else {
             return commit(self);
         };
         if self.watch_deaf
             || bytes <= QUIET_ABOVE_BYTES
-            || socket::hear_events(&watch, false).is_err()
+            || socket::hear_events(&watch.fd, false).is_err()
         {
             self.watch = Some(watch);
             return commit(self);
         }
+        watch.whole_above = None;
         let sent = commit(self);
-        if let Err(e) = socket::hear_events(&watch, true) {
+        if let Err(e) = socket::hear_events(&watch.fd, true) {
             self.watch_deaf = true;
             tracing::error!(target: crate::logging::AUDIT, event = "tamper", error = %e,
                 "the tamper watch cannot rejoin the nftables notification group; tried again at each turn of the daemon's loop");
@@ -449,8 +583,9 @@ impl NftFirewall {
         if !self.watch_deaf {
             return;
         }
-        if let Some(watch) = &self.watch {
-            self.watch_deaf = socket::hear_events(watch, true).is_err();
+        if let Some(watch) = &mut self.watch {
+            watch.whole_above = None;
+            self.watch_deaf = socket::hear_events(&watch.fd, true).is_err();
             if !self.watch_deaf {
                 tracing::warn!(target: crate::logging::AUDIT, event = "tamper",
                     "the tamper watch is back in the nftables notification group; what went by meanwhile is checked");
@@ -483,15 +618,16 @@ impl NftFirewall {
     ) -> Result<(), FirewallError> {
         if !whole {
             return match self.accounted {
-                Some(accounted) => self.send_chained(table, batch, accounted),
+                // The kernel never numbers a generation 0, and would not check it.
+                Some(accounted) if accounted != 0 => self.send_chained(table, batch, accounted),
                 // Nothing to chain to: only a whole replace starts an account again.
-                None => self.transact(table, batch),
+                _ => self.transact(table, batch),
             };
         }
         let before = self.generation().ok();
         let sent = self.transact(table, batch);
         let after = self.generation().ok();
-        let ours_alone = matches!((before, after), (Some(b), Some(a)) if a == b.wrapping_add(1));
+        let ours_alone = matches!((before, after), (Some(b), Some(a)) if a == next_generation(b));
         let chained = whole || (before.is_some() && self.accounted == before);
         self.accounted = if sent.is_ok() && ours_alone && chained {
             after
@@ -508,32 +644,46 @@ impl NftFirewall {
     /// commits it as exactly the next one. The account moves on without reading the
     /// generation before or after: a knock's grant waits on no extra round trip.
     /// Refused so, the batch goes again unchained and the account is over.
+    ///
+    /// Refused because another process committed first, the batch goes again chained
+    /// if the watch heard that commit whole and it left the table alone (the account
+    /// moved over it, [`Firewall::hear`]), up to [`CHAIN_RETRIES`] times.
     fn send_chained(
         &mut self,
         table: &str,
         batch: &LabelledBatch,
         accounted: u32,
     ) -> Result<(), FirewallError> {
-        match self.transact_guarded(table, batch, accounted) {
-            Ok(()) => {
-                self.accounted = Some(accounted.wrapping_add(1));
-                Ok(())
-            }
-            Err(FirewallError::Refused { source, .. })
-                if source.raw_os_error() == Some(libc::ERESTART) =>
-            {
-                self.accounted = None;
-                self.transact(table, batch)
-            }
-            Err(e) => {
-                // Refused for what it asked (nothing committed), or lost on the way:
-                // the generation says which.
-                if self.generation().ok() != Some(accounted) {
-                    self.accounted = None;
+        let mut accounted = accounted;
+        for _ in 0..=CHAIN_RETRIES {
+            match self.transact_guarded(table, batch, accounted) {
+                Ok(()) => {
+                    self.accounted = Some(next_generation(accounted));
+                    return Ok(());
                 }
-                Err(e)
+                Err(FirewallError::Refused { source, .. })
+                    if source.raw_os_error() == Some(libc::ERESTART) =>
+                {
+                    // The other commit's notifications are queued by now: the kernel
+                    // sends them before it lets the next transaction look.
+                    self.hear();
+                    match self.accounted {
+                        Some(moved) if moved != accounted => accounted = moved,
+                        _ => break,
+                    }
+                }
+                Err(e) => {
+                    // Refused for what it asked (nothing committed), or lost on the
+                    // way: the generation says which.
+                    if self.generation().ok() != Some(accounted) {
+                        self.accounted = None;
+                    }
+                    return Err(e);
+                }
             }
         }
+        self.accounted = None;
+        self.transact(table, batch)
     }
 
     fn transact(&self, table: &str, batch: &LabelledBatch) -> Result<(), FirewallError> {
@@ -717,7 +867,7 @@ impl Firewall for NftFirewall {
             // Taking an orphaned table over is its own transaction: the kernel refuses
             // base chains made in the same one as the takeover (EINVAL).
             self.take_over(&ruleset.table, current, wanted, generation)?;
-            generation = generation.wrapping_add(1);
+            generation = next_generation(generation);
         }
         let batch = keep_batch(ruleset, &now, wanted, keep).map_err(refuse)?;
         // Accounted as a whole replace: what it keeps is the caller's to vouch for, and
@@ -730,6 +880,9 @@ impl Firewall for NftFirewall {
     }
 
     fn unchanged_since_own(&mut self) -> bool {
+        // What the watch heard first: other processes' commits that left the table
+        // alone move the account on.
+        self.hear();
         let unchanged = match (self.accounted, self.generation()) {
             (Some(accounted), Ok(now)) => accounted == now,
             _ => false,
@@ -745,9 +898,8 @@ impl Firewall for NftFirewall {
         self.accounted
     }
 
-    fn take_missed_events(&mut self) -> bool {
-        self.rejoin_watch();
-        std::mem::take(&mut self.missed_events)
+    fn hear(&mut self) {
+        self.hear_some();
     }
 
     fn namespace(&self) -> Option<u64> {
@@ -951,8 +1103,6 @@ impl Firewall for NftFirewall {
 /// the daemon's own socket. Non-blocking: poll its descriptor, then [`TamperWatch::take`].
 pub struct TamperWatch {
     fd: std::os::fd::OwnedFd,
-    filter: EventFilter,
-    buf: Vec<u8>,
 }
 
 impl TamperWatch {
@@ -961,12 +1111,14 @@ impl TamperWatch {
     /// while a big batch commits.
     pub fn open(firewall: &mut NftFirewall, table: &str) -> Result<Self, FirewallError> {
         let fd = socket::open_events().map_err(FirewallError::OpenSocket)?;
-        firewall.watch = Some(fd.try_clone().map_err(FirewallError::OpenSocket)?);
-        Ok(Self {
-            fd,
+        firewall.watch = Some(Watch {
+            fd: fd.try_clone().map_err(FirewallError::OpenSocket)?,
             filter: EventFilter::new(table, firewall.port_id()?),
             buf: vec![0u8; 256 * 1024],
-        })
+            heard: Tampering::default(),
+            whole_above: None,
+        });
+        Ok(Self { fd })
     }
 
     /// Hands the watch to the async runtime, which wakes the caller when notifications
@@ -979,18 +1131,6 @@ impl TamperWatch {
             tokio::io::unix::AsyncFd::register_with_interest(self, tokio::io::Interest::READABLE)
         };
         registered.map_err(std::io::Error::from)
-    }
-
-    /// Everything foreign seen since the last call (empty if nothing was).
-    pub fn take(&mut self) -> std::io::Result<Tampering> {
-        let mut out = Tampering::default();
-        loop {
-            match socket::read_event(&self.fd, &mut self.buf)? {
-                EventRead::Datagram(len) => self.filter.read(&self.buf[..len], &mut out),
-                EventRead::Overrun => out.lost_events = true,
-                EventRead::Empty => return Ok(out),
-            }
-        }
     }
 }
 
@@ -1375,4 +1515,34 @@ fn add_chain(
 
 fn attr(a: sys::nftnl_set_attr) -> u16 {
     u16::try_from(a).unwrap_or(u16::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::vouched;
+
+    #[test]
+    fn the_account_moves_only_to_the_next_generation_heard_whole() {
+        // Heard whole (after 10), exactly the next one: the account moves.
+        assert_eq!(vouched(Some(11), 12, Some(10)), Some(12));
+        // Not the next one: a generation in between was not vouched for.
+        assert_eq!(vouched(Some(11), 13, Some(10)), Some(11));
+        assert_eq!(vouched(Some(11), 11, Some(10)), Some(11));
+        // Numbered before the watch could hear it from its first notification.
+        assert_eq!(vouched(Some(11), 12, Some(12)), Some(11));
+        assert_eq!(vouched(Some(11), 12, Some(13)), Some(11));
+        // The watch cannot say where it started hearing whole: nothing is vouched.
+        assert_eq!(vouched(Some(11), 12, None), Some(11));
+        // No account: nothing to move.
+        assert_eq!(vouched(None, 12, Some(10)), None);
+        // Generations wrap, skipping 0.
+        assert_eq!(vouched(Some(u32::MAX), 1, Some(u32::MAX - 1)), Some(1));
+        assert_eq!(
+            vouched(Some(u32::MAX), 0, Some(u32::MAX - 1)),
+            Some(u32::MAX)
+        );
+        assert_eq!(vouched(Some(u32::MAX), 1, Some(1)), Some(u32::MAX));
+        assert_eq!(super::next_generation(7), 8);
+        assert_eq!(super::next_generation(u32::MAX), 1);
+    }
 }

@@ -15,8 +15,8 @@ use std::time::Duration;
 use nftnl::nftnl_sys::libc;
 use nix::errno::Errno;
 use nix::sys::socket::{
-    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, getsockname,
-    recv, sendmsg, setsockopt, socket, sockopt,
+    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, connect,
+    getsockname, recv, recvfrom, sendmsg, setsockopt, socket, sockopt,
 };
 use nix::sys::time::TimeVal;
 use nix::{setsockopt_impl, sockopt_impl};
@@ -64,6 +64,7 @@ impl NetlinkSocket {
             SockProtocol::NetlinkNetFilter,
         )?;
         bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0))?;
+        from_the_kernel_only(&fd)?;
         // The FORCE variants need CAP_NET_ADMIN, which every caller of this module has.
         setsockopt(&fd, sockopt::SndBufForce, &SOCKET_BUFFER)?;
         setsockopt(&fd, sockopt::RcvBufForce, &SOCKET_BUFFER)?;
@@ -367,8 +368,18 @@ pub(super) fn open_events() -> io::Result<OwnedFd> {
         SockProtocol::NetlinkNetFilter,
     )?;
     bind(fd.as_raw_fd(), &NetlinkAddr::new(0, NFTABLES_GROUP_MASK))?;
+    from_the_kernel_only(&fd)?;
     setsockopt(&fd, sockopt::RcvBufForce, &SOCKET_BUFFER)?;
     Ok(fd)
+}
+
+/// Connects a netlink socket to the kernel (port 0): the kernel then refuses unicasts
+/// to it from any other socket (ECONNREFUSED), so another process with
+/// CAP_NET_ADMIN cannot queue forged answers or notifications on it. Multicasts to
+/// the notification group are not stopped by this: [`read_event`] checks the sender.
+fn from_the_kernel_only(fd: &OwnedFd) -> io::Result<()> {
+    connect(fd.as_raw_fd(), &NetlinkAddr::new(0, 0))?;
+    Ok(())
 }
 
 /// `NFNLGRP_NFTABLES`, the nf_tables notification group.
@@ -410,13 +421,18 @@ pub(super) enum EventRead {
     Empty,
     /// The kernel dropped notifications because the socket was full.
     Overrun,
+    /// A datagram another socket sent to the group (a process with CAP_NET_ADMIN
+    /// may): not a notification, never read as one.
+    Forged,
 }
 
 /// Reads one datagram from the event socket without blocking.
 pub(super) fn read_event(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<EventRead> {
     loop {
-        return match recv(fd.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT) {
-            Ok(len) => Ok(EventRead::Datagram(len)),
+        return match recvfrom::<NetlinkAddr>(fd.as_raw_fd(), buf) {
+            // Only the kernel sends from port 0.
+            Ok((len, Some(from))) if from.pid() == 0 => Ok(EventRead::Datagram(len)),
+            Ok(_) => Ok(EventRead::Forged),
             Err(Errno::EAGAIN) => Ok(EventRead::Empty),
             Err(Errno::ENOBUFS) => Ok(EventRead::Overrun),
             Err(Errno::EINTR) => continue,
