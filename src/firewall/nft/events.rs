@@ -107,6 +107,12 @@ impl EventFilter {
         }
     }
 
+    /// Forgets a foreign change seen in a generation whose end was not heard (its
+    /// `NEWGEN` lost): it is not the next one's.
+    pub fn forget_pending(&mut self) {
+        self.pending = false;
+    }
+
     /// Adds what `datagram` says to `out`; returns whether it was read whole. Malformed
     /// messages end the datagram (they are counted as lost events: the table must then
     /// be checked).

@@ -82,7 +82,7 @@ pub struct NftFirewall {
     /// next batch.
     watch_deaf: bool,
     /// Commits went by unheard while the watch was out of the group (see
-    /// [`Firewall::take_missed_events`]).
+    /// [`NftFirewall::take_heard`]).
     missed_events: bool,
 }
 
@@ -94,6 +94,8 @@ struct Watch {
     buf: Vec<u8>,
     /// Heard and not yet taken by the daemon's tamper handling.
     heard: Tampering,
+    /// Forged datagrams ignored since the last log line about them, and when that was.
+    forged: (u64, Option<std::time::Instant>),
     /// Generations after this one were heard from their first notification: the
     /// kernel's generation read after the socket last joined the group or lost
     /// notifications (a commit numbers its generation before it notifies). `None`
@@ -114,6 +116,17 @@ fn next_generation(generation: u32) -> u32 {
         next => next,
     }
 }
+
+/// How many times [`Firewall::unchanged_since_own`] reads the watch and the generation
+/// before it answers no.
+const UNCHANGED_TRIES: usize = 3;
+
+/// How many helpings of [`MAX_HEARD_PER_CALL`] datagrams [`NftFirewall::hear_all`]
+/// reads at most.
+const MAX_HEAR_CALLS: usize = 16;
+
+/// Forged datagrams on the notification group are logged at most this often.
+const FORGED_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How many times a batch chained to the account is sent again after the kernel
 /// refused it because another process committed first and the watch vouched for that
@@ -213,7 +226,9 @@ impl NftFirewall {
     /// account on; anything lost — an overflow (ENOBUFS), a malformed datagram, a
     /// failed read — stops that until the socket has been read empty: the kernel
     /// drops quietly while a socket stays congested, and only an empty queue ends
-    /// that. Datagrams another process sent to the group are ignored, and logged.
+    /// that. Datagrams another process sent to the group are ignored, and logged (at
+    /// most once a minute, counted). Returns `false` while there may be more to read:
+    /// then the daemon's loop comes back to the watch.
     pub fn hear_some(&mut self) -> bool {
         fn lost(watch: &mut Watch) {
             watch.heard.lost_events = true;
@@ -223,7 +238,7 @@ impl NftFirewall {
         let Some(mut watch) = self.watch.take() else {
             return true;
         };
-        let (mut forged, mut drained) = (0usize, false);
+        let (mut drained, mut failed) = (false, false);
         for _ in 0..MAX_HEARD_PER_CALL {
             match socket::read_event(&watch.fd, &mut watch.buf) {
                 Ok(EventRead::Datagram(len)) => {
@@ -242,15 +257,18 @@ impl NftFirewall {
                         self.accounted = moved;
                     }
                 }
-                Ok(EventRead::Forged) => forged += 1,
+                Ok(EventRead::Forged) => watch.forged.0 += 1,
                 Ok(EventRead::Overrun) => lost(&mut watch),
                 Ok(EventRead::Empty) => {
                     drained = true;
                     break;
                 }
                 Err(e) => {
+                    // The next datagram wakes the loop again; until then, nothing is
+                    // vouched for.
                     tracing::warn!(error = %e, "cannot read nftables notifications");
                     lost(&mut watch);
+                    failed = true;
                     break;
                 }
             }
@@ -258,15 +276,29 @@ impl NftFirewall {
         if drained && watch.whole_above.is_none() {
             // Read empty: the kernel drops nothing more unreported (a drop now sets
             // ENOBUFS again), and a commit numbers its generation before it notifies,
-            // so every generation after this one is heard whole.
+            // so every generation after this one is heard whole. A foreign change
+            // half heard before is of an earlier generation: forgotten.
             watch.whole_above = self.generation().ok();
+            watch.filter.forget_pending();
         }
-        if forged > 0 {
+        let (forged, logged_at) = watch.forged;
+        if forged > 0 && logged_at.is_none_or(|at| at.elapsed() >= FORGED_LOG_EVERY) {
             tracing::warn!(target: crate::logging::AUDIT, event = "tamper", forged,
                 "datagrams on the nftables notification group that the kernel did not send (another process with CAP_NET_ADMIN sent them) were ignored");
+            watch.forged = (0, Some(std::time::Instant::now()));
         }
         self.watch = Some(watch);
-        drained
+        drained || failed
+    }
+
+    /// [`NftFirewall::hear_some`] until it has read all there was (at most
+    /// [`MAX_HEAR_CALLS`] helpings).
+    fn hear_all(&mut self) {
+        for _ in 0..MAX_HEAR_CALLS {
+            if self.hear_some() {
+                return;
+            }
+        }
     }
 
     /// The netlink port id of this socket: notifications caused by it carry it.
@@ -881,17 +913,21 @@ impl Firewall for NftFirewall {
 
     fn unchanged_since_own(&mut self) -> bool {
         // What the watch heard first: other processes' commits that left the table
-        // alone move the account on.
-        self.hear();
-        let unchanged = match (self.accounted, self.generation()) {
-            (Some(accounted), Ok(now)) => accounted == now,
-            _ => false,
-        };
-        if !unchanged {
-            // Someone else committed: the account is over until the next whole replace.
-            self.accounted = None;
+        // alone move the account on. The kernel numbers a commit before it notifies,
+        // so a generation read ahead of the account may only not be heard yet: heard
+        // again, a few times, before the answer is no.
+        for _ in 0..UNCHANGED_TRIES {
+            self.hear_all();
+            match (self.accounted, self.generation()) {
+                (Some(accounted), Ok(now)) if accounted == now => return true,
+                (Some(_), Ok(_)) => {}
+                _ => return false,
+            }
         }
-        unchanged
+        // The account stays: a later notification can still move it on (only ever to
+        // the next generation, heard whole), and whatever rests on it is refused by the
+        // kernel (the generation in each batch) while it lags.
+        false
     }
 
     fn accounted(&self) -> Option<u32> {
@@ -899,7 +935,7 @@ impl Firewall for NftFirewall {
     }
 
     fn hear(&mut self) {
-        self.hear_some();
+        self.hear_all();
     }
 
     fn namespace(&self) -> Option<u64> {
@@ -1100,7 +1136,8 @@ impl Firewall for NftFirewall {
 }
 
 /// Watches nf_tables notifications for changes to knockgate's table made by anyone but
-/// the daemon's own socket. Non-blocking: poll its descriptor, then [`TamperWatch::take`].
+/// the daemon's own socket. Non-blocking: the async runtime polls its descriptor, and
+/// the firewall reads it ([`NftFirewall::hear_some`], [`NftFirewall::take_heard`]).
 pub struct TamperWatch {
     fd: std::os::fd::OwnedFd,
 }
@@ -1116,6 +1153,7 @@ impl TamperWatch {
             filter: EventFilter::new(table, firewall.port_id()?),
             buf: vec![0u8; 256 * 1024],
             heard: Tampering::default(),
+            forged: (0, None),
             whole_above: None,
         });
         Ok(Self { fd })
