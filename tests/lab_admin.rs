@@ -29,6 +29,20 @@ fn setup(lab: &Lab) -> (PathBuf, PathBuf) {
     (socket, config)
 }
 
+/// [`setup`] with `tamper = "repair"`: the table not locked, so another process's
+/// change reaches it (a kernel ≥ 6.9 would refuse it outright) and is repaired.
+fn setup_unlocked(lab: &Lab) -> (PathBuf, PathBuf) {
+    let (socket, locked) = setup(lab);
+    let config = lab.write_file(
+        "repair.toml",
+        &format!(
+            "tamper = \"repair\"\n{}",
+            std::fs::read_to_string(&locked).unwrap()
+        ),
+    );
+    (socket, config)
+}
+
 #[test]
 fn an_admin_opens_lists_and_revokes_grants() {
     if !lab_available("an_admin_opens_lists_and_revokes_grants") {
@@ -411,15 +425,7 @@ fn other_processes_commits_to_other_tables_keep_the_grant_sets_one_that_touches_
     }
     let lab = Lab::new();
     let _ssh = lab.tcp_echo(Host::Server, "[::]:22".parse().unwrap());
-    let (socket, locked) = setup(&lab);
-    // Not locked (a kernel ≥ 6.9 would refuse the attacker's commit outright).
-    let config = lab.write_file(
-        "repair.toml",
-        &format!(
-            "tamper = \"repair\"\n{}",
-            std::fs::read_to_string(&locked).unwrap()
-        ),
-    );
+    let (socket, config) = setup_unlocked(&lab);
     let mut daemon = lab.start_daemon(&config);
     let (four, six) = (v4(), v6());
     for plan in [&four, &six] {
@@ -556,14 +562,7 @@ fn a_forged_notification_does_not_vouch_for_a_change_to_the_table() {
     }
     let lab = Lab::new();
     let _ssh = lab.tcp_echo(Host::Server, "[::]:22".parse().unwrap());
-    let (socket, locked) = setup(&lab);
-    let config = lab.write_file(
-        "repair.toml",
-        &format!(
-            "tamper = \"repair\"\n{}",
-            std::fs::read_to_string(&locked).unwrap()
-        ),
-    );
+    let (socket, config) = setup_unlocked(&lab);
     let daemon = lab.start_daemon(&config);
     let four = v4();
     let from = four.client.to_string();
